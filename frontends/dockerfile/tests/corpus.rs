@@ -329,3 +329,34 @@ fn shell_process_word_cases() {
         assert_eq!(got, c["expected"].as_str().unwrap(), "{input}");
     }
 }
+
+/// Stands in for a registry: every image exists and is empty.
+struct AnyImage;
+impl kiln_dockerfile::ImageResolver for AnyImage {
+    fn resolve(
+        &self,
+        reference: &str,
+        p: &kiln_dockerfile::Platform,
+    ) -> Result<(String, kiln_definition::image::Image), String> {
+        Ok((reference.to_string(), kiln_definition::image::Image::empty(&p.os, &p.architecture, &p.variant)))
+    }
+}
+
+#[test]
+fn real_world_and_modern_convert() {
+    let mut failures = Vec::new();
+    let mut n = 0;
+    for dir in ["real-world", "modern"] {
+        let mut files = Vec::new();
+        dockerfiles(corpus().join(dir), &mut files);
+        for f in &files {
+            n += 1;
+            let data = std::fs::read(f).unwrap();
+            let opts = kiln_dockerfile::ConvertOptions::default();
+            if let Err(e) = kiln_dockerfile::convert(&data, &opts, &AnyImage) {
+                failures.push(format!("{}: {e}", f.display()));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{} of {n} failed:\n{}", failures.len(), failures.join("\n"));
+}

@@ -1,0 +1,1546 @@
+//! Dockerfile → build graph and image config, with Docker's semantics for
+//! stages, ARG scoping, expansion and config-changing instructions.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use kiln_definition::image::{HealthConfig, History, Image};
+use kiln_definition::{GraphBuilder, OutputRef, pb};
+
+use crate::parser::{self, Node};
+use crate::shell::Lex;
+
+pub const HISTORY_COMMENT: &str = "buildkit.dockerfile.v0";
+
+/// The identifier of the build context source.
+pub const CONTEXT_SOURCE: &str = "local://context";
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{file}:{line}: {message}{}", snippet(*line, source_line))]
+pub struct FrontendError {
+    pub file: String,
+    /// 1-based; 0 when the error is about the whole file.
+    pub line: usize,
+    pub source_line: String,
+    pub message: String,
+}
+
+fn snippet(line: usize, text: &str) -> String {
+    if text.is_empty() {
+        String::new()
+    } else {
+        format!("\n {line:>4} | {text}")
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Platform {
+    pub os: String,
+    pub architecture: String,
+    pub variant: String,
+}
+
+impl Platform {
+    /// The platform of the machine running this code.
+    pub fn host() -> Self {
+        let architecture = match std::env::consts::ARCH {
+            "x86_64" => "amd64",
+            "aarch64" => "arm64",
+            "x86" => "386",
+            "powerpc64" => "ppc64le",
+            other => other,
+        };
+        Platform {
+            os: "linux".into(),
+            architecture: architecture.into(),
+            variant: String::new(),
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        let parts: Vec<&str> = s.split('/').collect();
+        match parts.as_slice() {
+            [os, arch] => Some(Platform {
+                os: os.to_string(),
+                architecture: arch.to_string(),
+                variant: String::new(),
+            }),
+            [os, arch, variant] => Some(Platform {
+                os: os.to_string(),
+                architecture: arch.to_string(),
+                variant: variant.to_string(),
+            }),
+            _ => None,
+        }
+    }
+
+    fn format(&self) -> String {
+        if self.variant.is_empty() {
+            format!("{}/{}", self.os, self.architecture)
+        } else {
+            format!("{}/{}/{}", self.os, self.architecture, self.variant)
+        }
+    }
+
+    fn to_pb(&self) -> pb::Platform {
+        pb::Platform {
+            os: self.os.clone(),
+            architecture: self.architecture.clone(),
+            variant: self.variant.clone(),
+        }
+    }
+}
+
+/// Resolves an image reference to its config (FROM an image).
+pub trait ImageResolver {
+    /// Returns the canonical reference (pinned by digest where possible) and config.
+    fn resolve(&self, reference: &str, platform: &Platform) -> Result<(String, Image), String>;
+}
+
+/// A resolver for builds that use no registry images.
+pub struct NoImages;
+impl ImageResolver for NoImages {
+    fn resolve(&self, reference: &str, _: &Platform) -> Result<(String, Image), String> {
+        Err(format!(
+            "cannot use image {reference:?}: this daemon has no registry access configured"
+        ))
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ConvertOptions {
+    pub filename: String,
+    pub target: Option<String>,
+    pub build_args: BTreeMap<String, String>,
+    pub target_platform: Platform,
+    pub build_platform: Platform,
+    pub no_cache: bool,
+}
+
+impl Default for ConvertOptions {
+    fn default() -> Self {
+        ConvertOptions {
+            filename: "Dockerfile".into(),
+            target: None,
+            build_args: BTreeMap::new(),
+            target_platform: Platform::host(),
+            build_platform: Platform::host(),
+            no_cache: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuildWarning {
+    pub rule: String,
+    pub message: String,
+    pub line: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct Converted {
+    pub definition: pb::Definition,
+    pub image: Image,
+    pub warnings: Vec<BuildWarning>,
+    /// Whether the result is an empty filesystem (no ops at all).
+    pub scratch: bool,
+}
+
+const DEFAULT_SHELL: [&str; 2] = ["/bin/sh", "-c"];
+
+/// Args Docker passes through without declaration and keeps out of history.
+const PROXY_ARGS: [&str; 8] = [
+    "HTTP_PROXY",
+    "http_proxy",
+    "HTTPS_PROXY",
+    "https_proxy",
+    "FTP_PROXY",
+    "ftp_proxy",
+    "NO_PROXY",
+    "no_proxy",
+];
+
+struct StageDef {
+    name: Option<String>,
+    base: String,
+    platform: Option<String>,
+    from_node: Node,
+    commands: Vec<Node>,
+}
+
+#[derive(Clone)]
+struct StageResult {
+    state: Option<OutputRef>,
+    image: Image,
+}
+
+struct Ctx<'a> {
+    opts: &'a ConvertOptions,
+    images: &'a dyn ImageResolver,
+    builder: GraphBuilder,
+    lex: Lex,
+    stages: Vec<StageDef>,
+    meta_args: Vec<(String, Option<String>)>,
+    done: HashMap<usize, StageResult>,
+    in_progress: HashSet<usize>,
+    warnings: Vec<BuildWarning>,
+    lines: Vec<String>,
+    context: Option<OutputRef>,
+    /// The stage being converted.
+    current: usize,
+}
+
+impl Ctx<'_> {
+    fn err(&self, line: usize, message: impl Into<String>) -> FrontendError {
+        FrontendError {
+            file: self.opts.filename.clone(),
+            line,
+            source_line: line
+                .checked_sub(1)
+                .and_then(|i| self.lines.get(i))
+                .map(|s| s.trim_end().to_string())
+                .unwrap_or_default(),
+            message: message.into(),
+        }
+    }
+
+    fn loc(&self, node: &Node) -> String {
+        format!("{}:{}", self.opts.filename, node.start_line)
+    }
+
+    fn builtin_args(&self) -> Vec<(String, String)> {
+        let t = &self.opts.target_platform;
+        let b = &self.opts.build_platform;
+        vec![
+            ("TARGETPLATFORM".into(), t.format()),
+            ("TARGETOS".into(), t.os.clone()),
+            ("TARGETARCH".into(), t.architecture.clone()),
+            ("TARGETVARIANT".into(), t.variant.clone()),
+            ("BUILDPLATFORM".into(), b.format()),
+            ("BUILDOS".into(), b.os.clone()),
+            ("BUILDARCH".into(), b.architecture.clone()),
+            ("BUILDVARIANT".into(), b.variant.clone()),
+        ]
+    }
+
+    /// Values of the global ARGs (for FROM and for stage re-declaration).
+    fn meta_env(&self) -> Vec<(String, String)> {
+        let mut env = self.builtin_args();
+        for (k, v) in &self.meta_args {
+            if let Some(v) = self.opts.build_args.get(k) {
+                env.push((k.clone(), v.clone()));
+            } else if let Some(v) = v {
+                env.push((k.clone(), v.clone()));
+            }
+        }
+        env
+    }
+
+    fn context(&mut self) -> OutputRef {
+        if let Some(c) = &self.context {
+            return c.clone();
+        }
+        let op = pb::Op {
+            op: Some(pb::op::Op::Source(pb::SourceOp {
+                identifier: CONTEXT_SOURCE.into(),
+                attrs: vec![],
+            })),
+            ..Default::default()
+        };
+        let r = self.builder.add(&op, "[internal] load build context", "");
+        self.context = Some(r.clone());
+        r
+    }
+
+    /// A stage by name or index among the first `before` stages (a stage can
+    /// only refer to stages defined above it; other names are images).
+    fn stage_index_before(&self, name: &str, before: usize) -> Option<usize> {
+        let lower = name.to_lowercase();
+        let limit = before.min(self.stages.len());
+        if let Some(i) = self.stages[..limit]
+            .iter()
+            .position(|s| s.name.as_deref() == Some(lower.as_str()))
+        {
+            return Some(i);
+        }
+        name.parse::<usize>().ok().filter(|i| *i < limit)
+    }
+
+    fn stage_index(&self, name: &str) -> Option<usize> {
+        self.stage_index_before(name, self.current)
+    }
+
+    fn convert_stage(&mut self, idx: usize) -> Result<StageResult, FrontendError> {
+        if let Some(r) = self.done.get(&idx) {
+            return Ok(r.clone());
+        }
+        let from_line = self.stages[idx].from_node.start_line;
+        if !self.in_progress.insert(idx) {
+            return Err(self.err(from_line, "circular dependency between build stages"));
+        }
+        let meta = self.meta_env();
+        let base = self
+            .lex
+            .process_word(&self.stages[idx].base, &meta)
+            .map_err(|e| self.err(from_line, e.to_string()))?;
+        let platform = match &self.stages[idx].platform {
+            Some(p) => {
+                let p = self
+                    .lex
+                    .process_word(p, &meta)
+                    .map_err(|e| self.err(from_line, e.to_string()))?;
+                Platform::parse(&p)
+                    .ok_or_else(|| self.err(from_line, format!("invalid platform {p:?}")))?
+            }
+            None => self.opts.target_platform.clone(),
+        };
+        let mut result = if base == "scratch" {
+            StageResult {
+                state: None,
+                image: Image::empty(&platform.os, &platform.architecture, &platform.variant),
+            }
+        } else if let Some(dep) = self.stage_index_before(&base, idx) {
+            self.convert_stage(dep)?
+        } else {
+            let (pinned, image) = self
+                .images
+                .resolve(&base, &platform)
+                .map_err(|e| self.err(from_line, e))?;
+            let op = pb::Op {
+                op: Some(pb::op::Op::Source(pb::SourceOp {
+                    identifier: format!("docker-image://{pinned}"),
+                    attrs: vec![],
+                })),
+                platform: Some(platform.to_pb()),
+                ..Default::default()
+            };
+            let r = self.builder.add(&op, &format!("[internal] load {pinned}"), &self.loc(&self.stages[idx].from_node));
+            StageResult {
+                state: Some(r),
+                image,
+            }
+        };
+        // ONBUILD triggers of the base run first, then are cleared.
+        let mut commands = Vec::new();
+        for trigger in std::mem::take(&mut result.image.config.on_build) {
+            let node = parser::node_from_line(&trigger, '\\')
+                .map_err(|e| self.err(from_line, format!("ONBUILD trigger {trigger:?}: {e}")))?;
+            commands.push(Node {
+                start_line: from_line,
+                end_line: from_line,
+                ..node
+            });
+        }
+        commands.extend(self.stages[idx].commands.clone());
+        let outer = std::mem::replace(&mut self.current, idx);
+        let mut st = StageState {
+            result,
+            args: Vec::new(),
+            cmd_set: false,
+            platform,
+        };
+        for node in &commands {
+            self.dispatch(&mut st, node)?;
+        }
+        self.current = outer;
+        self.in_progress.remove(&idx);
+        self.done.insert(idx, st.result.clone());
+        Ok(st.result)
+    }
+
+    fn dispatch(&mut self, st: &mut StageState, node: &Node) -> Result<(), FrontendError> {
+        let line = node.start_line;
+        let env = st.expansion_env();
+        let expand = |ctx: &Ctx, s: &str| -> Result<String, FrontendError> {
+            ctx.lex.process_word(s, &env).map_err(|e| ctx.err(line, e.to_string()))
+        };
+        let allowed_flags: &[&str] = match node.keyword.as_str() {
+            "copy" => &["from", "chown", "chmod", "link", "parents", "exclude"],
+            "add" => &["chown", "chmod", "link", "checksum", "keep-git-dir", "exclude", "unpack"],
+            "run" => &["mount", "network", "security"],
+            "healthcheck" => &["interval", "timeout", "start-period", "start-interval", "retries"],
+            "from" => &["platform"],
+            _ => &[],
+        };
+        let flags = parse_flags(&node.flags, allowed_flags).map_err(|e| self.err(line, format!("{}: {e}", node.keyword.to_uppercase())))?;
+        let img = &mut st.result.image;
+        match node.keyword.as_str() {
+            "env" => {
+                let mut parts = Vec::new();
+                let mut updates = Vec::new();
+                for kv in node.args.chunks(3) {
+                    let key = expand(self, &kv[0])?;
+                    let value = expand(self, &kv[1])?;
+                    parts.push(format!("{key}={value}"));
+                    updates.push((key, value));
+                }
+                for (k, v) in updates {
+                    set_env(&mut img.config.env, &k, &v);
+                }
+                commit(img, format!("ENV {}", parts.join(" ")), false);
+            }
+            "label" => {
+                let mut parts = Vec::new();
+                for kv in node.args.chunks(3) {
+                    let key = expand(self, &kv[0])?;
+                    let value = expand(self, &kv[1])?;
+                    parts.push(format!("{key}={value}"));
+                    img.config.labels.insert(key, value);
+                }
+                commit(img, format!("LABEL {}", parts.join(" ")), false);
+            }
+            "maintainer" => {
+                let m = node.args.first().cloned().unwrap_or_default();
+                self.warn("MaintainerDeprecated", "Maintainer instruction is deprecated in favor of using label", line);
+                img.config.labels.insert("maintainer".into(), m.clone());
+                commit(img, format!("MAINTAINER {m}"), false);
+            }
+            "workdir" => {
+                let arg = node.args.first().ok_or_else(|| self.err(line, "WORKDIR requires exactly one argument"))?;
+                let wd = expand(self, arg)?;
+                let wd = if wd.starts_with('/') {
+                    clean_path(&wd)
+                } else {
+                    self.warn("WorkdirRelativePath", &format!("Relative workdir {wd:?} can have unexpected results if the base image changes"), line);
+                    clean_path(&format!("{}/{}", img.config.working_dir, wd))
+                };
+                img.config.working_dir = wd.clone();
+                let mut with_layer = false;
+                if wd != "/" {
+                    let chown = user_chown(&img.config.user);
+                    let action = pb::FileAction {
+                        action: Some(pb::file_action::Action::Mkdir(pb::FileActionMkDir {
+                            path: wd.clone(),
+                            mode: 0o755,
+                            make_parents: true,
+                            chown,
+                        })),
+                    };
+                    st.result.state = Some(self.file_op(st.result.state.clone(), vec![], vec![action], &format!("WORKDIR {wd}"), node, &st.platform));
+                    with_layer = true;
+                }
+                commit(&mut st.result.image, format!("WORKDIR {wd}"), with_layer);
+            }
+            "user" => {
+                let arg = node.args.first().ok_or_else(|| self.err(line, "USER requires exactly one argument"))?;
+                let u = expand(self, arg)?;
+                img.config.user = u.clone();
+                commit(img, format!("USER {u}"), false);
+            }
+            "cmd" | "entrypoint" => {
+                let args = if node.json {
+                    node.args.clone()
+                } else {
+                    if !node.args.is_empty() {
+                        self.warn("JSONArgsRecommended", &format!("JSON arguments recommended for {} to prevent unintended behavior related to OS signals", node.keyword.to_uppercase()), line);
+                    }
+                    let mut v = shell_of(img);
+                    v.extend(node.args.iter().cloned());
+                    v
+                };
+                let text = json_list(&args);
+                if node.keyword == "cmd" {
+                    img.config.cmd = Some(args);
+                    st.cmd_set = true;
+                    commit(img, format!("CMD {text}"), false);
+                } else {
+                    img.config.entrypoint = Some(args);
+                    if !st.cmd_set {
+                        img.config.cmd = None;
+                    }
+                    commit(img, format!("ENTRYPOINT {text}"), false);
+                }
+            }
+            "expose" => {
+                let mut ports = Vec::new();
+                for a in &node.args {
+                    let p = expand(self, a)?;
+                    for port in expose_ports(&p).map_err(|e| self.err(line, e))? {
+                        ports.push(port);
+                    }
+                }
+                for p in &ports {
+                    img.config.exposed_ports.insert(p.clone(), Default::default());
+                }
+                let desc: Vec<String> = ports.iter().map(|p| format!("{p}:{{}}")).collect();
+                commit(img, format!("EXPOSE map[{}]", desc.join(" ")), false);
+            }
+            "volume" => {
+                let mut vols = Vec::new();
+                for a in &node.args {
+                    let v = expand(self, a)?;
+                    if v.trim().is_empty() {
+                        return Err(self.err(line, "VOLUME specified can not be an empty string"));
+                    }
+                    img.config.volumes.insert(v.clone(), Default::default());
+                    vols.push(v);
+                }
+                commit(img, format!("VOLUME [{}]", vols.join(" ")), false);
+            }
+            "stopsignal" => {
+                let arg = node.args.first().ok_or_else(|| self.err(line, "STOPSIGNAL requires exactly one argument"))?;
+                let s = expand(self, arg)?;
+                img.config.stop_signal = s.clone();
+                commit(img, format!("STOPSIGNAL {s}"), false);
+            }
+            "shell" => {
+                if !node.json {
+                    return Err(self.err(line, "SHELL requires the arguments to be in JSON form"));
+                }
+                if node.args.is_empty() {
+                    return Err(self.err(line, "SHELL requires at least one argument"));
+                }
+                img.config.shell = node.args.clone();
+                commit(img, format!("SHELL [{}]", node.args.join(" ")), false);
+            }
+            "healthcheck" => {
+                let hc = self.healthcheck(node, &flags)?;
+                let desc = format!("HEALTHCHECK &{{{} }}", hc.test.iter().map(|t| format!("{t:?}")).collect::<Vec<_>>().join(" "));
+                img.config.healthcheck = Some(hc);
+                commit(img, desc, false);
+            }
+            "onbuild" => {
+                let sub = node.sub.as_ref().ok_or_else(|| self.err(line, "ONBUILD requires at least one argument"))?;
+                if matches!(sub.keyword.as_str(), "onbuild" | "from" | "maintainer") {
+                    return Err(self.err(line, format!("{} isn't allowed as an ONBUILD trigger", sub.keyword.to_uppercase())));
+                }
+                let text = node.original.trim();
+                let trigger = text[text.find(char::is_whitespace).unwrap_or(text.len())..].trim().to_string();
+                img.config.on_build.push(trigger.clone());
+                commit(img, format!("ONBUILD {trigger}"), false);
+            }
+            "arg" => {
+                for word in &node.args {
+                    let (name, default) = match word.split_once('=') {
+                        Some((k, v)) => (k.to_string(), Some(expand(self, v)?)),
+                        None => (word.clone(), None),
+                    };
+                    let value = self
+                        .opts
+                        .build_args
+                        .get(&name)
+                        .cloned()
+                        .or(default)
+                        .or_else(|| {
+                            self.meta_env().into_iter().rev().find(|(k, _)| *k == name).map(|(_, v)| v)
+                        });
+                    if is_secret_name(&name) {
+                        self.warn("SecretsUsedInArgOrEnv", &format!("Do not use ARG or ENV instructions for sensitive data (ARG {name:?})"), line);
+                    }
+                    st.args.push((name.clone(), value.clone()));
+                    let img = &mut st.result.image;
+                    match value {
+                        Some(v) => commit(img, format!("ARG {name}={v}"), false),
+                        None => commit(img, format!("ARG {name}"), false),
+                    }
+                }
+            }
+            "copy" | "add" => self.copy(st, node, &flags)?,
+            "run" => self.run(st, node, &flags)?,
+            "from" => return Err(self.err(line, "FROM inside a stage")),
+            other => {
+                return Err(self.err(line, format!("unknown instruction: {}{}", other.to_uppercase(), suggest(other))));
+            }
+        }
+        Ok(())
+    }
+
+    fn warn(&mut self, rule: &str, message: &str, line: usize) {
+        self.warnings.push(BuildWarning {
+            rule: rule.into(),
+            message: message.into(),
+            line,
+        });
+    }
+
+    fn healthcheck(&self, node: &Node, flags: &Flags) -> Result<HealthConfig, FrontendError> {
+        let line = node.start_line;
+        let typ = node.args.first().map(|s| s.to_uppercase()).unwrap_or_default();
+        let mut hc = HealthConfig::default();
+        match typ.as_str() {
+            "NONE" => {
+                if node.args.len() > 1 || !flags.is_empty() {
+                    return Err(self.err(line, "HEALTHCHECK NONE takes no arguments"));
+                }
+                hc.test = vec!["NONE".into()];
+                return Ok(hc);
+            }
+            "CMD" => {
+                let rest = &node.args[1..];
+                if rest.is_empty() {
+                    return Err(self.err(line, "Missing command after HEALTHCHECK CMD"));
+                }
+                if node.json {
+                    hc.test = std::iter::once("CMD".to_string()).chain(rest.iter().cloned()).collect();
+                } else {
+                    hc.test = vec!["CMD-SHELL".into(), rest.join(" ")];
+                }
+            }
+            other => return Err(self.err(line, format!("Unknown type {other:?} in HEALTHCHECK (try CMD)"))),
+        }
+        let dur = |name: &str| -> Result<i64, FrontendError> {
+            match flags.get(name) {
+                None => Ok(0),
+                Some(v) => {
+                    let d = parse_duration(v).ok_or_else(|| self.err(line, format!("invalid duration {v:?} for --{name}")))?;
+                    if d != 0 && d < 1_000_000 {
+                        return Err(self.err(line, format!("Interval {name:?} cannot be less than 1ms")));
+                    }
+                    Ok(d)
+                }
+            }
+        };
+        hc.interval = dur("interval")?;
+        hc.timeout = dur("timeout")?;
+        hc.start_period = dur("start-period")?;
+        hc.start_interval = dur("start-interval")?;
+        if let Some(r) = flags.get("retries") {
+            hc.retries = r.parse().map_err(|_| self.err(line, format!("invalid --retries {r:?}")))?;
+            if hc.retries < 0 {
+                return Err(self.err(line, "--retries cannot be negative"));
+            }
+        }
+        Ok(hc)
+    }
+
+    fn file_op(
+        &mut self,
+        base: Option<OutputRef>,
+        extra_inputs: Vec<OutputRef>,
+        actions: Vec<pb::FileAction>,
+        description: &str,
+        node: &Node,
+        platform: &Platform,
+    ) -> OutputRef {
+        let mut inputs = Vec::new();
+        let base_idx = match &base {
+            Some(b) => {
+                inputs.push(pb::Input {
+                    digest: b.digest.to_string(),
+                    index: b.index,
+                });
+                0
+            }
+            None => -1,
+        };
+        for e in extra_inputs {
+            inputs.push(pb::Input {
+                digest: e.digest.to_string(),
+                index: e.index,
+            });
+        }
+        let op = pb::Op {
+            inputs,
+            op: Some(pb::op::Op::File(pb::FileOp {
+                base: base_idx,
+                actions,
+            })),
+            platform: Some(platform.to_pb()),
+        };
+        let r = self.builder.add(&op, description, &self.loc(node));
+        if self.opts.no_cache {
+            self.builder.set_ignore_cache(&r.digest);
+        }
+        r
+    }
+
+    fn copy(&mut self, st: &mut StageState, node: &Node, flags: &Flags) -> Result<(), FrontendError> {
+        let line = node.start_line;
+        let is_add = node.keyword == "add";
+        let name = if is_add { "ADD" } else { "COPY" };
+        let env = st.expansion_env();
+        let ex = |ctx: &Ctx, s: &str| ctx.lex.process_word(s, &env).map_err(|e| ctx.err(line, e.to_string()));
+        if node.args.len() < 2 && node.heredocs.is_empty() {
+            return Err(self.err(line, format!("{name} requires at least two arguments, but only one was provided. Destination could not be determined")));
+        }
+        let mut args: Vec<String> = Vec::new();
+        for a in &node.args {
+            args.push(ex(self, a)?);
+        }
+        let dest_raw = args.pop().unwrap_or_default();
+        let srcs = args;
+        // Relative destinations are relative to the workdir; a trailing slash means "into".
+        let wd = &st.result.image.config.working_dir;
+        let mut dest = if dest_raw.starts_with('/') {
+            dest_raw.clone()
+        } else {
+            format!("{}/{}", if wd.is_empty() { "" } else { wd.trim_end_matches('/') }, dest_raw)
+        };
+        let dest_is_dir = dest_raw.ends_with('/') || dest_raw == "." || dest_raw.ends_with("/.") || dest_raw.is_empty();
+        dest = clean_path(&dest);
+        if dest_is_dir && dest != "/" {
+            dest.push('/');
+        }
+        let heredoc_names: HashSet<&str> = node.heredocs.iter().map(|h| h.name.as_str()).collect();
+        let non_heredoc: Vec<&String> = srcs.iter().filter(|s| !heredoc_names.contains(parse_heredoc_src(s).as_str())).collect();
+        if srcs.len() > 1 && !dest_is_dir {
+            return Err(self.err(line, format!("When using {name} with more than one source file, the destination must be a directory and end with a /")));
+        }
+        let chown = match flags.get("chown") {
+            Some(c) => {
+                let c = ex(self, c)?;
+                let (u, g) = match c.split_once(':') {
+                    Some((u, g)) => (u.to_string(), g.to_string()),
+                    None => (c.clone(), String::new()),
+                };
+                Some(pb::ChownOpt { user: u, group: g })
+            }
+            None => None,
+        };
+        let (mode, chmod_symbolic) = match flags.get("chmod") {
+            Some(m) => {
+                let m = ex(self, m)?;
+                match u32::from_str_radix(&m, 8) {
+                    Ok(v) if v <= 0o7777 => (v, String::new()),
+                    Ok(_) => return Err(self.err(line, format!("invalid chmod {m:?}: mode out of range"))),
+                    Err(_) => {
+                        validate_symbolic_mode(&m).map_err(|e| self.err(line, format!("invalid chmod {m:?}: {e}")))?;
+                        (0, m)
+                    }
+                }
+            }
+            None => (0, String::new()),
+        };
+        let mut excludes = Vec::new();
+        for e in flags.all("exclude") {
+            excludes.push(ex(self, e)?);
+        }
+        let parents = flags.get("parents").is_some_and(|v| v != "false");
+        let from = flags.get("from").map(|f| ex(self, f)).transpose()?;
+        let mut actions = Vec::new();
+        let mut extra = Vec::new();
+        // Heredoc sources become files made in place.
+        for h in &node.heredocs {
+            let data = if h.expand {
+                self.lex.process_word(&h.content, &env).map_err(|e| self.err(line, e.to_string()))?
+            } else {
+                h.content.clone()
+            };
+            let path = if dest_is_dir || srcs.len() > 1 {
+                format!("{}{}", dest, h.name)
+            } else {
+                dest.clone()
+            };
+            actions.push(pb::FileAction {
+                action: Some(pb::file_action::Action::Mkfile(pb::FileActionMkFile {
+                    path,
+                    mode: if mode != 0 { mode } else { 0o644 },
+                    data: data.into_bytes(),
+                    chown: chown.clone(),
+                })),
+            });
+        }
+        if !non_heredoc.is_empty() {
+            let (source, source_desc) = match &from {
+                Some(f) => {
+                    if is_add {
+                        return Err(self.err(line, "ADD does not support --from; use COPY --from"));
+                    }
+                    let idx = self.stage_index(f);
+                    match idx {
+                        Some(i) => {
+                            let r = self.convert_stage(i)?;
+                            let stage_state = match r.state {
+                                Some(s) => s,
+                                None => {
+                                    // A scratch stage is empty: make an explicit empty state.
+                                    self.file_op(None, vec![], vec![], "[internal] scratch", node, &st.platform)
+                                }
+                            };
+                            (stage_state, format!("--from={f} "))
+                        }
+                        None => {
+                            let (pinned, _) = self.images.resolve(f, &st.platform).map_err(|e| self.err(line, e))?;
+                            let op = pb::Op {
+                                op: Some(pb::op::Op::Source(pb::SourceOp {
+                                    identifier: format!("docker-image://{pinned}"),
+                                    attrs: vec![],
+                                })),
+                                platform: Some(st.platform.to_pb()),
+                                ..Default::default()
+                            };
+                            (self.builder.add(&op, &format!("[internal] load {pinned}"), &self.loc(node)), format!("--from={f} "))
+                        }
+                    }
+                }
+                None if is_add && non_heredoc.len() == 1 && is_remote(non_heredoc[0]) => {
+                    // Remote ADD sources are their own source op; the copy takes its root.
+                    let url = non_heredoc[0].clone();
+                    let mut attrs = Vec::new();
+                    if let Some(c) = flags.get("checksum") {
+                        attrs.push(pb::KeyValue { key: "checksum".into(), value: c.clone() });
+                    }
+                    if flags.get("keep-git-dir").is_some_and(|v| v != "false") {
+                        attrs.push(pb::KeyValue { key: "keep-git-dir".into(), value: "true".into() });
+                    }
+                    let op = pb::Op {
+                        op: Some(pb::op::Op::Source(pb::SourceOp { identifier: url.clone(), attrs })),
+                        ..Default::default()
+                    };
+                    (self.builder.add(&op, &format!("[internal] load remote source {url}"), &self.loc(node)), String::new())
+                }
+                None => (self.context(), String::new()),
+            };
+            let base_present = st.result.state.is_some();
+            let src_idx = if base_present { 1 } else { 0 };
+            extra.push(source);
+            for s in &non_heredoc {
+                if is_remote(s) && !is_add {
+                    return Err(self.err(line, format!("COPY {s}: source can't be a URL for COPY")));
+                }
+                if from.is_none() && escapes_root(s) {
+                    return Err(self.err(line, format!("{name} {s}: forbidden path outside the build context")));
+                }
+            }
+            actions.push(pb::FileAction {
+                action: Some(pb::file_action::Action::Copy(pb::FileActionCopy {
+                    source_input: src_idx,
+                    src: non_heredoc.iter().map(|s| s.to_string()).collect(),
+                    dest: dest.clone(),
+                    chown: chown.clone(),
+                    mode,
+                    chmod_symbolic,
+                    follow_symlinks: true,
+                    dir_copy_contents: true,
+                    allow_wildcard: true,
+                    allow_empty_wildcard: false,
+                    create_dest_path: true,
+                    exclude_patterns: excludes,
+                    attempt_unpack: is_add && flags.get("unpack").is_none_or(|v| v != "false"),
+                    parents,
+                    timestamp: -1,
+                })),
+            });
+            let desc = format!(
+                "{name} {}{}{}",
+                source_desc,
+                non_heredoc.iter().map(|s| format!("{s} ")).collect::<String>(),
+                dest_raw
+            );
+            let state = self.file_op(st.result.state.clone(), extra, actions, &desc, node, &st.platform);
+            st.result.state = Some(state);
+            commit(&mut st.result.image, format!("{name} {}{} {} # buildkit", source_desc, srcs.join(" "), dest_raw).replace("  ", " "), true);
+            return Ok(());
+        }
+        let desc = format!("{name} {} {}", srcs.join(" "), dest_raw);
+        let state = self.file_op(st.result.state.clone(), extra, actions, &desc, node, &st.platform);
+        st.result.state = Some(state);
+        commit(&mut st.result.image, format!("{desc} # buildkit"), true);
+        Ok(())
+    }
+
+    fn run(&mut self, st: &mut StageState, node: &Node, flags: &Flags) -> Result<(), FrontendError> {
+        let line = node.start_line;
+        let img = &st.result.image;
+        let env_for_expand = st.expansion_env();
+        let mut args: Vec<String> = if node.json {
+            node.args.clone()
+        } else if let Some(h) = node.heredocs.first().filter(|h| node.args.first().map(|a| a.trim()) == Some(&format!("<<{}", h.name)) || node.args.first().is_some_and(|a| a.trim_start().starts_with("<<"))) {
+            // A heredoc as the whole command: its body is the script.
+            let body = if h.expand {
+                h.content.clone()
+            } else {
+                h.content.clone()
+            };
+            if body.starts_with("#!") {
+                // A shebang script runs as its own file through the interpreter.
+                vec!["/bin/sh".into(), "-c".into(), format!("cat > /dev/shm/.kiln-heredoc <<'KILN_EOF'\n{body}KILN_EOF\nchmod +x /dev/shm/.kiln-heredoc && exec /dev/shm/.kiln-heredoc")]
+            } else {
+                let mut v = shell_of(img);
+                v.push(body);
+                v
+            }
+        } else {
+            let mut v = shell_of(img);
+            let mut cmd = node.args.join(" ");
+            for h in &node.heredocs {
+                // Other heredocs feed the command's stdin/fds: pass them to the shell as-is.
+                cmd.push('\n');
+                cmd.push_str(&h.content);
+                cmd.push_str(&h.name);
+            }
+            v.push(cmd);
+            v
+        };
+        if args.is_empty() {
+            return Err(self.err(line, "RUN requires at least one argument"));
+        }
+        let _ = &env_for_expand;
+        // Env: image env plus args in scope (as BuildKit passes them to RUN).
+        let mut env: Vec<String> = Vec::new();
+        let mut arg_env: Vec<String> = Vec::new();
+        for (k, v) in &st.args {
+            if let Some(v) = v
+                && !img.config.env.iter().any(|e| e.split_once('=').map(|x| x.0) == Some(k.as_str()))
+            {
+                arg_env.push(format!("{k}={v}"));
+            }
+        }
+        for (k, v) in &self.opts.build_args {
+            if PROXY_ARGS.contains(&k.as_str()) && !st.args.iter().any(|(n, _)| n == k) {
+                env.push(format!("{k}={v}"));
+            }
+        }
+        env.extend(img.config.env.iter().cloned());
+        env.extend(arg_env.iter().cloned());
+        let network = match flags.get("network").map(String::as_str) {
+            None | Some("default") => pb::NetMode::NetUnset,
+            Some("none") => pb::NetMode::NetNone,
+            Some("host") => pb::NetMode::NetHost,
+            Some(o) => return Err(self.err(line, format!("unsupported network mode {o:?} (use default, none or host)"))),
+        };
+        let security = match flags.get("security").map(String::as_str) {
+            None | Some("sandbox") => pb::SecurityMode::Sandbox,
+            Some("insecure") => pb::SecurityMode::Insecure,
+            Some(o) => return Err(self.err(line, format!("unsupported security mode {o:?}"))),
+        };
+        let mut inputs = Vec::new();
+        let mut mounts = Vec::new();
+        if let Some(s) = &st.result.state {
+            inputs.push(pb::Input {
+                digest: s.digest.to_string(),
+                index: s.index,
+            });
+        }
+        mounts.push(pb::Mount {
+            input: if st.result.state.is_some() { 0 } else { -1 },
+            dest: "/".into(),
+            output: 0,
+            ..Default::default()
+        });
+        for m in flags.all("mount") {
+            let m = self.lex.process_word(m, &env_for_expand).map_err(|e| self.err(line, e.to_string()))?;
+            let mount = self.parse_mount(&m, line, &mut inputs, st)?;
+            mounts.push(mount);
+        }
+        let wd = if img.config.working_dir.is_empty() { "/".to_string() } else { img.config.working_dir.clone() };
+        let op = pb::Op {
+            inputs,
+            op: Some(pb::op::Op::Exec(pb::ExecOp {
+                meta: Some(pb::Meta {
+                    args: std::mem::take(&mut args),
+                    env,
+                    cwd: wd,
+                    user: img.config.user.clone(),
+                    hostname: String::new(),
+                }),
+                mounts,
+                network: network as i32,
+                security: security as i32,
+            })),
+            platform: Some(st.platform.to_pb()),
+        };
+        let shown = node.original.trim();
+        let r = self.builder.add(&op, shown, &self.loc(node));
+        if self.opts.no_cache {
+            self.builder.set_ignore_cache(&r.digest);
+        }
+        st.result.state = Some(r);
+        let mut created_by = String::from("RUN ");
+        if !arg_env.is_empty() {
+            created_by.push_str(&format!("|{} {} ", arg_env.len(), arg_env.join(" ")));
+        }
+        let cmd = if node.json { json_list(&node.args) } else { format!("{} {}", shell_of(&st.result.image).join(" "), node.args.join(" ")) };
+        created_by.push_str(&cmd);
+        commit(&mut st.result.image, format!("{created_by} # buildkit"), true);
+        Ok(())
+    }
+
+    fn parse_mount(&mut self, spec: &str, line: usize, inputs: &mut Vec<pb::Input>, st: &StageState) -> Result<pb::Mount, FrontendError> {
+        let mut m = pb::Mount {
+            input: -1,
+            output: -1,
+            ..Default::default()
+        };
+        let mut typ = "bind".to_string();
+        let mut from = None;
+        let mut source = String::new();
+        let mut readonly: Option<bool> = None;
+        let mut id = String::new();
+        let mut required = false;
+        let mut target = String::new();
+        let mut fields = Vec::new();
+        for f in spec.split(',') {
+            let (k, v) = match f.split_once('=') {
+                Some((k, v)) => (k.trim().to_lowercase(), Some(v.trim().to_string())),
+                None => (f.trim().to_lowercase(), None),
+            };
+            fields.push((k, v));
+        }
+        for (k, v) in &fields {
+            if k == "type" {
+                typ = v.clone().unwrap_or_default();
+            }
+        }
+        let bool_of = |v: &Option<String>| v.as_deref().is_none_or(|s| s == "true" || s == "1");
+        for (k, v) in fields {
+            let val = v.clone().unwrap_or_default();
+            match k.as_str() {
+                "type" => {}
+                "target" | "dst" | "destination" => target = val,
+                "source" | "src" => source = val,
+                "from" => from = Some(val),
+                "ro" | "readonly" => readonly = Some(bool_of(&v)),
+                "rw" | "readwrite" => readonly = Some(!bool_of(&v)),
+                "id" => id = val,
+                "sharing" => {
+                    m.sharing = match val.as_str() {
+                        "shared" => pb::CacheSharing::Shared,
+                        "private" => pb::CacheSharing::Private,
+                        "locked" => pb::CacheSharing::Locked,
+                        o => return Err(self.err(line, format!("unsupported sharing value {o:?}"))),
+                    } as i32
+                }
+                "mode" => m.mode = u32::from_str_radix(&val, 8).map_err(|_| self.err(line, format!("invalid mount mode {val:?}")))?,
+                "uid" => m.uid = val.parse().map_err(|_| self.err(line, format!("invalid uid {val:?}")))?,
+                "gid" => m.gid = val.parse().map_err(|_| self.err(line, format!("invalid gid {val:?}")))?,
+                "size" => m.tmpfs_size = parse_size(&val).ok_or_else(|| self.err(line, format!("invalid size {val:?}")))?,
+                "required" => required = bool_of(&v),
+                "env" => {
+                    m.secret_env = true;
+                    target = val;
+                }
+                o => return Err(self.err(line, format!("unexpected key '{o}' in '{spec}'"))),
+            }
+        }
+        m.r#type = match typ.as_str() {
+            "bind" => pb::MountType::Bind,
+            "cache" => pb::MountType::Cache,
+            "tmpfs" => pb::MountType::Tmpfs,
+            "secret" => pb::MountType::Secret,
+            "ssh" => pb::MountType::Ssh,
+            o => return Err(self.err(line, format!("unsupported mount type {o:?}"))),
+        } as i32;
+        if target.is_empty() {
+            match typ.as_str() {
+                "secret" => target = format!("/run/secrets/{}", if id.is_empty() { source.rsplit('/').next().unwrap_or("") } else { &id }),
+                "ssh" => target = "/run/buildkit/ssh_agent.0".into(),
+                // BuildKit accepts a bind without target; it lands in the working directory.
+                "bind" => target = st.result.image.config.working_dir.clone(),
+                _ => return Err(self.err(line, format!("mount type {typ} requires a target"))),
+            }
+        }
+        m.dest = target;
+        m.readonly = readonly.unwrap_or(typ == "bind");
+        m.optional = !required;
+        match typ.as_str() {
+            "cache" => {
+                m.cache_id = if id.is_empty() { m.dest.clone() } else { id };
+                if m.mode == 0 {
+                    m.mode = 0o755;
+                }
+            }
+            "secret" | "ssh" => {
+                m.secret_id = if id.is_empty() { if typ == "ssh" { "default".into() } else { source.rsplit('/').next().unwrap_or("").to_string() } } else { id };
+                if m.mode == 0 {
+                    m.mode = if typ == "ssh" { 0o600 } else { 0o400 };
+                }
+            }
+            _ => {}
+        }
+        if typ == "bind" || (typ == "cache" && from.is_some()) {
+            let src_state = match &from {
+                Some(f) => match self.stage_index(f) {
+                    Some(i) => self.convert_stage(i)?.state,
+                    None => {
+                        let (pinned, _) = self.images.resolve(f, &self.opts.target_platform).map_err(|e| self.err(line, e))?;
+                        let op = pb::Op {
+                            op: Some(pb::op::Op::Source(pb::SourceOp {
+                                identifier: format!("docker-image://{pinned}"),
+                                attrs: vec![],
+                            })),
+                            ..Default::default()
+                        };
+                        Some(self.builder.add(&op, &format!("[internal] load {pinned}"), ""))
+                    }
+                },
+                None => Some(self.context()),
+            };
+            if let Some(s) = src_state {
+                inputs.push(pb::Input {
+                    digest: s.digest.to_string(),
+                    index: s.index,
+                });
+                m.input = inputs.len() as i64 - 1;
+            }
+            m.selector = clean_path(&format!("/{source}"));
+        }
+        Ok(m)
+    }
+}
+
+struct StageState {
+    result: StageResult,
+    args: Vec<(String, Option<String>)>,
+    cmd_set: bool,
+    platform: Platform,
+}
+
+impl StageState {
+    /// Variables visible to expansion: declared args, then ENV (ENV wins).
+    fn expansion_env(&self) -> Vec<(String, String)> {
+        let mut env: Vec<(String, String)> = self
+            .args
+            .iter()
+            .filter_map(|(k, v)| v.as_ref().map(|v| (k.clone(), v.clone())))
+            .collect();
+        for e in &self.result.image.config.env {
+            if let Some((k, v)) = e.split_once('=') {
+                env.push((k.into(), v.into()));
+            }
+        }
+        env
+    }
+}
+
+fn shell_of(img: &Image) -> Vec<String> {
+    if img.config.shell.is_empty() {
+        DEFAULT_SHELL.iter().map(|s| s.to_string()).collect()
+    } else {
+        img.config.shell.clone()
+    }
+}
+
+fn user_chown(user: &str) -> Option<pb::ChownOpt> {
+    if user.is_empty() {
+        return None;
+    }
+    let (u, g) = user.split_once(':').unwrap_or((user, ""));
+    Some(pb::ChownOpt {
+        user: u.into(),
+        group: g.into(),
+    })
+}
+
+fn commit(img: &mut Image, created_by: String, with_layer: bool) {
+    img.history.push(History {
+        created: None,
+        created_by,
+        comment: HISTORY_COMMENT.into(),
+        empty_layer: !with_layer,
+    });
+}
+
+fn set_env(env: &mut Vec<String>, key: &str, value: &str) {
+    let entry = format!("{key}={value}");
+    for e in env.iter_mut() {
+        if e.split_once('=').map(|x| x.0).unwrap_or(e) == key {
+            *e = entry;
+            return;
+        }
+    }
+    env.push(entry);
+}
+
+fn json_list(v: &[String]) -> String {
+    serde_json::to_string(v).unwrap_or_default()
+}
+
+fn is_secret_name(name: &str) -> bool {
+    let l = name.to_lowercase();
+    ["password", "passwd", "secret", "token", "apikey", "api_key", "access_key"].iter().any(|s| l.contains(s))
+}
+
+fn parse_heredoc_src(s: &str) -> String {
+    parser::parse_heredoc(s).ok().flatten().map(|h| h.name).unwrap_or_default()
+}
+
+/// Lexically cleans an absolute or relative path (like Go's path.Clean).
+pub fn clean_path(p: &str) -> String {
+    let abs = p.starts_with('/');
+    let mut out: Vec<&str> = Vec::new();
+    for part in p.split('/') {
+        match part {
+            "" | "." => {}
+            ".." => {
+                if out.last().is_some_and(|l| *l != "..") {
+                    out.pop();
+                } else if !abs {
+                    out.push("..");
+                }
+            }
+            x => out.push(x),
+        }
+    }
+    let joined = out.join("/");
+    if abs {
+        format!("/{joined}")
+    } else if joined.is_empty() {
+        ".".into()
+    } else {
+        joined
+    }
+}
+
+fn is_remote(s: &str) -> bool {
+    s.starts_with("http://") || s.starts_with("https://") || s.starts_with("git@") || s.starts_with("git://")
+}
+
+fn escapes_root(src: &str) -> bool {
+    clean_path(src.trim_start_matches('/')).starts_with("..") && !src.starts_with('/')
+}
+
+fn expose_ports(spec: &str) -> Result<Vec<String>, String> {
+    let (ports, proto) = match spec.split_once('/') {
+        Some((p, proto)) => (p, proto.to_lowercase()),
+        None => (spec, "tcp".to_string()),
+    };
+    if !matches!(proto.as_str(), "tcp" | "udp" | "sctp") {
+        return Err(format!("invalid proto: {proto}"));
+    }
+    // "ip:host:container" forms keep the container port only.
+    let ports = ports.rsplit(':').next().unwrap_or(ports);
+    let (lo, hi) = match ports.split_once('-') {
+        Some((a, b)) => (a, b),
+        None => (ports, ports),
+    };
+    let lo: u32 = lo.parse().map_err(|_| format!("invalid containerPort: {ports}"))?;
+    let hi: u32 = hi.parse().map_err(|_| format!("invalid containerPort: {ports}"))?;
+    if hi < lo || hi > 65535 {
+        return Err(format!("invalid port range: {ports}"));
+    }
+    Ok((lo..=hi).map(|p| format!("{p}/{proto}")).collect())
+}
+
+/// Go `time.ParseDuration` subset: sequences of number+unit.
+fn parse_duration(s: &str) -> Option<i64> {
+    if s == "0" {
+        return Some(0);
+    }
+    let mut total: f64 = 0.0;
+    let mut rest = s;
+    if rest.is_empty() {
+        return None;
+    }
+    while !rest.is_empty() {
+        let n = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(rest.len());
+        if n == 0 {
+            return None;
+        }
+        let num: f64 = rest[..n].parse().ok()?;
+        rest = &rest[n..];
+        let u = rest.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(rest.len());
+        let mult = match &rest[..u] {
+            "ns" => 1.0,
+            "us" | "µs" => 1e3,
+            "ms" => 1e6,
+            "s" => 1e9,
+            "m" => 60e9,
+            "h" => 3600e9,
+            _ => return None,
+        };
+        total += num * mult;
+        rest = &rest[u..];
+    }
+    Some(total as i64)
+}
+
+fn parse_size(s: &str) -> Option<i64> {
+    let l = s.to_lowercase();
+    let (n, mult) = if let Some(x) = l.strip_suffix("gb").or(l.strip_suffix('g')) {
+        (x, 1i64 << 30)
+    } else if let Some(x) = l.strip_suffix("mb").or(l.strip_suffix('m')) {
+        (x, 1 << 20)
+    } else if let Some(x) = l.strip_suffix("kb").or(l.strip_suffix('k')) {
+        (x, 1 << 10)
+    } else {
+        (l.strip_suffix('b').unwrap_or(&l), 1)
+    };
+    n.trim().parse::<i64>().ok().map(|v| v * mult)
+}
+
+/// Checks `u+x,g-w,o=r` style modes.
+pub fn validate_symbolic_mode(m: &str) -> Result<(), String> {
+    for clause in m.split(',') {
+        let who_len = clause.chars().take_while(|c| "ugoa".contains(*c)).count();
+        let rest = &clause[who_len..];
+        if rest.is_empty() {
+            return Err("missing operator".into());
+        }
+        let mut chars = rest.chars().peekable();
+        let mut any_op = false;
+        while let Some(op) = chars.next() {
+            if !"+-=".contains(op) {
+                return Err(format!("unexpected {op:?}"));
+            }
+            any_op = true;
+            while let Some(c) = chars.peek() {
+                if "rwxXstugo".contains(*c) {
+                    chars.next();
+                } else {
+                    break;
+                }
+            }
+        }
+        if !any_op {
+            return Err("missing operator".into());
+        }
+    }
+    Ok(())
+}
+
+const INSTRUCTIONS: [&str; 18] = [
+    "add", "arg", "cmd", "copy", "entrypoint", "env", "expose", "from", "healthcheck", "label", "maintainer", "onbuild", "run", "shell",
+    "stopsignal", "user", "volume", "workdir",
+];
+
+fn suggest(word: &str) -> String {
+    let best = INSTRUCTIONS
+        .iter()
+        .map(|i| (levenshtein(word, i), i))
+        .min()
+        .filter(|(d, _)| *d <= 2);
+    match best {
+        Some((_, i)) => format!(" (did you mean {}?)", i.to_uppercase()),
+        None => String::new(),
+    }
+}
+
+fn levenshtein(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            cur.push((prev[j] + usize::from(ca != *cb)).min(prev[j + 1] + 1).min(cur[j] + 1));
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+/// Parsed `--flag=value` options of one instruction.
+#[derive(Default)]
+struct Flags(Vec<(String, String)>);
+
+impl Flags {
+    fn get(&self, k: &str) -> Option<&String> {
+        self.0.iter().rev().find(|(n, _)| n == k).map(|(_, v)| v)
+    }
+    fn all<'a>(&'a self, k: &'a str) -> impl Iterator<Item = &'a String> + 'a {
+        self.0.iter().filter(move |(n, _)| n == k).map(|(_, v)| v)
+    }
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+fn parse_flags(raw: &[String], allowed: &[&str]) -> Result<Flags, String> {
+    let mut out = Flags::default();
+    for f in raw {
+        let body = f.trim_start_matches("--");
+        let (k, v) = match body.split_once('=') {
+            Some((k, v)) => (k.to_string(), v.to_string()),
+            None => (body.to_string(), "true".to_string()),
+        };
+        if !allowed.contains(&k.as_str()) {
+            return Err(format!("unknown flag: --{k}"));
+        }
+        out.0.push((k, v));
+    }
+    Ok(out)
+}
+
+/// Converts a parsed Dockerfile.
+pub fn convert(
+    dockerfile: &[u8],
+    opts: &ConvertOptions,
+    images: &dyn ImageResolver,
+) -> Result<Converted, FrontendError> {
+    let lines: Vec<String> = String::from_utf8_lossy(dockerfile).lines().map(str::to_string).collect();
+    let ast = parser::parse(dockerfile).map_err(|e| FrontendError {
+        file: opts.filename.clone(),
+        line: e.start_line,
+        source_line: e
+            .start_line
+            .checked_sub(1)
+            .and_then(|i| lines.get(i))
+            .cloned()
+            .unwrap_or_default(),
+        message: e.message.clone(),
+    })?;
+    if let Some(syntax) = &ast.directives.syntax {
+        check_syntax(syntax).map_err(|m| FrontendError {
+            file: opts.filename.clone(),
+            line: ast.directives.syntax_line,
+            source_line: lines.get(ast.directives.syntax_line.saturating_sub(1)).cloned().unwrap_or_default(),
+            message: m,
+        })?;
+    }
+    let mut ctx = Ctx {
+        opts,
+        images,
+        builder: GraphBuilder::new(),
+        lex: Lex::new(ast.escape),
+        stages: Vec::new(),
+        meta_args: Vec::new(),
+        done: HashMap::new(),
+        in_progress: HashSet::new(),
+        warnings: Vec::new(),
+        lines,
+        context: None,
+        current: 0,
+    };
+    for w in &ast.warnings {
+        ctx.warn("NoEmptyContinuation", &w.short, w.start_line);
+    }
+    for node in &ast.children {
+        if node.keyword == "from" {
+            let flags = parse_flags(&node.flags, &["platform"]).map_err(|e| ctx.err(node.start_line, format!("FROM: {e}")))?;
+            let (base, name) = match node.args.as_slice() {
+                [b] => (b.clone(), None),
+                [b, kw, n] if kw.eq_ignore_ascii_case("as") => {
+                    if kw != "AS" && kw != "as" || (kw == "as") != (node.original.trim_start().starts_with("from")) {
+                        ctx.warn("FromAsCasing", "'as' and 'FROM' keywords' casing do not match", node.start_line);
+                    }
+                    if n.to_lowercase() != *n {
+                        ctx.warn("StageNameCasing", &format!("Stage name '{n}' should be lowercase"), node.start_line);
+                    }
+                    let n = n.to_lowercase();
+                    if !valid_stage_name(&n) {
+                        return Err(ctx.err(node.start_line, format!("invalid name for build stage: {n:?}, name can't start with a number or contain symbols")));
+                    }
+                    if ctx.stages.iter().any(|s| s.name.as_deref() == Some(n.as_str())) {
+                        return Err(ctx.err(node.start_line, format!("duplicate stage name {n:?}")));
+                    }
+                    (b.clone(), Some(n))
+                }
+                _ => return Err(ctx.err(node.start_line, "FROM requires either one or three arguments")),
+            };
+            ctx.stages.push(StageDef {
+                name,
+                base,
+                platform: flags.get("platform").cloned(),
+                from_node: node.clone(),
+                commands: Vec::new(),
+            });
+        } else if let Some(stage) = ctx.stages.last_mut() {
+            stage.commands.push(node.clone());
+        } else if node.keyword == "arg" {
+            for w in &node.args {
+                let (k, v) = match w.split_once('=') {
+                    Some((k, v)) => {
+                        let env = ctx.meta_env();
+                        let v = ctx.lex.process_word(v, &env).map_err(|e| ctx.err(node.start_line, e.to_string()))?;
+                        (k.to_string(), Some(v))
+                    }
+                    None => (w.clone(), None),
+                };
+                ctx.meta_args.push((k, v));
+            }
+        } else {
+            return Err(ctx.err(node.start_line, format!("no build stage in current context: {} must come after FROM", node.keyword.to_uppercase())));
+        }
+    }
+    if ctx.stages.is_empty() {
+        return Err(ctx.err(0, "the Dockerfile has no FROM instruction"));
+    }
+    let target = match &opts.target {
+        Some(t) => ctx.stage_index_before(t, usize::MAX).ok_or_else(|| {
+            let names: Vec<String> = ctx.stages.iter().filter_map(|s| s.name.clone()).collect();
+            ctx.err(0, format!("target stage {t:?} could not be found (stages: {})", names.join(", ")))
+        })?,
+        None => ctx.stages.len() - 1,
+    };
+    let result = ctx.convert_stage(target)?;
+    let (definition, scratch) = match &result.state {
+        Some(s) => (ctx.builder.finish(s), false),
+        None => (Default::default(), true),
+    };
+    Ok(Converted {
+        definition,
+        image: result.image,
+        warnings: ctx.warnings,
+        scratch,
+    })
+}
+
+fn valid_stage_name(n: &str) -> bool {
+    let mut chars = n.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_lowercase())
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "-_.".contains(c))
+}
+
+/// `# syntax=` must name the built-in frontend (docker/dockerfile:1.x).
+fn check_syntax(syntax: &str) -> Result<(), String> {
+    let image = syntax.split('@').next().unwrap_or(syntax);
+    let (name, tag) = match image.rsplit_once(':') {
+        Some((n, t)) if !t.contains('/') => (n, t),
+        _ => (image, "latest"),
+    };
+    let name = name.trim_start_matches("docker.io/");
+    // Every channel of Docker's own frontend (1.x, labs, master, experimental)
+    // is served by the built-in one; an explicit major version other than 1 is not.
+    let major = tag.split(['.', '-']).next().unwrap_or("");
+    let tag_ok = !major.chars().all(|c| c.is_ascii_digit()) || major == "1";
+    if (name == "docker/dockerfile" || name == "docker/dockerfile-upstream") && tag_ok {
+        return Ok(());
+    }
+    Err(format!(
+        "unsupported syntax {syntax:?}: kiln has a built-in Dockerfile 1.x frontend and does not run external frontend images"
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conv(df: &str) -> Result<Converted, FrontendError> {
+        convert(df.as_bytes(), &ConvertOptions::default(), &NoImages)
+    }
+
+    #[test]
+    fn config_instructions() {
+        let c = conv(
+            "FROM scratch\nENV A=1 B=$A\nENV C=${A}x\nLABEL l=v\nUSER 1000:1000\nEXPOSE 80 53/udp\nVOLUME /data\nSTOPSIGNAL SIGINT\nCMD [\"a\"]\nENTRYPOINT [\"e\"]\nHEALTHCHECK --interval=5s CMD true\n",
+        )
+        .unwrap();
+        let cfg = &c.image.config;
+        assert_eq!(cfg.env, vec![format!("PATH={}", kiln_definition::image::DEFAULT_PATH), "A=1".into(), "B=".into(), "C=1x".into()]);
+        assert_eq!(cfg.user, "1000:1000");
+        assert!(cfg.exposed_ports.contains_key("80/tcp") && cfg.exposed_ports.contains_key("53/udp"));
+        // ENTRYPOINT after CMD in the same stage keeps CMD.
+        assert_eq!(cfg.cmd, Some(vec!["a".to_string()]));
+        assert_eq!(cfg.healthcheck.as_ref().unwrap().interval, 5_000_000_000);
+        assert_eq!(cfg.healthcheck.as_ref().unwrap().test, vec!["CMD-SHELL", "true"]);
+        assert!(c.scratch);
+    }
+
+    #[test]
+    fn multi_stage_and_target() {
+        let df = "FROM scratch AS a\nCOPY x /x\nFROM scratch AS b\nCOPY y /y\nFROM scratch\nCOPY --from=a /x /x\n";
+        let c = conv(df).unwrap();
+        let g = kiln_definition::Graph::from_definition(&c.definition).unwrap();
+        // context, copy x (stage a), final copy: stage b is not needed.
+        assert_eq!(g.vertices.len(), 3);
+        let mut o = ConvertOptions::default();
+        o.target = Some("b".into());
+        let c = convert(df.as_bytes(), &o, &NoImages).unwrap();
+        assert_eq!(c.image.history.len(), 1);
+        o.target = Some("nope".into());
+        assert!(convert(df.as_bytes(), &o, &NoImages).unwrap_err().message.contains("could not be found"));
+    }
+
+    #[test]
+    fn errors_have_lines() {
+        let e = conv("FROM scratch\nCOPY ../x /x\n").unwrap_err();
+        assert_eq!(e.line, 2);
+        assert!(e.to_string().contains("Dockerfile:2"));
+        let e = conv("FROM scratch\nCOPPY a b\n").unwrap_err();
+        assert!(e.message.contains("did you mean COPY"), "{e}");
+        let e = conv("# syntax=example.com/frontend:1\nFROM scratch\n").unwrap_err();
+        assert!(e.message.contains("unsupported syntax"));
+        assert!(conv("# syntax=docker/dockerfile:1.7-labs\nFROM scratch\n").is_ok());
+    }
+
+    #[test]
+    fn args_scope() {
+        let df = "ARG V=1\nFROM scratch\nARG V\nENV X=$V\nARG W=2\nENV Y=$W\n";
+        let c = conv(df).unwrap();
+        assert!(c.image.config.env.contains(&"X=1".to_string()));
+        assert!(c.image.config.env.contains(&"Y=2".to_string()));
+        let mut o = ConvertOptions::default();
+        o.build_args.insert("W".into(), "9".into());
+        let c = convert(df.as_bytes(), &o, &NoImages).unwrap();
+        assert!(c.image.config.env.contains(&"Y=9".to_string()));
+    }
+}
