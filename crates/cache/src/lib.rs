@@ -1,1 +1,239 @@
+//! The metadata store (redb, ACID): cache records (cache key → snapshot) and
+//! snapshot records (parent chain, layer blobs). Every change is one
+//! transaction, so a crash leaves either the old or the new state.
+#![forbid(unsafe_code)]
 
+use std::path::Path;
+
+use redb::{ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+const RECORDS: TableDefinition<&str, &[u8]> = TableDefinition::new("cache_records");
+const SNAPSHOTS: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshots");
+
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    #[error("metadata database: {0}")]
+    Db(String),
+    #[error("metadata record {key} is corrupt: {source}")]
+    Corrupt {
+        key: String,
+        source: serde_json::Error,
+    },
+}
+
+fn dberr<E: std::fmt::Display>(e: E) -> CacheError {
+    CacheError::Db(e.to_string())
+}
+
+/// A cached result: the snapshot a cache key resolved to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CacheRecord {
+    pub snapshot: String,
+    pub description: String,
+    pub created: i64,
+    pub last_used: i64,
+    pub usage_count: i64,
+}
+
+/// A compressed form of a layer in the content store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlobRef {
+    pub compression: String,
+    pub digest: String,
+    pub size: u64,
+}
+
+/// What the layer of a snapshot is once computed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayerInfo {
+    /// Digest of the uncompressed tar.
+    pub diff_id: String,
+    /// The diff has no entries (the layer is dropped on export).
+    pub empty: bool,
+    /// Set when the layer was computed with a SOURCE_DATE_EPOCH clamp.
+    #[serde(default)]
+    pub epoch: Option<i64>,
+    pub blobs: Vec<BlobRef>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotRecord {
+    pub parent: Option<String>,
+    pub created: i64,
+    pub size: u64,
+    pub description: String,
+    #[serde(default)]
+    pub layers: Vec<LayerInfo>,
+}
+
+pub struct MetadataStore {
+    db: redb::Database,
+}
+
+impl MetadataStore {
+    pub fn open(path: &Path) -> Result<Self, CacheError> {
+        let db = redb::Database::create(path).map_err(dberr)?;
+        let tx = db.begin_write().map_err(dberr)?;
+        tx.open_table(RECORDS).map_err(dberr)?;
+        tx.open_table(SNAPSHOTS).map_err(dberr)?;
+        tx.commit().map_err(dberr)?;
+        Ok(MetadataStore { db })
+    }
+
+    fn get<T: for<'de> Deserialize<'de>>(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+        key: &str,
+    ) -> Result<Option<T>, CacheError> {
+        let tx = self.db.begin_read().map_err(dberr)?;
+        let t = tx.open_table(table).map_err(dberr)?;
+        match t.get(key).map_err(dberr)? {
+            Some(v) => serde_json::from_slice(v.value())
+                .map(Some)
+                .map_err(|source| CacheError::Corrupt {
+                    key: key.to_string(),
+                    source,
+                }),
+            None => Ok(None),
+        }
+    }
+
+    fn all<T: for<'de> Deserialize<'de>>(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+    ) -> Result<Vec<(String, T)>, CacheError> {
+        let tx = self.db.begin_read().map_err(dberr)?;
+        let t = tx.open_table(table).map_err(dberr)?;
+        let mut out = Vec::new();
+        for item in t.iter().map_err(dberr)? {
+            let (k, v) = item.map_err(dberr)?;
+            let key = k.value().to_string();
+            let val = serde_json::from_slice(v.value()).map_err(|source| CacheError::Corrupt {
+                key: key.clone(),
+                source,
+            })?;
+            out.push((key, val));
+        }
+        Ok(out)
+    }
+
+    pub fn record(&self, key: &str) -> Result<Option<CacheRecord>, CacheError> {
+        self.get(RECORDS, key)
+    }
+
+    pub fn snapshot(&self, id: &str) -> Result<Option<SnapshotRecord>, CacheError> {
+        self.get(SNAPSHOTS, id)
+    }
+
+    pub fn records(&self) -> Result<Vec<(String, CacheRecord)>, CacheError> {
+        self.all(RECORDS)
+    }
+
+    pub fn snapshots(&self) -> Result<Vec<(String, SnapshotRecord)>, CacheError> {
+        self.all(SNAPSHOTS)
+    }
+
+    /// Records a committed snapshot and, optionally, the cache key that produced it.
+    pub fn add_snapshot(
+        &self,
+        id: &str,
+        snap: &SnapshotRecord,
+        cache: Option<(&str, &CacheRecord)>,
+    ) -> Result<(), CacheError> {
+        let tx = self.db.begin_write().map_err(dberr)?;
+        {
+            let mut s = tx.open_table(SNAPSHOTS).map_err(dberr)?;
+            let bytes = serde_json::to_vec(snap).map_err(dberr)?;
+            s.insert(id, bytes.as_slice()).map_err(dberr)?;
+            if let Some((key, rec)) = cache {
+                let mut r = tx.open_table(RECORDS).map_err(dberr)?;
+                let bytes = serde_json::to_vec(rec).map_err(dberr)?;
+                r.insert(key, bytes.as_slice()).map_err(dberr)?;
+            }
+        }
+        tx.commit().map_err(dberr)
+    }
+
+    pub fn put_record(&self, key: &str, rec: &CacheRecord) -> Result<(), CacheError> {
+        let tx = self.db.begin_write().map_err(dberr)?;
+        {
+            let mut r = tx.open_table(RECORDS).map_err(dberr)?;
+            let bytes = serde_json::to_vec(rec).map_err(dberr)?;
+            r.insert(key, bytes.as_slice()).map_err(dberr)?;
+        }
+        tx.commit().map_err(dberr)
+    }
+
+    pub fn put_snapshot(&self, id: &str, snap: &SnapshotRecord) -> Result<(), CacheError> {
+        self.add_snapshot(id, snap, None)
+    }
+
+    /// Marks a record used now.
+    pub fn touch(&self, key: &str, now: i64) -> Result<(), CacheError> {
+        if let Some(mut rec) = self.record(key)? {
+            rec.last_used = now;
+            rec.usage_count += 1;
+            self.put_record(key, &rec)?;
+        }
+        Ok(())
+    }
+
+    pub fn remove_records(&self, keys: &[String]) -> Result<(), CacheError> {
+        let tx = self.db.begin_write().map_err(dberr)?;
+        {
+            let mut r = tx.open_table(RECORDS).map_err(dberr)?;
+            for k in keys {
+                r.remove(k.as_str()).map_err(dberr)?;
+            }
+        }
+        tx.commit().map_err(dberr)
+    }
+
+    pub fn remove_snapshots(&self, ids: &[String]) -> Result<(), CacheError> {
+        let tx = self.db.begin_write().map_err(dberr)?;
+        {
+            let mut s = tx.open_table(SNAPSHOTS).map_err(dberr)?;
+            for k in ids {
+                s.remove(k.as_str()).map_err(dberr)?;
+            }
+        }
+        tx.commit().map_err(dberr)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_roundtrip_and_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("meta.db");
+        let snap = SnapshotRecord {
+            parent: None,
+            created: 1,
+            size: 10,
+            description: "x".into(),
+            layers: vec![],
+        };
+        let rec = CacheRecord {
+            snapshot: "s1".into(),
+            description: "COPY".into(),
+            created: 1,
+            last_used: 1,
+            usage_count: 1,
+        };
+        {
+            let m = MetadataStore::open(&path).unwrap();
+            m.add_snapshot("s1", &snap, Some(("k1", &rec))).unwrap();
+            m.touch("k1", 5).unwrap();
+        }
+        let m = MetadataStore::open(&path).unwrap();
+        assert_eq!(m.snapshot("s1").unwrap(), Some(snap));
+        let r = m.record("k1").unwrap().unwrap();
+        assert_eq!((r.last_used, r.usage_count), (5, 2));
+        m.remove_records(&["k1".into()]).unwrap();
+        assert!(m.records().unwrap().is_empty());
+    }
+}

@@ -1,1 +1,332 @@
+//! Overlayfs snapshots. A snapshot is a directory (`<id>/fs`) holding one
+//! step's changes; its full filesystem is its parent chain stacked as
+//! overlay lowerdirs. An active snapshot is a fresh upperdir mounted over the
+//! chain; committing unmounts it and keeps the upperdir, which is exactly
+//! the step's layer diff.
+#![forbid(unsafe_code)]
 
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use nix::mount::{MntFlags, MsFlags, mount, umount2};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("snapshot I/O at {}: {source}", path.display())]
+    Io { path: PathBuf, source: io::Error },
+    #[error("mounting overlayfs at {}: {source} (kiln needs root and a kernel with overlayfs)", path.display())]
+    Mount { path: PathBuf, source: nix::Error },
+    #[error("the parent chain is too deep for one overlay mount ({0} layers)")]
+    ChainTooDeep(usize),
+}
+
+fn io_at(path: &Path) -> impl FnOnce(io::Error) -> SnapshotError + '_ {
+    move |source| SnapshotError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// The kernel copies mount options into one page.
+const MAX_MOUNT_DATA: usize = 4000;
+
+#[derive(Debug)]
+pub struct Snapshotter {
+    root: PathBuf,
+    mounts: PathBuf,
+    counter: AtomicU64,
+}
+
+/// A writable snapshot being prepared. Dropping it without `commit`
+/// unmounts and deletes it.
+#[derive(Debug)]
+pub struct Active<'a> {
+    sn: &'a Snapshotter,
+    id: String,
+    mountpoint: PathBuf,
+    mounted: bool,
+    done: bool,
+}
+
+/// A read-only view of a committed chain; unmounted on drop.
+#[derive(Debug)]
+pub struct View {
+    path: PathBuf,
+    mounted: bool,
+}
+
+impl View {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for View {
+    fn drop(&mut self) {
+        if self.mounted {
+            let _ = umount2(&self.path, MntFlags::MNT_DETACH);
+            let _ = fs::remove_dir(&self.path);
+        }
+    }
+}
+
+impl Snapshotter {
+    /// Opens the snapshot dir; unmounts anything left mounted by a crash and
+    /// removes snapshots that were never committed.
+    pub fn open(root: &Path) -> Result<Self, SnapshotError> {
+        let snaps = root.join("snapshots");
+        let mounts = root.join("mounts");
+        for d in [&snaps, &mounts] {
+            fs::create_dir_all(d).map_err(io_at(d))?;
+        }
+        if let Ok(entries) = fs::read_dir(&mounts) {
+            for e in entries.flatten() {
+                let _ = umount2(&e.path(), MntFlags::MNT_DETACH);
+                let _ = fs::remove_dir_all(e.path());
+            }
+        }
+        if let Ok(entries) = fs::read_dir(&snaps) {
+            for e in entries.flatten() {
+                if e.path().join("active").exists() {
+                    tracing::info!(snapshot = %e.path().display(), "removing uncommitted snapshot");
+                    let _ = fs::remove_dir_all(e.path());
+                }
+            }
+        }
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        Ok(Snapshotter {
+            root: snaps,
+            mounts,
+            counter: AtomicU64::new(seed),
+        })
+    }
+
+    fn new_id(&self) -> String {
+        format!("{:x}", self.counter.fetch_add(1, Ordering::Relaxed) & 0xffff_ffff_ffff)
+    }
+
+    /// The directory holding a snapshot's own changes.
+    pub fn upper(&self, id: &str) -> PathBuf {
+        self.root.join(id).join("fs")
+    }
+
+    pub fn exists(&self, id: &str) -> bool {
+        self.upper(id).is_dir()
+    }
+
+    fn lowerdir_option(&self, chain: &[String]) -> Result<String, SnapshotError> {
+        let lowers: Vec<String> = chain.iter().map(|id| self.upper(id).to_string_lossy().to_string()).collect();
+        let opt = lowers.join(":");
+        if opt.len() > MAX_MOUNT_DATA - 200 {
+            return Err(SnapshotError::ChainTooDeep(chain.len()));
+        }
+        Ok(opt)
+    }
+
+    /// Starts a writable snapshot over `chain` (nearest parent first).
+    pub fn prepare(&self, chain: &[String]) -> Result<Active<'_>, SnapshotError> {
+        let id = self.new_id();
+        let dir = self.root.join(&id);
+        let upper = dir.join("fs");
+        fs::create_dir_all(&upper).map_err(io_at(&upper))?;
+        fs::write(dir.join("active"), b"").map_err(io_at(&dir))?;
+        let mut active = Active {
+            sn: self,
+            id: id.clone(),
+            mountpoint: upper.clone(),
+            mounted: false,
+            done: false,
+        };
+        if chain.is_empty() {
+            return Ok(active);
+        }
+        let work = dir.join("work");
+        fs::create_dir_all(&work).map_err(io_at(&work))?;
+        let mp = self.mounts.join(&id);
+        fs::create_dir_all(&mp).map_err(io_at(&mp))?;
+        let data = format!(
+            "lowerdir={},upperdir={},workdir={}",
+            self.lowerdir_option(chain)?,
+            upper.display(),
+            work.display()
+        );
+        mount(Some("overlay"), &mp, Some("overlay"), MsFlags::empty(), Some(data.as_str())).map_err(|source| {
+            SnapshotError::Mount {
+                path: mp.clone(),
+                source,
+            }
+        })?;
+        active.mountpoint = mp;
+        active.mounted = true;
+        Ok(active)
+    }
+
+    /// A read-only view of the full filesystem of `chain` (nearest first).
+    pub fn view(&self, chain: &[String]) -> Result<View, SnapshotError> {
+        match chain.len() {
+            0 => {
+                let empty = self.mounts.join(format!("empty-{}", self.new_id()));
+                fs::create_dir_all(&empty).map_err(io_at(&empty))?;
+                Ok(View {
+                    path: empty,
+                    mounted: true,
+                })
+            }
+            1 => Ok(View {
+                path: self.upper(&chain[0]),
+                mounted: false,
+            }),
+            _ => {
+                let mp = self.mounts.join(format!("view-{}", self.new_id()));
+                fs::create_dir_all(&mp).map_err(io_at(&mp))?;
+                let data = format!("lowerdir={}", self.lowerdir_option(chain)?);
+                if let Err(source) = mount(Some("overlay"), &mp, Some("overlay"), MsFlags::MS_RDONLY, Some(data.as_str())) {
+                    let _ = fs::remove_dir(&mp);
+                    return Err(SnapshotError::Mount { path: mp, source });
+                }
+                Ok(View { path: mp, mounted: true })
+            }
+        }
+    }
+
+    /// Deletes a committed snapshot.
+    pub fn remove(&self, id: &str) -> Result<(), SnapshotError> {
+        let dir = self.root.join(id);
+        match fs::remove_dir_all(&dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_at(&dir)(e)),
+        }
+    }
+
+    /// Ids of every committed snapshot on disk.
+    pub fn list(&self) -> Result<Vec<String>, SnapshotError> {
+        let mut v = Vec::new();
+        for e in fs::read_dir(&self.root).map_err(io_at(&self.root))? {
+            let e = e.map_err(io_at(&self.root))?;
+            if !e.path().join("active").exists() {
+                v.push(e.file_name().to_string_lossy().to_string());
+            }
+        }
+        Ok(v)
+    }
+
+    /// Bytes used by a snapshot's own files.
+    pub fn disk_usage(&self, id: &str) -> u64 {
+        fn walk(p: &Path) -> u64 {
+            let mut n = 0;
+            if let Ok(rd) = fs::read_dir(p) {
+                for e in rd.flatten() {
+                    if let Ok(md) = e.path().symlink_metadata() {
+                        if md.is_dir() {
+                            n += walk(&e.path());
+                        } else {
+                            n += md.len();
+                        }
+                    }
+                }
+            }
+            n
+        }
+        walk(&self.upper(id))
+    }
+}
+
+impl Active<'_> {
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Where the step writes: the merged overlay (or the bare upperdir for a
+    /// snapshot without parents).
+    pub fn path(&self) -> &Path {
+        &self.mountpoint
+    }
+
+    fn unmount(&mut self) -> Result<(), SnapshotError> {
+        if self.mounted {
+            umount2(&self.mountpoint, MntFlags::empty())
+                .or_else(|_| umount2(&self.mountpoint, MntFlags::MNT_DETACH))
+                .map_err(|source| SnapshotError::Mount {
+                    path: self.mountpoint.clone(),
+                    source,
+                })?;
+            self.mounted = false;
+            let _ = fs::remove_dir(&self.mountpoint);
+        }
+        Ok(())
+    }
+
+    /// Unmounts and makes the snapshot permanent; returns its id.
+    pub fn commit(mut self) -> Result<String, SnapshotError> {
+        self.unmount()?;
+        let dir = self.sn.root.join(&self.id);
+        let _ = fs::remove_dir_all(dir.join("work"));
+        fs::remove_file(dir.join("active")).map_err(io_at(&dir))?;
+        self.done = true;
+        Ok(self.id.clone())
+    }
+}
+
+impl Drop for Active<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = self.unmount();
+            let _ = fs::remove_dir_all(self.sn.root.join(&self.id));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn is_root() -> bool {
+        nix::unistd::geteuid().is_root()
+    }
+
+    #[test]
+    fn overlay_chain_and_whiteout() {
+        if !is_root() {
+            eprintln!("skipping: overlay mounts need root");
+            return;
+        }
+        let d = tempfile::tempdir().unwrap();
+        let sn = Snapshotter::open(d.path()).unwrap();
+        let a = sn.prepare(&[]).unwrap();
+        fs::write(a.path().join("f"), "1").unwrap();
+        fs::write(a.path().join("g"), "1").unwrap();
+        let a = a.commit().unwrap();
+        let b = sn.prepare(std::slice::from_ref(&a)).unwrap();
+        fs::remove_file(b.path().join("g")).unwrap();
+        fs::write(b.path().join("h"), "2").unwrap();
+        let b = b.commit().unwrap();
+        // b's upper holds only its changes: h, and a whiteout for g.
+        let (t, _) = kiln_archive::write_tar(
+            &sn.upper(&b),
+            Vec::new(),
+            kiln_archive::TarOptions {
+                overlay_upper: true,
+                epoch: None,
+            },
+        )
+        .unwrap();
+        let mut ar = tar::Archive::new(t.as_slice());
+        let names: Vec<String> = ar.entries().unwrap().map(|e| e.unwrap().path().unwrap().display().to_string()).collect();
+        assert_eq!(names, vec![".wh.g", "h"]);
+        let v = sn.view(&[b.clone(), a.clone()]).unwrap();
+        assert!(v.path().join("f").exists() && !v.path().join("g").exists());
+        drop(v);
+        // An aborted snapshot leaves nothing behind.
+        let c = sn.prepare(&[b, a]).unwrap();
+        let cid = c.id().to_string();
+        drop(c);
+        assert!(!sn.exists(&cid));
+        assert_eq!(fs::read_dir(d.path().join("mounts")).unwrap().count(), 0);
+    }
+}

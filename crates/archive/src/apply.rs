@@ -1,0 +1,225 @@
+//! Unpacking tars into a directory tree: OCI layers (with whiteouts) and
+//! archives added by `ADD`. Every entry is resolved inside the root; entries
+//! that would land outside it are refused.
+
+use std::fs;
+use std::io::{self, Read};
+use std::os::unix::fs::{PermissionsExt, symlink};
+use std::path::{Component, Path, PathBuf};
+
+use crate::safe_path::resolve_in_root;
+use crate::{ArchiveError, io_at};
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ApplyOptions {
+    /// Interpret `.wh.` entries as deletions (OCI layer semantics).
+    pub whiteouts: bool,
+    /// Set ownership from the archive (needs root); otherwise keep the caller's.
+    pub same_owner: bool,
+}
+
+/// Cleans an entry name; `None` if it would leave the root.
+fn clean_entry(name: &Path) -> Option<PathBuf> {
+    let mut out = PathBuf::new();
+    for c in name.components() {
+        match c {
+            Component::Normal(s) => out.push(s),
+            Component::CurDir | Component::RootDir => {}
+            Component::ParentDir => {
+                if !out.pop() {
+                    return None;
+                }
+            }
+            Component::Prefix(_) => return None,
+        }
+    }
+    Some(out)
+}
+
+fn remove_all(p: &Path) -> Result<(), ArchiveError> {
+    match fs::symlink_metadata(p) {
+        Ok(md) if md.is_dir() => fs::remove_dir_all(p).map_err(io_at(p)),
+        Ok(_) => fs::remove_file(p).map_err(io_at(p)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io_at(p)(e)),
+    }
+}
+
+/// Unpacks `reader` into `dest`, which lies inside `root` (symlinks in the
+/// archive's paths are resolved relative to `root`).
+pub fn unpack<R: Read>(reader: R, root: &Path, dest: &Path, opts: ApplyOptions) -> Result<u64, ArchiveError> {
+    let rel_dest = dest.strip_prefix(root).unwrap_or(Path::new("")).to_path_buf();
+    let mut archive = tar::Archive::new(reader);
+    let mut count = 0;
+    let mut dirs: Vec<(PathBuf, u32, i64)> = Vec::new();
+    for entry in archive.entries().map_err(io_at(dest))? {
+        let mut entry = entry.map_err(io_at(dest))?;
+        let raw = entry.path().map_err(io_at(dest))?.into_owned();
+        let raw_s = raw.to_string_lossy().to_string();
+        let rel = clean_entry(&raw).ok_or_else(|| ArchiveError::Escape(raw_s.clone()))?;
+        if rel.as_os_str().is_empty() {
+            continue;
+        }
+        let full_rel = rel_dest.join(&rel);
+        let parent_rel = full_rel.parent().map(|p| p.to_string_lossy().to_string()).unwrap_or_default();
+        let parent = resolve_in_root(root, &parent_rel, true)?;
+        fs::create_dir_all(&parent).map_err(io_at(&parent))?;
+        let name = rel.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+        if opts.whiteouts {
+            if name == ".wh..wh..opq" {
+                for e in fs::read_dir(&parent).map_err(io_at(&parent))? {
+                    let e = e.map_err(io_at(&parent))?;
+                    remove_all(&e.path())?;
+                }
+                continue;
+            }
+            if let Some(victim) = name.strip_prefix(".wh.") {
+                remove_all(&parent.join(victim))?;
+                continue;
+            }
+        }
+        let target = parent.join(&name);
+        let header = entry.header().clone();
+        let mode = header.mode().unwrap_or(0o644);
+        let mtime = header.mtime().unwrap_or(0) as i64;
+        let kind = header.entry_type();
+        if !kind.is_dir() {
+            if let Ok(md) = fs::symlink_metadata(&target)
+                && (md.is_dir() || md.file_type().is_symlink() || md.is_file())
+                && !(md.is_dir() && kind.is_dir())
+            {
+                remove_all(&target)?;
+            }
+        }
+        match kind {
+            tar::EntryType::Directory => {
+                if let Ok(md) = fs::symlink_metadata(&target)
+                    && !md.is_dir()
+                {
+                    remove_all(&target)?;
+                }
+                fs::create_dir_all(&target).map_err(io_at(&target))?;
+                dirs.push((target.clone(), mode, mtime));
+            }
+            tar::EntryType::Regular | tar::EntryType::Continuous => {
+                let mut f = fs::File::create(&target).map_err(io_at(&target))?;
+                io::copy(&mut entry, &mut f).map_err(io_at(&target))?;
+                fs::set_permissions(&target, fs::Permissions::from_mode(mode)).map_err(io_at(&target))?;
+            }
+            tar::EntryType::Symlink => {
+                let link = entry.link_name().map_err(io_at(&target))?.unwrap_or_default();
+                symlink(&link, &target).map_err(io_at(&target))?;
+            }
+            tar::EntryType::Link => {
+                let link = entry.link_name().map_err(io_at(&target))?.unwrap_or_default();
+                let link_rel = clean_entry(&link).ok_or_else(|| ArchiveError::Escape(link.to_string_lossy().to_string()))?;
+                let src = resolve_in_root(root, &rel_dest.join(link_rel).to_string_lossy(), false)?;
+                fs::hard_link(&src, &target).map_err(io_at(&target))?;
+            }
+            tar::EntryType::Fifo | tar::EntryType::Char | tar::EntryType::Block => {
+                let kind_flag = match kind {
+                    tar::EntryType::Fifo => nix::sys::stat::SFlag::S_IFIFO,
+                    tar::EntryType::Char => nix::sys::stat::SFlag::S_IFCHR,
+                    _ => nix::sys::stat::SFlag::S_IFBLK,
+                };
+                let dev = nix::sys::stat::makedev(
+                    header.device_major().ok().flatten().unwrap_or(0) as u64,
+                    header.device_minor().ok().flatten().unwrap_or(0) as u64,
+                );
+                nix::sys::stat::mknod(&target, kind_flag, nix::sys::stat::Mode::from_bits_truncate(mode), dev)
+                    .map_err(|e| io_at(&target)(io::Error::from(e)))?;
+            }
+            tar::EntryType::XGlobalHeader | tar::EntryType::XHeader | tar::EntryType::GNULongName | tar::EntryType::GNULongLink => continue,
+            other => {
+                return Err(ArchiveError::BadEntry {
+                    path: raw_s,
+                    reason: format!("unsupported entry type {other:?}"),
+                });
+            }
+        }
+        if let Ok(Some(exts)) = entry.pax_extensions().map(|e| e.map(|x| x.filter_map(Result::ok).map(|x| (x.key().map(str::to_string), x.value_bytes().to_vec())).collect::<Vec<_>>())) {
+            for (k, v) in exts {
+                if let Ok(k) = k
+                    && let Some(name) = k.strip_prefix("SCHILY.xattr.")
+                {
+                    let _ = xattr::set(&target, name, &v);
+                }
+            }
+        }
+        if opts.same_owner {
+            let uid = header.uid().unwrap_or(0) as u32;
+            let gid = header.gid().unwrap_or(0) as u32;
+            nix::unistd::fchownat(
+                nix::fcntl::AT_FDCWD,
+                &target,
+                Some(nix::unistd::Uid::from_raw(uid)),
+                Some(nix::unistd::Gid::from_raw(gid)),
+                nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+            )
+            .map_err(|e| io_at(&target)(io::Error::from(e)))?;
+            if kind == tar::EntryType::Regular || kind == tar::EntryType::Directory {
+                // chown clears setuid bits; put the mode back.
+                fs::set_permissions(&target, fs::Permissions::from_mode(mode)).map_err(io_at(&target))?;
+            }
+        }
+        if kind != tar::EntryType::Directory {
+            let t = filetime::FileTime::from_unix_time(mtime, 0);
+            let _ = filetime::set_symlink_file_times(&target, t, t);
+        }
+        count += 1;
+    }
+    // Directory modes and times last, so writing into them above worked.
+    for (d, mode, mtime) in dirs.into_iter().rev() {
+        fs::set_permissions(&d, fs::Permissions::from_mode(mode)).map_err(io_at(&d))?;
+        let t = filetime::FileTime::from_unix_time(mtime, 0);
+        let _ = filetime::set_file_times(&d, t, t);
+    }
+    Ok(count)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tar_of(entries: &[(&str, &[u8])]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for (p, data) in entries {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            h.set_entry_type(tar::EntryType::Regular);
+            // set_path refuses "..": write the raw name like a hostile tar would.
+            let name = h.as_old_mut().name.as_mut();
+            name[..p.len()].copy_from_slice(p.as_bytes());
+            h.set_cksum();
+            b.append(&h, *data).unwrap();
+        }
+        b.into_inner().unwrap()
+    }
+
+    #[test]
+    fn refuses_escape_and_applies_whiteouts() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("root");
+        fs::create_dir_all(root.join("etc")).unwrap();
+        fs::write(root.join("etc/gone"), "x").unwrap();
+        let t = tar_of(&[("../evil", b"x")]);
+        assert!(matches!(unpack(t.as_slice(), &root, &root, ApplyOptions::default()), Err(ArchiveError::Escape(_))));
+        assert!(!d.path().join("evil").exists());
+        let t = tar_of(&[("etc/.wh.gone", b""), ("etc/new", b"y")]);
+        unpack(t.as_slice(), &root, &root, ApplyOptions { whiteouts: true, same_owner: false }).unwrap();
+        assert!(!root.join("etc/gone").exists());
+        assert_eq!(fs::read(root.join("etc/new")).unwrap(), b"y");
+    }
+
+    #[test]
+    fn symlinked_parent_stays_in_root() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("root");
+        fs::create_dir_all(&root).unwrap();
+        symlink("/", root.join("up")).unwrap();
+        let t = tar_of(&[("up/tmp/x", b"z")]);
+        unpack(t.as_slice(), &root, &root, ApplyOptions::default()).unwrap();
+        assert!(root.join("tmp/x").exists());
+    }
+}
