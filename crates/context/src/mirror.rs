@@ -1,0 +1,405 @@
+//! Daemon side: a mirror of a client's context directory, kept between
+//! builds. A new tree is compared with the recorded one and only files whose
+//! metadata changed are fetched; checksums of exactly the paths an op reads
+//! make cache keys that ignore the rest of the context.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{self, Write};
+use std::os::unix::fs::{PermissionsExt, symlink};
+use std::path::{Path, PathBuf};
+
+use kiln_digest::{Digest, Digester, HashingWriter};
+use kiln_proto::session::Stat;
+use serde::{Deserialize, Serialize};
+
+use crate::ContextError;
+
+const S_IFMT: u32 = 0o170000;
+const S_IFDIR: u32 = 0o040000;
+const S_IFREG: u32 = 0o100000;
+const S_IFLNK: u32 = 0o120000;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub size: i64,
+    pub mtime_ns: i64,
+    pub linkname: String,
+    /// Content digest of regular files.
+    pub digest: Option<String>,
+}
+
+impl Entry {
+    fn from_stat(s: &Stat) -> Self {
+        Entry {
+            mode: s.mode,
+            uid: s.uid,
+            gid: s.gid,
+            size: s.size,
+            mtime_ns: s.mtime_ns,
+            linkname: s.linkname.clone(),
+            digest: None,
+        }
+    }
+
+    fn same_meta(&self, o: &Entry) -> bool {
+        self.mode == o.mode && self.uid == o.uid && self.gid == o.gid && self.size == o.size && self.mtime_ns == o.mtime_ns && self.linkname == o.linkname
+    }
+
+    pub fn is_dir(&self) -> bool {
+        self.mode & S_IFMT == S_IFDIR
+    }
+    pub fn is_file(&self) -> bool {
+        self.mode & S_IFMT == S_IFREG
+    }
+    pub fn is_symlink(&self) -> bool {
+        self.mode & S_IFMT == S_IFLNK
+    }
+}
+
+/// A context mirror: `root/` holds the files, `index.json` their metadata.
+#[derive(Debug)]
+pub struct Mirror {
+    dir: PathBuf,
+    index: BTreeMap<String, Entry>,
+}
+
+/// What a new tree needs: files to fetch.
+#[derive(Debug, Default)]
+pub struct SyncPlan {
+    pub fetch: Vec<String>,
+    pub removed: usize,
+    pub unchanged: usize,
+}
+
+fn io_at(path: &Path) -> impl FnOnce(io::Error) -> ContextError + '_ {
+    move |source| ContextError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Rejects paths that are absolute, empty or contain `..`.
+pub fn check_rel(p: &str) -> Result<(), ContextError> {
+    if p.is_empty() || p.starts_with('/') || p.split('/').any(|c| c.is_empty() || c == "." || c == "..") {
+        return Err(ContextError::OutsideRoot(p.to_string()));
+    }
+    Ok(())
+}
+
+impl Mirror {
+    pub fn open(dir: &Path) -> Result<Self, ContextError> {
+        let root = dir.join("root");
+        fs::create_dir_all(&root).map_err(io_at(&root))?;
+        let idx = dir.join("index.json");
+        let index = match fs::read(&idx) {
+            Ok(b) => serde_json::from_slice(&b).unwrap_or_default(),
+            Err(_) => BTreeMap::new(),
+        };
+        Ok(Mirror {
+            dir: dir.to_path_buf(),
+            index,
+        })
+    }
+
+    pub fn root(&self) -> PathBuf {
+        self.dir.join("root")
+    }
+
+    pub fn index(&self) -> &BTreeMap<String, Entry> {
+        &self.index
+    }
+
+    /// Applies the new tree: removes what is gone, makes dirs and symlinks,
+    /// and returns the regular files whose content must be fetched.
+    pub fn plan(&mut self, tree: &[Stat]) -> Result<SyncPlan, ContextError> {
+        let root = self.root();
+        let mut plan = SyncPlan::default();
+        let mut new: BTreeMap<String, Entry> = BTreeMap::new();
+        for s in tree {
+            check_rel(&s.path)?;
+            new.insert(s.path.clone(), Entry::from_stat(s));
+        }
+        // Deepest first so directories empty out before they go.
+        let gone: Vec<String> = self
+            .index
+            .iter()
+            .filter(|(p, e)| new.get(*p).is_none_or(|n| n.mode & S_IFMT != e.mode & S_IFMT))
+            .map(|(p, _)| p.clone())
+            .rev()
+            .collect();
+        for p in gone {
+            let full = root.join(&p);
+            match fs::symlink_metadata(&full) {
+                Ok(md) if md.is_dir() => fs::remove_dir_all(&full).map_err(io_at(&full))?,
+                Ok(_) => fs::remove_file(&full).map_err(io_at(&full))?,
+                Err(_) => {}
+            }
+            self.index.remove(&p);
+            plan.removed += 1;
+        }
+        for (p, e) in new {
+            let full = root.join(&p);
+            let old = self.index.get(&p);
+            if e.is_dir() {
+                if old.is_none() {
+                    ensure_parent_safe(&root, &p)?;
+                    fs::create_dir_all(&full).map_err(io_at(&full))?;
+                }
+                fs::set_permissions(&full, fs::Permissions::from_mode(e.mode & 0o7777)).map_err(io_at(&full))?;
+                self.index.insert(p, e);
+            } else if e.is_symlink() {
+                if old.is_none_or(|o| !o.same_meta(&e)) {
+                    ensure_parent_safe(&root, &p)?;
+                    let _ = fs::remove_file(&full);
+                    symlink(&e.linkname, &full).map_err(io_at(&full))?;
+                } else {
+                    plan.unchanged += 1;
+                }
+                self.index.insert(p, e);
+            } else if e.is_file() {
+                match old {
+                    Some(o) if o.same_meta(&e) && o.digest.is_some() && full.exists() => {
+                        plan.unchanged += 1;
+                    }
+                    _ => {
+                        plan.fetch.push(p.clone());
+                        self.index.insert(p, e);
+                    }
+                }
+            }
+        }
+        Ok(plan)
+    }
+
+    /// Starts writing a fetched file; finish with `finish_file`.
+    pub fn create_file(&self, rel: &str) -> Result<(PathBuf, HashingWriter<fs::File>), ContextError> {
+        check_rel(rel)?;
+        let root = self.root();
+        ensure_parent_safe(&root, rel)?;
+        let tmp = root.join(format!("{rel}.kiln-partial"));
+        let f = fs::File::create(&tmp).map_err(io_at(&tmp))?;
+        Ok((tmp, HashingWriter::new(f)))
+    }
+
+    pub fn finish_file(&mut self, rel: &str, tmp: PathBuf, w: HashingWriter<fs::File>) -> Result<(), ContextError> {
+        let (mut f, digest, _) = w.finish();
+        f.flush().map_err(io_at(&tmp))?;
+        drop(f);
+        let full = self.root().join(rel);
+        if let Some(e) = self.index.get_mut(rel) {
+            fs::set_permissions(&tmp, fs::Permissions::from_mode(e.mode & 0o7777)).map_err(io_at(&tmp))?;
+            let t = filetime::FileTime::from_unix_time(e.mtime_ns.div_euclid(1_000_000_000), e.mtime_ns.rem_euclid(1_000_000_000) as u32);
+            let _ = filetime::set_file_times(&tmp, t, t);
+            e.digest = Some(digest.to_string());
+        }
+        if let Ok(md) = fs::symlink_metadata(&full)
+            && md.is_dir()
+        {
+            fs::remove_dir_all(&full).map_err(io_at(&full))?;
+        }
+        fs::rename(&tmp, &full).map_err(io_at(&full))?;
+        Ok(())
+    }
+
+    /// Persists the index (after a successful sync).
+    pub fn save(&self) -> Result<(), ContextError> {
+        let idx = self.dir.join("index.json");
+        let tmp = self.dir.join("index.json.tmp");
+        let data = serde_json::to_vec(&self.index).map_err(|e| ContextError::Io {
+            path: idx.clone(),
+            source: io::Error::other(e),
+        })?;
+        fs::write(&tmp, data).map_err(io_at(&tmp))?;
+        fs::rename(&tmp, &idx).map_err(io_at(&idx))
+    }
+
+    /// Digest of the whole tree's metadata and content.
+    pub fn tree_digest(&self) -> Digest {
+        self.checksum_where(|_| true)
+    }
+
+    fn checksum_where(&self, keep: impl Fn(&str) -> bool) -> Digest {
+        let mut d = Digester::new();
+        for (p, e) in &self.index {
+            if !keep(p) {
+                continue;
+            }
+            // mtime is left out, as BuildKit's content hashes do.
+            d.update(format!("{p}\0{:o}\0{}\0{}\0{}\0{}\n", e.mode, e.uid, e.gid, e.linkname, e.digest.as_deref().unwrap_or("")).as_bytes());
+        }
+        d.finish()
+    }
+
+    /// Checksum of the paths a COPY source selects (a path, a directory or a
+    /// wildcard), following symlinks in the selection.
+    pub fn checksum(&self, src: &str) -> Digest {
+        let pat = crate::dockerignore::clean(src.trim_start_matches('/'));
+        let mut prefixes: Vec<String> = Vec::new();
+        let wildcard = pat.contains(['*', '?', '[']);
+        if pat == "." {
+            return self.tree_digest();
+        }
+        if wildcard {
+            let parts: Vec<&str> = pat.split('/').collect();
+            for p in self.index.keys() {
+                let comps: Vec<&str> = p.split('/').collect();
+                if comps.len() == parts.len() && comps.iter().zip(&parts).all(|(c, g)| glob_match(g, c)) {
+                    prefixes.push(p.clone());
+                }
+            }
+        } else {
+            prefixes.push(pat.clone());
+        }
+        // Follow symlinks among the selected roots (one level is what COPY follows).
+        let mut extra = Vec::new();
+        for p in &prefixes {
+            if let Some(e) = self.index.get(p)
+                && e.is_symlink()
+            {
+                let base = p.rsplit_once('/').map(|x| x.0).unwrap_or("");
+                let target = if e.linkname.starts_with('/') {
+                    e.linkname.clone()
+                } else {
+                    format!("{base}/{}", e.linkname)
+                };
+                extra.push(crate::dockerignore::clean(target.trim_start_matches('/')));
+            }
+        }
+        prefixes.extend(extra);
+        let mut d = Digester::new();
+        d.update(pat.as_bytes());
+        d.update(self.checksum_where(|p| prefixes.iter().any(|x| p == x || p.starts_with(&format!("{x}/")))).as_str().as_bytes());
+        d.finish()
+    }
+}
+
+/// Refuses to write below a parent that is a symlink (a hostile tree could
+/// otherwise send "link -> /etc" and then "link/passwd").
+fn ensure_parent_safe(root: &Path, rel: &str) -> Result<(), ContextError> {
+    let mut cur = root.to_path_buf();
+    let comps: Vec<&str> = rel.split('/').collect();
+    for c in &comps[..comps.len().saturating_sub(1)] {
+        cur.push(c);
+        match fs::symlink_metadata(&cur) {
+            Ok(md) if md.file_type().is_symlink() => return Err(ContextError::OutsideRoot(rel.to_string())),
+            Ok(md) if !md.is_dir() => {
+                fs::remove_file(&cur).map_err(io_at(&cur))?;
+                fs::create_dir(&cur).map_err(io_at(&cur))?;
+            }
+            Ok(_) => {}
+            Err(_) => fs::create_dir_all(&cur).map_err(io_at(&cur))?,
+        }
+    }
+    Ok(())
+}
+
+/// Go's `path.Match` for one path component.
+pub fn glob_match(pattern: &str, name: &str) -> bool {
+    fn go(p: &[char], n: &[char]) -> bool {
+        match p.first() {
+            None => n.is_empty(),
+            Some('*') => (0..=n.len()).any(|i| go(&p[1..], &n[i..])),
+            Some('?') => !n.is_empty() && go(&p[1..], &n[1..]),
+            Some('[') => {
+                let Some(c) = n.first() else { return false };
+                let mut i = 1;
+                let negate = matches!(p.get(1), Some('^' | '!'));
+                if negate {
+                    i += 1;
+                }
+                let mut matched = false;
+                let start = i;
+                while i < p.len() && (p[i] != ']' || i == start) {
+                    let lo = if p[i] == '\\' && i + 1 < p.len() {
+                        i += 1;
+                        p[i]
+                    } else {
+                        p[i]
+                    };
+                    if i + 2 < p.len() && p[i + 1] == '-' && p[i + 2] != ']' {
+                        if lo <= *c && *c <= p[i + 2] {
+                            matched = true;
+                        }
+                        i += 3;
+                    } else {
+                        if lo == *c {
+                            matched = true;
+                        }
+                        i += 1;
+                    }
+                }
+                if i >= p.len() {
+                    return false;
+                }
+                matched != negate && go(&p[i + 1..], &n[1..])
+            }
+            Some('\\') if p.len() > 1 => n.first() == Some(&p[1]) && go(&p[2..], &n[1..]),
+            Some(c) => n.first() == Some(c) && go(&p[1..], &n[1..]),
+        }
+    }
+    let p: Vec<char> = pattern.chars().collect();
+    let n: Vec<char> = name.chars().collect();
+    go(&p, &n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stat(path: &str, mode: u32, size: i64, mtime: i64) -> Stat {
+        Stat {
+            path: path.into(),
+            mode,
+            size,
+            mtime_ns: mtime,
+            ..Default::default()
+        }
+    }
+
+    fn fetch(m: &mut Mirror, plan: &SyncPlan, content: &str) {
+        for p in &plan.fetch {
+            let (tmp, mut w) = m.create_file(p).unwrap();
+            w.write_all(content.as_bytes()).unwrap();
+            m.finish_file(p, tmp, w).unwrap();
+        }
+    }
+
+    #[test]
+    fn resync_fetches_only_changes() {
+        let d = tempfile::tempdir().unwrap();
+        let mut m = Mirror::open(d.path()).unwrap();
+        let tree = vec![stat("a", S_IFREG | 0o644, 1, 1), stat("src", S_IFDIR | 0o755, 0, 1), stat("src/x", S_IFREG | 0o644, 1, 1)];
+        let plan = m.plan(&tree).unwrap();
+        assert_eq!(plan.fetch, vec!["a", "src/x"]);
+        fetch(&mut m, &plan, "1");
+        m.save().unwrap();
+        let src_sum = m.checksum("src");
+        let mut m = Mirror::open(d.path()).unwrap();
+        let plan = m.plan(&tree).unwrap();
+        assert!(plan.fetch.is_empty());
+        // Changing "a" does not change the checksum of "src".
+        let tree2 = vec![stat("a", S_IFREG | 0o644, 2, 2), tree[1].clone(), tree[2].clone()];
+        let plan = m.plan(&tree2).unwrap();
+        assert_eq!(plan.fetch, vec!["a"]);
+        fetch(&mut m, &plan, "22");
+        assert_eq!(m.checksum("src"), src_sum);
+        assert_eq!(m.checksum("s*"), m.checksum("s*"));
+        // Removal.
+        let plan = m.plan(&tree2[..1]).unwrap();
+        assert_eq!(plan.removed, 2);
+        assert!(!m.root().join("src").exists());
+        assert!(m.plan(&[stat("../x", S_IFREG, 0, 0)]).is_err());
+    }
+
+    #[test]
+    fn globs() {
+        assert!(glob_match("*.rs", "a.rs"));
+        assert!(!glob_match("*.rs", "a.go"));
+        assert!(glob_match("[a-c]?", "bz"));
+        assert!(!glob_match("[!a-c]?", "bz"));
+    }
+}
