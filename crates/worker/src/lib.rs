@@ -1,1 +1,436 @@
+//! The worker: runs ops for the solver on this machine. It ties together
+//! the snapshotter (results), the metadata store (cache records), the
+//! content store (layer blobs) and the context mirrors (local sources).
+#![forbid(unsafe_code)]
 
+pub mod fileop;
+
+use std::collections::{HashMap, HashSet};
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use futures_compat::BoxFuture;
+use kiln_cache::{BlobRef, CacheRecord, LayerInfo, MetadataStore, SnapshotRecord};
+use kiln_content::ContentStore;
+use kiln_context::mirror::Mirror;
+use kiln_definition::{Digest, Vertex, pb};
+use kiln_snapshot::Snapshotter;
+use kiln_solver::{Event, ProgressSink, Resolved, SolveError};
+
+/// Boxed futures without pulling `futures` into this crate's API.
+mod futures_compat {
+    pub type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'static>>;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error(transparent)]
+    Snapshot(#[from] kiln_snapshot::SnapshotError),
+    #[error(transparent)]
+    Cache(#[from] kiln_cache::CacheError),
+    #[error(transparent)]
+    Content(#[from] kiln_content::ContentError),
+    #[error(transparent)]
+    Archive(#[from] kiln_archive::ArchiveError),
+    #[error(transparent)]
+    Context(#[from] kiln_context::ContextError),
+    #[error("{0}")]
+    Other(String),
+}
+
+/// A vertex result.
+#[derive(Clone)]
+pub enum Output {
+    /// A committed snapshot (its chain is in the metadata store).
+    Snapshot(String),
+    /// A synced build context. The lock keeps other builds from resyncing
+    /// the same mirror while this build reads it.
+    Context(Arc<ContextRef>),
+}
+
+pub struct ContextRef {
+    pub root: PathBuf,
+    pub mirror: Mirror,
+    _lock: tokio::sync::OwnedMutexGuard<()>,
+}
+
+impl std::fmt::Debug for Output {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Output::Snapshot(s) => write!(f, "Snapshot({s})"),
+            Output::Context(c) => write!(f, "Context({})", c.root.display()),
+        }
+    }
+}
+
+/// What the worker needs from the client side of a build.
+pub trait ContextProvider: Send + Sync {
+    /// A stable key for the client directory behind context `name`.
+    fn shared_key(&self, name: &str) -> Option<String>;
+    /// Brings `mirror` up to date with the client's tree; returns the number
+    /// of files transferred and removed.
+    fn sync(&self, name: String, mirror: Mirror) -> BoxFuture<Result<(Mirror, usize), String>>;
+}
+
+pub struct Job {
+    pub progress: Arc<dyn ProgressSink>,
+    pub contexts: Arc<dyn ContextProvider>,
+}
+
+pub struct Worker {
+    root: PathBuf,
+    pub snapshots: Snapshotter,
+    pub meta: MetadataStore,
+    pub content: ContentStore,
+    context_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+fn serr(e: impl std::fmt::Display) -> SolveError {
+    SolveError::new(e.to_string())
+}
+
+impl Worker {
+    pub fn open(root: &Path) -> Result<Self, WorkerError> {
+        fs::create_dir_all(root).map_err(|e| WorkerError::Other(format!("{}: {e}", root.display())))?;
+        let snapshots = Snapshotter::open(root)?;
+        let meta = MetadataStore::open(&root.join("metadata.db"))?;
+        let content = ContentStore::open(root.join("content"))?;
+        let w = Worker {
+            root: root.to_path_buf(),
+            snapshots,
+            meta,
+            content,
+            context_locks: Mutex::new(HashMap::new()),
+        };
+        w.reconcile()?;
+        Ok(w)
+    }
+
+    /// Drops records whose snapshots vanished and snapshots nobody recorded
+    /// (left by a crash between commit and record).
+    fn reconcile(&self) -> Result<(), WorkerError> {
+        let known: HashSet<String> = self.meta.snapshots()?.into_iter().map(|(id, _)| id).collect();
+        for id in self.snapshots.list()? {
+            if !known.contains(&id) {
+                self.snapshots.remove(&id)?;
+            }
+        }
+        let stale: Vec<String> = self
+            .meta
+            .records()?
+            .into_iter()
+            .filter(|(_, r)| self.chain(&r.snapshot).is_err())
+            .map(|(k, _)| k)
+            .collect();
+        if !stale.is_empty() {
+            self.meta.remove_records(&stale)?;
+        }
+        Ok(())
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The snapshot chain ending at `id`, nearest first; fails if any link is missing.
+    pub fn chain(&self, id: &str) -> Result<Vec<String>, WorkerError> {
+        let mut out = Vec::new();
+        let mut cur = Some(id.to_string());
+        while let Some(c) = cur {
+            let rec = self
+                .meta
+                .snapshot(&c)?
+                .ok_or_else(|| WorkerError::Other(format!("snapshot {c} is missing")))?;
+            if !self.snapshots.exists(&c) {
+                return Err(WorkerError::Other(format!("snapshot {c} is missing on disk")));
+            }
+            out.push(c);
+            cur = rec.parent;
+        }
+        Ok(out)
+    }
+
+    fn context_lock(&self, key: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut m = self.context_locks.lock().unwrap_or_else(|p| p.into_inner());
+        m.entry(key.to_string()).or_default().clone()
+    }
+
+    async fn source_impl(self: Arc<Self>, v: Vertex, job: Arc<Job>) -> Result<(Output, String, bool), SolveError> {
+        let Some(pb::op::Op::Source(src)) = &v.op.op else {
+            return Err(SolveError::new("not a source op"));
+        };
+        let id = src.identifier.as_str();
+        if let Some(name) = id.strip_prefix("local://") {
+            let key = job
+                .contexts
+                .shared_key(name)
+                .ok_or_else(|| SolveError::new(format!("the client did not provide a context named {name:?}")))?;
+            let dir_name = Digest::of(key.as_bytes()).hex()[..16].to_string();
+            let dir = self.root.join("contexts").join(dir_name);
+            let lock = self.context_lock(&key).lock_owned().await;
+            let mirror = Mirror::open(&dir).map_err(serr)?;
+            let (mirror, changed) = job.contexts.sync(name.to_string(), mirror).await.map_err(SolveError::new)?;
+            mirror.save().map_err(serr)?;
+            let digest = mirror.tree_digest();
+            let root = mirror.root();
+            return Ok((
+                Output::Context(Arc::new(ContextRef {
+                    root,
+                    mirror,
+                    _lock: lock,
+                })),
+                format!("context:{digest}"),
+                changed == 0,
+            ));
+        }
+        if let Some(r) = id.strip_prefix("docker-image://") {
+            return Err(SolveError::new(format!(
+                "cannot load image {r}: pulling from registries is not implemented in this daemon yet; use FROM scratch or a build stage"
+            )));
+        }
+        Err(SolveError::new(format!("unsupported source {id:?}")))
+    }
+
+    fn exec_blocking(&self, v: &Vertex, inputs: &[Resolved<Output>], key: &str) -> Result<Output, WorkerError> {
+        match &v.op.op {
+            Some(pb::op::Op::File(f)) => self.file_op(v, f, inputs, key),
+            Some(pb::op::Op::Exec(_)) => Err(WorkerError::Other(
+                "RUN is not supported by this daemon yet (the execution issue adds it)".into(),
+            )),
+            Some(pb::op::Op::Merge(_)) | Some(pb::op::Op::Diff(_)) => Err(WorkerError::Other("merge and diff ops are not supported yet".into())),
+            _ => Err(WorkerError::Other("unexpected op".into())),
+        }
+    }
+
+    fn input_snapshot(inputs: &[Resolved<Output>], idx: i64) -> Result<Option<String>, WorkerError> {
+        if idx < 0 {
+            return Ok(None);
+        }
+        match inputs.get(idx as usize).map(|r| &r.output) {
+            Some(Output::Snapshot(id)) => Ok(Some(id.clone())),
+            Some(Output::Context(_)) => Err(WorkerError::Other("a build context cannot be the base of a file op".into())),
+            None => Err(WorkerError::Other(format!("file op input {idx} is missing"))),
+        }
+    }
+
+    fn file_op(&self, v: &Vertex, f: &pb::FileOp, inputs: &[Resolved<Output>], key: &str) -> Result<Output, WorkerError> {
+        let base = Self::input_snapshot(inputs, f.base)?;
+        let chain = match &base {
+            Some(id) => self.chain(id)?,
+            None => Vec::new(),
+        };
+        let active = self.snapshots.prepare(&chain)?;
+        let dest = active.path().to_path_buf();
+        for action in &f.actions {
+            let r = match &action.action {
+                Some(pb::file_action::Action::Copy(c)) => {
+                    let input = inputs
+                        .get(c.source_input.max(0) as usize)
+                        .ok_or_else(|| WorkerError::Other("copy source input missing".into()))?;
+                    match &input.output {
+                        Output::Context(ctx) => fileop::copy(
+                            &dest,
+                            &fileop::CopySource {
+                                root: &ctx.root,
+                                from_context: true,
+                            },
+                            c,
+                        ),
+                        Output::Snapshot(id) => {
+                            let view = self.snapshots.view(&self.chain(id)?)?;
+                            fileop::copy(
+                                &dest,
+                                &fileop::CopySource {
+                                    root: view.path(),
+                                    from_context: false,
+                                },
+                                c,
+                            )
+                        }
+                    }
+                }
+                Some(pb::file_action::Action::Mkdir(m)) => fileop::mkdir(&dest, m),
+                Some(pb::file_action::Action::Mkfile(m)) => fileop::mkfile(&dest, m),
+                Some(pb::file_action::Action::Rm(m)) => fileop::rm(&dest, m),
+                Some(pb::file_action::Action::Symlink(s)) => fileop::symlink_action(&dest, s),
+                None => Ok(()),
+            };
+            r.map_err(|e| WorkerError::Other(e.0))?;
+        }
+        let id = active.commit()?;
+        let t = now();
+        let rec = SnapshotRecord {
+            parent: base,
+            created: t,
+            size: self.snapshots.disk_usage(&id),
+            description: v.name().to_string(),
+            layers: vec![],
+        };
+        let cache = CacheRecord {
+            snapshot: id.clone(),
+            description: v.name().to_string(),
+            created: t,
+            last_used: t,
+            usage_count: 1,
+        };
+        if let Err(e) = self.meta.add_snapshot(&id, &rec, Some((key, &cache))) {
+            let _ = self.snapshots.remove(&id);
+            return Err(e.into());
+        }
+        Ok(Output::Snapshot(id))
+    }
+
+    /// The layer of one snapshot in a compression, computed once and reused.
+    pub fn layer(&self, id: &str, compression: &str, epoch: Option<i64>) -> Result<(LayerInfo, BlobRef), WorkerError> {
+        let mut rec = self
+            .meta
+            .snapshot(id)?
+            .ok_or_else(|| WorkerError::Other(format!("snapshot {id} is missing")))?;
+        if let Some(l) = rec.layers.iter().find(|l| l.epoch == epoch)
+            && let Some(b) = l.blobs.iter().find(|b| b.compression == compression)
+            && b.digest.parse::<Digest>().is_ok_and(|d| self.content.exists(&d))
+        {
+            return Ok((l.clone(), b.clone()));
+        }
+        let upper = self.snapshots.upper(id);
+        let writer = self.content.writer()?;
+        let zerr = |e: std::io::Error| WorkerError::Other(format!("compressing layer of snapshot {id}: {e}"));
+        let (writer, diff_id, stats) = match compression {
+            "gzip" => {
+                let (gz, d, s) = tar_layer(&upper, flate2::write::GzEncoder::new(writer, flate2::Compression::new(6)), epoch)?;
+                (gz.finish().map_err(zerr)?, d, s)
+            }
+            "zstd" => {
+                let mut enc = zstd::Encoder::new(writer, 3).map_err(zerr)?;
+                let threads = std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1);
+                enc.multithread(threads).map_err(zerr)?;
+                let (enc, d, s) = tar_layer(&upper, enc, epoch)?;
+                (enc.finish().map_err(zerr)?, d, s)
+            }
+            "uncompressed" => tar_layer(&upper, writer, epoch)?,
+            other => return Err(WorkerError::Other(format!("unknown compression {other:?}"))),
+        };
+        let (digest, size) = writer.commit(None)?;
+        let blob = BlobRef {
+            compression: compression.into(),
+            digest: digest.to_string(),
+            size,
+        };
+        let info = match rec.layers.iter_mut().find(|l| l.epoch == epoch) {
+            Some(l) => {
+                l.blobs.retain(|b| b.compression != compression);
+                l.blobs.push(blob.clone());
+                l.clone()
+            }
+            None => {
+                let l = LayerInfo {
+                    diff_id: diff_id.to_string(),
+                    empty: stats.entries == 0,
+                    epoch,
+                    blobs: vec![blob.clone()],
+                };
+                rec.layers.push(l.clone());
+                l
+            }
+        };
+        self.meta.put_snapshot(id, &rec)?;
+        Ok((info, blob))
+    }
+}
+
+/// Tars an upperdir as a layer diff into `out`, hashing the uncompressed
+/// stream for the diff id on the way.
+fn tar_layer<W: std::io::Write>(upper: &Path, out: W, epoch: Option<i64>) -> Result<(W, Digest, kiln_archive::TarStats), WorkerError> {
+    let hashing = kiln_digest::HashingWriter::new(out);
+    let (hashing, stats) = kiln_archive::write_tar(
+        upper,
+        hashing,
+        kiln_archive::TarOptions {
+            epoch,
+            overlay_upper: true,
+        },
+    )?;
+    let (out, diff_id, _) = hashing.finish();
+    Ok((out, diff_id, stats))
+}
+
+impl kiln_solver::Worker for Worker {
+    type Output = Output;
+    type Job = Job;
+
+    fn source(self: Arc<Self>, v: Vertex, job: Arc<Job>) -> futures_compat::BoxFuture<Result<(Output, String, bool), SolveError>> {
+        Box::pin(self.source_impl(v, job))
+    }
+
+    fn content_keys(self: Arc<Self>, v: Vertex, inputs: Vec<Resolved<Output>>) -> futures_compat::BoxFuture<Result<Vec<Option<String>>, SolveError>> {
+        Box::pin(async move {
+            let mut out = vec![None; inputs.len()];
+            if let Some(pb::op::Op::File(f)) = &v.op.op {
+                // A copy from the context depends on the copied paths only.
+                let mut per_input: HashMap<usize, Vec<String>> = HashMap::new();
+                for a in &f.actions {
+                    if let Some(pb::file_action::Action::Copy(c)) = &a.action {
+                        let idx = c.source_input.max(0) as usize;
+                        if let Some(Resolved {
+                            output: Output::Context(ctx), ..
+                        }) = inputs.get(idx)
+                        {
+                            for s in &c.src {
+                                per_input.entry(idx).or_default().push(ctx.mirror.checksum(s).to_string());
+                            }
+                        }
+                    }
+                }
+                for (idx, sums) in per_input {
+                    out[idx] = Some(format!("content:{}", Digest::of(sums.join("\n").as_bytes())));
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    fn lookup(self: Arc<Self>, key: String) -> futures_compat::BoxFuture<Result<Option<Output>, SolveError>> {
+        Box::pin(async move {
+            let w = self.clone();
+            tokio::task::spawn_blocking(move || {
+                let Some(rec) = w.meta.record(&key).map_err(serr)? else {
+                    return Ok(None);
+                };
+                if w.chain(&rec.snapshot).is_err() {
+                    return Ok(None);
+                }
+                w.meta.touch(&key, now()).map_err(serr)?;
+                Ok(Some(Output::Snapshot(rec.snapshot)))
+            })
+            .await
+            .map_err(serr)?
+        })
+    }
+
+    fn exec(self: Arc<Self>, v: Vertex, inputs: Vec<Resolved<Output>>, key: String, _job: Arc<Job>) -> futures_compat::BoxFuture<Result<Output, SolveError>> {
+        Box::pin(async move {
+            let digest = v.digest.clone();
+            tokio::task::spawn_blocking(move || self.exec_blocking(&v, &inputs, &key).map_err(|e| SolveError::at(&digest, e.to_string())))
+                .await
+                .map_err(serr)?
+        })
+    }
+
+    fn progress(job: &Job) -> &dyn ProgressSink {
+        job.progress.as_ref()
+    }
+}
+
+/// Forwards solver events nowhere (for callers without a status stream).
+pub struct NoProgress;
+impl ProgressSink for NoProgress {
+    fn event(&self, _: Event) {}
+}

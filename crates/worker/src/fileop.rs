@@ -1,0 +1,489 @@
+//! File actions (copy, mkdir, mkfile, rm, symlink) applied inside a
+//! snapshot with Docker's COPY/ADD semantics. Every path is resolved inside
+//! its root, so neither a source nor a destination can reach the host.
+
+use std::fs;
+use std::io::{self, Read, Seek};
+use std::os::unix::fs::{MetadataExt, PermissionsExt, symlink};
+use std::path::{Path, PathBuf};
+
+use kiln_archive::apply::{ApplyOptions, unpack};
+use kiln_archive::safe_path::resolve_in_root;
+use kiln_context::dockerignore::Matcher;
+use kiln_context::mirror::glob_match;
+use kiln_definition::pb;
+
+/// A failed file action, with a message meant for the user.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct FileOpError(pub String);
+
+fn ioe(what: impl std::fmt::Display) -> impl FnOnce(io::Error) -> FileOpError {
+    move |e| FileOpError(format!("{what}: {e}"))
+}
+
+impl From<kiln_archive::ArchiveError> for FileOpError {
+    fn from(e: kiln_archive::ArchiveError) -> Self {
+        FileOpError(e.to_string())
+    }
+}
+
+/// Where a copy reads from.
+pub struct CopySource<'a> {
+    pub root: &'a Path,
+    /// Files from the build context are owned by root in the image.
+    pub from_context: bool,
+}
+
+/// Resolves `user[:group]` names or ids against the destination's passwd/group.
+pub fn resolve_owner(root: &Path, chown: &pb::ChownOpt) -> Result<(u32, u32), FileOpError> {
+    let lookup = |file: &str, name: &str| -> Option<(u32, u32)> {
+        let p = resolve_in_root(root, file, true).ok()?;
+        let text = fs::read_to_string(p).ok()?;
+        text.lines().find_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            if f.len() >= 4 && f[0] == name {
+                let id = f[2].parse().ok()?;
+                let gid = if file == "/etc/passwd" { f[3].parse().ok()? } else { id };
+                Some((id, gid))
+            } else {
+                None
+            }
+        })
+    };
+    let (uid, primary) = match chown.user.parse::<u32>() {
+        Ok(u) => (u, u),
+        Err(_) if chown.user.is_empty() => (0, 0),
+        Err(_) => lookup("/etc/passwd", &chown.user)
+            .ok_or_else(|| FileOpError(format!("unable to find user {}: no matching entries in passwd file", chown.user)))?,
+    };
+    let gid = if chown.group.is_empty() {
+        if chown.user.parse::<u32>().is_ok() { uid } else { primary }
+    } else {
+        match chown.group.parse::<u32>() {
+            Ok(g) => g,
+            Err(_) => lookup("/etc/group", &chown.group)
+                .map(|x| x.0)
+                .ok_or_else(|| FileOpError(format!("unable to find group {}: no matching entries in group file", chown.group)))?,
+        }
+    };
+    Ok((uid, gid))
+}
+
+fn lchown(p: &Path, uid: u32, gid: u32) -> Result<(), FileOpError> {
+    nix::unistd::fchownat(
+        nix::fcntl::AT_FDCWD,
+        p,
+        Some(nix::unistd::Uid::from_raw(uid)),
+        Some(nix::unistd::Gid::from_raw(gid)),
+        nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+    )
+    .map_err(|e| FileOpError(format!("chown {}: {e}", p.display())))
+}
+
+/// Applies a symbolic chmod (`u+x,go-w`) to a mode.
+pub fn apply_symbolic(mode: u32, spec: &str, is_dir: bool) -> u32 {
+    let mut m = mode & 0o7777;
+    for clause in spec.split(',') {
+        let who_len = clause.chars().take_while(|c| "ugoa".contains(*c)).count();
+        let who = &clause[..who_len];
+        let mask = if who.is_empty() || who.contains('a') {
+            0o7777
+        } else {
+            let mut x = 0;
+            if who.contains('u') {
+                x |= 0o4700;
+            }
+            if who.contains('g') {
+                x |= 0o2070;
+            }
+            if who.contains('o') {
+                x |= 0o1007;
+            }
+            x
+        };
+        let mut rest = clause[who_len..].chars().peekable();
+        while let Some(op) = rest.next() {
+            let mut bits = 0u32;
+            while let Some(&c) = rest.peek() {
+                if "+-=".contains(c) {
+                    break;
+                }
+                rest.next();
+                bits |= match c {
+                    'r' => 0o444,
+                    'w' => 0o222,
+                    'x' => 0o111,
+                    'X' if is_dir || m & 0o111 != 0 => 0o111,
+                    's' => 0o6000,
+                    't' => 0o1000,
+                    _ => 0,
+                };
+            }
+            let bits = bits & mask;
+            match op {
+                '+' => m |= bits,
+                '-' => m &= !bits,
+                _ => m = (m & !mask) | bits,
+            }
+        }
+    }
+    m
+}
+
+struct CopyCtx<'a> {
+    owner: Option<(u32, u32)>,
+    action: &'a pb::FileActionCopy,
+    from_context: bool,
+    exclude: Matcher,
+}
+
+impl CopyCtx<'_> {
+    fn finish(&self, src_md: &fs::Metadata, dst: &Path, is_dir: bool, is_link: bool) -> Result<(), FileOpError> {
+        let (uid, gid) = match self.owner {
+            Some(o) => o,
+            None if self.from_context => (0, 0),
+            None => (src_md.uid(), src_md.gid()),
+        };
+        lchown(dst, uid, gid)?;
+        if !is_link {
+            let mode = if !self.action.chmod_symbolic.is_empty() {
+                apply_symbolic(src_md.mode(), &self.action.chmod_symbolic, is_dir)
+            } else if self.action.mode != 0 {
+                self.action.mode
+            } else {
+                src_md.mode() & 0o7777
+            };
+            fs::set_permissions(dst, fs::Permissions::from_mode(mode)).map_err(ioe(dst.display()))?;
+        }
+        let t = filetime::FileTime::from_last_modification_time(src_md);
+        let t = match self.action.timestamp {
+            ts if ts >= 0 => filetime::FileTime::from_unix_time(ts, 0),
+            _ => t,
+        };
+        filetime::set_symlink_file_times(dst, t, t).map_err(ioe(dst.display()))?;
+        Ok(())
+    }
+
+    fn copy_entry(&self, src: &Path, dst: &Path, rel: &str) -> Result<(), FileOpError> {
+        if !rel.is_empty() && !self.exclude.is_empty() && self.exclude.matches(rel) {
+            return Ok(());
+        }
+        let md = fs::symlink_metadata(src).map_err(ioe(src.display()))?;
+        let ft = md.file_type();
+        if let Ok(existing) = fs::symlink_metadata(dst)
+            && !(existing.is_dir() && ft.is_dir())
+        {
+            if existing.is_dir() {
+                fs::remove_dir_all(dst).map_err(ioe(dst.display()))?;
+            } else {
+                fs::remove_file(dst).map_err(ioe(dst.display()))?;
+            }
+        }
+        if ft.is_dir() {
+            if !dst.exists() {
+                fs::create_dir(dst).map_err(ioe(dst.display()))?;
+            }
+            let mut names: Vec<_> = fs::read_dir(src).map_err(ioe(src.display()))?.filter_map(Result::ok).map(|e| e.file_name()).collect();
+            names.sort();
+            for n in names {
+                let child_rel = if rel.is_empty() { n.to_string_lossy().to_string() } else { format!("{rel}/{}", n.to_string_lossy()) };
+                self.copy_entry(&src.join(&n), &dst.join(&n), &child_rel)?;
+            }
+            self.finish(&md, dst, true, false)?;
+        } else if ft.is_symlink() {
+            let target = fs::read_link(src).map_err(ioe(src.display()))?;
+            symlink(&target, dst).map_err(ioe(dst.display()))?;
+            self.finish(&md, dst, false, true)?;
+        } else if ft.is_file() {
+            fs::copy(src, dst).map_err(ioe(format!("copying {}", src.display())))?;
+            self.finish(&md, dst, false, false)?;
+        } else {
+            // Devices and fifos keep their kind.
+            let kind = nix::sys::stat::SFlag::from_bits_truncate(md.mode() & 0o170000);
+            nix::sys::stat::mknod(dst, kind, nix::sys::stat::Mode::from_bits_truncate(md.mode()), md.rdev())
+                .map_err(|e| FileOpError(format!("mknod {}: {e}", dst.display())))?;
+            self.finish(&md, dst, false, false)?;
+        }
+        Ok(())
+    }
+}
+
+/// Expands one source (maybe a wildcard) to paths inside `root`.
+fn expand_source(root: &Path, src: &str, allow_wildcard: bool) -> Result<Vec<(PathBuf, String)>, FileOpError> {
+    let clean = kiln_context::dockerignore::clean(&format!("/{src}"));
+    let has_glob = allow_wildcard && clean.contains(['*', '?', '[']);
+    if !has_glob {
+        let p = resolve_in_root(root, &clean, true)?;
+        if fs::symlink_metadata(&p).is_err() {
+            return Ok(vec![]);
+        }
+        return Ok(vec![(p, clean.trim_start_matches('/').to_string())]);
+    }
+    let mut current: Vec<(PathBuf, String)> = vec![(root.to_path_buf(), String::new())];
+    for comp in clean.trim_start_matches('/').split('/') {
+        let mut next = Vec::new();
+        for (dir, rel) in &current {
+            let dir = resolve_in_root(root, &format!("/{rel}"), true).unwrap_or(dir.clone());
+            if comp.contains(['*', '?', '[']) {
+                let Ok(rd) = fs::read_dir(&dir) else { continue };
+                let mut names: Vec<String> = rd.filter_map(Result::ok).map(|e| e.file_name().to_string_lossy().to_string()).collect();
+                names.sort();
+                for n in names {
+                    if glob_match(comp, &n) {
+                        let r = if rel.is_empty() { n.clone() } else { format!("{rel}/{n}") };
+                        next.push((dir.join(&n), r));
+                    }
+                }
+            } else {
+                let r = if rel.is_empty() { comp.to_string() } else { format!("{rel}/{comp}") };
+                if fs::symlink_metadata(dir.join(comp)).is_ok() {
+                    next.push((dir.join(comp), r));
+                }
+            }
+        }
+        current = next;
+    }
+    current
+        .into_iter()
+        .map(|(_, rel)| Ok((resolve_in_root(root, &format!("/{rel}"), true)?, rel)))
+        .collect()
+}
+
+/// Tells whether a file is a tar archive (plain, gzip, bzip2, xz, zstd).
+fn archive_kind(path: &Path) -> Option<&'static str> {
+    let mut f = fs::File::open(path).ok()?;
+    let mut head = [0u8; 512];
+    let n = f.read(&mut head).ok()?;
+    let h = &head[..n];
+    if h.starts_with(&[0x1f, 0x8b]) {
+        return Some("gzip");
+    }
+    if h.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+        return Some("zstd");
+    }
+    if h.starts_with(b"BZh") {
+        return Some("bzip2");
+    }
+    if h.starts_with(&[0xfd, b'7', b'z', b'X', b'Z', 0]) {
+        return Some("xz");
+    }
+    if n >= 262 && &h[257..262] == b"ustar" {
+        return Some("tar");
+    }
+    None
+}
+
+fn unpack_archive(path: &Path, kind: &str, root: &Path, dest: &Path) -> Result<(), FileOpError> {
+    let mut f = fs::File::open(path).map_err(ioe(path.display()))?;
+    f.rewind().map_err(ioe(path.display()))?;
+    let opts = ApplyOptions {
+        whiteouts: false,
+        same_owner: true,
+    };
+    match kind {
+        "gzip" => unpack(flate2::read::MultiGzDecoder::new(f), root, dest, opts)?,
+        "zstd" => unpack(zstd::Decoder::new(f).map_err(ioe(path.display()))?, root, dest, opts)?,
+        "tar" => unpack(f, root, dest, opts)?,
+        other => return Err(FileOpError(format!("ADD {}: {other} archives are not supported", path.display()))),
+    };
+    Ok(())
+}
+
+/// Runs one copy action from `source` into the snapshot at `dest_root`.
+pub fn copy(dest_root: &Path, source: &CopySource<'_>, a: &pb::FileActionCopy) -> Result<(), FileOpError> {
+    let owner = match &a.chown {
+        Some(c) if !(c.user.is_empty() && c.group.is_empty()) => Some(resolve_owner(dest_root, c)?),
+        _ => None,
+    };
+    let ctx = CopyCtx {
+        owner,
+        action: a,
+        from_context: source.from_context,
+        exclude: Matcher::new(&a.exclude_patterns).map_err(|e| FileOpError(format!("--exclude: {e}")))?,
+    };
+    let mut matched = Vec::new();
+    for s in &a.src {
+        let found = expand_source(source.root, s, a.allow_wildcard)?;
+        if found.is_empty() {
+            let what = if source.from_context { "build context" } else { "source stage" };
+            if s.contains(['*', '?', '[']) && a.allow_empty_wildcard {
+                continue;
+            }
+            return Err(FileOpError(format!("{s:?}: not found in {what}{}", if source.from_context { " (or excluded by .dockerignore)" } else { "" })));
+        }
+        matched.extend(found);
+    }
+    let dest_is_dir_syntax = a.dest.ends_with('/');
+    let dest_path = resolve_in_root(dest_root, &a.dest, true)?;
+    let dest_exists_dir = fs::metadata(&dest_path).map(|m| m.is_dir()).unwrap_or(false);
+    if matched.len() > 1 && !dest_is_dir_syntax && !dest_exists_dir {
+        return Err(FileOpError(format!(
+            "when copying more than one source, the destination {:?} must be a directory and end with a /",
+            a.dest
+        )));
+    }
+    let make_dest_dir = |p: &Path| -> Result<(), FileOpError> {
+        if !p.exists() {
+            fs::create_dir_all(p).map_err(ioe(p.display()))?;
+            if let Some((u, g)) = owner {
+                lchown(p, u, g)?;
+            }
+        }
+        Ok(())
+    };
+    for (src, rel) in matched {
+        let md = fs::metadata(&src).map_err(ioe(src.display()))?;
+        if a.parents {
+            let target = resolve_in_root(dest_root, &format!("{}/{}", a.dest.trim_end_matches('/'), rel), false)?;
+            if let Some(parent) = target.parent() {
+                make_dest_dir(parent)?;
+            }
+            ctx.copy_entry(&src, &target, "")?;
+            continue;
+        }
+        if md.is_dir() {
+            make_dest_dir(&dest_path)?;
+            if a.dir_copy_contents {
+                let mut names: Vec<_> = fs::read_dir(&src).map_err(ioe(src.display()))?.filter_map(Result::ok).map(|e| e.file_name()).collect();
+                names.sort();
+                for n in names {
+                    ctx.copy_entry(&src.join(&n), &dest_path.join(&n), &n.to_string_lossy())?;
+                }
+            } else {
+                let name = src.file_name().unwrap_or_default();
+                ctx.copy_entry(&src, &dest_path.join(name), "")?;
+            }
+            continue;
+        }
+        if a.attempt_unpack
+            && let Some(kind) = archive_kind(&src)
+        {
+            make_dest_dir(&dest_path)?;
+            unpack_archive(&src, kind, dest_root, &dest_path)?;
+            continue;
+        }
+        let into_dir = dest_is_dir_syntax || fs::metadata(&dest_path).map(|m| m.is_dir()).unwrap_or(false);
+        let target = if into_dir {
+            make_dest_dir(&dest_path)?;
+            dest_path.join(src.file_name().unwrap_or_default())
+        } else {
+            if let Some(parent) = dest_path.parent() {
+                make_dest_dir(parent)?;
+            }
+            dest_path.clone()
+        };
+        ctx.copy_entry(&src, &target, "")?;
+    }
+    Ok(())
+}
+
+pub fn mkdir(root: &Path, a: &pb::FileActionMkDir) -> Result<(), FileOpError> {
+    let p = resolve_in_root(root, &a.path, true)?;
+    if p.is_dir() {
+        return Ok(());
+    }
+    let owner = match &a.chown {
+        Some(c) => Some(resolve_owner(root, c)?),
+        None => None,
+    };
+    if a.make_parents {
+        // Create one level at a time so each new directory gets mode and owner.
+        let rel = p.strip_prefix(root).unwrap_or(&p).to_path_buf();
+        let mut cur = root.to_path_buf();
+        for c in rel.components() {
+            cur.push(c);
+            if !cur.exists() {
+                fs::create_dir(&cur).map_err(ioe(cur.display()))?;
+                fs::set_permissions(&cur, fs::Permissions::from_mode(a.mode)).map_err(ioe(cur.display()))?;
+                if let Some((u, g)) = owner {
+                    lchown(&cur, u, g)?;
+                }
+            }
+        }
+    } else {
+        fs::create_dir(&p).map_err(ioe(p.display()))?;
+        fs::set_permissions(&p, fs::Permissions::from_mode(a.mode)).map_err(ioe(p.display()))?;
+        if let Some((u, g)) = owner {
+            lchown(&p, u, g)?;
+        }
+    }
+    Ok(())
+}
+
+pub fn mkfile(root: &Path, a: &pb::FileActionMkFile) -> Result<(), FileOpError> {
+    let p = resolve_in_root(root, &a.path, false)?;
+    if let Some(parent) = p.parent() {
+        fs::create_dir_all(parent).map_err(ioe(parent.display()))?;
+    }
+    fs::write(&p, &a.data).map_err(ioe(p.display()))?;
+    fs::set_permissions(&p, fs::Permissions::from_mode(a.mode)).map_err(ioe(p.display()))?;
+    if let Some(c) = &a.chown {
+        let (u, g) = resolve_owner(root, c)?;
+        lchown(&p, u, g)?;
+    }
+    Ok(())
+}
+
+pub fn rm(root: &Path, a: &pb::FileActionRm) -> Result<(), FileOpError> {
+    let p = resolve_in_root(root, &a.path, false)?;
+    match fs::symlink_metadata(&p) {
+        Ok(md) if md.is_dir() => fs::remove_dir_all(&p).map_err(ioe(p.display())),
+        Ok(_) => fs::remove_file(&p).map_err(ioe(p.display())),
+        Err(_) if a.allow_not_found => Ok(()),
+        Err(e) => Err(FileOpError(format!("rm {}: {e}", a.path))),
+    }
+}
+
+pub fn symlink_action(root: &Path, a: &pb::FileActionSymlink) -> Result<(), FileOpError> {
+    let p = resolve_in_root(root, &a.newpath, false)?;
+    symlink(&a.oldpath, &p).map_err(ioe(p.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn symbolic_modes() {
+        assert_eq!(apply_symbolic(0o644, "u+x", false), 0o744);
+        assert_eq!(apply_symbolic(0o777, "go-w", false), 0o755);
+        assert_eq!(apply_symbolic(0o600, "a=r", false), 0o444);
+        assert_eq!(apply_symbolic(0o644, "+X", true), 0o755);
+    }
+
+    #[test]
+    fn copy_rules() {
+        let d = tempfile::tempdir().unwrap();
+        let src = d.path().join("src");
+        let dst = d.path().join("dst");
+        fs::create_dir_all(src.join("dir/sub")).unwrap();
+        fs::create_dir_all(&dst).unwrap();
+        fs::write(src.join("a.txt"), "a").unwrap();
+        fs::write(src.join("b.txt"), "b").unwrap();
+        fs::write(src.join("dir/sub/c"), "c").unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", src.join("evil")).unwrap();
+        let s = CopySource { root: &src, from_context: true };
+        let base = pb::FileActionCopy {
+            dir_copy_contents: true,
+            allow_wildcard: true,
+            follow_symlinks: true,
+            create_dest_path: true,
+            timestamp: -1,
+            ..Default::default()
+        };
+        copy(&dst, &s, &pb::FileActionCopy { src: vec!["*.txt".into()], dest: "/out/".into(), ..base.clone() }).unwrap();
+        assert!(dst.join("out/a.txt").exists() && dst.join("out/b.txt").exists());
+        copy(&dst, &s, &pb::FileActionCopy { src: vec!["dir".into()], dest: "/d".into(), ..base.clone() }).unwrap();
+        assert!(dst.join("d/sub/c").exists());
+        copy(&dst, &s, &pb::FileActionCopy { src: vec!["a.txt".into()], dest: "/renamed".into(), ..base.clone() }).unwrap();
+        assert_eq!(fs::read(dst.join("renamed")).unwrap(), b"a");
+        let e = copy(&dst, &s, &pb::FileActionCopy { src: vec!["*.txt".into()], dest: "/file".into(), ..base.clone() }).unwrap_err();
+        assert!(e.0.contains("must be a directory"));
+        // A symlink leading out of the context resolves inside it: not found.
+        let e = copy(&dst, &s, &pb::FileActionCopy { src: vec!["evil".into()], dest: "/x".into(), ..base.clone() }).unwrap_err();
+        assert!(e.0.contains("not found"), "{e}");
+        let e = copy(&dst, &s, &pb::FileActionCopy { src: vec!["missing".into()], dest: "/x".into(), ..base }).unwrap_err();
+        assert!(e.0.contains("\"missing\": not found in build context"), "{e}");
+    }
+}
