@@ -1,1 +1,275 @@
+//! Image assembly and output formats: the image config (history, diff ids,
+//! created), the manifest (OCI or Docker media types), and OCI image layout
+//! tarballs streamed straight from the content store.
+#![forbid(unsafe_code)]
 
+use std::collections::BTreeMap;
+use std::io::{self, Write};
+
+use kiln_content::ContentStore;
+use kiln_definition::image::Image;
+use kiln_digest::Digest;
+use serde::Serialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    #[error(transparent)]
+    Content(#[from] kiln_content::ContentError),
+    #[error("writing the export: {0}")]
+    Io(#[from] io::Error),
+    #[error("invalid export option: {0}")]
+    Option(String),
+}
+
+pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+pub const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
+pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+pub const DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
+
+/// One layer as stored.
+#[derive(Debug, Clone)]
+pub struct Layer {
+    pub diff_id: String,
+    pub digest: Digest,
+    pub size: u64,
+    pub compression: String,
+    /// The diff has no entries; such layers are left out of the image.
+    pub empty: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct ImageOptions {
+    pub oci_mediatypes: bool,
+    /// Unix seconds for `created` (SOURCE_DATE_EPOCH, or now).
+    pub created: i64,
+    pub annotations: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Descriptor {
+    #[serde(rename = "mediaType")]
+    pub media_type: String,
+    pub digest: String,
+    pub size: u64,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Serialize)]
+struct Manifest<'a> {
+    #[serde(rename = "schemaVersion")]
+    schema_version: u32,
+    #[serde(rename = "mediaType")]
+    media_type: &'a str,
+    config: Descriptor,
+    layers: Vec<Descriptor>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    annotations: BTreeMap<String, String>,
+}
+
+/// A finished image: its config and manifest bytes and the layers they name.
+#[derive(Debug, Clone)]
+pub struct BuiltImage {
+    pub config: Vec<u8>,
+    pub config_digest: Digest,
+    pub manifest: Vec<u8>,
+    pub manifest_digest: Digest,
+    pub manifest_media_type: String,
+    pub layers: Vec<Layer>,
+}
+
+fn layer_media_type(compression: &str, oci: bool) -> String {
+    match (oci, compression) {
+        (true, "gzip") => "application/vnd.oci.image.layer.v1.tar+gzip".into(),
+        (true, "zstd") => "application/vnd.oci.image.layer.v1.tar+zstd".into(),
+        (true, _) => "application/vnd.oci.image.layer.v1.tar".into(),
+        (false, "gzip") => "application/vnd.docker.image.rootfs.diff.tar.gzip".into(),
+        (false, "zstd") => "application/vnd.oci.image.layer.v1.tar+zstd".into(),
+        (false, _) => "application/vnd.docker.image.rootfs.diff.tar".into(),
+    }
+}
+
+/// RFC 3339 in UTC for unix seconds.
+pub fn rfc3339(secs: i64) -> String {
+    let days = secs.div_euclid(86400);
+    let rem = secs.rem_euclid(86400);
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = if m <= 2 { y + 1 } else { y };
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, (rem % 3600) / 60, rem % 60)
+}
+
+/// Builds the config and manifest from the frontend's image config and the
+/// result's layers (base image layers first).
+pub fn build_image(image: &Image, layers: &[Layer], opts: &ImageOptions) -> Result<BuiltImage, ExportError> {
+    let mut img = image.clone();
+    let created = rfc3339(opts.created);
+    img.created = Some(created.clone());
+    // Pair layer-producing history entries with layers; drop empty diffs.
+    let mut kept = Vec::new();
+    let mut li = 0;
+    for h in img.history.iter_mut() {
+        if h.created.is_none() {
+            h.created = Some(created.clone());
+        }
+        if h.empty_layer {
+            continue;
+        }
+        match layers.get(li) {
+            Some(l) if l.empty => h.empty_layer = true,
+            Some(l) => kept.push(l.clone()),
+            None => {}
+        }
+        li += 1;
+    }
+    // Layers without history (e.g. a base image that records none).
+    for l in layers.iter().skip(li) {
+        if !l.empty {
+            kept.push(l.clone());
+        }
+    }
+    img.rootfs.diff_ids = kept.iter().map(|l| l.diff_id.clone()).collect();
+    let config = serde_json::to_vec(&img).map_err(|e| ExportError::Option(e.to_string()))?;
+    let config_digest = Digest::of(&config);
+    let (mt, cfg_mt) = if opts.oci_mediatypes {
+        (OCI_MANIFEST, OCI_CONFIG)
+    } else {
+        (DOCKER_MANIFEST, DOCKER_CONFIG)
+    };
+    let manifest = Manifest {
+        schema_version: 2,
+        media_type: mt,
+        config: Descriptor {
+            media_type: cfg_mt.into(),
+            digest: config_digest.to_string(),
+            size: config.len() as u64,
+            annotations: BTreeMap::new(),
+        },
+        layers: kept
+            .iter()
+            .map(|l| Descriptor {
+                media_type: layer_media_type(&l.compression, opts.oci_mediatypes),
+                digest: l.digest.to_string(),
+                size: l.size,
+                annotations: BTreeMap::new(),
+            })
+            .collect(),
+        annotations: opts.annotations.clone(),
+    };
+    let manifest = serde_json::to_vec(&manifest).map_err(|e| ExportError::Option(e.to_string()))?;
+    Ok(BuiltImage {
+        config_digest,
+        manifest_digest: Digest::of(&manifest),
+        config,
+        manifest,
+        manifest_media_type: mt.into(),
+        layers: kept,
+    })
+}
+
+#[derive(Serialize)]
+struct Index {
+    #[serde(rename = "schemaVersion")]
+    schema_version: u32,
+    #[serde(rename = "mediaType")]
+    media_type: &'static str,
+    manifests: Vec<Descriptor>,
+}
+
+fn tar_entry<W: Write>(b: &mut tar::Builder<W>, path: &str, size: u64, data: impl io::Read, mtime: i64) -> io::Result<()> {
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(if path.ends_with('/') { tar::EntryType::Directory } else { tar::EntryType::Regular });
+    h.set_mode(if path.ends_with('/') { 0o755 } else { 0o644 });
+    h.set_size(size);
+    h.set_mtime(mtime.max(0) as u64);
+    b.append_data(&mut h, path, data)
+}
+
+/// Writes an OCI image layout as a tar stream. `names` become ref-name
+/// annotations in index.json, as BuildKit's oci exporter writes them.
+pub fn write_oci_layout<W: Write>(out: W, img: &BuiltImage, names: &[String], content: &ContentStore, mtime: i64) -> Result<W, ExportError> {
+    let mut b = tar::Builder::new(out);
+    let layout = br#"{"imageLayoutVersion":"1.0.0"}"#;
+    let mut manifests = Vec::new();
+    let describe = |annotations: BTreeMap<String, String>| Descriptor {
+        media_type: img.manifest_media_type.clone(),
+        digest: img.manifest_digest.to_string(),
+        size: img.manifest.len() as u64,
+        annotations,
+    };
+    if names.is_empty() {
+        manifests.push(describe(BTreeMap::new()));
+    }
+    for n in names {
+        let mut a = BTreeMap::new();
+        a.insert("io.containerd.image.name".to_string(), n.clone());
+        let tag = n.rsplit_once(':').filter(|(_, t)| !t.contains('/')).map(|(_, t)| t.to_string()).unwrap_or_else(|| "latest".into());
+        a.insert("org.opencontainers.image.ref.name".to_string(), tag);
+        manifests.push(describe(a));
+    }
+    let index = serde_json::to_vec(&Index {
+        schema_version: 2,
+        media_type: OCI_INDEX,
+        manifests,
+    })
+    .map_err(|e| ExportError::Option(e.to_string()))?;
+    tar_entry(&mut b, "blobs/", 0, io::empty(), mtime)?;
+    tar_entry(&mut b, "blobs/sha256/", 0, io::empty(), mtime)?;
+    let mut written = std::collections::HashSet::new();
+    for l in &img.layers {
+        if !written.insert(l.digest.clone()) {
+            continue;
+        }
+        let f = content.open_blob(&l.digest)?;
+        tar_entry(&mut b, &format!("blobs/sha256/{}", l.digest.hex()), l.size, f, mtime)?;
+    }
+    tar_entry(&mut b, &format!("blobs/sha256/{}", img.config_digest.hex()), img.config.len() as u64, img.config.as_slice(), mtime)?;
+    tar_entry(&mut b, &format!("blobs/sha256/{}", img.manifest_digest.hex()), img.manifest.len() as u64, img.manifest.as_slice(), mtime)?;
+    tar_entry(&mut b, "index.json", index.len() as u64, index.as_slice(), mtime)?;
+    tar_entry(&mut b, "oci-layout", layout.len() as u64, &layout[..], mtime)?;
+    Ok(b.into_inner()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_definition::image::History;
+
+    #[test]
+    fn dates() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(1_700_000_000), "2023-11-14T22:13:20Z");
+    }
+
+    #[test]
+    fn empty_layers_are_dropped_from_history_pairing() {
+        let mut img = Image::empty("linux", "amd64", "");
+        for (by, layer) in [("COPY a /a # buildkit", true), ("ENV x=y", false), ("WORKDIR /", true)] {
+            img.history.push(History {
+                created_by: by.into(),
+                empty_layer: !layer,
+                ..Default::default()
+            });
+        }
+        let d = Digest::of(b"x");
+        let layers = vec![
+            Layer { diff_id: "sha256:aa".into(), digest: d.clone(), size: 1, compression: "gzip".into(), empty: false },
+            Layer { diff_id: "sha256:bb".into(), digest: d, size: 1, compression: "gzip".into(), empty: true },
+        ];
+        let b = build_image(&img, &layers, &ImageOptions { oci_mediatypes: true, created: 0, annotations: BTreeMap::new() }).unwrap();
+        let cfg: serde_json::Value = serde_json::from_slice(&b.config).unwrap();
+        assert_eq!(cfg["rootfs"]["diff_ids"].as_array().unwrap().len(), 1);
+        assert_eq!(cfg["history"][2]["empty_layer"], true);
+        assert_eq!(cfg["created"], "1970-01-01T00:00:00Z");
+        assert_eq!(b.layers.len(), 1);
+    }
+}
