@@ -1,1 +1,142 @@
+//! The kiln daemon as a library: the build engine, its gRPC services, the
+//! state-dir lock and the listener setup. `kilnd` is a thin binary over
+//! `serve`; `kilnctl` embeds the same engine when no daemon is running.
+#![forbid(unsafe_code)]
 
+pub mod config;
+pub mod engine;
+pub mod progress;
+pub mod service;
+pub mod session;
+
+use std::fs::File;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+pub use config::Config;
+pub use engine::Engine;
+use kiln_proto::control::control_server::ControlServer;
+use kiln_proto::session::session_server::SessionServer;
+use nix::fcntl::{Flock, FlockArg};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("state directory {} is in use by another kiln process (lock {} is held)", root.display(), root.join("kilnd.lock").display())]
+    Locked { root: PathBuf },
+    #[error("{context}: {source}")]
+    Io { context: String, source: std::io::Error },
+    #[error("unsupported listen address {0:?} (use unix:///path/to.sock)")]
+    BadAddr(String),
+    #[error("{0} is already served by a running daemon")]
+    InUse(String),
+    #[error(transparent)]
+    Engine(#[from] engine::EngineError),
+    #[error("gRPC server: {0}")]
+    Server(String),
+}
+
+fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> DaemonError {
+    let context = context.into();
+    move |source| DaemonError::Io { context, source }
+}
+
+/// An exclusive lock on a state directory, held for the process's life.
+pub struct StateLock {
+    _lock: Flock<File>,
+}
+
+pub fn lock_root(root: &Path) -> Result<StateLock, DaemonError> {
+    std::fs::create_dir_all(root).map_err(io(format!("creating {}", root.display())))?;
+    std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o711)).map_err(io(format!("chmod {}", root.display())))?;
+    let path = root.join("kilnd.lock");
+    let f = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(io(format!("opening {}", path.display())))?;
+    let lock = Flock::lock(f, FlockArg::LockExclusiveNonblock).map_err(|_| DaemonError::Locked { root: root.to_path_buf() })?;
+    Ok(StateLock { _lock: lock })
+}
+
+/// Parses `unix:///path` (or a bare path) to a socket path.
+pub fn socket_path(addr: &str) -> Result<PathBuf, DaemonError> {
+    if let Some(p) = addr.strip_prefix("unix://") {
+        return Ok(PathBuf::from(p));
+    }
+    if addr.starts_with('/') {
+        return Ok(PathBuf::from(addr));
+    }
+    Err(DaemonError::BadAddr(addr.to_string()))
+}
+
+/// Binds a unix socket with mode 0660, replacing a stale socket file.
+pub fn bind(addr: &str, group: Option<&str>) -> Result<tokio::net::UnixListener, DaemonError> {
+    let path = socket_path(addr)?;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(&path).is_ok() {
+            return Err(DaemonError::InUse(addr.to_string()));
+        }
+        std::fs::remove_file(&path).map_err(io(format!("removing stale {}", path.display())))?;
+    }
+    let l = tokio::net::UnixListener::bind(&path).map_err(io(format!("binding {}", path.display())))?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o660)).map_err(io(format!("chmod {}", path.display())))?;
+    if let Some(g) = group {
+        let gid = nix::unistd::Group::from_name(g)
+            .ok()
+            .flatten()
+            .map(|g| g.gid)
+            .ok_or_else(|| DaemonError::Io {
+                context: format!("group {g:?}"),
+                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such group"),
+            })?;
+        nix::unistd::chown(&path, None, Some(gid)).map_err(|e| DaemonError::Io {
+            context: format!("chown {}", path.display()),
+            source: e.into(),
+        })?;
+    }
+    Ok(l)
+}
+
+/// Serves the engine on the given listeners until `shutdown` resolves, then
+/// cancels running builds and returns once they have cleaned up.
+pub async fn serve(
+    engine: Arc<Engine>,
+    listeners: Vec<tokio::net::UnixListener>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), DaemonError> {
+    let token = engine.shutdown.clone();
+    let mut set = tokio::task::JoinSet::new();
+    for l in listeners {
+        let e = engine.clone();
+        let t = token.clone();
+        set.spawn(async move {
+            tonic::transport::Server::builder()
+                .add_service(ControlServer::new(service::ControlService(e.clone())).max_decoding_message_size(64 << 20))
+                .add_service(SessionServer::new(service::SessionService(e)).max_decoding_message_size(64 << 20))
+                .serve_with_incoming_shutdown(tokio_stream::wrappers::UnixListenerStream::new(l), t.cancelled_owned())
+                .await
+        });
+    }
+    let t = token.clone();
+    let watcher = tokio::spawn(async move {
+        shutdown.await;
+        tracing::info!("shutting down: cancelling running builds");
+        t.cancel();
+    });
+    let mut result = Ok(());
+    while let Some(r) = set.join_next().await {
+        match r {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => result = Err(DaemonError::Server(e.to_string())),
+            Err(e) => result = Err(DaemonError::Server(e.to_string())),
+        }
+        token.cancel();
+    }
+    watcher.abort();
+    result
+}

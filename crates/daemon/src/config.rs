@@ -1,0 +1,80 @@
+//! kilnd.toml: the daemon's settings. Command-line flags override the file.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+pub const DEFAULT_ROOT: &str = "/var/lib/kiln";
+pub const DEFAULT_ADDR: &str = "unix:///run/kiln/kilnd.sock";
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// State directory (snapshots, content, metadata, context mirrors).
+    pub root: PathBuf,
+    /// Listen addresses (`unix:///path`).
+    pub addr: Vec<String>,
+    /// Steps run at once; 0 means one per CPU core.
+    pub max_parallelism: usize,
+    /// Group that may use the socket (its mode is 0660).
+    pub group: Option<String>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            root: PathBuf::from(DEFAULT_ROOT),
+            addr: vec![DEFAULT_ADDR.to_string()],
+            max_parallelism: 0,
+            group: None,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {}: {source}", path.display())]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{}: {message}", path.display())]
+    Parse { path: PathBuf, message: String },
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })
+    }
+
+    pub fn parallelism(&self) -> usize {
+        if self.max_parallelism > 0 {
+            self.max_parallelism
+        } else {
+            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_rejects_unknown_keys() {
+        let d = std::env::temp_dir().join(format!("kilnd-cfg-{}", std::process::id()));
+        std::fs::write(&d, "root = \"/tmp/x\"\nmax_parallelism = 3\n").unwrap();
+        let c = Config::load(&d).unwrap();
+        assert_eq!(c.root, PathBuf::from("/tmp/x"));
+        assert_eq!(c.parallelism(), 3);
+        assert_eq!(c.addr, vec![DEFAULT_ADDR.to_string()]);
+        std::fs::write(&d, "rot = 1\n").unwrap();
+        let e = Config::load(&d).unwrap_err().to_string();
+        assert!(e.contains("rot"), "{e}");
+        std::fs::remove_file(&d).unwrap();
+    }
+}

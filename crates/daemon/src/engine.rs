@@ -1,0 +1,442 @@
+//! The build engine behind the gRPC API: frontend → graph → solver →
+//! exporters, plus disk usage and pruning. kilnd serves it on its sockets;
+//! kilnctl embeds the same engine when no daemon is running.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use kiln_definition::Graph;
+use kiln_definition::image::Image;
+use kiln_dockerfile::{ConvertOptions, NoImages, Platform};
+use kiln_exporter::{ImageOptions, Layer};
+use kiln_proto::control::{self as ctl, SolveRequest, SolveResponse, UsageRecord};
+use kiln_solver::{Resolved, Solver};
+use kiln_worker::{Job, Output, Worker};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::progress::{JobProgress, Jobs};
+use crate::session::{Session, SessionContexts, Sessions};
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    Frontend(#[from] kiln_dockerfile::FrontendError),
+    #[error("{0}")]
+    Build(String),
+    #[error("{0}")]
+    Export(String),
+    #[error("{0}")]
+    Storage(String),
+    #[error("the build was cancelled")]
+    Cancelled,
+}
+
+pub struct Engine {
+    pub worker: Arc<Worker>,
+    solver: Solver<Worker>,
+    pub sessions: Sessions,
+    pub jobs: Jobs,
+    /// Builds hold it shared; prune holds it exclusively, so nothing a
+    /// running build uses is deleted under it.
+    gc: tokio::sync::RwLock<()>,
+    pub config: Config,
+    pub shutdown: CancellationToken,
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+fn bool_attr(v: Option<&String>, default: bool) -> Result<bool, EngineError> {
+    match v.map(String::as_str) {
+        None => Ok(default),
+        Some("" | "true" | "1") => Ok(true),
+        Some("false" | "0") => Ok(false),
+        Some(o) => Err(EngineError::InvalidArgument(format!("invalid boolean {o:?}"))),
+    }
+}
+
+impl Engine {
+    pub fn open(config: Config) -> Result<Self, EngineError> {
+        let worker = Arc::new(Worker::open(&config.root).map_err(|e| EngineError::Storage(e.to_string()))?);
+        let solver = Solver::new(worker.clone(), config.parallelism());
+        Ok(Engine {
+            worker,
+            solver,
+            sessions: Sessions::default(),
+            jobs: Jobs::default(),
+            gc: tokio::sync::RwLock::new(()),
+            config,
+            shutdown: CancellationToken::new(),
+        })
+    }
+
+    pub async fn solve(&self, req: SolveRequest) -> Result<SolveResponse, EngineError> {
+        let progress = self.jobs.get(&req.r#ref);
+        let r = tokio::select! {
+            r = self.solve_inner(&req, progress.clone()) => r,
+            _ = self.shutdown.cancelled() => Err(EngineError::Cancelled),
+        };
+        progress.close();
+        self.jobs.remove(&req.r#ref);
+        r
+    }
+
+    async fn solve_inner(&self, req: &SolveRequest, progress: Arc<JobProgress>) -> Result<SolveResponse, EngineError> {
+        let _guard = self.gc.read().await;
+        if req.frontend != "dockerfile.v0" && !req.frontend.is_empty() {
+            return Err(EngineError::InvalidArgument(format!("unknown frontend {:?} (kiln has dockerfile.v0)", req.frontend)));
+        }
+        for e in &req.entitlements {
+            return Err(EngineError::InvalidArgument(format!("entitlement {e:?} is not granted by this daemon")));
+        }
+        let session = self
+            .sessions
+            .get(&req.session)
+            .await
+            .ok_or_else(|| EngineError::InvalidArgument(format!("no client session {:?} is attached", req.session)))?;
+        let attrs = &req.frontend_attrs;
+        let dockerfile = req
+            .frontend_inputs
+            .get("dockerfile")
+            .ok_or_else(|| EngineError::InvalidArgument("the request carries no Dockerfile".into()))?;
+        let mut opts = ConvertOptions {
+            filename: attrs.get("filename").cloned().unwrap_or_else(|| "Dockerfile".into()),
+            target: attrs.get("target").filter(|t| !t.is_empty()).cloned(),
+            no_cache: attrs.contains_key("no-cache"),
+            ..Default::default()
+        };
+        for (k, v) in attrs {
+            if let Some(name) = k.strip_prefix("build-arg:") {
+                opts.build_args.insert(name.to_string(), v.clone());
+            }
+        }
+        if let Some(p) = attrs.get("platform").filter(|p| !p.is_empty()) {
+            let p = Platform::parse(p).ok_or_else(|| EngineError::InvalidArgument(format!("invalid platform {p:?}")))?;
+            if p != Platform::host() {
+                return Err(EngineError::InvalidArgument(format!(
+                    "building for {}/{} needs emulation, which this daemon does not support yet",
+                    p.os, p.architecture
+                )));
+            }
+            opts.target_platform = p;
+        }
+        let epoch = match opts.build_args.get("SOURCE_DATE_EPOCH").or(attrs.get("source-date-epoch")) {
+            Some(s) => Some(s.parse::<i64>().map_err(|_| EngineError::InvalidArgument(format!("SOURCE_DATE_EPOCH {s:?} is not a number")))?),
+            None => None,
+        };
+        let dockerfile = dockerfile.clone();
+        let opts2 = opts.clone();
+        let converted = tokio::task::spawn_blocking(move || kiln_dockerfile::convert(&dockerfile, &opts2, &NoImages))
+            .await
+            .map_err(|e| EngineError::Build(e.to_string()))??;
+        for w in &converted.warnings {
+            progress.warning(format!("{}: {}", w.rule, w.message), format!("{}:{}", opts.filename, w.line));
+        }
+        let job = Arc::new(Job {
+            progress: progress.clone(),
+            contexts: Arc::new(SessionContexts(session.clone())),
+        });
+        let result = if converted.scratch {
+            None
+        } else {
+            let graph = Graph::from_definition(&converted.definition).map_err(|e| EngineError::Build(e.to_string()))?;
+            let r = self.solver.solve(&graph, job, opts.no_cache).await.map_err(|e| {
+                let loc = e
+                    .vertex
+                    .as_ref()
+                    .and_then(|d| graph.vertices.get(d))
+                    .map(|v| (v.meta.location.clone(), v.name().to_string()))
+                    .unwrap_or_default();
+                if loc.0.is_empty() {
+                    EngineError::Build(e.message.to_string())
+                } else {
+                    EngineError::Build(format!("{}: {}: {}", loc.0, loc.1, e.message))
+                }
+            })?;
+            Some(r)
+        };
+        let mut response = BTreeMap::new();
+        for exp in &req.exporters {
+            let r = self.export(exp, result.as_ref(), &converted.image, &session, epoch).await?;
+            response.extend(r);
+        }
+        Ok(SolveResponse { exporter_response: response.into_iter().collect() })
+    }
+
+    fn chain_of(&self, result: Option<&Resolved<Output>>) -> Result<Vec<String>, EngineError> {
+        match result.map(|r| &r.output) {
+            None => Ok(Vec::new()),
+            Some(Output::Snapshot(id)) => self.worker.chain(id).map_err(|e| EngineError::Storage(e.to_string())),
+            Some(Output::Context(_)) => Err(EngineError::Build("the build result is a bare context".into())),
+        }
+    }
+
+    async fn export(
+        &self,
+        exp: &ctl::Exporter,
+        result: Option<&Resolved<Output>>,
+        image: &Image,
+        session: &Arc<Session>,
+        epoch: Option<i64>,
+    ) -> Result<HashMap<String, String>, EngineError> {
+        let chain = self.chain_of(result)?;
+        let attrs = &exp.attrs;
+        let dest = attrs.get("dest").cloned().unwrap_or_default();
+        let mut response = HashMap::new();
+        match exp.r#type.as_str() {
+            "local" | "tar" => {
+                if dest.is_empty() {
+                    return Err(EngineError::InvalidArgument(format!("output type={} needs dest=PATH", exp.r#type)));
+                }
+                let kind = if exp.r#type == "local" { "dir" } else { "file" };
+                let (mut writer, forward) = session.export(kind, &dest).await.map_err(EngineError::Export)?;
+                let worker = self.worker.clone();
+                let written = tokio::task::spawn_blocking(move || -> Result<(), String> {
+                    let view = worker.snapshots.view(&chain).map_err(|e| e.to_string())?;
+                    let (mut w, _) = kiln_archive::write_tar(view.path(), &mut writer, kiln_archive::TarOptions { epoch, overlay_upper: false })
+                        .map_err(|e| e.to_string())?;
+                    std::io::Write::flush(&mut w).map_err(|e| e.to_string())?;
+                    drop(writer);
+                    Ok(())
+                })
+                .await
+                .map_err(|e| EngineError::Export(e.to_string()))?;
+                let acked = forward.await.map_err(|e| EngineError::Export(e.to_string()))?;
+                written.map_err(EngineError::Export)?;
+                acked.map_err(|e| EngineError::Export(format!("writing {dest}: {e}")))?;
+            }
+            "oci" => {
+                if dest.is_empty() {
+                    return Err(EngineError::InvalidArgument("output type=oci needs dest=PATH".into()));
+                }
+                let as_tar = bool_attr(attrs.get("tar"), true)?;
+                let oci_mediatypes = bool_attr(attrs.get("oci-mediatypes"), true)?;
+                let compression = attrs.get("compression").cloned().unwrap_or_else(|| "gzip".into());
+                if !matches!(compression.as_str(), "gzip" | "zstd" | "uncompressed") {
+                    return Err(EngineError::InvalidArgument(format!("unknown compression {compression:?} (gzip, zstd, uncompressed)")));
+                }
+                let names: Vec<String> = attrs.get("name").map(|n| n.split(',').filter(|s| !s.is_empty()).map(str::to_string).collect()).unwrap_or_default();
+                let annotations: BTreeMap<String, String> = attrs
+                    .iter()
+                    .filter_map(|(k, v)| k.strip_prefix("annotation.").map(|k| (k.to_string(), v.clone())))
+                    .collect();
+                let worker = self.worker.clone();
+                let image = image.clone();
+                let built = tokio::task::spawn_blocking(move || -> Result<kiln_exporter::BuiltImage, String> {
+                    let mut layers = Vec::new();
+                    for id in chain.iter().rev() {
+                        let (info, blob) = worker.layer(id, &compression, epoch).map_err(|e| e.to_string())?;
+                        layers.push(Layer {
+                            diff_id: info.diff_id,
+                            digest: blob.digest.parse().map_err(|e: kiln_digest::DigestError| e.to_string())?,
+                            size: blob.size,
+                            compression: compression.clone(),
+                            empty: info.empty,
+                        });
+                    }
+                    kiln_exporter::build_image(
+                        &image,
+                        &layers,
+                        &ImageOptions {
+                            oci_mediatypes,
+                            created: epoch.unwrap_or_else(now),
+                            annotations,
+                        },
+                    )
+                    .map_err(|e| e.to_string())
+                })
+                .await
+                .map_err(|e| EngineError::Export(e.to_string()))?
+                .map_err(EngineError::Export)?;
+                let (mut writer, forward) = session.export(if as_tar { "file" } else { "dir" }, &dest).await.map_err(EngineError::Export)?;
+                let worker = self.worker.clone();
+                let img = built.clone();
+                let names2 = names.clone();
+                let written = tokio::task::spawn_blocking(move || -> Result<(), String> {
+                    let mut w = kiln_exporter::write_oci_layout(&mut writer, &img, &names2, &worker.content, epoch.unwrap_or(0)).map_err(|e| e.to_string())?;
+                    std::io::Write::flush(&mut w).map_err(|e| e.to_string())?;
+                    drop(writer);
+                    Ok(())
+                })
+                .await
+                .map_err(|e| EngineError::Export(e.to_string()))?;
+                let acked = forward.await.map_err(|e| EngineError::Export(e.to_string()))?;
+                written.map_err(EngineError::Export)?;
+                acked.map_err(|e| EngineError::Export(format!("writing {dest}: {e}")))?;
+                response.insert("containerimage.digest".into(), built.manifest_digest.to_string());
+                response.insert("containerimage.config.digest".into(), built.config_digest.to_string());
+                if !names.is_empty() {
+                    response.insert("image.name".into(), names.join(","));
+                }
+            }
+            other => {
+                return Err(EngineError::InvalidArgument(format!(
+                    "output type {other:?} is not supported by this daemon (supported: oci, local, tar)"
+                )));
+            }
+        }
+        Ok(response)
+    }
+
+    /// Cache records, snapshots and context mirrors with their sizes.
+    pub fn disk_usage(&self) -> Result<Vec<UsageRecord>, EngineError> {
+        let st = |e: kiln_cache::CacheError| EngineError::Storage(e.to_string());
+        let records = self.worker.meta.records().map_err(st)?;
+        let mut by_snap: HashMap<String, (i64, i64)> = HashMap::new();
+        for (_, r) in &records {
+            let e = by_snap.entry(r.snapshot.clone()).or_default();
+            e.0 = e.0.max(r.last_used);
+            e.1 += r.usage_count;
+        }
+        let mut out = Vec::new();
+        for (id, s) in self.worker.meta.snapshots().map_err(st)? {
+            let blobs: u64 = s.layers.iter().flat_map(|l| l.blobs.iter()).map(|b| b.size).sum();
+            let (last, count) = by_snap.get(&id).copied().unwrap_or((s.created, 0));
+            out.push(UsageRecord {
+                id,
+                kind: "regular".into(),
+                description: s.description,
+                size: (s.size + blobs) as i64,
+                created_at: s.created,
+                last_used_at: last,
+                usage_count: count,
+                in_use: false,
+            });
+        }
+        let ctx_dir = self.worker.root().join("contexts");
+        if let Ok(rd) = std::fs::read_dir(&ctx_dir) {
+            for e in rd.flatten() {
+                out.push(UsageRecord {
+                    id: e.file_name().to_string_lossy().to_string(),
+                    kind: "source.local".into(),
+                    description: "local source for context".into(),
+                    size: dir_size(&e.path()) as i64,
+                    created_at: 0,
+                    last_used_at: 0,
+                    usage_count: 0,
+                    in_use: false,
+                });
+            }
+        }
+        out.sort_by(|a, b| b.size.cmp(&a.size));
+        Ok(out)
+    }
+
+    /// Removes cache records (all, or those outside the keep limits), then
+    /// every snapshot and blob no remaining record needs.
+    pub async fn prune(&self, all: bool, keep_storage: i64, keep_duration: i64) -> Result<Vec<UsageRecord>, EngineError> {
+        let _guard = self.gc.write().await;
+        let worker = self.worker.clone();
+        tokio::task::spawn_blocking(move || prune_blocking(&worker, all, keep_storage, keep_duration))
+            .await
+            .map_err(|e| EngineError::Storage(e.to_string()))?
+    }
+
+    pub fn root(&self) -> PathBuf {
+        self.config.root.clone()
+    }
+}
+
+fn dir_size(p: &std::path::Path) -> u64 {
+    let mut n = 0;
+    if let Ok(rd) = std::fs::read_dir(p) {
+        for e in rd.flatten() {
+            if let Ok(md) = e.path().symlink_metadata() {
+                n += if md.is_dir() { dir_size(&e.path()) } else { md.len() };
+            }
+        }
+    }
+    n
+}
+
+fn prune_blocking(worker: &Worker, all: bool, keep_storage: i64, keep_duration: i64) -> Result<Vec<UsageRecord>, EngineError> {
+    let st = |e: &dyn std::fmt::Display| EngineError::Storage(e.to_string());
+    let mut records = worker.meta.records().map_err(|e| st(&e))?;
+    let snaps: HashMap<String, kiln_cache::SnapshotRecord> = worker.meta.snapshots().map_err(|e| st(&e))?.into_iter().collect();
+    // Oldest first: the order records go in when trimming to a size.
+    records.sort_by_key(|(_, r)| r.last_used);
+    let cutoff = now() - keep_duration;
+    let filtered = keep_duration > 0 || keep_storage > 0;
+    let mut remove: Vec<String> = Vec::new();
+    if all || !filtered {
+        remove = records.iter().map(|(k, _)| k.clone()).collect();
+    } else {
+        let mut total: i64 = snaps.values().map(|s| s.size as i64).sum();
+        for (k, r) in &records {
+            let old = keep_duration > 0 && r.last_used < cutoff;
+            let over = keep_storage > 0 && total > keep_storage;
+            if old || over {
+                remove.push(k.clone());
+                total -= snaps.get(&r.snapshot).map(|s| s.size as i64).unwrap_or(0);
+            }
+        }
+    }
+    worker.meta.remove_records(&remove).map_err(|e| st(&e))?;
+    // Everything still reachable from a record stays.
+    let mut live: HashSet<String> = HashSet::new();
+    for (_, r) in worker.meta.records().map_err(|e| st(&e))? {
+        let mut cur = Some(r.snapshot);
+        while let Some(c) = cur {
+            if !live.insert(c.clone()) {
+                break;
+            }
+            cur = snaps.get(&c).and_then(|s| s.parent.clone());
+        }
+    }
+    let mut removed = Vec::new();
+    let dead: Vec<String> = snaps.keys().filter(|id| !live.contains(*id)).cloned().collect();
+    for id in &dead {
+        let s = &snaps[id];
+        worker.snapshots.remove(id).map_err(|e| st(&e))?;
+        let blobs: u64 = s.layers.iter().flat_map(|l| l.blobs.iter()).map(|b| b.size).sum();
+        removed.push(UsageRecord {
+            id: id.clone(),
+            kind: "regular".into(),
+            description: s.description.clone(),
+            size: (s.size + blobs) as i64,
+            created_at: s.created,
+            ..Default::default()
+        });
+    }
+    worker.meta.remove_snapshots(&dead).map_err(|e| st(&e))?;
+    let live_blobs: HashSet<String> = snaps
+        .iter()
+        .filter(|(id, _)| live.contains(*id))
+        .flat_map(|(_, s)| s.layers.iter().flat_map(|l| l.blobs.iter().map(|b| b.digest.clone())))
+        .collect();
+    for (d, size) in worker.content.list().map_err(|e| st(&e))? {
+        if !live_blobs.contains(d.as_str()) {
+            worker.content.delete(&d).map_err(|e| st(&e))?;
+            removed.push(UsageRecord {
+                id: d.to_string(),
+                kind: "blob".into(),
+                size: size as i64,
+                ..Default::default()
+            });
+        }
+    }
+    if all {
+        let ctx_dir = worker.root().join("contexts");
+        if let Ok(rd) = std::fs::read_dir(&ctx_dir) {
+            for e in rd.flatten() {
+                let size = dir_size(&e.path());
+                std::fs::remove_dir_all(e.path()).map_err(|e| st(&e))?;
+                removed.push(UsageRecord {
+                    id: e.file_name().to_string_lossy().to_string(),
+                    kind: "source.local".into(),
+                    size: size as i64,
+                    ..Default::default()
+                });
+            }
+        }
+    }
+    Ok(removed)
+}

@@ -1,0 +1,161 @@
+//! Per-build status hubs: solver events become `StatusResponse` messages,
+//! kept for late subscribers and broadcast to live ones.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use kiln_proto::control::{StatusResponse, Vertex, VertexLog, VertexWarning};
+use kiln_solver::{Event, ProgressSink};
+use tokio::sync::broadcast;
+
+fn now_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
+}
+
+struct State {
+    history: Vec<StatusResponse>,
+    started: HashMap<String, i64>,
+    closed: bool,
+}
+
+pub struct JobProgress {
+    state: Mutex<State>,
+    tx: broadcast::Sender<Option<StatusResponse>>,
+}
+
+impl JobProgress {
+    fn new() -> Self {
+        let (tx, _) = broadcast::channel(4096);
+        JobProgress {
+            state: Mutex::new(State {
+                history: Vec::new(),
+                started: HashMap::new(),
+                closed: false,
+            }),
+            tx,
+        }
+    }
+
+    fn push(&self, msg: StatusResponse) {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if st.closed {
+            return;
+        }
+        st.history.push(msg.clone());
+        let _ = self.tx.send(Some(msg));
+    }
+
+    /// Ends the stream for every subscriber.
+    pub fn close(&self) {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.closed = true;
+        let _ = self.tx.send(None);
+    }
+
+    /// Past messages plus a receiver for the rest (no gap between them).
+    pub fn subscribe(&self) -> (Vec<StatusResponse>, Option<broadcast::Receiver<Option<StatusResponse>>>) {
+        let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let rx = if st.closed { None } else { Some(self.tx.subscribe()) };
+        (st.history.clone(), rx)
+    }
+
+    pub fn warning(&self, message: String, location: String) {
+        self.push(StatusResponse {
+            warnings: vec![VertexWarning {
+                vertex: String::new(),
+                short: message,
+                detail: String::new(),
+                url: String::new(),
+                location,
+            }],
+            ..Default::default()
+        });
+    }
+}
+
+impl ProgressSink for JobProgress {
+    fn event(&self, e: Event) {
+        let msg = match e {
+            Event::Started { vertex, name, inputs } => {
+                let t = now_ns();
+                self.state
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .started
+                    .insert(vertex.to_string(), t);
+                StatusResponse {
+                    vertexes: vec![Vertex {
+                        digest: vertex.to_string(),
+                        inputs: inputs.iter().map(|d| d.to_string()).collect(),
+                        name,
+                        started: t,
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }
+            }
+            Event::Completed { vertex, name, cached, error } => {
+                let t = now_ns();
+                let started = self
+                    .state
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .started
+                    .get(vertex.as_str())
+                    .copied()
+                    .unwrap_or(t);
+                StatusResponse {
+                    vertexes: vec![Vertex {
+                        digest: vertex.to_string(),
+                        name,
+                        cached,
+                        started,
+                        completed: t,
+                        error: error.unwrap_or_default(),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }
+            }
+            Event::Log { vertex, stream, data } => StatusResponse {
+                logs: vec![VertexLog {
+                    vertex: vertex.to_string(),
+                    timestamp: now_ns(),
+                    stream,
+                    msg: data,
+                }],
+                ..Default::default()
+            },
+            Event::Warning { vertex, message } => StatusResponse {
+                warnings: vec![VertexWarning {
+                    vertex: vertex.map(|v| v.to_string()).unwrap_or_default(),
+                    short: message,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+        };
+        self.push(msg);
+    }
+}
+
+/// Status hubs by build ref.
+#[derive(Default)]
+pub struct Jobs {
+    map: Mutex<HashMap<String, Arc<JobProgress>>>,
+}
+
+impl Jobs {
+    /// The hub for `r`, created on first use by either Solve or Status.
+    pub fn get(&self, r: &str) -> Arc<JobProgress> {
+        let mut m = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        m.entry(r.to_string()).or_insert_with(|| Arc::new(JobProgress::new())).clone()
+    }
+
+    pub fn remove(&self, r: &str) {
+        self.map.lock().unwrap_or_else(|p| p.into_inner()).remove(r);
+    }
+}

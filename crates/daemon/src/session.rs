@@ -1,0 +1,244 @@
+//! The daemon side of client sessions: one bidirectional stream per client,
+//! over which the daemon pulls build-context files and pushes exports.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kiln_context::mirror::Mirror;
+use kiln_proto::session::{self as pb, client_message::Msg as CMsg, daemon_message::Msg as DMsg};
+use kiln_worker::ContextProvider;
+use tokio::sync::{Notify, mpsc};
+
+pub type Outbound = mpsc::Sender<Result<pb::DaemonMessage, tonic::Status>>;
+
+pub struct Session {
+    pub id: String,
+    contexts: HashMap<String, String>,
+    tx: Outbound,
+    waiters: Mutex<HashMap<u64, mpsc::UnboundedSender<CMsg>>>,
+    next: AtomicU64,
+}
+
+const CHUNK: usize = 1 << 20;
+
+impl Session {
+    fn register(&self) -> (u64, mpsc::UnboundedReceiver<CMsg>) {
+        let id = self.next.fetch_add(1, Ordering::Relaxed) + 1;
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.waiters.lock().unwrap_or_else(|p| p.into_inner()).insert(id, tx);
+        (id, rx)
+    }
+
+    fn unregister(&self, id: u64) {
+        self.waiters.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+    }
+
+    async fn send(&self, m: DMsg) -> Result<(), String> {
+        self.tx
+            .send(Ok(pb::DaemonMessage { msg: Some(m) }))
+            .await
+            .map_err(|_| "the client session is gone (client disconnected)".to_string())
+    }
+
+    /// Routes one message from the client to whoever waits for its id.
+    pub fn dispatch(&self, m: CMsg) {
+        let id = match &m {
+            CMsg::Tree(t) => t.id,
+            CMsg::File(f) => f.id,
+            CMsg::ExportAck(a) => a.id,
+            CMsg::Error(e) => e.id,
+            CMsg::Hello(_) => return,
+        };
+        if let Some(w) = self.waiters.lock().unwrap_or_else(|p| p.into_inner()).get(&id) {
+            let _ = w.send(m);
+        }
+    }
+
+    async fn sync_impl(self: Arc<Self>, name: String, mirror: Mirror) -> Result<(Mirror, usize), String> {
+        let (id, mut rx) = self.register();
+        self.send(DMsg::TreeRequest(pb::TreeRequest { id, context: name.clone() })).await?;
+        let tree = match rx.recv().await {
+            Some(CMsg::Tree(t)) => t.entries,
+            Some(CMsg::Error(e)) => return Err(format!("client could not read context {name:?}: {}", e.message)),
+            _ => return Err("the client session ended while sending the context tree".into()),
+        };
+        self.unregister(id);
+        let (mut mirror, plan) = tokio::task::spawn_blocking(move || {
+            let mut mirror = mirror;
+            let plan = mirror.plan(&tree).map_err(|e| e.to_string());
+            (mirror, plan)
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+        let plan = plan?;
+        let changed = plan.fetch.len() + plan.removed;
+        tracing::debug!(context = %name, fetch = plan.fetch.len(), removed = plan.removed, unchanged = plan.unchanged, "context sync");
+        if plan.fetch.is_empty() {
+            return Ok((mirror, changed));
+        }
+        let (id, mut rx) = self.register();
+        self.send(DMsg::FilesRequest(pb::FilesRequest {
+            id,
+            context: name.clone(),
+            paths: plan.fetch.clone(),
+        }))
+        .await?;
+        // File data is written by a blocking task fed through a channel.
+        let (ctx, mut crx) = mpsc::channel::<pb::FileChunk>(16);
+        let writer = tokio::task::spawn_blocking(move || -> Result<Mirror, String> {
+            let mut current: Option<(String, std::path::PathBuf, kiln_digest::HashingWriter<std::fs::File>)> = None;
+            while let Some(c) = crx.blocking_recv() {
+                if current.as_ref().is_none_or(|(p, _, _)| *p != c.path) && !c.path.is_empty() {
+                    let (tmp, w) = mirror.create_file(&c.path).map_err(|e| e.to_string())?;
+                    current = Some((c.path.clone(), tmp, w));
+                }
+                if let Some((_, _, w)) = current.as_mut() {
+                    w.write_all(&c.data).map_err(|e| format!("writing context file {}: {e}", c.path))?;
+                }
+                if c.eof
+                    && let Some((p, tmp, w)) = current.take()
+                {
+                    mirror.finish_file(&p, tmp, w).map_err(|e| e.to_string())?;
+                }
+            }
+            Ok(mirror)
+        });
+        let mut result = Ok(());
+        loop {
+            match rx.recv().await {
+                Some(CMsg::File(f)) => {
+                    let done = f.done;
+                    if ctx.send(f).await.is_err() {
+                        break;
+                    }
+                    if done {
+                        break;
+                    }
+                }
+                Some(CMsg::Error(e)) => {
+                    result = Err(format!("client could not send context files: {}", e.message));
+                    break;
+                }
+                _ => {
+                    result = Err("the client session ended while sending context files".into());
+                    break;
+                }
+            }
+        }
+        self.unregister(id);
+        drop(ctx);
+        let mirror = writer.await.map_err(|e| e.to_string())??;
+        result.map(|_| (mirror, changed))
+    }
+
+    /// Starts an export to the client; returns a blocking writer and the task
+    /// that forwards its bytes and waits for the client's acknowledgement.
+    pub async fn export(self: &Arc<Self>, kind: &str, dest: &str) -> Result<(ExportWriter, tokio::task::JoinHandle<Result<(), String>>), String> {
+        let (id, mut rx) = self.register();
+        self.send(DMsg::ExportStart(pb::ExportStart {
+            id,
+            kind: kind.into(),
+            dest: dest.into(),
+        }))
+        .await?;
+        let (tx, mut brx) = mpsc::channel::<Vec<u8>>(8);
+        let sess = self.clone();
+        let forward = tokio::spawn(async move {
+            while let Some(data) = brx.recv().await {
+                sess.send(DMsg::ExportChunk(pb::ExportChunk { id, data })).await?;
+            }
+            sess.send(DMsg::ExportEnd(pb::ExportEnd { id })).await?;
+            let r = match rx.recv().await {
+                Some(CMsg::ExportAck(a)) if a.error.is_empty() => Ok(()),
+                Some(CMsg::ExportAck(a)) => Err(a.error),
+                Some(CMsg::Error(e)) => Err(e.message),
+                _ => Err("the client session ended during the export".into()),
+            };
+            sess.unregister(id);
+            r
+        });
+        Ok((ExportWriter { tx, buf: Vec::with_capacity(CHUNK) }, forward))
+    }
+}
+
+/// A blocking `Write` whose bytes travel to the client in 1 MiB chunks.
+pub struct ExportWriter {
+    tx: mpsc::Sender<Vec<u8>>,
+    buf: Vec<u8>,
+}
+
+impl Write for ExportWriter {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= CHUNK {
+            self.flush()?;
+        }
+        Ok(data.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK));
+        self.tx
+            .blocking_send(chunk)
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "client session closed"))
+    }
+}
+
+/// Wraps a session for the worker (which needs an owned handle).
+pub struct SessionContexts(pub Arc<Session>);
+
+impl ContextProvider for SessionContexts {
+    fn shared_key(&self, name: &str) -> Option<String> {
+        self.0.contexts.get(name).cloned()
+    }
+    fn sync(&self, name: String, mirror: Mirror) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(Mirror, usize), String>> + Send>> {
+        Box::pin(self.0.clone().sync_impl(name, mirror))
+    }
+}
+
+#[derive(Default)]
+pub struct Sessions {
+    map: Mutex<HashMap<String, Arc<Session>>>,
+    changed: Notify,
+}
+
+impl Sessions {
+    pub fn add(&self, hello: pb::Hello, tx: Outbound) -> Arc<Session> {
+        let s = Arc::new(Session {
+            id: hello.session_id.clone(),
+            contexts: hello.contexts.into_iter().map(|c| (c.name, c.shared_key)).collect(),
+            tx,
+            waiters: Mutex::new(HashMap::new()),
+            next: AtomicU64::new(0),
+        });
+        self.map.lock().unwrap_or_else(|p| p.into_inner()).insert(s.id.clone(), s.clone());
+        self.changed.notify_waiters();
+        s
+    }
+
+    pub fn remove(&self, id: &str) {
+        if let Some(s) = self.map.lock().unwrap_or_else(|p| p.into_inner()).remove(id) {
+            // Wake everyone waiting on this session: their channels close.
+            s.waiters.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        }
+    }
+
+    /// The session, waiting briefly for its Attach to arrive.
+    pub async fn get(&self, id: &str) -> Option<Arc<Session>> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let notified = self.changed.notified();
+            if let Some(s) = self.map.lock().unwrap_or_else(|p| p.into_inner()).get(id).cloned() {
+                return Some(s);
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return None;
+            }
+        }
+    }
+}
