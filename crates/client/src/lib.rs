@@ -1,1 +1,363 @@
+//! The kiln client library: connects to a daemon, serves the build context
+//! and receives exports over a session, and streams build status.
+#![forbid(unsafe_code)]
 
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use kiln_context::dockerignore::Matcher;
+use kiln_proto::control::control_client::ControlClient;
+use kiln_proto::control::{self as ctl, SolveRequest, SolveResponse, StatusResponse};
+use kiln_proto::session::session_client::SessionClient;
+use kiln_proto::session::{self as sp, client_message::Msg as CMsg, daemon_message::Msg as DMsg};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot connect to the kiln daemon at {addr}: {reason}")]
+    Connect { addr: String, reason: String },
+    #[error("{0}")]
+    Rpc(String),
+    #[error("{0}")]
+    Local(String),
+}
+
+impl From<tonic::Status> for ClientError {
+    fn from(s: tonic::Status) -> Self {
+        ClientError::Rpc(s.message().to_string())
+    }
+}
+
+const MAX_MSG: usize = 64 << 20;
+const CHUNK: usize = 1 << 20;
+
+#[derive(Clone)]
+pub struct Client {
+    channel: Channel,
+}
+
+/// Connects to `unix:///path` (or a bare socket path).
+pub async fn connect(addr: &str) -> Result<Client, ClientError> {
+    let path = if let Some(p) = addr.strip_prefix("unix://") {
+        PathBuf::from(p)
+    } else if addr.starts_with('/') {
+        PathBuf::from(addr)
+    } else {
+        return Err(ClientError::Connect {
+            addr: addr.into(),
+            reason: "unsupported address (use unix:///path/to.sock)".into(),
+        });
+    };
+    let p = path.clone();
+    let channel = Endpoint::from_static("http://[::]:0")
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let p = p.clone();
+            async move { Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tokio::net::UnixStream::connect(p).await?)) }
+        }))
+        .await
+        .map_err(|e| ClientError::Connect {
+            addr: addr.into(),
+            reason: std::error::Error::source(&e).map(|s| s.to_string()).unwrap_or_else(|| e.to_string()),
+        })?;
+    Ok(Client { channel })
+}
+
+/// A local directory served as a named build context.
+#[derive(Debug, Clone)]
+pub struct LocalContext {
+    pub name: String,
+    pub dir: PathBuf,
+    pub ignore: Vec<String>,
+}
+
+pub struct BuildRequest {
+    pub contexts: Vec<LocalContext>,
+    pub dockerfile: Vec<u8>,
+    pub frontend_attrs: std::collections::BTreeMap<String, String>,
+    pub exporters: Vec<ctl::Exporter>,
+    pub entitlements: Vec<String>,
+}
+
+fn random_id() -> String {
+    let mut buf = [0u8; 16];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        let _ = f.read_exact(&mut buf);
+    }
+    buf.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A stable key for a directory on this machine, so the daemon can keep
+/// one mirror per client directory.
+fn shared_key(dir: &Path) -> String {
+    let host = nix::unistd::gethostname().map(|h| h.to_string_lossy().to_string()).unwrap_or_default();
+    format!("{host}:{}", dir.display())
+}
+
+impl Client {
+    fn control(&self) -> ControlClient<Channel> {
+        ControlClient::new(self.channel.clone()).max_decoding_message_size(MAX_MSG).max_encoding_message_size(MAX_MSG)
+    }
+
+    pub async fn info(&self) -> Result<ctl::InfoResponse, ClientError> {
+        Ok(self.control().info(ctl::InfoRequest {}).await?.into_inner())
+    }
+
+    pub async fn disk_usage(&self) -> Result<Vec<ctl::UsageRecord>, ClientError> {
+        Ok(self.control().disk_usage(ctl::DiskUsageRequest {}).await?.into_inner().record)
+    }
+
+    pub async fn prune(&self, req: ctl::PruneRequest) -> Result<Vec<ctl::UsageRecord>, ClientError> {
+        let mut s = self.control().prune(req).await?.into_inner();
+        let mut out = Vec::new();
+        while let Some(r) = s.message().await? {
+            out.push(r);
+        }
+        Ok(out)
+    }
+
+    pub async fn list_workers(&self) -> Result<Vec<ctl::WorkerRecord>, ClientError> {
+        Ok(self.control().list_workers(ctl::ListWorkersRequest {}).await?.into_inner().record)
+    }
+
+    /// Runs a build; `on_status` sees every status message as it arrives.
+    pub async fn build(&self, req: BuildRequest, mut on_status: impl FnMut(StatusResponse) + Send) -> Result<SolveResponse, ClientError> {
+        let session_id = random_id();
+        let build_ref = random_id();
+        let mut contexts = HashMap::new();
+        let mut infos = Vec::new();
+        for c in &req.contexts {
+            let dir = std::fs::canonicalize(&c.dir).map_err(|e| ClientError::Local(format!("context {}: {e}", c.dir.display())))?;
+            if !dir.is_dir() {
+                return Err(ClientError::Local(format!("context {} is not a directory", c.dir.display())));
+            }
+            let matcher = Matcher::new(&c.ignore).map_err(|e| ClientError::Local(format!(".dockerignore: {e}")))?;
+            infos.push(sp::ContextInfo {
+                name: c.name.clone(),
+                shared_key: shared_key(&dir),
+            });
+            contexts.insert(c.name.clone(), (dir, Arc::new(matcher)));
+        }
+        let (out_tx, out_rx) = mpsc::channel::<sp::ClientMessage>(16);
+        out_tx
+            .send(sp::ClientMessage {
+                msg: Some(CMsg::Hello(sp::Hello {
+                    session_id: session_id.clone(),
+                    contexts: infos,
+                })),
+            })
+            .await
+            .map_err(|_| ClientError::Local("session closed".into()))?;
+        let mut sess = SessionClient::new(self.channel.clone()).max_decoding_message_size(MAX_MSG).max_encoding_message_size(MAX_MSG);
+        let inbound = sess.attach(ReceiverStream::new(out_rx)).await?.into_inner();
+        let session = tokio::spawn(serve_session(inbound, out_tx, contexts));
+
+        let mut status = self.control().status(ctl::StatusRequest { r#ref: build_ref.clone() }).await?.into_inner();
+        let mut control = self.control();
+        let solve = control.solve(SolveRequest {
+            r#ref: build_ref,
+            frontend: "dockerfile.v0".into(),
+            frontend_attrs: req.frontend_attrs,
+            frontend_inputs: [("dockerfile".to_string(), req.dockerfile)].into_iter().collect(),
+            exporters: req.exporters,
+            cache_imports: vec![],
+            cache_exports: vec![],
+            session: session_id,
+            entitlements: req.entitlements,
+        });
+        tokio::pin!(solve);
+        let mut status_done = false;
+        let result = loop {
+            tokio::select! {
+                r = &mut solve => break r,
+                m = status.message(), if !status_done => match m {
+                    Ok(Some(m)) => on_status(m),
+                    _ => status_done = true,
+                },
+            }
+        };
+        // Drain what the daemon sent before it closed the stream.
+        while !status_done {
+            match tokio::time::timeout(std::time::Duration::from_secs(2), status.message()).await {
+                Ok(Ok(Some(m))) => on_status(m),
+                _ => status_done = true,
+            }
+        }
+        session.abort();
+        Ok(result?.into_inner())
+    }
+}
+
+type Contexts = HashMap<String, (PathBuf, Arc<Matcher>)>;
+
+enum ExportTarget {
+    Running {
+        tx: mpsc::Sender<Vec<u8>>,
+        done: tokio::task::JoinHandle<Result<(), String>>,
+    },
+}
+
+/// Answers the daemon's requests until the stream ends.
+async fn serve_session(mut inbound: tonic::Streaming<sp::DaemonMessage>, out: mpsc::Sender<sp::ClientMessage>, contexts: Contexts) {
+    let contexts = Arc::new(contexts);
+    let mut exports: HashMap<u64, ExportTarget> = HashMap::new();
+    let mut tasks = tokio::task::JoinSet::new();
+    while let Ok(Some(m)) = inbound.message().await {
+        let Some(m) = m.msg else { continue };
+        match m {
+            DMsg::TreeRequest(r) => {
+                let (out, contexts) = (out.clone(), contexts.clone());
+                tasks.spawn(async move {
+                    let reply = match contexts.get(&r.context) {
+                        None => CMsg::Error(sp::ErrorReply { id: r.id, message: format!("no context named {:?}", r.context) }),
+                        Some((dir, m)) => {
+                            let (dir, m) = (dir.clone(), m.clone());
+                            match tokio::task::spawn_blocking(move || kiln_context::walk::walk(&dir, &m)).await {
+                                Ok(Ok(entries)) => CMsg::Tree(sp::Tree { id: r.id, entries }),
+                                Ok(Err(e)) => CMsg::Error(sp::ErrorReply { id: r.id, message: e.to_string() }),
+                                Err(e) => CMsg::Error(sp::ErrorReply { id: r.id, message: e.to_string() }),
+                            }
+                        }
+                    };
+                    let _ = out.send(sp::ClientMessage { msg: Some(reply) }).await;
+                });
+            }
+            DMsg::FilesRequest(r) => {
+                let (out, contexts) = (out.clone(), contexts.clone());
+                tasks.spawn(async move {
+                    if let Err(message) = send_files(&out, &contexts, &r).await {
+                        let _ = out.send(sp::ClientMessage { msg: Some(CMsg::Error(sp::ErrorReply { id: r.id, message })) }).await;
+                    }
+                });
+            }
+            DMsg::ExportStart(s) => {
+                let (tx, rx) = mpsc::channel::<Vec<u8>>(8);
+                let done = tokio::task::spawn_blocking(move || receive_export(&s.kind, &s.dest, rx));
+                exports.insert(s.id, ExportTarget::Running { tx, done });
+            }
+            DMsg::ExportChunk(c) => {
+                if let Some(ExportTarget::Running { tx, .. }) = exports.get(&c.id) {
+                    let _ = tx.send(c.data).await;
+                }
+            }
+            DMsg::ExportEnd(e) => {
+                if let Some(ExportTarget::Running { tx, done }) = exports.remove(&e.id) {
+                    drop(tx);
+                    let error = match done.await {
+                        Ok(Ok(())) => String::new(),
+                        Ok(Err(e)) => e,
+                        Err(e) => e.to_string(),
+                    };
+                    let _ = out.send(sp::ClientMessage { msg: Some(CMsg::ExportAck(sp::ExportAck { id: e.id, error })) }).await;
+                }
+            }
+        }
+    }
+    tasks.shutdown().await;
+}
+
+async fn send_files(out: &mpsc::Sender<sp::ClientMessage>, contexts: &Contexts, r: &sp::FilesRequest) -> Result<(), String> {
+    let (dir, _) = contexts.get(&r.context).ok_or_else(|| format!("no context named {:?}", r.context))?;
+    let (tx, mut rx) = mpsc::channel::<Result<sp::FileChunk, String>>(8);
+    let (dir, paths, id) = (dir.clone(), r.paths.clone(), r.id);
+    // Files are read on a blocking thread and streamed in 1 MiB chunks.
+    let reader = tokio::task::spawn_blocking(move || {
+        for p in paths {
+            let mut f = match kiln_context::walk::open_in(&dir, &p) {
+                Ok(f) => f,
+                Err(e) => {
+                    let _ = tx.blocking_send(Err(e.to_string()));
+                    return;
+                }
+            };
+            loop {
+                let mut buf = vec![0u8; CHUNK];
+                let n = match f.read(&mut buf) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        let _ = tx.blocking_send(Err(format!("{p}: {e}")));
+                        return;
+                    }
+                };
+                buf.truncate(n);
+                let eof = n == 0;
+                if tx.blocking_send(Ok(sp::FileChunk { id, path: p.clone(), data: buf, eof, done: false })).is_err() {
+                    return;
+                }
+                if eof {
+                    break;
+                }
+            }
+        }
+        let _ = tx.blocking_send(Ok(sp::FileChunk { id, done: true, ..Default::default() }));
+    });
+    while let Some(c) = rx.recv().await {
+        let c = c?;
+        out.send(sp::ClientMessage { msg: Some(CMsg::File(c)) }).await.map_err(|_| "session closed".to_string())?;
+    }
+    reader.await.map_err(|e| e.to_string())
+}
+
+/// A `Read` over chunks arriving on a channel.
+struct ChannelReader {
+    rx: mpsc::Receiver<Vec<u8>>,
+    buf: Vec<u8>,
+    pos: usize,
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        while self.pos >= self.buf.len() {
+            match self.rx.blocking_recv() {
+                Some(b) => {
+                    self.buf = b;
+                    self.pos = 0;
+                }
+                None => return Ok(0),
+            }
+        }
+        let n = out.len().min(self.buf.len() - self.pos);
+        out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+fn receive_export(kind: &str, dest: &str, rx: mpsc::Receiver<Vec<u8>>) -> Result<(), String> {
+    let mut reader = ChannelReader { rx, buf: Vec::new(), pos: 0 };
+    match kind {
+        "file" if dest == "-" => {
+            let mut so = std::io::stdout().lock();
+            std::io::copy(&mut reader, &mut so).map_err(|e| e.to_string())?;
+            so.flush().map_err(|e| e.to_string())
+        }
+        "file" => {
+            let dest = Path::new(dest);
+            if let Some(p) = dest.parent().filter(|p| !p.as_os_str().is_empty()) {
+                std::fs::create_dir_all(p).map_err(|e| format!("{}: {e}", p.display()))?;
+            }
+            // Write next to the destination and rename, so a failed export
+            // never leaves a truncated file under the final name.
+            let tmp = dest.with_extension("kiln-partial");
+            let mut f = std::fs::File::create(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
+            let r = std::io::copy(&mut reader, &mut f).and_then(|_| f.sync_all());
+            if let Err(e) = r {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(format!("{}: {e}", dest.display()));
+            }
+            std::fs::rename(&tmp, dest).map_err(|e| format!("{}: {e}", dest.display()))
+        }
+        "dir" => {
+            let dest = Path::new(dest);
+            std::fs::create_dir_all(dest).map_err(|e| format!("{}: {e}", dest.display()))?;
+            let same_owner = nix::unistd::geteuid().is_root();
+            kiln_archive::apply::unpack(&mut reader, dest, dest, kiln_archive::apply::ApplyOptions { whiteouts: false, same_owner })
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        }
+        other => Err(format!("unknown export kind {other:?}")),
+    }
+}
