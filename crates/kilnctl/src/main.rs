@@ -1,1 +1,563 @@
-fn main() {}
+//! kilnctl: the kiln command-line client.
+
+mod progress;
+
+use std::collections::BTreeMap;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use kiln_client::{BuildRequest, Client, LocalContext};
+use kiln_proto::control as ctl;
+
+const DEFAULT_ADDR: &str = "unix:///run/kiln/kilnd.sock";
+const DEFAULT_ROOT: &str = "/var/lib/kiln";
+
+#[derive(Parser, Debug)]
+#[command(name = "kilnctl", version, about = "Build container images with kiln")]
+struct Cli {
+    /// Daemon address (default unix:///run/kiln/kilnd.sock; without a daemon
+    /// there, kilnctl runs the engine in-process)
+    #[arg(long, global = true, env = "KILN_HOST")]
+    addr: Option<String>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Build an image from a Dockerfile and a context directory
+    Build(BuildArgs),
+    /// Show disk usage of the build cache
+    Du {
+        /// One block per record instead of a table
+        #[arg(short, long)]
+        verbose: bool,
+    },
+    /// Remove build cache
+    Prune {
+        /// Remove everything, including context mirrors
+        #[arg(long)]
+        all: bool,
+        /// Keep this much cache (e.g. 10GB, 512MB)
+        #[arg(long)]
+        keep_storage: Option<String>,
+        /// Keep cache used within this duration (e.g. 24h, 30m)
+        #[arg(long)]
+        keep_duration: Option<String>,
+    },
+    /// Debugging helpers
+    Debug {
+        #[command(subcommand)]
+        cmd: DebugCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum DebugCmd {
+    /// List the daemon's workers
+    Workers,
+    /// Print a Dockerfile's parse in BuildKit's dump format
+    DumpParse { file: PathBuf },
+    /// Print the build graph a Dockerfile converts to (one JSON op per line)
+    DumpGraph {
+        #[arg(short = 'f', long = "file", default_value = "Dockerfile")]
+        file: PathBuf,
+        #[arg(long)]
+        target: Option<String>,
+        #[arg(long = "build-arg")]
+        build_args: Vec<String>,
+    },
+}
+
+#[derive(Parser, Debug)]
+struct BuildArgs {
+    /// Context directory
+    context: PathBuf,
+    /// Dockerfile (default: CONTEXT/Dockerfile)
+    #[arg(short = 'f', long = "file")]
+    file: Option<PathBuf>,
+    /// Image name(s)
+    #[arg(short = 't', long = "tag")]
+    tags: Vec<String>,
+    /// Build stage to stop at
+    #[arg(long)]
+    target: Option<String>,
+    /// Build-time variable (KEY=VALUE, or KEY to take it from the environment)
+    #[arg(long = "build-arg")]
+    build_args: Vec<String>,
+    /// Output: type=oci|local|tar,dest=PATH[,...]; a bare PATH means type=local
+    #[arg(short = 'o', long = "output")]
+    outputs: Vec<String>,
+    /// Progress output: auto, tty, plain, rawjson, quiet
+    #[arg(long, default_value = "auto")]
+    progress: String,
+    /// Write build result metadata (digests, names) to this JSON file
+    #[arg(long)]
+    metadata_file: Option<PathBuf>,
+    /// Do not use the cache
+    #[arg(long)]
+    no_cache: bool,
+    /// Target platform (must match this machine for now)
+    #[arg(long)]
+    platform: Option<String>,
+    /// Only run the Dockerfile checks and report their warnings
+    #[arg(long)]
+    check: bool,
+    /// Allow extra privileged entitlements (network.host, security.insecure)
+    #[arg(long = "allow")]
+    allow: Vec<String>,
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("ERROR: starting the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ERROR: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// A connection, plus the in-process engine serving it when embedded.
+struct Conn {
+    client: Client,
+    embedded: Option<Embedded>,
+}
+
+struct Embedded {
+    stop: tokio::sync::oneshot::Sender<()>,
+    server: tokio::task::JoinHandle<Result<(), kiln_daemon::DaemonError>>,
+    socket_dir: tempdir::Dir,
+    _lock: kiln_daemon::StateLock,
+}
+
+mod tempdir {
+    /// A private directory removed on drop.
+    pub struct Dir(pub std::path::PathBuf);
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+impl Conn {
+    async fn close(self) {
+        if let Some(e) = self.embedded {
+            let _ = e.stop.send(());
+            let _ = e.server.await;
+            drop(e.socket_dir);
+        }
+    }
+}
+
+async fn connect(addr: Option<&str>) -> anyhow::Result<Conn> {
+    if let Some(a) = addr {
+        return Ok(Conn {
+            client: kiln_client::connect(a).await?,
+            embedded: None,
+        });
+    }
+    if let Ok(client) = kiln_client::connect(DEFAULT_ADDR).await
+        && client.info().await.is_ok()
+    {
+        return Ok(Conn { client, embedded: None });
+    }
+    // No daemon: run the same engine in this process on the default state
+    // dir, served on a private socket so every code path stays the same.
+    let root = std::env::var_os("KILN_ROOT").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(DEFAULT_ROOT));
+    let lock = kiln_daemon::lock_root(&root).with_context(|| format!("no daemon at {DEFAULT_ADDR} and the embedded engine cannot use {}", root.display()))?;
+    let dir = std::env::temp_dir().join(format!("kilnctl-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let dir = tempdir::Dir(dir);
+    let sock = format!("unix://{}", dir.0.join("kilnd.sock").display());
+    let config = kiln_daemon::Config {
+        root: root.clone(),
+        addr: vec![sock.clone()],
+        ..Default::default()
+    };
+    let engine = Arc::new(kiln_daemon::Engine::open(config)?);
+    let listener = kiln_daemon::bind(&sock, None)?;
+    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(kiln_daemon::serve(engine, vec![listener], async move {
+        let _ = rx.await;
+    }));
+    let client = kiln_client::connect(&sock).await?;
+    Ok(Conn {
+        client,
+        embedded: Some(Embedded {
+            stop,
+            server,
+            socket_dir: dir,
+            _lock: lock,
+        }),
+    })
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.cmd {
+        Cmd::Build(b) => build(cli.addr.as_deref(), b).await,
+        Cmd::Du { verbose } => {
+            let conn = connect(cli.addr.as_deref()).await?;
+            let r = conn.client.disk_usage().await;
+            conn.close().await;
+            print_du(&r?, verbose);
+            Ok(())
+        }
+        Cmd::Prune { all, keep_storage, keep_duration } => {
+            let keep_storage = keep_storage.map(|s| parse_size(&s)).transpose()?.unwrap_or(0);
+            let keep_duration = keep_duration.map(|s| parse_duration(&s)).transpose()?.unwrap_or(0);
+            let conn = connect(cli.addr.as_deref()).await?;
+            let r = conn.client.prune(ctl::PruneRequest { all, keep_storage, keep_duration }).await;
+            conn.close().await;
+            let removed = r?;
+            let total: i64 = removed.iter().map(|r| r.size).sum();
+            for r in &removed {
+                println!("{:<70} {:>10}", format!("{} {}", r.kind, r.id), human(r.size));
+            }
+            println!("Total:\t{}", human(total));
+            Ok(())
+        }
+        Cmd::Debug { cmd } => match cmd {
+            DebugCmd::Workers => {
+                let conn = connect(cli.addr.as_deref()).await?;
+                let r = conn.client.list_workers().await;
+                conn.close().await;
+                println!("{:<10} {:<20} {}", "ID", "PLATFORMS", "PARALLELISM");
+                for w in r? {
+                    println!("{:<10} {:<20} {}", w.id, w.platforms.join(","), w.parallelism);
+                }
+                Ok(())
+            }
+            DebugCmd::DumpParse { file } => {
+                let data = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+                let ast = kiln_dockerfile::parse(&data).map_err(|e| anyhow::anyhow!("{}:{}: {}", file.display(), e.start_line, e.message))?;
+                println!("{}", ast.dump());
+                Ok(())
+            }
+            DebugCmd::DumpGraph { file, target, build_args } => {
+                let data = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+                let opts = kiln_dockerfile::ConvertOptions {
+                    filename: file.display().to_string(),
+                    target,
+                    build_args: parse_build_args(&build_args)?,
+                    ..Default::default()
+                };
+                let c = kiln_dockerfile::convert(&data, &opts, &UnresolvedImages)?;
+                let g = kiln_definition::Graph::from_definition(&c.definition);
+                if let Ok(g) = g {
+                    for d in &g.order {
+                        let v = &g.vertices[d];
+                        let j = serde_json::json!({
+                            "digest": d.to_string(),
+                            "inputs": v.op.inputs.iter().map(|i| i.digest.clone()).collect::<Vec<_>>(),
+                            "description": v.meta.description,
+                            "location": v.meta.location,
+                            "op": format!("{:?}", v.op.op),
+                        });
+                        println!("{j}");
+                    }
+                }
+                Ok(())
+            }
+        },
+    }
+}
+
+/// For dump-graph: image references are kept as written, configs empty.
+struct UnresolvedImages;
+impl kiln_dockerfile::ImageResolver for UnresolvedImages {
+    fn resolve(&self, reference: &str, p: &kiln_dockerfile::Platform) -> Result<(String, kiln_definition::image::Image), String> {
+        Ok((reference.to_string(), kiln_definition::image::Image::empty(&p.os, &p.architecture, &p.variant)))
+    }
+}
+
+fn parse_build_args(args: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    for a in args {
+        match a.split_once('=') {
+            Some(("", _)) => bail!("invalid --build-arg {a:?}: empty name"),
+            Some((k, v)) => {
+                out.insert(k.to_string(), v.to_string());
+            }
+            None => {
+                // Docker takes a bare name from the environment, or skips it.
+                if let Ok(v) = std::env::var(a) {
+                    out.insert(a.clone(), v);
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Parses one `--output` value (BuildKit's CSV form, or a bare path).
+fn parse_output(spec: &str) -> anyhow::Result<ctl::Exporter> {
+    if !spec.contains('=') {
+        if spec == "-" {
+            return Ok(ctl::Exporter {
+                r#type: "tar".into(),
+                attrs: [("dest".to_string(), "-".to_string())].into_iter().collect(),
+            });
+        }
+        return Ok(ctl::Exporter {
+            r#type: "local".into(),
+            attrs: [("dest".to_string(), spec.to_string())].into_iter().collect(),
+        });
+    }
+    let mut typ = None;
+    let mut attrs = BTreeMap::new();
+    for field in spec.split(',') {
+        let (k, v) = field.split_once('=').ok_or_else(|| anyhow::anyhow!("invalid --output {spec:?}: {field:?} is not KEY=VALUE"))?;
+        let k = k.trim().to_lowercase();
+        if k == "type" {
+            typ = Some(v.to_string());
+        } else {
+            attrs.insert(k, v.to_string());
+        }
+    }
+    let typ = typ.ok_or_else(|| anyhow::anyhow!("invalid --output {spec:?}: type=... is required"))?;
+    match typ.as_str() {
+        "oci" | "local" | "tar" => {
+            if !attrs.contains_key("dest") {
+                bail!("invalid --output {spec:?}: type={typ} needs dest=PATH");
+            }
+        }
+        "docker" | "image" | "registry" => bail!("output type {typ:?} is not supported yet (supported: oci, local, tar)"),
+        other => bail!("unknown output type {other:?} (supported: oci, local, tar)"),
+    }
+    // Relative destinations are relative to where kilnctl runs.
+    if let Some(d) = attrs.get_mut("dest")
+        && d != "-"
+        && !d.starts_with('/')
+    {
+        *d = std::env::current_dir()?.join(&*d).display().to_string();
+    }
+    Ok(ctl::Exporter { r#type: typ, attrs })
+}
+
+async fn build(addr: Option<&str>, b: BuildArgs) -> anyhow::Result<()> {
+    let ctx_md = std::fs::metadata(&b.context).with_context(|| format!("context {}", b.context.display()))?;
+    if !ctx_md.is_dir() {
+        bail!("context {} is not a directory", b.context.display());
+    }
+    let df_path = b.file.clone().unwrap_or_else(|| b.context.join("Dockerfile"));
+    let dockerfile = std::fs::read(&df_path).with_context(|| format!("reading Dockerfile {}", df_path.display()))?;
+    let build_args = parse_build_args(&b.build_args)?;
+    let df_name = df_path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "Dockerfile".into());
+    if b.check {
+        let opts = kiln_dockerfile::ConvertOptions {
+            filename: df_name.clone(),
+            target: b.target.clone(),
+            build_args: build_args.clone(),
+            ..Default::default()
+        };
+        let c = kiln_dockerfile::convert(&dockerfile, &opts, &UnresolvedImages)?;
+        for w in &c.warnings {
+            eprintln!("WARNING: {} - {}:{}: {}", w.rule, df_name, w.line, w.message);
+        }
+        if c.warnings.is_empty() {
+            eprintln!("Check complete, no warnings found.");
+        }
+        return Ok(());
+    }
+    let mut exporters = Vec::new();
+    for o in &b.outputs {
+        let mut e = parse_output(o)?;
+        if e.r#type == "oci" && !b.tags.is_empty() && !e.attrs.contains_key("name") {
+            e.attrs.insert("name".into(), b.tags.join(","));
+        }
+        exporters.push(e);
+    }
+    if exporters.is_empty() {
+        eprintln!("WARNING: No output specified; the build result will only remain in the build cache. Use -o type=oci,dest=FILE or -o DIR.");
+    }
+    // .dockerignore: <Dockerfile>.dockerignore next to the Dockerfile wins.
+    let specific = PathBuf::from(format!("{}.dockerignore", df_path.display()));
+    let ignore_file = if specific.exists() { specific } else { b.context.join(".dockerignore") };
+    let ignore = match std::fs::read(&ignore_file) {
+        Ok(d) => kiln_context::dockerignore::read_patterns(&d),
+        Err(_) => Vec::new(),
+    };
+    let mut attrs = BTreeMap::new();
+    attrs.insert("filename".to_string(), df_name);
+    if let Some(t) = &b.target {
+        attrs.insert("target".into(), t.clone());
+    }
+    if b.no_cache {
+        attrs.insert("no-cache".into(), String::new());
+    }
+    if let Some(p) = &b.platform {
+        attrs.insert("platform".into(), p.clone());
+    }
+    for (k, v) in &build_args {
+        attrs.insert(format!("build-arg:{k}"), v.clone());
+    }
+    let mode = match b.progress.as_str() {
+        "auto" => {
+            if std::io::stderr().is_terminal() {
+                progress::Mode::Tty
+            } else {
+                progress::Mode::Plain
+            }
+        }
+        "tty" => progress::Mode::Tty,
+        "plain" => progress::Mode::Plain,
+        "rawjson" => progress::Mode::RawJson,
+        "quiet" => progress::Mode::Quiet,
+        o => bail!("unknown --progress {o:?} (auto, tty, plain, rawjson, quiet)"),
+    };
+    let conn = connect(addr).await?;
+    let display = Arc::new(Mutex::new(progress::Display::new(mode)));
+    let ticker = if mode == progress::Mode::Tty {
+        let d = display.clone();
+        Some(tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+                d.lock().unwrap_or_else(|p| p.into_inner()).draw(false);
+            }
+        }))
+    } else {
+        None
+    };
+    let d2 = display.clone();
+    let result = conn
+        .client
+        .build(
+            BuildRequest {
+                contexts: vec![LocalContext {
+                    name: "context".into(),
+                    dir: b.context.clone(),
+                    ignore,
+                }],
+                dockerfile,
+                frontend_attrs: attrs,
+                exporters,
+                entitlements: b.allow.clone(),
+            },
+            move |m| d2.lock().unwrap_or_else(|p| p.into_inner()).handle(&m),
+        )
+        .await;
+    if let Some(t) = ticker {
+        t.abort();
+    }
+    display.lock().unwrap_or_else(|p| p.into_inner()).draw(true);
+    conn.close().await;
+    let resp = result?;
+    let meta: BTreeMap<String, String> = resp.exporter_response.into_iter().collect();
+    if mode == progress::Mode::Quiet
+        && let Some(d) = meta.get("containerimage.digest")
+    {
+        println!("{d}");
+    }
+    if let Some(p) = &b.metadata_file {
+        let mut j = serde_json::Map::new();
+        for (k, v) in &meta {
+            j.insert(k.clone(), serde_json::Value::String(v.clone()));
+        }
+        if !b.tags.is_empty() && !j.contains_key("image.name") {
+            j.insert("image.name".into(), serde_json::Value::String(b.tags.join(",")));
+        }
+        write_file(p, &serde_json::to_vec_pretty(&serde_json::Value::Object(j))?)?;
+    }
+    Ok(())
+}
+
+fn write_file(p: &Path, data: &[u8]) -> anyhow::Result<()> {
+    std::fs::write(p, data).with_context(|| format!("writing {}", p.display()))
+}
+
+fn human(n: i64) -> String {
+    let n = n as f64;
+    if n >= 1e9 {
+        format!("{:.2}GB", n / 1e9)
+    } else if n >= 1e6 {
+        format!("{:.2}MB", n / 1e6)
+    } else if n >= 1e3 {
+        format!("{:.2}kB", n / 1e3)
+    } else {
+        format!("{n}B")
+    }
+}
+
+fn print_du(records: &[ctl::UsageRecord], verbose: bool) {
+    let total: i64 = records.iter().map(|r| r.size).sum();
+    if verbose {
+        for r in records {
+            println!("ID:\t\t{}\nType:\t\t{}\nDescription:\t{}\nSize:\t\t{}\nCreated at:\t{}\nLast used:\t{}\nUsage count:\t{}\n", r.id, r.kind, r.description, human(r.size), r.created_at, r.last_used_at, r.usage_count);
+        }
+    } else {
+        println!("{:<16} {:<14} {:>10}  {}", "ID", "TYPE", "SIZE", "DESCRIPTION");
+        for r in records {
+            let id: String = r.id.chars().take(16).collect();
+            println!("{:<16} {:<14} {:>10}  {}", id, r.kind, human(r.size), r.description);
+        }
+    }
+    println!("Total:\t{}", human(total));
+}
+
+fn parse_size(s: &str) -> anyhow::Result<i64> {
+    let l = s.trim().to_lowercase();
+    let units: [(&str, f64); 8] = [("gib", 1073741824.0), ("mib", 1048576.0), ("kib", 1024.0), ("gb", 1e9), ("mb", 1e6), ("kb", 1e3), ("g", 1e9), ("m", 1e6)];
+    for (u, m) in units {
+        if let Some(n) = l.strip_suffix(u) {
+            let v: f64 = n.trim().parse().with_context(|| format!("invalid size {s:?}"))?;
+            return Ok((v * m) as i64);
+        }
+    }
+    let n = l.strip_suffix('b').unwrap_or(&l);
+    n.trim().parse::<i64>().with_context(|| format!("invalid size {s:?} (e.g. 10GB, 512MB)"))
+}
+
+fn parse_duration(s: &str) -> anyhow::Result<i64> {
+    let l = s.trim();
+    let (n, mult) = if let Some(n) = l.strip_suffix('h') {
+        (n, 3600)
+    } else if let Some(n) = l.strip_suffix('m') {
+        (n, 60)
+    } else if let Some(n) = l.strip_suffix('s') {
+        (n, 1)
+    } else if let Some(n) = l.strip_suffix('d') {
+        (n, 86400)
+    } else {
+        (l, 1)
+    };
+    let v: i64 = n.parse().with_context(|| format!("invalid duration {s:?} (e.g. 24h, 30m)"))?;
+    Ok(v * mult)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outputs() {
+        let e = parse_output("type=oci,dest=/x.tar,tar=false").unwrap();
+        assert_eq!(e.r#type, "oci");
+        assert_eq!(e.attrs["tar"], "false");
+        assert_eq!(parse_output("/out").unwrap().r#type, "local");
+        assert!(parse_output("type=nope,dest=x").unwrap_err().to_string().contains("unknown output type"));
+        assert!(parse_output("type=oci").unwrap_err().to_string().contains("dest"));
+        assert!(parse_output("type=oci,dest").unwrap_err().to_string().contains("KEY=VALUE"));
+    }
+
+    #[test]
+    fn sizes_and_args() {
+        assert_eq!(parse_size("10GB").unwrap(), 10_000_000_000);
+        assert_eq!(parse_size("512").unwrap(), 512);
+        assert_eq!(parse_duration("2h").unwrap(), 7200);
+        assert!(parse_build_args(&["=x".into()]).is_err());
+        assert_eq!(parse_build_args(&["A=b=c".into()]).unwrap()["A"], "b=c");
+    }
+}

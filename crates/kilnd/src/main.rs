@@ -1,1 +1,92 @@
-fn main() {}
+//! kilnd: the kiln build daemon.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Parser;
+use kiln_daemon::{Config, Engine};
+
+#[derive(Parser, Debug)]
+#[command(name = "kilnd", version, about = "The kiln build daemon")]
+struct Args {
+    /// Listen address (repeatable), e.g. unix:///run/kiln/kilnd.sock
+    #[arg(long = "addr")]
+    addr: Vec<String>,
+    /// State directory
+    #[arg(long)]
+    root: Option<PathBuf>,
+    /// Config file (TOML); /etc/kiln/kilnd.toml is read when present
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Steps run at once (default: one per CPU core)
+    #[arg(long)]
+    max_parallelism: Option<usize>,
+    /// Group allowed to use the socket (mode 0660)
+    #[arg(long)]
+    group: Option<String>,
+    /// Log filter (error, warn, info, debug, trace, or a tracing directive)
+    #[arg(long, default_value = "info", env = "KILND_LOG")]
+    log_level: String,
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&args.log_level).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")))
+        .with_writer(std::io::stderr)
+        .init();
+    match run(args) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kilnd: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    let default_cfg = PathBuf::from("/etc/kiln/kilnd.toml");
+    let mut config = match &args.config {
+        Some(p) => Config::load(p)?,
+        None if default_cfg.exists() => Config::load(&default_cfg)?,
+        None => Config::default(),
+    };
+    if let Some(r) = args.root {
+        config.root = r;
+    }
+    if !args.addr.is_empty() {
+        config.addr = args.addr;
+    }
+    if let Some(p) = args.max_parallelism {
+        config.max_parallelism = p;
+    }
+    if args.group.is_some() {
+        config.group = args.group;
+    }
+    let _lock = kiln_daemon::lock_root(&config.root)?;
+    let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    rt.block_on(async move {
+        let engine = Arc::new(Engine::open(config.clone())?);
+        let mut listeners = Vec::new();
+        for a in &config.addr {
+            listeners.push(kiln_daemon::bind(a, config.group.as_deref())?);
+            tracing::info!(addr = %a, root = %config.root.display(), "kilnd listening");
+        }
+        let shutdown = async {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+            tokio::select! {
+                _ = term.recv() => {},
+                _ = tokio::signal::ctrl_c() => {},
+            }
+        };
+        let r = kiln_daemon::serve(engine, listeners, shutdown).await;
+        for a in &config.addr {
+            if let Ok(p) = kiln_daemon::socket_path(a) {
+                let _ = std::fs::remove_file(p);
+            }
+        }
+        tracing::info!("kilnd stopped");
+        r.map_err(anyhow::Error::from)
+    })
+}
