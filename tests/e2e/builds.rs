@@ -1,0 +1,224 @@
+//! Builds through a real kilnd, checked with umoci, skopeo and oci-image-tool.
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+
+use kiln_e2e::{Daemon, raw_events, require_root, tool, write_tree};
+
+const MULTI_STAGE: &str = r#"# syntax=docker/dockerfile:1
+ARG APP=demo
+FROM scratch AS assets
+COPY static/ /assets/
+COPY --chown=33:33 data.txt /assets/data.txt
+
+FROM scratch AS config
+ARG APP
+ENV APP_NAME=${APP}
+COPY conf/${APP}.conf /etc/${APP}/app.conf
+
+FROM scratch
+ARG APP
+LABEL org.opencontainers.image.title="${APP}" maintainer="kiln"
+ENV PATH=/bin APP_HOME=/srv/${APP}
+WORKDIR /srv/${APP}
+COPY --from=assets /assets ./assets
+COPY --from=config /etc/${APP}/app.conf ./
+COPY --chmod=0750 run.sh /usr/local/bin/run
+COPY --chmod=u=rw,go=r notes.txt ./
+ADD layer.tar /opt/
+USER 1000:1000
+EXPOSE 8080 9090/udp
+VOLUME ["/data"]
+STOPSIGNAL SIGINT
+HEALTHCHECK --interval=30s --timeout=5s CMD ["/usr/local/bin/run", "health"]
+ENTRYPOINT ["/usr/local/bin/run"]
+CMD ["serve"]
+"#;
+
+fn make_tar(path: &Path) {
+    let dir = tempfile::tempdir().unwrap();
+    write_tree(dir.path(), &[("pkg/README", "from a tarball\n")]);
+    tool("tar", &["-cf", path.to_str().unwrap(), "-C", dir.path().to_str().unwrap(), "pkg"]);
+}
+
+fn context() -> tempfile::TempDir {
+    let ctx = tempfile::tempdir().unwrap();
+    write_tree(
+        ctx.path(),
+        &[
+            ("Dockerfile", MULTI_STAGE),
+            ("static/index.html", "<h1>hi</h1>\n"),
+            ("static/css/site.css", "body{}\n"),
+            ("data.txt", "data\n"),
+            ("conf/demo.conf", "name=demo\n"),
+            ("run.sh", "#!/bin/sh\necho run\n"),
+            ("notes.txt", "notes\n"),
+            ("unused.txt", "not copied anywhere\n"),
+            ("secret.key", "must not travel\n"),
+            (".dockerignore", "secret.key\n*.md\n"),
+        ],
+    );
+    make_tar(&ctx.path().join("layer.tar"));
+    ctx
+}
+
+fn unpack_oci_tar(tar: &Path, work: &Path, tag: &str) -> std::path::PathBuf {
+    let layout = work.join("layout");
+    std::fs::create_dir_all(&layout).unwrap();
+    tool("tar", &["-xf", tar.to_str().unwrap(), "-C", layout.to_str().unwrap()]);
+    tool("oci-image-tool", &["validate", "--type", "image", "--ref", &format!("name={tag}"), layout.to_str().unwrap()]);
+    let bundle = work.join("bundle");
+    tool("umoci", &["unpack", "--image", &format!("{}:{tag}", layout.display()), bundle.to_str().unwrap()]);
+    bundle.join("rootfs")
+}
+
+#[test]
+fn multi_stage_scratch_image_is_what_docker_would_make() {
+    require_root!();
+    let d = Daemon::start();
+    let ctx = context();
+    let out = tempfile::tempdir().unwrap();
+    let tar = out.path().join("img.tar");
+    let meta = out.path().join("meta.json");
+    d.ok(&[
+        "build",
+        ctx.path().to_str().unwrap(),
+        "-t",
+        "example.com/demo:v1",
+        "-o",
+        &format!("type=oci,dest={}", tar.display()),
+        "--metadata-file",
+        meta.to_str().unwrap(),
+        "--progress",
+        "plain",
+    ]);
+    let rootfs = unpack_oci_tar(&tar, out.path(), "v1");
+    // Files, modes and owners as Docker would make them.
+    let read = |p: &str| std::fs::read_to_string(rootfs.join(p)).unwrap_or_else(|e| panic!("{p}: {e}"));
+    assert_eq!(read("srv/demo/assets/index.html"), "<h1>hi</h1>\n");
+    assert_eq!(read("srv/demo/assets/css/site.css"), "body{}\n");
+    assert_eq!(read("srv/demo/app.conf"), "name=demo\n");
+    assert_eq!(read("opt/pkg/README"), "from a tarball\n");
+    let md = |p: &str| std::fs::symlink_metadata(rootfs.join(p)).unwrap_or_else(|e| panic!("{p}: {e}"));
+    assert_eq!(md("usr/local/bin/run").permissions().mode() & 0o7777, 0o750);
+    assert_eq!(md("srv/demo/notes.txt").permissions().mode() & 0o7777, 0o644);
+    assert_eq!((md("srv/demo/assets/data.txt").uid(), md("srv/demo/assets/data.txt").gid()), (33, 33));
+    assert_eq!((md("srv/demo/app.conf").uid(), md("srv/demo/app.conf").gid()), (0, 0));
+    assert!(!rootfs.join("secret.key").exists());
+    // The config blob as stored (raw, so Docker's Healthcheck extension shows), read by skopeo.
+    let cfg: serde_json::Value = serde_json::from_str(&tool("skopeo", &["inspect", "--config", "--raw", &format!("oci-archive:{}", tar.display())])).unwrap();
+    let c = &cfg["config"];
+    assert_eq!(c["User"], "1000:1000");
+    assert_eq!(c["WorkingDir"], "/srv/demo");
+    assert_eq!(c["Env"], serde_json::json!(["PATH=/bin", "APP_HOME=/srv/demo"]));
+    assert_eq!(c["Entrypoint"], serde_json::json!(["/usr/local/bin/run"]));
+    assert_eq!(c["Cmd"], serde_json::json!(["serve"]));
+    assert_eq!(c["Labels"]["org.opencontainers.image.title"], "demo");
+    assert!(c["ExposedPorts"]["8080/tcp"].is_object() && c["ExposedPorts"]["9090/udp"].is_object());
+    assert!(c["Volumes"]["/data"].is_object());
+    assert_eq!(c["StopSignal"], "SIGINT");
+    assert_eq!(c["Healthcheck"]["Test"], serde_json::json!(["CMD", "/usr/local/bin/run", "health"]));
+    assert_eq!(c["Healthcheck"]["Interval"], 30_000_000_000i64);
+    assert_eq!(cfg["os"], "linux");
+    assert!(cfg["architecture"].as_str().is_some_and(|a| !a.is_empty()));
+    let layers = cfg["rootfs"]["diff_ids"].as_array().unwrap().len();
+    let history = cfg["history"].as_array().unwrap();
+    let with_layers = history.iter().filter(|h| h["empty_layer"] != true).count();
+    assert_eq!(layers, with_layers, "history must pair with layers: {history:?}");
+    assert!(history.iter().all(|h| h["comment"] == "buildkit.dockerfile.v0" && h["created"].is_string()));
+    // Metadata file.
+    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(&meta).unwrap()).unwrap();
+    let inspect: serde_json::Value = serde_json::from_str(&tool("skopeo", &["inspect", &format!("oci-archive:{}", tar.display())])).unwrap();
+    assert_eq!(m["containerimage.digest"], inspect["Digest"]);
+    assert!(m["containerimage.config.digest"].as_str().unwrap().starts_with("sha256:"));
+    assert_eq!(m["image.name"], "example.com/demo:v1");
+}
+
+fn build_raw(d: &Daemon, ctx: &Path, extra: &[&str]) -> Vec<serde_json::Value> {
+    let mut args = vec!["build", ctx.to_str().unwrap(), "--progress", "rawjson"];
+    args.extend_from_slice(extra);
+    raw_events(&d.ok(&args).stdout)
+}
+
+/// Completed vertices by name -> cached.
+fn completed(events: &[serde_json::Value]) -> Vec<(String, bool)> {
+    events
+        .iter()
+        .filter(|e| e["completed"].is_number())
+        .map(|e| (e["name"].as_str().unwrap_or("").to_string(), e["cached"].as_bool().unwrap_or(false)))
+        .collect()
+}
+
+#[test]
+fn rebuilds_are_cached_and_only_changed_copies_rerun() {
+    require_root!();
+    let d = Daemon::start();
+    let ctx = context();
+    let first = completed(&build_raw(&d, ctx.path(), &[]));
+    assert!(first.iter().any(|(_, c)| !c), "first build ran something: {first:?}");
+    let second = completed(&build_raw(&d, ctx.path(), &[]));
+    assert!(!second.is_empty());
+    assert!(second.iter().all(|(_, c)| *c), "second build must be fully cached: {second:?}");
+    // A file no instruction copies changes nothing.
+    std::fs::write(ctx.path().join("unused.txt"), "edited\n").unwrap();
+    let third = completed(&build_raw(&d, ctx.path(), &[]));
+    assert!(third.iter().filter(|(n, _)| !n.contains("load build context")).all(|(_, c)| *c), "{third:?}");
+    // Editing a copied file reruns that COPY and what depends on it only.
+    std::fs::write(ctx.path().join("notes.txt"), "new notes\n").unwrap();
+    let fourth = completed(&build_raw(&d, ctx.path(), &[]));
+    let rerun: Vec<&String> = fourth.iter().filter(|(_, c)| !c).map(|(n, _)| n).collect();
+    assert!(rerun.iter().any(|n| n.contains("notes.txt")), "{fourth:?}");
+    assert!(!rerun.iter().any(|n| n.contains("static/")), "{fourth:?}");
+    // --no-cache runs everything again.
+    let fifth = completed(&build_raw(&d, ctx.path(), &["--no-cache"]));
+    assert!(fifth.iter().filter(|(n, _)| n.starts_with("COPY")).all(|(_, c)| !c), "{fifth:?}");
+}
+
+#[test]
+fn every_output_type() {
+    require_root!();
+    let d = Daemon::start();
+    let ctx = context();
+    let out = tempfile::tempdir().unwrap();
+    let o = out.path();
+    let c = ctx.path().to_str().unwrap();
+    d.ok(&["build", c, "-o", &format!("type=oci,dest={},tar=false", o.join("layout").display()), "-t", "demo:latest"]);
+    tool("oci-image-tool", &["validate", "--type", "image", "--ref", "name=latest", o.join("layout").to_str().unwrap()]);
+    d.ok(&["build", c, "-o", &format!("type=local,dest={}", o.join("fs").display())]);
+    assert_eq!(std::fs::read_to_string(o.join("fs/srv/demo/app.conf")).unwrap(), "name=demo\n");
+    assert_eq!(std::fs::metadata(o.join("fs/usr/local/bin/run")).unwrap().permissions().mode() & 0o777, 0o750);
+    d.ok(&["build", c, "-o", &format!("type=tar,dest={}", o.join("fs.tar").display())]);
+    let listing = tool("tar", &["-tf", o.join("fs.tar").to_str().unwrap()]);
+    assert!(listing.lines().any(|l| l == "srv/demo/app.conf"), "{listing}");
+    // A bare path means type=local; --target stops at a stage.
+    d.ok(&["build", c, "--target", "assets", "-o", o.join("assets").to_str().unwrap()]);
+    assert!(o.join("assets/assets/index.html").exists());
+    assert!(!o.join("assets/srv").exists());
+}
+
+#[test]
+fn same_digest_from_two_state_dirs_with_source_date_epoch() {
+    require_root!();
+    let ctx = context();
+    let out = tempfile::tempdir().unwrap();
+    let c = ctx.path().to_str().unwrap();
+    let mut digests = Vec::new();
+    for i in 0..2 {
+        // A fresh daemon and state dir each time.
+        let d = Daemon::start();
+        let tar = out.path().join(format!("{i}.tar"));
+        let meta = out.path().join(format!("{i}.json"));
+        d.ok(&[
+            "build", c, "--build-arg", "SOURCE_DATE_EPOCH=1700000000", "-t", "r:1",
+            "-o", &format!("type=oci,dest={}", tar.display()), "--metadata-file", meta.to_str().unwrap(),
+        ]);
+        let m: serde_json::Value = serde_json::from_slice(&std::fs::read(&meta).unwrap()).unwrap();
+        digests.push(m["containerimage.digest"].clone());
+        let cfg: serde_json::Value = serde_json::from_str(&tool("skopeo", &["inspect", "--config", &format!("oci-archive:{}", tar.display())])).unwrap();
+        assert_eq!(cfg["created"], "2023-11-14T22:13:20Z");
+        assert!(cfg["history"].as_array().unwrap().iter().all(|h| h["created"] == "2023-11-14T22:13:20Z"));
+        // Touching files changes mtimes, which the epoch clamps away.
+        std::fs::write(ctx.path().join("data.txt"), "data\n").unwrap();
+    }
+    assert_eq!(digests[0], digests[1]);
+}

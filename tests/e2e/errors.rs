@@ -1,0 +1,77 @@
+//! Bad input gets one clear message and a non-zero exit; the daemon survives.
+
+use kiln_e2e::{Daemon, require_root, write_tree};
+
+fn ctx(dockerfile: &str, files: &[(&str, &str)]) -> tempfile::TempDir {
+    let c = tempfile::tempdir().unwrap();
+    write_tree(c.path(), files);
+    std::fs::write(c.path().join("Dockerfile"), dockerfile).unwrap();
+    c
+}
+
+#[test]
+fn bad_input_is_reported_clearly() {
+    require_root!();
+    let d = Daemon::start();
+    let out = tempfile::tempdir().unwrap();
+    let dest = format!("type=local,dest={}", out.path().join("o").display());
+
+    let e = d.fails(&["build", "/nonexistent/ctx"]);
+    assert!(e.contains("/nonexistent/ctx"), "{e}");
+
+    let c = tempfile::tempdir().unwrap();
+    let e = d.fails(&["build", c.path().to_str().unwrap()]);
+    assert!(e.contains("Dockerfile"), "{e}");
+
+    let c = ctx("FROM scratch\nCOPY a /a\n", &[("a", "a")]);
+    let p = c.path().to_str().unwrap();
+    let e = d.fails(&["build", p, "-o", "type=bogus,dest=x"]);
+    assert!(e.contains("unknown output type \"bogus\""), "{e}");
+    let e = d.fails(&["build", p, "-o", "type=oci"]);
+    assert!(e.contains("dest"), "{e}");
+    let e = d.fails(&["build", p, "--build-arg", "=x"]);
+    assert!(e.contains("--build-arg"), "{e}");
+
+    let c = ctx("FROM scratch\nCOPY a /a\nCOPY missing.txt /m\n", &[("a", "a")]);
+    let e = d.fails(&["build", c.path().to_str().unwrap(), "-o", &dest]);
+    assert!(e.contains("Dockerfile:3") && e.contains("missing.txt") && e.contains("not found"), "{e}");
+
+    let c = ctx("FROM scratch\nCOPY ../x /x\n", &[]);
+    let e = d.fails(&["build", c.path().to_str().unwrap(), "-o", &dest]);
+    assert!(e.contains("Dockerfile:2") && e.contains("outside the build context"), "{e}");
+
+    // A symlink that leads out of the context resolves inside it, so the host file is never read.
+    let c = ctx("FROM scratch\nCOPY link /x\n", &[]);
+    std::os::unix::fs::symlink("/etc/passwd", c.path().join("link")).unwrap();
+    let e = d.fails(&["build", c.path().to_str().unwrap(), "-o", &dest]);
+    assert!(e.contains("Dockerfile:2") && e.contains("not found"), "{e}");
+    assert!(!out.path().join("o/x").exists());
+
+    let c = ctx("FROM scratch\nCOPPY a /a\n", &[]);
+    let e = d.fails(&["build", c.path().to_str().unwrap(), "-o", &dest]);
+    assert!(e.contains("Dockerfile:2") && e.contains("did you mean COPY"), "{e}");
+
+    let c = ctx("FROM scratch\nCOPY --from=nope /a /a\n", &[]);
+    let e = d.fails(&["build", c.path().to_str().unwrap(), "-o", &dest]);
+    assert!(e.contains("nope"), "{e}");
+
+    let c = ctx("FROM scratch AS a\nFROM scratch\n", &[]);
+    let e = d.fails(&["build", c.path().to_str().unwrap(), "--target", "zzz"]);
+    assert!(e.contains("zzz") && e.contains("could not be found"), "{e}");
+
+    // The daemon is still healthy after all of that.
+    let c = ctx("FROM scratch\nCOPY a /a\n", &[("a", "a")]);
+    d.ok(&["build", c.path().to_str().unwrap(), "-o", &dest]);
+    assert_eq!(std::fs::read_to_string(out.path().join("o/a")).unwrap(), "a");
+}
+
+#[test]
+fn unreachable_daemon_is_a_clear_error() {
+    let o = std::process::Command::new(kiln_e2e::bin("kilnctl"))
+        .args(["--addr", "unix:///nonexistent/kilnd.sock", "du"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("cannot connect to the kiln daemon at unix:///nonexistent/kilnd.sock"), "{e}");
+}

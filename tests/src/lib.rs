@@ -1,0 +1,181 @@
+//! Helpers for end-to-end tests: locate the built binaries, run a real
+//! kilnd on a private socket and state dir, run kilnctl against it.
+#![forbid(unsafe_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// A built binary of this workspace (target/<profile>/NAME).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/e2e-<hash> -> target/<profile>/NAME
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let p = dir.join(name);
+    assert!(
+        p.exists(),
+        "{} is not built; run `cargo build --workspace` before the end-to-end tests",
+        p.display()
+    );
+    p
+}
+
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// Skips (with a message) when not root: kiln needs root for overlayfs.
+#[macro_export]
+macro_rules! require_root {
+    () => {
+        if !$crate::is_root() {
+            eprintln!("skipping: end-to-end builds need root (overlayfs mounts)");
+            return;
+        }
+    };
+}
+
+pub struct Daemon {
+    child: Option<Child>,
+    pub dir: tempfile::TempDir,
+    pub root: PathBuf,
+    pub addr: String,
+    pub sock: PathBuf,
+}
+
+impl Daemon {
+    pub fn start() -> Daemon {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().join("state");
+        let sock = dir.path().join("kilnd.sock");
+        Self::start_at(dir, root, sock)
+    }
+
+    pub fn start_at(dir: tempfile::TempDir, root: PathBuf, sock: PathBuf) -> Daemon {
+        let addr = format!("unix://{}", sock.display());
+        let log = std::fs::File::create(dir.path().join("kilnd.log")).expect("log file");
+        let child = Command::new(bin("kilnd"))
+            .args(["--addr", &addr, "--root"])
+            .arg(&root)
+            .arg("--log-level=debug")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn kilnd");
+        let d = Daemon {
+            child: Some(child),
+            dir,
+            root,
+            addr,
+            sock,
+        };
+        d.wait_ready();
+        d
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if std::os::unix::net::UnixStream::connect(&self.sock).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("kilnd did not start; log:\n{}", self.log());
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("kilnd.log")).unwrap_or_default()
+    }
+
+    /// Runs kilnctl against this daemon.
+    pub fn kilnctl(&self, args: &[&str]) -> Output {
+        Command::new(bin("kilnctl"))
+            .arg("--addr")
+            .arg(&self.addr)
+            .args(args)
+            .output()
+            .expect("run kilnctl")
+    }
+
+    /// Runs kilnctl and asserts success.
+    pub fn ok(&self, args: &[&str]) -> Output {
+        let o = self.kilnctl(args);
+        assert!(
+            o.status.success(),
+            "kilnctl {args:?} failed:\nstdout:\n{}\nstderr:\n{}\ndaemon log:\n{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr),
+            self.log()
+        );
+        o
+    }
+
+    /// Runs kilnctl, asserts failure, returns stderr.
+    pub fn fails(&self, args: &[&str]) -> String {
+        let o = self.kilnctl(args);
+        assert!(!o.status.success(), "kilnctl {args:?} unexpectedly succeeded");
+        String::from_utf8_lossy(&o.stderr).to_string()
+    }
+
+    /// Sends SIGTERM and waits for exit; returns whether it exited cleanly.
+    pub fn stop(&mut self) -> bool {
+        let Some(mut c) = self.child.take() else { return true };
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(s)) = c.try_wait() {
+                return s.success();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = c.kill();
+        false
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Mount points below `dir` (from /proc/self/mountinfo).
+pub fn mounts_under(dir: &Path) -> Vec<String> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let d = dir.display().to_string();
+    info.lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|m| m.starts_with(&d))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Runs a tool nobody here wrote; panics with its output on failure.
+pub fn tool(cmd: &str, args: &[&str]) -> String {
+    let o = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("{cmd} is not installed ({e}); .ci/run installs it"));
+    assert!(
+        o.status.success(),
+        "{cmd} {args:?} failed:\n{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).to_string()
+}
+
+/// Writes files (path -> content) under `dir`.
+pub fn write_tree(dir: &Path, files: &[(&str, &str)]) {
+    for (p, c) in files {
+        let full = dir.join(p);
+        std::fs::create_dir_all(full.parent().expect("parent")).expect("mkdir");
+        std::fs::write(full, c).expect("write");
+    }
+}
+
+/// Parses rawjson progress lines.
+pub fn raw_events(stdout: &[u8]) -> Vec<serde_json::Value> {
+    String::from_utf8_lossy(stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
