@@ -38,7 +38,16 @@ CMD ["serve"]
 fn make_tar(path: &Path) {
     let dir = tempfile::tempdir().unwrap();
     write_tree(dir.path(), &[("pkg/README", "from a tarball\n")]);
-    tool("tar", &["-cf", path.to_str().unwrap(), "-C", dir.path().to_str().unwrap(), "pkg"]);
+    tool(
+        "tar",
+        &[
+            "-cf",
+            path.to_str().unwrap(),
+            "-C",
+            dir.path().to_str().unwrap(),
+            "pkg",
+        ],
+    );
 }
 
 fn context() -> tempfile::TempDir {
@@ -65,10 +74,31 @@ fn context() -> tempfile::TempDir {
 fn unpack_oci_tar(tar: &Path, work: &Path, tag: &str) -> std::path::PathBuf {
     let layout = work.join("layout");
     std::fs::create_dir_all(&layout).unwrap();
-    tool("tar", &["-xf", tar.to_str().unwrap(), "-C", layout.to_str().unwrap()]);
-    tool("oci-image-tool", &["validate", "--type", "image", "--ref", &format!("name={tag}"), layout.to_str().unwrap()]);
+    tool(
+        "tar",
+        &["-xf", tar.to_str().unwrap(), "-C", layout.to_str().unwrap()],
+    );
+    tool(
+        "oci-image-tool",
+        &[
+            "validate",
+            "--type",
+            "image",
+            "--ref",
+            &format!("name={tag}"),
+            layout.to_str().unwrap(),
+        ],
+    );
     let bundle = work.join("bundle");
-    tool("umoci", &["unpack", "--image", &format!("{}:{tag}", layout.display()), bundle.to_str().unwrap()]);
+    tool(
+        "umoci",
+        &[
+            "unpack",
+            "--image",
+            &format!("{}:{tag}", layout.display()),
+            bundle.to_str().unwrap(),
+        ],
+    );
     bundle.join("rootfs")
 }
 
@@ -94,43 +124,88 @@ fn multi_stage_scratch_image_is_what_docker_would_make() {
     ]);
     let rootfs = unpack_oci_tar(&tar, out.path(), "v1");
     // Files, modes and owners as Docker would make them.
-    let read = |p: &str| std::fs::read_to_string(rootfs.join(p)).unwrap_or_else(|e| panic!("{p}: {e}"));
+    let read =
+        |p: &str| std::fs::read_to_string(rootfs.join(p)).unwrap_or_else(|e| panic!("{p}: {e}"));
     assert_eq!(read("srv/demo/assets/index.html"), "<h1>hi</h1>\n");
     assert_eq!(read("srv/demo/assets/css/site.css"), "body{}\n");
     assert_eq!(read("srv/demo/app.conf"), "name=demo\n");
     assert_eq!(read("opt/pkg/README"), "from a tarball\n");
-    let md = |p: &str| std::fs::symlink_metadata(rootfs.join(p)).unwrap_or_else(|e| panic!("{p}: {e}"));
+    let md =
+        |p: &str| std::fs::symlink_metadata(rootfs.join(p)).unwrap_or_else(|e| panic!("{p}: {e}"));
     assert_eq!(md("usr/local/bin/run").permissions().mode() & 0o7777, 0o750);
-    assert_eq!(md("srv/demo/notes.txt").permissions().mode() & 0o7777, 0o644);
-    assert_eq!((md("srv/demo/assets/data.txt").uid(), md("srv/demo/assets/data.txt").gid()), (33, 33));
-    assert_eq!((md("srv/demo/app.conf").uid(), md("srv/demo/app.conf").gid()), (0, 0));
+    assert_eq!(
+        md("srv/demo/notes.txt").permissions().mode() & 0o7777,
+        0o644
+    );
+    assert_eq!(
+        (
+            md("srv/demo/assets/data.txt").uid(),
+            md("srv/demo/assets/data.txt").gid()
+        ),
+        (33, 33)
+    );
+    assert_eq!(
+        (md("srv/demo/app.conf").uid(), md("srv/demo/app.conf").gid()),
+        (0, 0)
+    );
     assert!(!rootfs.join("secret.key").exists());
     // The config blob as stored (raw, so Docker's Healthcheck extension shows), read by skopeo.
-    let cfg: serde_json::Value = serde_json::from_str(&tool("skopeo", &["inspect", "--config", "--raw", &format!("oci-archive:{}", tar.display())])).unwrap();
+    let cfg: serde_json::Value = serde_json::from_str(&tool(
+        "skopeo",
+        &[
+            "inspect",
+            "--config",
+            "--raw",
+            &format!("oci-archive:{}", tar.display()),
+        ],
+    ))
+    .unwrap();
     let c = &cfg["config"];
     assert_eq!(c["User"], "1000:1000");
     assert_eq!(c["WorkingDir"], "/srv/demo");
-    assert_eq!(c["Env"], serde_json::json!(["PATH=/bin", "APP_HOME=/srv/demo"]));
+    assert_eq!(
+        c["Env"],
+        serde_json::json!(["PATH=/bin", "APP_HOME=/srv/demo"])
+    );
     assert_eq!(c["Entrypoint"], serde_json::json!(["/usr/local/bin/run"]));
     assert_eq!(c["Cmd"], serde_json::json!(["serve"]));
     assert_eq!(c["Labels"]["org.opencontainers.image.title"], "demo");
     assert!(c["ExposedPorts"]["8080/tcp"].is_object() && c["ExposedPorts"]["9090/udp"].is_object());
     assert!(c["Volumes"]["/data"].is_object());
     assert_eq!(c["StopSignal"], "SIGINT");
-    assert_eq!(c["Healthcheck"]["Test"], serde_json::json!(["CMD", "/usr/local/bin/run", "health"]));
+    assert_eq!(
+        c["Healthcheck"]["Test"],
+        serde_json::json!(["CMD", "/usr/local/bin/run", "health"])
+    );
     assert_eq!(c["Healthcheck"]["Interval"], 30_000_000_000i64);
     assert_eq!(cfg["os"], "linux");
     assert!(cfg["architecture"].as_str().is_some_and(|a| !a.is_empty()));
     let layers = cfg["rootfs"]["diff_ids"].as_array().unwrap().len();
     let history = cfg["history"].as_array().unwrap();
     let with_layers = history.iter().filter(|h| h["empty_layer"] != true).count();
-    assert_eq!(layers, with_layers, "history must pair with layers: {history:?}");
-    assert!(history.iter().all(|h| h["comment"] == "buildkit.dockerfile.v0" && h["created"].is_string()));
+    assert_eq!(
+        layers, with_layers,
+        "history must pair with layers: {history:?}"
+    );
+    assert!(
+        history
+            .iter()
+            .all(|h| h["comment"] == "buildkit.dockerfile.v0" && h["created"].is_string())
+    );
     // Metadata file.
     let m: serde_json::Value = serde_json::from_slice(&std::fs::read(&meta).unwrap()).unwrap();
-    let inspect: serde_json::Value = serde_json::from_str(&tool("skopeo", &["inspect", &format!("oci-archive:{}", tar.display())])).unwrap();
+    let inspect: serde_json::Value = serde_json::from_str(&tool(
+        "skopeo",
+        &["inspect", &format!("oci-archive:{}", tar.display())],
+    ))
+    .unwrap();
     assert_eq!(m["containerimage.digest"], inspect["Digest"]);
-    assert!(m["containerimage.config.digest"].as_str().unwrap().starts_with("sha256:"));
+    assert!(
+        m["containerimage.config.digest"]
+            .as_str()
+            .unwrap()
+            .starts_with("sha256:")
+    );
     assert_eq!(m["image.name"], "example.com/demo:v1");
 }
 
@@ -145,7 +220,12 @@ fn completed(events: &[serde_json::Value]) -> Vec<(String, bool)> {
     events
         .iter()
         .filter(|e| e["completed"].is_number())
-        .map(|e| (e["name"].as_str().unwrap_or("").to_string(), e["cached"].as_bool().unwrap_or(false)))
+        .map(|e| {
+            (
+                e["name"].as_str().unwrap_or("").to_string(),
+                e["cached"].as_bool().unwrap_or(false),
+            )
+        })
         .collect()
 }
 
@@ -155,14 +235,26 @@ fn rebuilds_are_cached_and_only_changed_copies_rerun() {
     let d = Daemon::start();
     let ctx = context();
     let first = completed(&build_raw(&d, ctx.path(), &[]));
-    assert!(first.iter().any(|(_, c)| !c), "first build ran something: {first:?}");
+    assert!(
+        first.iter().any(|(_, c)| !c),
+        "first build ran something: {first:?}"
+    );
     let second = completed(&build_raw(&d, ctx.path(), &[]));
     assert!(!second.is_empty());
-    assert!(second.iter().all(|(_, c)| *c), "second build must be fully cached: {second:?}");
+    assert!(
+        second.iter().all(|(_, c)| *c),
+        "second build must be fully cached: {second:?}"
+    );
     // A file no instruction copies changes nothing.
     std::fs::write(ctx.path().join("unused.txt"), "edited\n").unwrap();
     let third = completed(&build_raw(&d, ctx.path(), &[]));
-    assert!(third.iter().filter(|(n, _)| !n.contains("load build context")).all(|(_, c)| *c), "{third:?}");
+    assert!(
+        third
+            .iter()
+            .filter(|(n, _)| !n.contains("load build context"))
+            .all(|(_, c)| *c),
+        "{third:?}"
+    );
     // Editing a copied file reruns that COPY and what depends on it only.
     std::fs::write(ctx.path().join("notes.txt"), "new notes\n").unwrap();
     let fourth = completed(&build_raw(&d, ctx.path(), &[]));
@@ -171,7 +263,13 @@ fn rebuilds_are_cached_and_only_changed_copies_rerun() {
     assert!(!rerun.iter().any(|n| n.contains("static/")), "{fourth:?}");
     // --no-cache runs everything again.
     let fifth = completed(&build_raw(&d, ctx.path(), &["--no-cache"]));
-    assert!(fifth.iter().filter(|(n, _)| n.starts_with("COPY")).all(|(_, c)| !c), "{fifth:?}");
+    assert!(
+        fifth
+            .iter()
+            .filter(|(n, _)| n.starts_with("COPY"))
+            .all(|(_, c)| !c),
+        "{fifth:?}"
+    );
 }
 
 #[test]
@@ -182,16 +280,63 @@ fn every_output_type() {
     let out = tempfile::tempdir().unwrap();
     let o = out.path();
     let c = ctx.path().to_str().unwrap();
-    d.ok(&["build", c, "-o", &format!("type=oci,dest={},tar=false", o.join("layout").display()), "-t", "demo:latest"]);
-    tool("oci-image-tool", &["validate", "--type", "image", "--ref", "name=latest", o.join("layout").to_str().unwrap()]);
-    d.ok(&["build", c, "-o", &format!("type=local,dest={}", o.join("fs").display())]);
-    assert_eq!(std::fs::read_to_string(o.join("fs/srv/demo/app.conf")).unwrap(), "name=demo\n");
-    assert_eq!(std::fs::metadata(o.join("fs/usr/local/bin/run")).unwrap().permissions().mode() & 0o777, 0o750);
-    d.ok(&["build", c, "-o", &format!("type=tar,dest={}", o.join("fs.tar").display())]);
+    d.ok(&[
+        "build",
+        c,
+        "-o",
+        &format!("type=oci,dest={},tar=false", o.join("layout").display()),
+        "-t",
+        "demo:latest",
+    ]);
+    tool(
+        "oci-image-tool",
+        &[
+            "validate",
+            "--type",
+            "image",
+            "--ref",
+            "name=latest",
+            o.join("layout").to_str().unwrap(),
+        ],
+    );
+    d.ok(&[
+        "build",
+        c,
+        "-o",
+        &format!("type=local,dest={}", o.join("fs").display()),
+    ]);
+    assert_eq!(
+        std::fs::read_to_string(o.join("fs/srv/demo/app.conf")).unwrap(),
+        "name=demo\n"
+    );
+    assert_eq!(
+        std::fs::metadata(o.join("fs/usr/local/bin/run"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o750
+    );
+    d.ok(&[
+        "build",
+        c,
+        "-o",
+        &format!("type=tar,dest={}", o.join("fs.tar").display()),
+    ]);
     let listing = tool("tar", &["-tf", o.join("fs.tar").to_str().unwrap()]);
-    assert!(listing.lines().any(|l| l == "srv/demo/app.conf"), "{listing}");
+    assert!(
+        listing.lines().any(|l| l == "srv/demo/app.conf"),
+        "{listing}"
+    );
     // A bare path means type=local; --target stops at a stage.
-    d.ok(&["build", c, "--target", "assets", "-o", o.join("assets").to_str().unwrap()]);
+    d.ok(&[
+        "build",
+        c,
+        "--target",
+        "assets",
+        "-o",
+        o.join("assets").to_str().unwrap(),
+    ]);
     assert!(o.join("assets/assets/index.html").exists());
     assert!(!o.join("assets/srv").exists());
 }
@@ -209,14 +354,36 @@ fn same_digest_from_two_state_dirs_with_source_date_epoch() {
         let tar = out.path().join(format!("{i}.tar"));
         let meta = out.path().join(format!("{i}.json"));
         d.ok(&[
-            "build", c, "--build-arg", "SOURCE_DATE_EPOCH=1700000000", "-t", "r:1",
-            "-o", &format!("type=oci,dest={}", tar.display()), "--metadata-file", meta.to_str().unwrap(),
+            "build",
+            c,
+            "--build-arg",
+            "SOURCE_DATE_EPOCH=1700000000",
+            "-t",
+            "r:1",
+            "-o",
+            &format!("type=oci,dest={}", tar.display()),
+            "--metadata-file",
+            meta.to_str().unwrap(),
         ]);
         let m: serde_json::Value = serde_json::from_slice(&std::fs::read(&meta).unwrap()).unwrap();
         digests.push(m["containerimage.digest"].clone());
-        let cfg: serde_json::Value = serde_json::from_str(&tool("skopeo", &["inspect", "--config", &format!("oci-archive:{}", tar.display())])).unwrap();
+        let cfg: serde_json::Value = serde_json::from_str(&tool(
+            "skopeo",
+            &[
+                "inspect",
+                "--config",
+                &format!("oci-archive:{}", tar.display()),
+            ],
+        ))
+        .unwrap();
         assert_eq!(cfg["created"], "2023-11-14T22:13:20Z");
-        assert!(cfg["history"].as_array().unwrap().iter().all(|h| h["created"] == "2023-11-14T22:13:20Z"));
+        assert!(
+            cfg["history"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|h| h["created"] == "2023-11-14T22:13:20Z")
+        );
         // Touching files changes mtimes, which the epoch clamps away.
         std::fs::write(ctx.path().join("data.txt"), "data\n").unwrap();
     }

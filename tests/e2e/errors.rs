@@ -32,13 +32,22 @@ fn bad_input_is_reported_clearly() {
     let e = d.fails(&["build", p, "--build-arg", "=x"]);
     assert!(e.contains("--build-arg"), "{e}");
 
-    let c = ctx("FROM scratch\nCOPY a /a\nCOPY missing.txt /m\n", &[("a", "a")]);
+    let c = ctx(
+        "FROM scratch\nCOPY a /a\nCOPY missing.txt /m\n",
+        &[("a", "a")],
+    );
     let e = d.fails(&["build", c.path().to_str().unwrap(), "-o", &dest]);
-    assert!(e.contains("Dockerfile:3") && e.contains("missing.txt") && e.contains("not found"), "{e}");
+    assert!(
+        e.contains("Dockerfile:3") && e.contains("missing.txt") && e.contains("not found"),
+        "{e}"
+    );
 
     let c = ctx("FROM scratch\nCOPY ../x /x\n", &[]);
     let e = d.fails(&["build", c.path().to_str().unwrap(), "-o", &dest]);
-    assert!(e.contains("Dockerfile:2") && e.contains("outside the build context"), "{e}");
+    assert!(
+        e.contains("Dockerfile:2") && e.contains("outside the build context"),
+        "{e}"
+    );
 
     // A symlink that leads out of the context resolves inside it, so the host file is never read.
     let c = ctx("FROM scratch\nCOPY link /x\n", &[]);
@@ -49,7 +58,10 @@ fn bad_input_is_reported_clearly() {
 
     let c = ctx("FROM scratch\nCOPPY a /a\n", &[]);
     let e = d.fails(&["build", c.path().to_str().unwrap(), "-o", &dest]);
-    assert!(e.contains("Dockerfile:2") && e.contains("did you mean COPY"), "{e}");
+    assert!(
+        e.contains("Dockerfile:2") && e.contains("did you mean COPY"),
+        "{e}"
+    );
 
     let c = ctx("FROM scratch\nCOPY --from=nope /a /a\n", &[]);
     let e = d.fails(&["build", c.path().to_str().unwrap(), "-o", &dest]);
@@ -62,7 +74,10 @@ fn bad_input_is_reported_clearly() {
     // The daemon is still healthy after all of that.
     let c = ctx("FROM scratch\nCOPY a /a\n", &[("a", "a")]);
     d.ok(&["build", c.path().to_str().unwrap(), "-o", &dest]);
-    assert_eq!(std::fs::read_to_string(out.path().join("o/a")).unwrap(), "a");
+    assert_eq!(
+        std::fs::read_to_string(out.path().join("o/a")).unwrap(),
+        "a"
+    );
 }
 
 #[test]
@@ -73,5 +88,8 @@ fn unreachable_daemon_is_a_clear_error() {
         .unwrap();
     assert!(!o.status.success());
     let e = String::from_utf8_lossy(&o.stderr);
-    assert!(e.contains("cannot connect to the kiln daemon at unix:///nonexistent/kilnd.sock"), "{e}");
+    assert!(
+        e.contains("cannot connect to the kiln daemon at unix:///nonexistent/kilnd.sock"),
+        "{e}"
+    );
 }

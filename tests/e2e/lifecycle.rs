@@ -8,7 +8,16 @@ use kiln_e2e::{Daemon, bin, mounts_under, require_root, write_tree};
 
 fn simple_ctx() -> tempfile::TempDir {
     let c = tempfile::tempdir().unwrap();
-    write_tree(c.path(), &[("Dockerfile", "FROM scratch AS a\nCOPY f /f\nFROM scratch\nCOPY --from=a /f /g\nCOPY f /h\n"), ("f", "x\n")]);
+    write_tree(
+        c.path(),
+        &[
+            (
+                "Dockerfile",
+                "FROM scratch AS a\nCOPY f /f\nFROM scratch\nCOPY --from=a /f /g\nCOPY f /h\n",
+            ),
+            ("f", "x\n"),
+        ],
+    );
     c
 }
 
@@ -20,7 +29,11 @@ fn socket_mode_and_single_owner_of_state_dir() {
     assert_eq!(mode, 0o660);
     // A second daemon on the same state dir refuses to start.
     let o = Command::new(bin("kilnd"))
-        .args(["--addr", &format!("unix://{}", d.dir.path().join("other.sock").display()), "--root"])
+        .args([
+            "--addr",
+            &format!("unix://{}", d.dir.path().join("other.sock").display()),
+            "--root",
+        ])
         .arg(&d.root)
         .output()
         .unwrap();
@@ -29,7 +42,11 @@ fn socket_mode_and_single_owner_of_state_dir() {
     assert!(e.contains("in use by another kiln process"), "{e}");
     // A second daemon on the same socket refuses too.
     let other = tempfile::tempdir().unwrap();
-    let o = Command::new(bin("kilnd")).args(["--addr", &d.addr, "--root"]).arg(other.path()).output().unwrap();
+    let o = Command::new(bin("kilnd"))
+        .args(["--addr", &d.addr, "--root"])
+        .arg(other.path())
+        .output()
+        .unwrap();
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("already served"));
 }
@@ -40,19 +57,51 @@ fn du_prune_and_clean_shutdown() {
     let mut d = Daemon::start();
     let c = simple_ctx();
     let out = tempfile::tempdir().unwrap();
-    d.ok(&["build", c.path().to_str().unwrap(), "-o", &format!("type=oci,dest={}", out.path().join("i.tar").display())]);
+    d.ok(&[
+        "build",
+        c.path().to_str().unwrap(),
+        "-o",
+        &format!("type=oci,dest={}", out.path().join("i.tar").display()),
+    ]);
     let du = String::from_utf8_lossy(&d.ok(&["du"]).stdout).to_string();
     assert!(du.contains("COPY f /f") && du.contains("Total:"), "{du}");
     let removed = String::from_utf8_lossy(&d.ok(&["prune", "--all"]).stdout).to_string();
-    assert!(removed.contains("regular") && removed.contains("blob"), "{removed}");
+    assert!(
+        removed.contains("regular") && removed.contains("blob"),
+        "{removed}"
+    );
     let du = String::from_utf8_lossy(&d.ok(&["du"]).stdout).to_string();
-    assert!(!du.contains("regular") && !du.contains("source.local"), "{du}");
-    assert_eq!(std::fs::read_dir(d.root.join("snapshots")).unwrap().count(), 0);
-    assert_eq!(std::fs::read_dir(d.root.join("content/blobs/sha256")).unwrap().count(), 0);
+    assert!(
+        !du.contains("regular") && !du.contains("source.local"),
+        "{du}"
+    );
+    assert_eq!(
+        std::fs::read_dir(d.root.join("snapshots")).unwrap().count(),
+        0
+    );
+    assert_eq!(
+        std::fs::read_dir(d.root.join("content/blobs/sha256"))
+            .unwrap()
+            .count(),
+        0
+    );
     // After a prune the same build works again (nothing half-deleted).
-    d.ok(&["build", c.path().to_str().unwrap(), "-o", &format!("type=oci,dest={}", out.path().join("i.tar").display())]);
-    assert!(d.stop(), "kilnd did not exit cleanly on SIGTERM:\n{}", d.log());
-    assert!(mounts_under(&d.root).is_empty(), "mounts left: {:?}", mounts_under(&d.root));
+    d.ok(&[
+        "build",
+        c.path().to_str().unwrap(),
+        "-o",
+        &format!("type=oci,dest={}", out.path().join("i.tar").display()),
+    ]);
+    assert!(
+        d.stop(),
+        "kilnd did not exit cleanly on SIGTERM:\n{}",
+        d.log()
+    );
+    assert!(
+        mounts_under(&d.root).is_empty(),
+        "mounts left: {:?}",
+        mounts_under(&d.root)
+    );
     assert!(!d.sock.exists(), "socket left behind");
 }
 
@@ -62,8 +111,12 @@ fn keep_duration_prunes_only_old_records() {
     let d = Daemon::start();
     let c = simple_ctx();
     d.ok(&["build", c.path().to_str().unwrap()]);
-    let removed = String::from_utf8_lossy(&d.ok(&["prune", "--keep-duration", "1h"]).stdout).to_string();
-    assert!(!removed.contains("regular"), "fresh records must stay: {removed}");
+    let removed =
+        String::from_utf8_lossy(&d.ok(&["prune", "--keep-duration", "1h"]).stdout).to_string();
+    assert!(
+        !removed.contains("regular"),
+        "fresh records must stay: {removed}"
+    );
     let du = String::from_utf8_lossy(&d.ok(&["du"]).stdout).to_string();
     assert!(du.contains("COPY f /f"), "{du}");
 }
@@ -78,8 +131,17 @@ fn embedded_engine_without_a_daemon() {
         Command::new(bin("kilnctl"))
             .env_remove("KILN_HOST")
             .env("KILN_ROOT", state.path())
-            .args(["build", c.path().to_str().unwrap(), "--progress", "rawjson", "-o"])
-            .arg(format!("type=local,dest={}", out.path().join("fs").display()))
+            .args([
+                "build",
+                c.path().to_str().unwrap(),
+                "--progress",
+                "rawjson",
+                "-o",
+            ])
+            .arg(format!(
+                "type=local,dest={}",
+                out.path().join("fs").display()
+            ))
             .output()
             .unwrap()
     };
@@ -90,12 +152,21 @@ fn embedded_engine_without_a_daemon() {
     }
     let o = run();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert_eq!(std::fs::read_to_string(out.path().join("fs/h")).unwrap(), "x\n");
+    assert_eq!(
+        std::fs::read_to_string(out.path().join("fs/h")).unwrap(),
+        "x\n"
+    );
     assert!(state.path().join("metadata.db").exists());
     // The second run uses the same state: fully cached.
     let o = run();
     assert!(o.status.success());
     let events = kiln_e2e::raw_events(&o.stdout);
-    assert!(events.iter().filter(|e| e["completed"].is_number()).all(|e| e["cached"] == true), "{events:?}");
+    assert!(
+        events
+            .iter()
+            .filter(|e| e["completed"].is_number())
+            .all(|e| e["cached"] == true),
+        "{events:?}"
+    );
     assert!(mounts_under(state.path()).is_empty());
 }

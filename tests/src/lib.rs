@@ -114,14 +114,22 @@ impl Daemon {
     /// Runs kilnctl, asserts failure, returns stderr.
     pub fn fails(&self, args: &[&str]) -> String {
         let o = self.kilnctl(args);
-        assert!(!o.status.success(), "kilnctl {args:?} unexpectedly succeeded");
+        assert!(
+            !o.status.success(),
+            "kilnctl {args:?} unexpectedly succeeded"
+        );
         String::from_utf8_lossy(&o.stderr).to_string()
     }
 
     /// Sends SIGTERM and waits for exit; returns whether it exited cleanly.
     pub fn stop(&mut self) -> bool {
-        let Some(mut c) = self.child.take() else { return true };
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::Signal::SIGTERM);
+        let Some(mut c) = self.child.take() else {
+            return true;
+        };
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(c.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if let Ok(Some(s)) = c.try_wait() {
@@ -153,7 +161,10 @@ pub fn mounts_under(dir: &Path) -> Vec<String> {
 
 /// Runs a tool nobody here wrote; panics with its output on failure.
 pub fn tool(cmd: &str, args: &[&str]) -> String {
-    let o = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("{cmd} is not installed ({e}); .ci/run installs it"));
+    let o = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd} is not installed ({e}); .ci/run installs it"));
     assert!(
         o.status.success(),
         "{cmd} {args:?} failed:\n{}{}",

@@ -47,8 +47,16 @@ fn remove_all(p: &Path) -> Result<(), ArchiveError> {
 
 /// Unpacks `reader` into `dest`, which lies inside `root` (symlinks in the
 /// archive's paths are resolved relative to `root`).
-pub fn unpack<R: Read>(reader: R, root: &Path, dest: &Path, opts: ApplyOptions) -> Result<u64, ArchiveError> {
-    let rel_dest = dest.strip_prefix(root).unwrap_or(Path::new("")).to_path_buf();
+pub fn unpack<R: Read>(
+    reader: R,
+    root: &Path,
+    dest: &Path,
+    opts: ApplyOptions,
+) -> Result<u64, ArchiveError> {
+    let rel_dest = dest
+        .strip_prefix(root)
+        .unwrap_or(Path::new(""))
+        .to_path_buf();
     let mut archive = tar::Archive::new(reader);
     let mut count = 0;
     let mut dirs: Vec<(PathBuf, u32, i64)> = Vec::new();
@@ -61,10 +69,16 @@ pub fn unpack<R: Read>(reader: R, root: &Path, dest: &Path, opts: ApplyOptions) 
             continue;
         }
         let full_rel = rel_dest.join(&rel);
-        let parent_rel = full_rel.parent().map(|p| p.to_string_lossy().to_string()).unwrap_or_default();
+        let parent_rel = full_rel
+            .parent()
+            .map(|p| p.to_string_lossy().to_string())
+            .unwrap_or_default();
         let parent = resolve_in_root(root, &parent_rel, true)?;
         fs::create_dir_all(&parent).map_err(io_at(&parent))?;
-        let name = rel.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+        let name = rel
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_default();
         if opts.whiteouts {
             if name == ".wh..wh..opq" {
                 for e in fs::read_dir(&parent).map_err(io_at(&parent))? {
@@ -83,13 +97,9 @@ pub fn unpack<R: Read>(reader: R, root: &Path, dest: &Path, opts: ApplyOptions) 
         let mode = header.mode().unwrap_or(0o644);
         let mtime = header.mtime().unwrap_or(0) as i64;
         let kind = header.entry_type();
-        if !kind.is_dir() {
-            if let Ok(md) = fs::symlink_metadata(&target)
-                && (md.is_dir() || md.file_type().is_symlink() || md.is_file())
-                && !(md.is_dir() && kind.is_dir())
-            {
-                remove_all(&target)?;
-            }
+        // Anything already at the path gives way to a non-directory entry.
+        if !kind.is_dir() && fs::symlink_metadata(&target).is_ok() {
+            remove_all(&target)?;
         }
         match kind {
             tar::EntryType::Directory => {
@@ -104,15 +114,23 @@ pub fn unpack<R: Read>(reader: R, root: &Path, dest: &Path, opts: ApplyOptions) 
             tar::EntryType::Regular | tar::EntryType::Continuous => {
                 let mut f = fs::File::create(&target).map_err(io_at(&target))?;
                 io::copy(&mut entry, &mut f).map_err(io_at(&target))?;
-                fs::set_permissions(&target, fs::Permissions::from_mode(mode)).map_err(io_at(&target))?;
+                fs::set_permissions(&target, fs::Permissions::from_mode(mode))
+                    .map_err(io_at(&target))?;
             }
             tar::EntryType::Symlink => {
-                let link = entry.link_name().map_err(io_at(&target))?.unwrap_or_default();
+                let link = entry
+                    .link_name()
+                    .map_err(io_at(&target))?
+                    .unwrap_or_default();
                 symlink(&link, &target).map_err(io_at(&target))?;
             }
             tar::EntryType::Link => {
-                let link = entry.link_name().map_err(io_at(&target))?.unwrap_or_default();
-                let link_rel = clean_entry(&link).ok_or_else(|| ArchiveError::Escape(link.to_string_lossy().to_string()))?;
+                let link = entry
+                    .link_name()
+                    .map_err(io_at(&target))?
+                    .unwrap_or_default();
+                let link_rel = clean_entry(&link)
+                    .ok_or_else(|| ArchiveError::Escape(link.to_string_lossy().to_string()))?;
                 let src = resolve_in_root(root, &rel_dest.join(link_rel).to_string_lossy(), false)?;
                 fs::hard_link(&src, &target).map_err(io_at(&target))?;
             }
@@ -126,10 +144,18 @@ pub fn unpack<R: Read>(reader: R, root: &Path, dest: &Path, opts: ApplyOptions) 
                     header.device_major().ok().flatten().unwrap_or(0) as u64,
                     header.device_minor().ok().flatten().unwrap_or(0) as u64,
                 );
-                nix::sys::stat::mknod(&target, kind_flag, nix::sys::stat::Mode::from_bits_truncate(mode), dev)
-                    .map_err(|e| io_at(&target)(io::Error::from(e)))?;
+                nix::sys::stat::mknod(
+                    &target,
+                    kind_flag,
+                    nix::sys::stat::Mode::from_bits_truncate(mode),
+                    dev,
+                )
+                .map_err(|e| io_at(&target)(io::Error::from(e)))?;
             }
-            tar::EntryType::XGlobalHeader | tar::EntryType::XHeader | tar::EntryType::GNULongName | tar::EntryType::GNULongLink => continue,
+            tar::EntryType::XGlobalHeader
+            | tar::EntryType::XHeader
+            | tar::EntryType::GNULongName
+            | tar::EntryType::GNULongLink => continue,
             other => {
                 return Err(ArchiveError::BadEntry {
                     path: raw_s,
@@ -137,7 +163,13 @@ pub fn unpack<R: Read>(reader: R, root: &Path, dest: &Path, opts: ApplyOptions) 
                 });
             }
         }
-        if let Ok(Some(exts)) = entry.pax_extensions().map(|e| e.map(|x| x.filter_map(Result::ok).map(|x| (x.key().map(str::to_string), x.value_bytes().to_vec())).collect::<Vec<_>>())) {
+        if let Ok(Some(exts)) = entry.pax_extensions().map(|e| {
+            e.map(|x| {
+                x.filter_map(Result::ok)
+                    .map(|x| (x.key().map(str::to_string), x.value_bytes().to_vec()))
+                    .collect::<Vec<_>>()
+            })
+        }) {
             for (k, v) in exts {
                 if let Ok(k) = k
                     && let Some(name) = k.strip_prefix("SCHILY.xattr.")
@@ -159,7 +191,8 @@ pub fn unpack<R: Read>(reader: R, root: &Path, dest: &Path, opts: ApplyOptions) 
             .map_err(|e| io_at(&target)(io::Error::from(e)))?;
             if kind == tar::EntryType::Regular || kind == tar::EntryType::Directory {
                 // chown clears setuid bits; put the mode back.
-                fs::set_permissions(&target, fs::Permissions::from_mode(mode)).map_err(io_at(&target))?;
+                fs::set_permissions(&target, fs::Permissions::from_mode(mode))
+                    .map_err(io_at(&target))?;
             }
         }
         if kind != tar::EntryType::Directory {
@@ -204,10 +237,22 @@ mod tests {
         fs::create_dir_all(root.join("etc")).unwrap();
         fs::write(root.join("etc/gone"), "x").unwrap();
         let t = tar_of(&[("../evil", b"x")]);
-        assert!(matches!(unpack(t.as_slice(), &root, &root, ApplyOptions::default()), Err(ArchiveError::Escape(_))));
+        assert!(matches!(
+            unpack(t.as_slice(), &root, &root, ApplyOptions::default()),
+            Err(ArchiveError::Escape(_))
+        ));
         assert!(!d.path().join("evil").exists());
         let t = tar_of(&[("etc/.wh.gone", b""), ("etc/new", b"y")]);
-        unpack(t.as_slice(), &root, &root, ApplyOptions { whiteouts: true, same_owner: false }).unwrap();
+        unpack(
+            t.as_slice(),
+            &root,
+            &root,
+            ApplyOptions {
+                whiteouts: true,
+                same_owner: false,
+            },
+        )
+        .unwrap();
         assert!(!root.join("etc/gone").exists());
         assert_eq!(fs::read(root.join("etc/new")).unwrap(), b"y");
     }

@@ -52,7 +52,11 @@ const OPAQUE_MARKER: &str = ".wh..wh..opq";
 
 /// Writes a deterministic tar of `root` to `out`. The tar is not finished
 /// with the end-of-archive marker when `out` is shared; call `finish`.
-pub fn write_tar<W: Write>(root: &Path, out: W, opts: TarOptions) -> Result<(W, TarStats), ArchiveError> {
+pub fn write_tar<W: Write>(
+    root: &Path,
+    out: W,
+    opts: TarOptions,
+) -> Result<(W, TarStats), ArchiveError> {
     let mut b = tar::Builder::new(out);
     b.follow_symlinks(false);
     let mut w = Walker {
@@ -124,7 +128,10 @@ impl<W: Write> Walker<'_, W> {
     fn pax(&mut self, path: &Path) -> Result<(), ArchiveError> {
         let x = xattrs(path);
         if !x.is_empty() {
-            let pairs: Vec<(String, Vec<u8>)> = x.into_iter().map(|(k, v)| (format!("SCHILY.xattr.{k}"), v)).collect();
+            let pairs: Vec<(String, Vec<u8>)> = x
+                .into_iter()
+                .map(|(k, v)| (format!("SCHILY.xattr.{k}"), v))
+                .collect();
             self.b
                 .append_pax_extensions(pairs.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
                 .map_err(io_at(path))?;
@@ -135,7 +142,9 @@ impl<W: Write> Walker<'_, W> {
     fn empty_file(&mut self, name: &str, md: &fs::Metadata) -> Result<(), ArchiveError> {
         let mut h = self.header(md, tar::EntryType::Regular);
         h.set_mode(0o644);
-        self.b.append_data(&mut h, name, io::empty()).map_err(io_at(Path::new(name)))?;
+        self.b
+            .append_data(&mut h, name, io::empty())
+            .map_err(io_at(Path::new(name)))?;
         self.stats.entries += 1;
         Ok(())
     }
@@ -153,10 +162,16 @@ impl<W: Write> Walker<'_, W> {
                 let h_path = format!("{rel}/");
                 let mut h = self.header(&md, tar::EntryType::Directory);
                 self.pax(&path)?;
-                self.b.append_data(&mut h, &h_path, io::empty()).map_err(io_at(&path))?;
+                self.b
+                    .append_data(&mut h, &h_path, io::empty())
+                    .map_err(io_at(&path))?;
                 self.stats.entries += 1;
                 if self.opts.overlay_upper
-                    && xattr::get(&path, "trusted.overlay.opaque").ok().flatten().as_deref() == Some(b"y")
+                    && xattr::get(&path, "trusted.overlay.opaque")
+                        .ok()
+                        .flatten()
+                        .as_deref()
+                        == Some(b"y")
                 {
                     self.empty_file(&format!("{h_path}{OPAQUE_MARKER}"), &md)?;
                 }
@@ -167,7 +182,9 @@ impl<W: Write> Walker<'_, W> {
                 let key = (md.dev(), md.ino());
                 if let Some(first) = self.links.get(&key).cloned() {
                     let mut h = self.header(&md, tar::EntryType::Link);
-                    self.b.append_link(&mut h, &rel, &first).map_err(io_at(&path))?;
+                    self.b
+                        .append_link(&mut h, &rel, &first)
+                        .map_err(io_at(&path))?;
                     self.stats.entries += 1;
                     continue;
                 }
@@ -177,7 +194,9 @@ impl<W: Write> Walker<'_, W> {
                 let target = fs::read_link(&path).map_err(io_at(&path))?;
                 let mut h = self.header(&md, tar::EntryType::Symlink);
                 self.pax(&path)?;
-                self.b.append_link(&mut h, &rel, &target).map_err(io_at(&path))?;
+                self.b
+                    .append_link(&mut h, &rel, &target)
+                    .map_err(io_at(&path))?;
             } else if ft.is_file() {
                 let mut h = self.header(&md, tar::EntryType::Regular);
                 h.set_size(md.len());
@@ -196,10 +215,14 @@ impl<W: Write> Walker<'_, W> {
                 let mut h = self.header(&md, kind);
                 let rdev = md.rdev();
                 if !ft.is_fifo() {
-                    h.set_device_major(nix::sys::stat::major(rdev) as u32).map_err(io_at(&path))?;
-                    h.set_device_minor(nix::sys::stat::minor(rdev) as u32).map_err(io_at(&path))?;
+                    h.set_device_major(nix::sys::stat::major(rdev) as u32)
+                        .map_err(io_at(&path))?;
+                    h.set_device_minor(nix::sys::stat::minor(rdev) as u32)
+                        .map_err(io_at(&path))?;
                 }
-                self.b.append_data(&mut h, &rel, io::empty()).map_err(io_at(&path))?;
+                self.b
+                    .append_data(&mut h, &rel, io::empty())
+                    .map_err(io_at(&path))?;
             } else {
                 // Sockets cannot be archived meaningfully; Docker skips them too.
                 continue;
@@ -236,7 +259,11 @@ mod tests {
         assert_eq!(names(&one), vec!["a", "b/", "b/z", "c", "d"]);
         assert_eq!(stats.entries, 5);
         let mut a = tar::Archive::new(one.as_slice());
-        let kinds: Vec<tar::EntryType> = a.entries().unwrap().map(|e| e.unwrap().header().entry_type()).collect();
+        let kinds: Vec<tar::EntryType> = a
+            .entries()
+            .unwrap()
+            .map(|e| e.unwrap().header().entry_type())
+            .collect();
         assert_eq!(kinds[3], tar::EntryType::Link);
         assert_eq!(kinds[4], tar::EntryType::Symlink);
     }

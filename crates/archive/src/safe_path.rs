@@ -13,7 +13,11 @@ const MAX_LINKS: usize = 255;
 /// Intermediate symlinks are always followed inside the root; the final
 /// component is followed only when `follow_final` is set. Missing
 /// components are kept as written (for paths about to be created).
-pub fn resolve_in_root(root: &Path, path: &str, follow_final: bool) -> Result<PathBuf, ArchiveError> {
+pub fn resolve_in_root(
+    root: &Path,
+    path: &str,
+    follow_final: bool,
+) -> Result<PathBuf, ArchiveError> {
     let mut stack: Vec<String> = Vec::new();
     let mut pending: Vec<String> = components(path);
     pending.reverse();
@@ -81,9 +85,18 @@ mod tests {
         fs::create_dir_all(r.join("usr/bin")).unwrap();
         symlink("/usr/bin", r.join("bin")).unwrap();
         symlink("../../../../etc", r.join("usr/esc")).unwrap();
-        assert_eq!(resolve_in_root(r, "/bin/sh", true).unwrap(), r.join("usr/bin/sh"));
-        assert_eq!(resolve_in_root(r, "../../etc/passwd", true).unwrap(), r.join("etc/passwd"));
-        assert_eq!(resolve_in_root(r, "usr/esc/passwd", true).unwrap(), r.join("etc/passwd"));
+        assert_eq!(
+            resolve_in_root(r, "/bin/sh", true).unwrap(),
+            r.join("usr/bin/sh")
+        );
+        assert_eq!(
+            resolve_in_root(r, "../../etc/passwd", true).unwrap(),
+            r.join("etc/passwd")
+        );
+        assert_eq!(
+            resolve_in_root(r, "usr/esc/passwd", true).unwrap(),
+            r.join("etc/passwd")
+        );
         assert_eq!(resolve_in_root(r, "bin", false).unwrap(), r.join("bin"));
         symlink("loop", r.join("loop")).unwrap();
         assert!(resolve_in_root(r, "loop/x", true).is_err());

@@ -56,12 +56,18 @@ pub async fn connect(addr: &str) -> Result<Client, ClientError> {
     let channel = Endpoint::from_static("http://[::]:0")
         .connect_with_connector(tower::service_fn(move |_: Uri| {
             let p = p.clone();
-            async move { Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tokio::net::UnixStream::connect(p).await?)) }
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(p).await?,
+                ))
+            }
         }))
         .await
         .map_err(|e| ClientError::Connect {
             addr: addr.into(),
-            reason: std::error::Error::source(&e).map(|s| s.to_string()).unwrap_or_else(|| e.to_string()),
+            reason: std::error::Error::source(&e)
+                .map(|s| s.to_string())
+                .unwrap_or_else(|| e.to_string()),
         })?;
     Ok(Client { channel })
 }
@@ -93,13 +99,17 @@ fn random_id() -> String {
 /// A stable key for a directory on this machine, so the daemon can keep
 /// one mirror per client directory.
 fn shared_key(dir: &Path) -> String {
-    let host = nix::unistd::gethostname().map(|h| h.to_string_lossy().to_string()).unwrap_or_default();
+    let host = nix::unistd::gethostname()
+        .map(|h| h.to_string_lossy().to_string())
+        .unwrap_or_default();
     format!("{host}:{}", dir.display())
 }
 
 impl Client {
     fn control(&self) -> ControlClient<Channel> {
-        ControlClient::new(self.channel.clone()).max_decoding_message_size(MAX_MSG).max_encoding_message_size(MAX_MSG)
+        ControlClient::new(self.channel.clone())
+            .max_decoding_message_size(MAX_MSG)
+            .max_encoding_message_size(MAX_MSG)
     }
 
     pub async fn info(&self) -> Result<ctl::InfoResponse, ClientError> {
@@ -107,10 +117,18 @@ impl Client {
     }
 
     pub async fn disk_usage(&self) -> Result<Vec<ctl::UsageRecord>, ClientError> {
-        Ok(self.control().disk_usage(ctl::DiskUsageRequest {}).await?.into_inner().record)
+        Ok(self
+            .control()
+            .disk_usage(ctl::DiskUsageRequest {})
+            .await?
+            .into_inner()
+            .record)
     }
 
-    pub async fn prune(&self, req: ctl::PruneRequest) -> Result<Vec<ctl::UsageRecord>, ClientError> {
+    pub async fn prune(
+        &self,
+        req: ctl::PruneRequest,
+    ) -> Result<Vec<ctl::UsageRecord>, ClientError> {
         let mut s = self.control().prune(req).await?.into_inner();
         let mut out = Vec::new();
         while let Some(r) = s.message().await? {
@@ -120,21 +138,35 @@ impl Client {
     }
 
     pub async fn list_workers(&self) -> Result<Vec<ctl::WorkerRecord>, ClientError> {
-        Ok(self.control().list_workers(ctl::ListWorkersRequest {}).await?.into_inner().record)
+        Ok(self
+            .control()
+            .list_workers(ctl::ListWorkersRequest {})
+            .await?
+            .into_inner()
+            .record)
     }
 
     /// Runs a build; `on_status` sees every status message as it arrives.
-    pub async fn build(&self, req: BuildRequest, mut on_status: impl FnMut(StatusResponse) + Send) -> Result<SolveResponse, ClientError> {
+    pub async fn build(
+        &self,
+        req: BuildRequest,
+        mut on_status: impl FnMut(StatusResponse) + Send,
+    ) -> Result<SolveResponse, ClientError> {
         let session_id = random_id();
         let build_ref = random_id();
         let mut contexts = HashMap::new();
         let mut infos = Vec::new();
         for c in &req.contexts {
-            let dir = std::fs::canonicalize(&c.dir).map_err(|e| ClientError::Local(format!("context {}: {e}", c.dir.display())))?;
+            let dir = std::fs::canonicalize(&c.dir)
+                .map_err(|e| ClientError::Local(format!("context {}: {e}", c.dir.display())))?;
             if !dir.is_dir() {
-                return Err(ClientError::Local(format!("context {} is not a directory", c.dir.display())));
+                return Err(ClientError::Local(format!(
+                    "context {} is not a directory",
+                    c.dir.display()
+                )));
             }
-            let matcher = Matcher::new(&c.ignore).map_err(|e| ClientError::Local(format!(".dockerignore: {e}")))?;
+            let matcher = Matcher::new(&c.ignore)
+                .map_err(|e| ClientError::Local(format!(".dockerignore: {e}")))?;
             infos.push(sp::ContextInfo {
                 name: c.name.clone(),
                 shared_key: shared_key(&dir),
@@ -151,17 +183,27 @@ impl Client {
             })
             .await
             .map_err(|_| ClientError::Local("session closed".into()))?;
-        let mut sess = SessionClient::new(self.channel.clone()).max_decoding_message_size(MAX_MSG).max_encoding_message_size(MAX_MSG);
+        let mut sess = SessionClient::new(self.channel.clone())
+            .max_decoding_message_size(MAX_MSG)
+            .max_encoding_message_size(MAX_MSG);
         let inbound = sess.attach(ReceiverStream::new(out_rx)).await?.into_inner();
         let session = tokio::spawn(serve_session(inbound, out_tx, contexts));
 
-        let mut status = self.control().status(ctl::StatusRequest { r#ref: build_ref.clone() }).await?.into_inner();
+        let mut status = self
+            .control()
+            .status(ctl::StatusRequest {
+                r#ref: build_ref.clone(),
+            })
+            .await?
+            .into_inner();
         let mut control = self.control();
         let solve = control.solve(SolveRequest {
             r#ref: build_ref,
             frontend: "dockerfile.v0".into(),
             frontend_attrs: req.frontend_attrs,
-            frontend_inputs: [("dockerfile".to_string(), req.dockerfile)].into_iter().collect(),
+            frontend_inputs: [("dockerfile".to_string(), req.dockerfile)]
+                .into_iter()
+                .collect(),
             exporters: req.exporters,
             cache_imports: vec![],
             cache_exports: vec![],
@@ -201,7 +243,11 @@ enum ExportTarget {
 }
 
 /// Answers the daemon's requests until the stream ends.
-async fn serve_session(mut inbound: tonic::Streaming<sp::DaemonMessage>, out: mpsc::Sender<sp::ClientMessage>, contexts: Contexts) {
+async fn serve_session(
+    mut inbound: tonic::Streaming<sp::DaemonMessage>,
+    out: mpsc::Sender<sp::ClientMessage>,
+    contexts: Contexts,
+) {
     let contexts = Arc::new(contexts);
     let mut exports: HashMap<u64, ExportTarget> = HashMap::new();
     let mut tasks = tokio::task::JoinSet::new();
@@ -212,13 +258,26 @@ async fn serve_session(mut inbound: tonic::Streaming<sp::DaemonMessage>, out: mp
                 let (out, contexts) = (out.clone(), contexts.clone());
                 tasks.spawn(async move {
                     let reply = match contexts.get(&r.context) {
-                        None => CMsg::Error(sp::ErrorReply { id: r.id, message: format!("no context named {:?}", r.context) }),
+                        None => CMsg::Error(sp::ErrorReply {
+                            id: r.id,
+                            message: format!("no context named {:?}", r.context),
+                        }),
                         Some((dir, m)) => {
                             let (dir, m) = (dir.clone(), m.clone());
-                            match tokio::task::spawn_blocking(move || kiln_context::walk::walk(&dir, &m)).await {
+                            match tokio::task::spawn_blocking(move || {
+                                kiln_context::walk::walk(&dir, &m)
+                            })
+                            .await
+                            {
                                 Ok(Ok(entries)) => CMsg::Tree(sp::Tree { id: r.id, entries }),
-                                Ok(Err(e)) => CMsg::Error(sp::ErrorReply { id: r.id, message: e.to_string() }),
-                                Err(e) => CMsg::Error(sp::ErrorReply { id: r.id, message: e.to_string() }),
+                                Ok(Err(e)) => CMsg::Error(sp::ErrorReply {
+                                    id: r.id,
+                                    message: e.to_string(),
+                                }),
+                                Err(e) => CMsg::Error(sp::ErrorReply {
+                                    id: r.id,
+                                    message: e.to_string(),
+                                }),
                             }
                         }
                     };
@@ -229,13 +288,18 @@ async fn serve_session(mut inbound: tonic::Streaming<sp::DaemonMessage>, out: mp
                 let (out, contexts) = (out.clone(), contexts.clone());
                 tasks.spawn(async move {
                     if let Err(message) = send_files(&out, &contexts, &r).await {
-                        let _ = out.send(sp::ClientMessage { msg: Some(CMsg::Error(sp::ErrorReply { id: r.id, message })) }).await;
+                        let _ = out
+                            .send(sp::ClientMessage {
+                                msg: Some(CMsg::Error(sp::ErrorReply { id: r.id, message })),
+                            })
+                            .await;
                     }
                 });
             }
             DMsg::ExportStart(s) => {
                 let (tx, rx) = mpsc::channel::<Vec<u8>>(8);
-                let done = tokio::task::spawn_blocking(move || receive_export(&s.kind, &s.dest, rx));
+                let done =
+                    tokio::task::spawn_blocking(move || receive_export(&s.kind, &s.dest, rx));
                 exports.insert(s.id, ExportTarget::Running { tx, done });
             }
             DMsg::ExportChunk(c) => {
@@ -251,7 +315,11 @@ async fn serve_session(mut inbound: tonic::Streaming<sp::DaemonMessage>, out: mp
                         Ok(Err(e)) => e,
                         Err(e) => e.to_string(),
                     };
-                    let _ = out.send(sp::ClientMessage { msg: Some(CMsg::ExportAck(sp::ExportAck { id: e.id, error })) }).await;
+                    let _ = out
+                        .send(sp::ClientMessage {
+                            msg: Some(CMsg::ExportAck(sp::ExportAck { id: e.id, error })),
+                        })
+                        .await;
                 }
             }
         }
@@ -259,8 +327,14 @@ async fn serve_session(mut inbound: tonic::Streaming<sp::DaemonMessage>, out: mp
     tasks.shutdown().await;
 }
 
-async fn send_files(out: &mpsc::Sender<sp::ClientMessage>, contexts: &Contexts, r: &sp::FilesRequest) -> Result<(), String> {
-    let (dir, _) = contexts.get(&r.context).ok_or_else(|| format!("no context named {:?}", r.context))?;
+async fn send_files(
+    out: &mpsc::Sender<sp::ClientMessage>,
+    contexts: &Contexts,
+    r: &sp::FilesRequest,
+) -> Result<(), String> {
+    let (dir, _) = contexts
+        .get(&r.context)
+        .ok_or_else(|| format!("no context named {:?}", r.context))?;
     let (tx, mut rx) = mpsc::channel::<Result<sp::FileChunk, String>>(8);
     let (dir, paths, id) = (dir.clone(), r.paths.clone(), r.id);
     // Files are read on a blocking thread and streamed in 1 MiB chunks.
@@ -284,7 +358,16 @@ async fn send_files(out: &mpsc::Sender<sp::ClientMessage>, contexts: &Contexts, 
                 };
                 buf.truncate(n);
                 let eof = n == 0;
-                if tx.blocking_send(Ok(sp::FileChunk { id, path: p.clone(), data: buf, eof, done: false })).is_err() {
+                if tx
+                    .blocking_send(Ok(sp::FileChunk {
+                        id,
+                        path: p.clone(),
+                        data: buf,
+                        eof,
+                        done: false,
+                    }))
+                    .is_err()
+                {
                     return;
                 }
                 if eof {
@@ -292,11 +375,19 @@ async fn send_files(out: &mpsc::Sender<sp::ClientMessage>, contexts: &Contexts, 
                 }
             }
         }
-        let _ = tx.blocking_send(Ok(sp::FileChunk { id, done: true, ..Default::default() }));
+        let _ = tx.blocking_send(Ok(sp::FileChunk {
+            id,
+            done: true,
+            ..Default::default()
+        }));
     });
     while let Some(c) = rx.recv().await {
         let c = c?;
-        out.send(sp::ClientMessage { msg: Some(CMsg::File(c)) }).await.map_err(|_| "session closed".to_string())?;
+        out.send(sp::ClientMessage {
+            msg: Some(CMsg::File(c)),
+        })
+        .await
+        .map_err(|_| "session closed".to_string())?;
     }
     reader.await.map_err(|e| e.to_string())
 }
@@ -327,7 +418,11 @@ impl Read for ChannelReader {
 }
 
 fn receive_export(kind: &str, dest: &str, rx: mpsc::Receiver<Vec<u8>>) -> Result<(), String> {
-    let mut reader = ChannelReader { rx, buf: Vec::new(), pos: 0 };
+    let mut reader = ChannelReader {
+        rx,
+        buf: Vec::new(),
+        pos: 0,
+    };
     match kind {
         "file" if dest == "-" => {
             let mut so = std::io::stdout().lock();
@@ -342,7 +437,8 @@ fn receive_export(kind: &str, dest: &str, rx: mpsc::Receiver<Vec<u8>>) -> Result
             // Write next to the destination and rename, so a failed export
             // never leaves a truncated file under the final name.
             let tmp = dest.with_extension("kiln-partial");
-            let mut f = std::fs::File::create(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
+            let mut f =
+                std::fs::File::create(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
             let r = std::io::copy(&mut reader, &mut f).and_then(|_| f.sync_all());
             if let Err(e) = r {
                 let _ = std::fs::remove_file(&tmp);
@@ -354,9 +450,17 @@ fn receive_export(kind: &str, dest: &str, rx: mpsc::Receiver<Vec<u8>>) -> Result
             let dest = Path::new(dest);
             std::fs::create_dir_all(dest).map_err(|e| format!("{}: {e}", dest.display()))?;
             let same_owner = nix::unistd::geteuid().is_root();
-            kiln_archive::apply::unpack(&mut reader, dest, dest, kiln_archive::apply::ApplyOptions { whiteouts: false, same_owner })
-                .map(|_| ())
-                .map_err(|e| e.to_string())
+            kiln_archive::apply::unpack(
+                &mut reader,
+                dest,
+                dest,
+                kiln_archive::apply::ApplyOptions {
+                    whiteouts: false,
+                    same_owner,
+                },
+            )
+            .map(|_| ())
+            .map_err(|e| e.to_string())
         }
         other => Err(format!("unknown export kind {other:?}")),
     }

@@ -66,12 +66,10 @@ impl Writer {
         if dest.exists() {
             return Ok((digest, size));
         }
-        self.tmp
-            .persist(&dest)
-            .map_err(|e| ContentError::Io {
-                path: dest.clone(),
-                source: e.error,
-            })?;
+        self.tmp.persist(&dest).map_err(|e| ContentError::Io {
+            path: dest.clone(),
+            source: e.error,
+        })?;
         Ok((digest, size))
     }
 }

@@ -16,7 +16,11 @@ pub fn read_patterns(data: &[u8]) -> Vec<String> {
     let mut out = Vec::new();
     for (i, line) in text.split('\n').enumerate() {
         let line = line.strip_suffix('\r').unwrap_or(line);
-        let line = if i == 0 { line.strip_prefix('\u{feff}').unwrap_or(line) } else { line };
+        let line = if i == 0 {
+            line.strip_prefix('\u{feff}').unwrap_or(line)
+        } else {
+            line
+        };
         if line.starts_with('#') {
             continue;
         }
@@ -150,7 +154,10 @@ impl Pattern {
                 re.push('$');
                 // Go's `[!x]` negation is `[^x]` in regex syntax.
                 let re = re.replace("[!", "[^");
-                Kind::Regex(regex::Regex::new(&re).map_err(|_| PatternError::Syntax(cleaned.to_string()))?)
+                Kind::Regex(
+                    regex::Regex::new(&re)
+                        .map_err(|_| PatternError::Syntax(cleaned.to_string()))?,
+                )
             }
         };
         Ok(Pattern {

@@ -46,7 +46,12 @@ impl Entry {
     }
 
     fn same_meta(&self, o: &Entry) -> bool {
-        self.mode == o.mode && self.uid == o.uid && self.gid == o.gid && self.size == o.size && self.mtime_ns == o.mtime_ns && self.linkname == o.linkname
+        self.mode == o.mode
+            && self.uid == o.uid
+            && self.gid == o.gid
+            && self.size == o.size
+            && self.mtime_ns == o.mtime_ns
+            && self.linkname == o.linkname
     }
 
     pub fn is_dir(&self) -> bool {
@@ -84,7 +89,10 @@ fn io_at(path: &Path) -> impl FnOnce(io::Error) -> ContextError + '_ {
 
 /// Rejects paths that are absolute, empty or contain `..`.
 pub fn check_rel(p: &str) -> Result<(), ContextError> {
-    if p.is_empty() || p.starts_with('/') || p.split('/').any(|c| c.is_empty() || c == "." || c == "..") {
+    if p.is_empty()
+        || p.starts_with('/')
+        || p.split('/').any(|c| c.is_empty() || c == "." || c == "..")
+    {
         return Err(ContextError::OutsideRoot(p.to_string()));
     }
     Ok(())
@@ -127,7 +135,10 @@ impl Mirror {
         let gone: Vec<String> = self
             .index
             .iter()
-            .filter(|(p, e)| new.get(*p).is_none_or(|n| n.mode & S_IFMT != e.mode & S_IFMT))
+            .filter(|(p, e)| {
+                new.get(*p)
+                    .is_none_or(|n| n.mode & S_IFMT != e.mode & S_IFMT)
+            })
             .map(|(p, _)| p.clone())
             .rev()
             .collect();
@@ -149,7 +160,8 @@ impl Mirror {
                     ensure_parent_safe(&root, &p)?;
                     fs::create_dir_all(&full).map_err(io_at(&full))?;
                 }
-                fs::set_permissions(&full, fs::Permissions::from_mode(e.mode & 0o7777)).map_err(io_at(&full))?;
+                fs::set_permissions(&full, fs::Permissions::from_mode(e.mode & 0o7777))
+                    .map_err(io_at(&full))?;
                 self.index.insert(p, e);
             } else if e.is_symlink() {
                 if old.is_none_or(|o| !o.same_meta(&e)) {
@@ -176,7 +188,10 @@ impl Mirror {
     }
 
     /// Starts writing a fetched file; finish with `finish_file`.
-    pub fn create_file(&self, rel: &str) -> Result<(PathBuf, HashingWriter<fs::File>), ContextError> {
+    pub fn create_file(
+        &self,
+        rel: &str,
+    ) -> Result<(PathBuf, HashingWriter<fs::File>), ContextError> {
         check_rel(rel)?;
         let root = self.root();
         ensure_parent_safe(&root, rel)?;
@@ -185,14 +200,23 @@ impl Mirror {
         Ok((tmp, HashingWriter::new(f)))
     }
 
-    pub fn finish_file(&mut self, rel: &str, tmp: PathBuf, w: HashingWriter<fs::File>) -> Result<(), ContextError> {
+    pub fn finish_file(
+        &mut self,
+        rel: &str,
+        tmp: PathBuf,
+        w: HashingWriter<fs::File>,
+    ) -> Result<(), ContextError> {
         let (mut f, digest, _) = w.finish();
         f.flush().map_err(io_at(&tmp))?;
         drop(f);
         let full = self.root().join(rel);
         if let Some(e) = self.index.get_mut(rel) {
-            fs::set_permissions(&tmp, fs::Permissions::from_mode(e.mode & 0o7777)).map_err(io_at(&tmp))?;
-            let t = filetime::FileTime::from_unix_time(e.mtime_ns.div_euclid(1_000_000_000), e.mtime_ns.rem_euclid(1_000_000_000) as u32);
+            fs::set_permissions(&tmp, fs::Permissions::from_mode(e.mode & 0o7777))
+                .map_err(io_at(&tmp))?;
+            let t = filetime::FileTime::from_unix_time(
+                e.mtime_ns.div_euclid(1_000_000_000),
+                e.mtime_ns.rem_euclid(1_000_000_000) as u32,
+            );
             let _ = filetime::set_file_times(&tmp, t, t);
             e.digest = Some(digest.to_string());
         }
@@ -229,7 +253,17 @@ impl Mirror {
                 continue;
             }
             // mtime is left out, as BuildKit's content hashes do.
-            d.update(format!("{p}\0{:o}\0{}\0{}\0{}\0{}\n", e.mode, e.uid, e.gid, e.linkname, e.digest.as_deref().unwrap_or("")).as_bytes());
+            d.update(
+                format!(
+                    "{p}\0{:o}\0{}\0{}\0{}\0{}\n",
+                    e.mode,
+                    e.uid,
+                    e.gid,
+                    e.linkname,
+                    e.digest.as_deref().unwrap_or("")
+                )
+                .as_bytes(),
+            );
         }
         d.finish()
     }
@@ -247,7 +281,9 @@ impl Mirror {
             let parts: Vec<&str> = pat.split('/').collect();
             for p in self.index.keys() {
                 let comps: Vec<&str> = p.split('/').collect();
-                if comps.len() == parts.len() && comps.iter().zip(&parts).all(|(c, g)| glob_match(g, c)) {
+                if comps.len() == parts.len()
+                    && comps.iter().zip(&parts).all(|(c, g)| glob_match(g, c))
+                {
                     prefixes.push(p.clone());
                 }
             }
@@ -272,7 +308,15 @@ impl Mirror {
         prefixes.extend(extra);
         let mut d = Digester::new();
         d.update(pat.as_bytes());
-        d.update(self.checksum_where(|p| prefixes.iter().any(|x| p == x || p.starts_with(&format!("{x}/")))).as_str().as_bytes());
+        d.update(
+            self.checksum_where(|p| {
+                prefixes
+                    .iter()
+                    .any(|x| p == x || p.starts_with(&format!("{x}/")))
+            })
+            .as_str()
+            .as_bytes(),
+        );
         d.finish()
     }
 }
@@ -285,7 +329,9 @@ fn ensure_parent_safe(root: &Path, rel: &str) -> Result<(), ContextError> {
     for c in &comps[..comps.len().saturating_sub(1)] {
         cur.push(c);
         match fs::symlink_metadata(&cur) {
-            Ok(md) if md.file_type().is_symlink() => return Err(ContextError::OutsideRoot(rel.to_string())),
+            Ok(md) if md.file_type().is_symlink() => {
+                return Err(ContextError::OutsideRoot(rel.to_string()));
+            }
             Ok(md) if !md.is_dir() => {
                 fs::remove_file(&cur).map_err(io_at(&cur))?;
                 fs::create_dir(&cur).map_err(io_at(&cur))?;
@@ -372,7 +418,11 @@ mod tests {
     fn resync_fetches_only_changes() {
         let d = tempfile::tempdir().unwrap();
         let mut m = Mirror::open(d.path()).unwrap();
-        let tree = vec![stat("a", S_IFREG | 0o644, 1, 1), stat("src", S_IFDIR | 0o755, 0, 1), stat("src/x", S_IFREG | 0o644, 1, 1)];
+        let tree = vec![
+            stat("a", S_IFREG | 0o644, 1, 1),
+            stat("src", S_IFDIR | 0o755, 0, 1),
+            stat("src/x", S_IFREG | 0o644, 1, 1),
+        ];
         let plan = m.plan(&tree).unwrap();
         assert_eq!(plan.fetch, vec!["a", "src/x"]);
         fetch(&mut m, &plan, "1");
@@ -382,7 +432,11 @@ mod tests {
         let plan = m.plan(&tree).unwrap();
         assert!(plan.fetch.is_empty());
         // Changing "a" does not change the checksum of "src".
-        let tree2 = vec![stat("a", S_IFREG | 0o644, 2, 2), tree[1].clone(), tree[2].clone()];
+        let tree2 = vec![
+            stat("a", S_IFREG | 0o644, 2, 2),
+            tree[1].clone(),
+            tree[2].clone(),
+        ];
         let plan = m.plan(&tree2).unwrap();
         assert_eq!(plan.fetch, vec!["a"]);
         fetch(&mut m, &plan, "22");

@@ -51,7 +51,12 @@ fn stat_of(path: &Path, rel: &str, md: &fs::Metadata) -> Result<Stat, ContextErr
     })
 }
 
-fn walk_dir(dir: &Path, prefix: &str, ignore: &Matcher, out: &mut Vec<Stat>) -> Result<(), ContextError> {
+fn walk_dir(
+    dir: &Path,
+    prefix: &str,
+    ignore: &Matcher,
+    out: &mut Vec<Stat>,
+) -> Result<(), ContextError> {
     let mut entries: Vec<(String, PathBuf)> = Vec::new();
     for e in fs::read_dir(dir).map_err(|e| ContextError::Io {
         path: dir.to_path_buf(),
@@ -130,7 +135,11 @@ mod tests {
         fs::write(d.path().join("README.md"), "r").unwrap();
         fs::write(d.path().join("node_modules/x/y"), "y").unwrap();
         let m = Matcher::new(&["node_modules", "**/*.md", "!src/sub/keep.md"]).unwrap();
-        let paths: Vec<String> = walk(d.path(), &m).unwrap().into_iter().map(|s| s.path).collect();
+        let paths: Vec<String> = walk(d.path(), &m)
+            .unwrap()
+            .into_iter()
+            .map(|s| s.path)
+            .collect();
         assert_eq!(paths, vec!["src", "src/a.rs", "src/sub", "src/sub/keep.md"]);
         assert!(open_in(d.path(), "../etc/passwd").is_err());
     }

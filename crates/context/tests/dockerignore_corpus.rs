@@ -8,22 +8,37 @@ use kiln_context::dockerignore::{Matcher, read_patterns};
 fn corpus() -> PathBuf {
     let p = std::env::var_os("KILN_CORPUS")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/corpus"));
-    assert!(p.join("README.md").exists(), "conformance corpus not found at {} (set KILN_CORPUS)", p.display());
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/corpus")
+        });
+    assert!(
+        p.join("README.md").exists(),
+        "conformance corpus not found at {} (set KILN_CORPUS)",
+        p.display()
+    );
     p.join("buildkit-shell/dockerignore")
 }
 
 #[test]
 fn read_all() {
     let data = std::fs::read(corpus().join("readall-input.dockerignore")).unwrap();
-    let want: serde_json::Value = serde_json::from_slice(&std::fs::read(corpus().join("readall-expected.json")).unwrap()).unwrap();
-    let want: Vec<String> = want["expected_patterns"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect();
+    let want: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(corpus().join("readall-expected.json")).unwrap())
+            .unwrap();
+    let want: Vec<String> = want["expected_patterns"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
     assert_eq!(read_patterns(&data), want);
 }
 
 #[test]
 fn pattern_tables() {
-    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(corpus().join("pattern-matches.json")).unwrap()).unwrap();
+    let v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(corpus().join("pattern-matches.json")).unwrap())
+            .unwrap();
     let mut n = 0;
     let mut failures = Vec::new();
     for row in v["single_pattern"].as_array().unwrap() {
@@ -38,7 +53,12 @@ fn pattern_tables() {
     for key in ["multi_pattern", "simple_matches"] {
         for row in v[key].as_array().unwrap() {
             n += 1;
-            let pats: Vec<String> = row["patterns"].as_array().unwrap().iter().map(|x| x.as_str().unwrap().to_string()).collect();
+            let pats: Vec<String> = row["patterns"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_str().unwrap().to_string())
+                .collect();
             let path = row["path"].as_str().unwrap_or("");
             match Matcher::new(&pats) {
                 Err(e) => {
@@ -57,5 +77,10 @@ fn pattern_tables() {
         }
     }
     assert!(n > 80, "only {n} rows");
-    assert!(failures.is_empty(), "{} of {n} failed:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} of {n} failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }

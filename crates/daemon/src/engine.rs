@@ -59,13 +59,16 @@ fn bool_attr(v: Option<&String>, default: bool) -> Result<bool, EngineError> {
         None => Ok(default),
         Some("" | "true" | "1") => Ok(true),
         Some("false" | "0") => Ok(false),
-        Some(o) => Err(EngineError::InvalidArgument(format!("invalid boolean {o:?}"))),
+        Some(o) => Err(EngineError::InvalidArgument(format!(
+            "invalid boolean {o:?}"
+        ))),
     }
 }
 
 impl Engine {
     pub fn open(config: Config) -> Result<Self, EngineError> {
-        let worker = Arc::new(Worker::open(&config.root).map_err(|e| EngineError::Storage(e.to_string()))?);
+        let worker =
+            Arc::new(Worker::open(&config.root).map_err(|e| EngineError::Storage(e.to_string()))?);
         let solver = Solver::new(worker.clone(), config.parallelism());
         Ok(Engine {
             worker,
@@ -89,26 +92,36 @@ impl Engine {
         r
     }
 
-    async fn solve_inner(&self, req: &SolveRequest, progress: Arc<JobProgress>) -> Result<SolveResponse, EngineError> {
+    async fn solve_inner(
+        &self,
+        req: &SolveRequest,
+        progress: Arc<JobProgress>,
+    ) -> Result<SolveResponse, EngineError> {
         let _guard = self.gc.read().await;
         if req.frontend != "dockerfile.v0" && !req.frontend.is_empty() {
-            return Err(EngineError::InvalidArgument(format!("unknown frontend {:?} (kiln has dockerfile.v0)", req.frontend)));
+            return Err(EngineError::InvalidArgument(format!(
+                "unknown frontend {:?} (kiln has dockerfile.v0)",
+                req.frontend
+            )));
         }
-        for e in &req.entitlements {
-            return Err(EngineError::InvalidArgument(format!("entitlement {e:?} is not granted by this daemon")));
+        // No op needs an entitlement yet (RUN --network=host / --security=insecure will).
+        if let Some(e) = req.entitlements.first() {
+            return Err(EngineError::InvalidArgument(format!(
+                "entitlement {e:?} is not granted by this daemon"
+            )));
         }
-        let session = self
-            .sessions
-            .get(&req.session)
-            .await
-            .ok_or_else(|| EngineError::InvalidArgument(format!("no client session {:?} is attached", req.session)))?;
+        let session = self.sessions.get(&req.session).await.ok_or_else(|| {
+            EngineError::InvalidArgument(format!("no client session {:?} is attached", req.session))
+        })?;
         let attrs = &req.frontend_attrs;
-        let dockerfile = req
-            .frontend_inputs
-            .get("dockerfile")
-            .ok_or_else(|| EngineError::InvalidArgument("the request carries no Dockerfile".into()))?;
+        let dockerfile = req.frontend_inputs.get("dockerfile").ok_or_else(|| {
+            EngineError::InvalidArgument("the request carries no Dockerfile".into())
+        })?;
         let mut opts = ConvertOptions {
-            filename: attrs.get("filename").cloned().unwrap_or_else(|| "Dockerfile".into()),
+            filename: attrs
+                .get("filename")
+                .cloned()
+                .unwrap_or_else(|| "Dockerfile".into()),
             target: attrs.get("target").filter(|t| !t.is_empty()).cloned(),
             no_cache: attrs.contains_key("no-cache"),
             ..Default::default()
@@ -119,7 +132,8 @@ impl Engine {
             }
         }
         if let Some(p) = attrs.get("platform").filter(|p| !p.is_empty()) {
-            let p = Platform::parse(p).ok_or_else(|| EngineError::InvalidArgument(format!("invalid platform {p:?}")))?;
+            let p = Platform::parse(p)
+                .ok_or_else(|| EngineError::InvalidArgument(format!("invalid platform {p:?}")))?;
             if p != Platform::host() {
                 return Err(EngineError::InvalidArgument(format!(
                     "building for {}/{} needs emulation, which this daemon does not support yet",
@@ -128,17 +142,28 @@ impl Engine {
             }
             opts.target_platform = p;
         }
-        let epoch = match opts.build_args.get("SOURCE_DATE_EPOCH").or(attrs.get("source-date-epoch")) {
-            Some(s) => Some(s.parse::<i64>().map_err(|_| EngineError::InvalidArgument(format!("SOURCE_DATE_EPOCH {s:?} is not a number")))?),
+        let epoch = match opts
+            .build_args
+            .get("SOURCE_DATE_EPOCH")
+            .or(attrs.get("source-date-epoch"))
+        {
+            Some(s) => Some(s.parse::<i64>().map_err(|_| {
+                EngineError::InvalidArgument(format!("SOURCE_DATE_EPOCH {s:?} is not a number"))
+            })?),
             None => None,
         };
         let dockerfile = dockerfile.clone();
         let opts2 = opts.clone();
-        let converted = tokio::task::spawn_blocking(move || kiln_dockerfile::convert(&dockerfile, &opts2, &NoImages))
-            .await
-            .map_err(|e| EngineError::Build(e.to_string()))??;
+        let converted = tokio::task::spawn_blocking(move || {
+            kiln_dockerfile::convert(&dockerfile, &opts2, &NoImages)
+        })
+        .await
+        .map_err(|e| EngineError::Build(e.to_string()))??;
         for w in &converted.warnings {
-            progress.warning(format!("{}: {}", w.rule, w.message), format!("{}:{}", opts.filename, w.line));
+            progress.warning(
+                format!("{}: {}", w.rule, w.message),
+                format!("{}:{}", opts.filename, w.line),
+            );
         }
         let job = Arc::new(Job {
             progress: progress.clone(),
@@ -147,35 +172,49 @@ impl Engine {
         let result = if converted.scratch {
             None
         } else {
-            let graph = Graph::from_definition(&converted.definition).map_err(|e| EngineError::Build(e.to_string()))?;
-            let r = self.solver.solve(&graph, job, opts.no_cache).await.map_err(|e| {
-                let loc = e
-                    .vertex
-                    .as_ref()
-                    .and_then(|d| graph.vertices.get(d))
-                    .map(|v| (v.meta.location.clone(), v.name().to_string()))
-                    .unwrap_or_default();
-                if loc.0.is_empty() {
-                    EngineError::Build(e.message.to_string())
-                } else {
-                    EngineError::Build(format!("{}: {}: {}", loc.0, loc.1, e.message))
-                }
-            })?;
+            let graph = Graph::from_definition(&converted.definition)
+                .map_err(|e| EngineError::Build(e.to_string()))?;
+            let r = self
+                .solver
+                .solve(&graph, job, opts.no_cache)
+                .await
+                .map_err(|e| {
+                    let loc = e
+                        .vertex
+                        .as_ref()
+                        .and_then(|d| graph.vertices.get(d))
+                        .map(|v| (v.meta.location.clone(), v.name().to_string()))
+                        .unwrap_or_default();
+                    if loc.0.is_empty() {
+                        EngineError::Build(e.message.to_string())
+                    } else {
+                        EngineError::Build(format!("{}: {}: {}", loc.0, loc.1, e.message))
+                    }
+                })?;
             Some(r)
         };
         let mut response = BTreeMap::new();
         for exp in &req.exporters {
-            let r = self.export(exp, result.as_ref(), &converted.image, &session, epoch).await?;
+            let r = self
+                .export(exp, result.as_ref(), &converted.image, &session, epoch)
+                .await?;
             response.extend(r);
         }
-        Ok(SolveResponse { exporter_response: response.into_iter().collect() })
+        Ok(SolveResponse {
+            exporter_response: response.into_iter().collect(),
+        })
     }
 
     fn chain_of(&self, result: Option<&Resolved<Output>>) -> Result<Vec<String>, EngineError> {
         match result.map(|r| &r.output) {
             None => Ok(Vec::new()),
-            Some(Output::Snapshot(id)) => self.worker.chain(id).map_err(|e| EngineError::Storage(e.to_string())),
-            Some(Output::Context(_)) => Err(EngineError::Build("the build result is a bare context".into())),
+            Some(Output::Snapshot(id)) => self
+                .worker
+                .chain(id)
+                .map_err(|e| EngineError::Storage(e.to_string())),
+            Some(Output::Context(_)) => Err(EngineError::Build(
+                "the build result is a bare context".into(),
+            )),
         }
     }
 
@@ -194,85 +233,143 @@ impl Engine {
         match exp.r#type.as_str() {
             "local" | "tar" => {
                 if dest.is_empty() {
-                    return Err(EngineError::InvalidArgument(format!("output type={} needs dest=PATH", exp.r#type)));
+                    return Err(EngineError::InvalidArgument(format!(
+                        "output type={} needs dest=PATH",
+                        exp.r#type
+                    )));
                 }
                 let kind = if exp.r#type == "local" { "dir" } else { "file" };
-                let (mut writer, forward) = session.export(kind, &dest).await.map_err(EngineError::Export)?;
+                let (mut writer, forward) = session
+                    .export(kind, &dest)
+                    .await
+                    .map_err(EngineError::Export)?;
                 let worker = self.worker.clone();
                 let written = tokio::task::spawn_blocking(move || -> Result<(), String> {
                     let view = worker.snapshots.view(&chain).map_err(|e| e.to_string())?;
-                    let (mut w, _) = kiln_archive::write_tar(view.path(), &mut writer, kiln_archive::TarOptions { epoch, overlay_upper: false })
-                        .map_err(|e| e.to_string())?;
+                    let (mut w, _) = kiln_archive::write_tar(
+                        view.path(),
+                        &mut writer,
+                        kiln_archive::TarOptions {
+                            epoch,
+                            overlay_upper: false,
+                        },
+                    )
+                    .map_err(|e| e.to_string())?;
                     std::io::Write::flush(&mut w).map_err(|e| e.to_string())?;
                     drop(writer);
                     Ok(())
                 })
                 .await
                 .map_err(|e| EngineError::Export(e.to_string()))?;
-                let acked = forward.await.map_err(|e| EngineError::Export(e.to_string()))?;
+                let acked = forward
+                    .await
+                    .map_err(|e| EngineError::Export(e.to_string()))?;
                 written.map_err(EngineError::Export)?;
                 acked.map_err(|e| EngineError::Export(format!("writing {dest}: {e}")))?;
             }
             "oci" => {
                 if dest.is_empty() {
-                    return Err(EngineError::InvalidArgument("output type=oci needs dest=PATH".into()));
+                    return Err(EngineError::InvalidArgument(
+                        "output type=oci needs dest=PATH".into(),
+                    ));
                 }
                 let as_tar = bool_attr(attrs.get("tar"), true)?;
                 let oci_mediatypes = bool_attr(attrs.get("oci-mediatypes"), true)?;
-                let compression = attrs.get("compression").cloned().unwrap_or_else(|| "gzip".into());
+                let compression = attrs
+                    .get("compression")
+                    .cloned()
+                    .unwrap_or_else(|| "gzip".into());
                 if !matches!(compression.as_str(), "gzip" | "zstd" | "uncompressed") {
-                    return Err(EngineError::InvalidArgument(format!("unknown compression {compression:?} (gzip, zstd, uncompressed)")));
+                    return Err(EngineError::InvalidArgument(format!(
+                        "unknown compression {compression:?} (gzip, zstd, uncompressed)"
+                    )));
                 }
-                let names: Vec<String> = attrs.get("name").map(|n| n.split(',').filter(|s| !s.is_empty()).map(str::to_string).collect()).unwrap_or_default();
+                let names: Vec<String> = attrs
+                    .get("name")
+                    .map(|n| {
+                        n.split(',')
+                            .filter(|s| !s.is_empty())
+                            .map(str::to_string)
+                            .collect()
+                    })
+                    .unwrap_or_default();
                 let annotations: BTreeMap<String, String> = attrs
                     .iter()
-                    .filter_map(|(k, v)| k.strip_prefix("annotation.").map(|k| (k.to_string(), v.clone())))
+                    .filter_map(|(k, v)| {
+                        k.strip_prefix("annotation.")
+                            .map(|k| (k.to_string(), v.clone()))
+                    })
                     .collect();
                 let worker = self.worker.clone();
                 let image = image.clone();
-                let built = tokio::task::spawn_blocking(move || -> Result<kiln_exporter::BuiltImage, String> {
-                    let mut layers = Vec::new();
-                    for id in chain.iter().rev() {
-                        let (info, blob) = worker.layer(id, &compression, epoch).map_err(|e| e.to_string())?;
-                        layers.push(Layer {
-                            diff_id: info.diff_id,
-                            digest: blob.digest.parse().map_err(|e: kiln_digest::DigestError| e.to_string())?,
-                            size: blob.size,
-                            compression: compression.clone(),
-                            empty: info.empty,
-                        });
-                    }
-                    kiln_exporter::build_image(
-                        &image,
-                        &layers,
-                        &ImageOptions {
-                            oci_mediatypes,
-                            created: epoch.unwrap_or_else(now),
-                            annotations,
-                        },
-                    )
-                    .map_err(|e| e.to_string())
-                })
+                let built = tokio::task::spawn_blocking(
+                    move || -> Result<kiln_exporter::BuiltImage, String> {
+                        let mut layers = Vec::new();
+                        for id in chain.iter().rev() {
+                            let (info, blob) = worker
+                                .layer(id, &compression, epoch)
+                                .map_err(|e| e.to_string())?;
+                            layers.push(Layer {
+                                diff_id: info.diff_id,
+                                digest: blob
+                                    .digest
+                                    .parse()
+                                    .map_err(|e: kiln_digest::DigestError| e.to_string())?,
+                                size: blob.size,
+                                compression: compression.clone(),
+                                empty: info.empty,
+                            });
+                        }
+                        kiln_exporter::build_image(
+                            &image,
+                            &layers,
+                            &ImageOptions {
+                                oci_mediatypes,
+                                created: epoch.unwrap_or_else(now),
+                                annotations,
+                            },
+                        )
+                        .map_err(|e| e.to_string())
+                    },
+                )
                 .await
                 .map_err(|e| EngineError::Export(e.to_string()))?
                 .map_err(EngineError::Export)?;
-                let (mut writer, forward) = session.export(if as_tar { "file" } else { "dir" }, &dest).await.map_err(EngineError::Export)?;
+                let (mut writer, forward) = session
+                    .export(if as_tar { "file" } else { "dir" }, &dest)
+                    .await
+                    .map_err(EngineError::Export)?;
                 let worker = self.worker.clone();
                 let img = built.clone();
                 let names2 = names.clone();
                 let written = tokio::task::spawn_blocking(move || -> Result<(), String> {
-                    let mut w = kiln_exporter::write_oci_layout(&mut writer, &img, &names2, &worker.content, epoch.unwrap_or(0)).map_err(|e| e.to_string())?;
+                    let mut w = kiln_exporter::write_oci_layout(
+                        &mut writer,
+                        &img,
+                        &names2,
+                        &worker.content,
+                        epoch.unwrap_or(0),
+                    )
+                    .map_err(|e| e.to_string())?;
                     std::io::Write::flush(&mut w).map_err(|e| e.to_string())?;
                     drop(writer);
                     Ok(())
                 })
                 .await
                 .map_err(|e| EngineError::Export(e.to_string()))?;
-                let acked = forward.await.map_err(|e| EngineError::Export(e.to_string()))?;
+                let acked = forward
+                    .await
+                    .map_err(|e| EngineError::Export(e.to_string()))?;
                 written.map_err(EngineError::Export)?;
                 acked.map_err(|e| EngineError::Export(format!("writing {dest}: {e}")))?;
-                response.insert("containerimage.digest".into(), built.manifest_digest.to_string());
-                response.insert("containerimage.config.digest".into(), built.config_digest.to_string());
+                response.insert(
+                    "containerimage.digest".into(),
+                    built.manifest_digest.to_string(),
+                );
+                response.insert(
+                    "containerimage.config.digest".into(),
+                    built.config_digest.to_string(),
+                );
                 if !names.is_empty() {
                     response.insert("image.name".into(), names.join(","));
                 }
@@ -298,7 +395,12 @@ impl Engine {
         }
         let mut out = Vec::new();
         for (id, s) in self.worker.meta.snapshots().map_err(st)? {
-            let blobs: u64 = s.layers.iter().flat_map(|l| l.blobs.iter()).map(|b| b.size).sum();
+            let blobs: u64 = s
+                .layers
+                .iter()
+                .flat_map(|l| l.blobs.iter())
+                .map(|b| b.size)
+                .sum();
             let (last, count) = by_snap.get(&id).copied().unwrap_or((s.created, 0));
             out.push(UsageRecord {
                 id,
@@ -326,18 +428,25 @@ impl Engine {
                 });
             }
         }
-        out.sort_by(|a, b| b.size.cmp(&a.size));
+        out.sort_by_key(|r| std::cmp::Reverse(r.size));
         Ok(out)
     }
 
     /// Removes cache records (all, or those outside the keep limits), then
     /// every snapshot and blob no remaining record needs.
-    pub async fn prune(&self, all: bool, keep_storage: i64, keep_duration: i64) -> Result<Vec<UsageRecord>, EngineError> {
+    pub async fn prune(
+        &self,
+        all: bool,
+        keep_storage: i64,
+        keep_duration: i64,
+    ) -> Result<Vec<UsageRecord>, EngineError> {
         let _guard = self.gc.write().await;
         let worker = self.worker.clone();
-        tokio::task::spawn_blocking(move || prune_blocking(&worker, all, keep_storage, keep_duration))
-            .await
-            .map_err(|e| EngineError::Storage(e.to_string()))?
+        tokio::task::spawn_blocking(move || {
+            prune_blocking(&worker, all, keep_storage, keep_duration)
+        })
+        .await
+        .map_err(|e| EngineError::Storage(e.to_string()))?
     }
 
     pub fn root(&self) -> PathBuf {
@@ -350,17 +459,31 @@ fn dir_size(p: &std::path::Path) -> u64 {
     if let Ok(rd) = std::fs::read_dir(p) {
         for e in rd.flatten() {
             if let Ok(md) = e.path().symlink_metadata() {
-                n += if md.is_dir() { dir_size(&e.path()) } else { md.len() };
+                n += if md.is_dir() {
+                    dir_size(&e.path())
+                } else {
+                    md.len()
+                };
             }
         }
     }
     n
 }
 
-fn prune_blocking(worker: &Worker, all: bool, keep_storage: i64, keep_duration: i64) -> Result<Vec<UsageRecord>, EngineError> {
+fn prune_blocking(
+    worker: &Worker,
+    all: bool,
+    keep_storage: i64,
+    keep_duration: i64,
+) -> Result<Vec<UsageRecord>, EngineError> {
     let st = |e: &dyn std::fmt::Display| EngineError::Storage(e.to_string());
     let mut records = worker.meta.records().map_err(|e| st(&e))?;
-    let snaps: HashMap<String, kiln_cache::SnapshotRecord> = worker.meta.snapshots().map_err(|e| st(&e))?.into_iter().collect();
+    let snaps: HashMap<String, kiln_cache::SnapshotRecord> = worker
+        .meta
+        .snapshots()
+        .map_err(|e| st(&e))?
+        .into_iter()
+        .collect();
     // Oldest first: the order records go in when trimming to a size.
     records.sort_by_key(|(_, r)| r.last_used);
     let cutoff = now() - keep_duration;
@@ -392,11 +515,20 @@ fn prune_blocking(worker: &Worker, all: bool, keep_storage: i64, keep_duration: 
         }
     }
     let mut removed = Vec::new();
-    let dead: Vec<String> = snaps.keys().filter(|id| !live.contains(*id)).cloned().collect();
+    let dead: Vec<String> = snaps
+        .keys()
+        .filter(|id| !live.contains(*id))
+        .cloned()
+        .collect();
     for id in &dead {
         let s = &snaps[id];
         worker.snapshots.remove(id).map_err(|e| st(&e))?;
-        let blobs: u64 = s.layers.iter().flat_map(|l| l.blobs.iter()).map(|b| b.size).sum();
+        let blobs: u64 = s
+            .layers
+            .iter()
+            .flat_map(|l| l.blobs.iter())
+            .map(|b| b.size)
+            .sum();
         removed.push(UsageRecord {
             id: id.clone(),
             kind: "regular".into(),
@@ -410,7 +542,11 @@ fn prune_blocking(worker: &Worker, all: bool, keep_storage: i64, keep_duration: 
     let live_blobs: HashSet<String> = snaps
         .iter()
         .filter(|(id, _)| live.contains(*id))
-        .flat_map(|(_, s)| s.layers.iter().flat_map(|l| l.blobs.iter().map(|b| b.digest.clone())))
+        .flat_map(|(_, s)| {
+            s.layers
+                .iter()
+                .flat_map(|l| l.blobs.iter().map(|b| b.digest.clone()))
+        })
         .collect();
     for (d, size) in worker.content.list().map_err(|e| st(&e))? {
         if !live_blobs.contains(d.as_str()) {

@@ -25,7 +25,10 @@ pub enum DaemonError {
     #[error("state directory {} is in use by another kiln process (lock {} is held)", root.display(), root.join("kilnd.lock").display())]
     Locked { root: PathBuf },
     #[error("{context}: {source}")]
-    Io { context: String, source: std::io::Error },
+    Io {
+        context: String,
+        source: std::io::Error,
+    },
     #[error("unsupported listen address {0:?} (use unix:///path/to.sock)")]
     BadAddr(String),
     #[error("{0} is already served by a running daemon")]
@@ -48,7 +51,8 @@ pub struct StateLock {
 
 pub fn lock_root(root: &Path) -> Result<StateLock, DaemonError> {
     std::fs::create_dir_all(root).map_err(io(format!("creating {}", root.display())))?;
-    std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o711)).map_err(io(format!("chmod {}", root.display())))?;
+    std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o711))
+        .map_err(io(format!("chmod {}", root.display())))?;
     let path = root.join("kilnd.lock");
     let f = File::options()
         .create(true)
@@ -56,7 +60,10 @@ pub fn lock_root(root: &Path) -> Result<StateLock, DaemonError> {
         .write(true)
         .open(&path)
         .map_err(io(format!("opening {}", path.display())))?;
-    let lock = Flock::lock(f, FlockArg::LockExclusiveNonblock).map_err(|_| DaemonError::Locked { root: root.to_path_buf() })?;
+    let lock =
+        Flock::lock(f, FlockArg::LockExclusiveNonblock).map_err(|_| DaemonError::Locked {
+            root: root.to_path_buf(),
+        })?;
     Ok(StateLock { _lock: lock })
 }
 
@@ -83,8 +90,10 @@ pub fn bind(addr: &str, group: Option<&str>) -> Result<tokio::net::UnixListener,
         }
         std::fs::remove_file(&path).map_err(io(format!("removing stale {}", path.display())))?;
     }
-    let l = tokio::net::UnixListener::bind(&path).map_err(io(format!("binding {}", path.display())))?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o660)).map_err(io(format!("chmod {}", path.display())))?;
+    let l =
+        tokio::net::UnixListener::bind(&path).map_err(io(format!("binding {}", path.display())))?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o660))
+        .map_err(io(format!("chmod {}", path.display())))?;
     if let Some(g) = group {
         let gid = nix::unistd::Group::from_name(g)
             .ok()
@@ -116,9 +125,18 @@ pub async fn serve(
         let t = token.clone();
         set.spawn(async move {
             tonic::transport::Server::builder()
-                .add_service(ControlServer::new(service::ControlService(e.clone())).max_decoding_message_size(64 << 20))
-                .add_service(SessionServer::new(service::SessionService(e)).max_decoding_message_size(64 << 20))
-                .serve_with_incoming_shutdown(tokio_stream::wrappers::UnixListenerStream::new(l), t.cancelled_owned())
+                .add_service(
+                    ControlServer::new(service::ControlService(e.clone()))
+                        .max_decoding_message_size(64 << 20),
+                )
+                .add_service(
+                    SessionServer::new(service::SessionService(e))
+                        .max_decoding_message_size(64 << 20),
+                )
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::UnixListenerStream::new(l),
+                    t.cancelled_owned(),
+                )
                 .await
         });
     }

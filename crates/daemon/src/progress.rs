@@ -56,9 +56,18 @@ impl JobProgress {
     }
 
     /// Past messages plus a receiver for the rest (no gap between them).
-    pub fn subscribe(&self) -> (Vec<StatusResponse>, Option<broadcast::Receiver<Option<StatusResponse>>>) {
+    pub fn subscribe(
+        &self,
+    ) -> (
+        Vec<StatusResponse>,
+        Option<broadcast::Receiver<Option<StatusResponse>>>,
+    ) {
         let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let rx = if st.closed { None } else { Some(self.tx.subscribe()) };
+        let rx = if st.closed {
+            None
+        } else {
+            Some(self.tx.subscribe())
+        };
         (st.history.clone(), rx)
     }
 
@@ -79,7 +88,11 @@ impl JobProgress {
 impl ProgressSink for JobProgress {
     fn event(&self, e: Event) {
         let msg = match e {
-            Event::Started { vertex, name, inputs } => {
+            Event::Started {
+                vertex,
+                name,
+                inputs,
+            } => {
                 let t = now_ns();
                 self.state
                     .lock()
@@ -97,7 +110,12 @@ impl ProgressSink for JobProgress {
                     ..Default::default()
                 }
             }
-            Event::Completed { vertex, name, cached, error } => {
+            Event::Completed {
+                vertex,
+                name,
+                cached,
+                error,
+            } => {
                 let t = now_ns();
                 let started = self
                     .state
@@ -120,7 +138,11 @@ impl ProgressSink for JobProgress {
                     ..Default::default()
                 }
             }
-            Event::Log { vertex, stream, data } => StatusResponse {
+            Event::Log {
+                vertex,
+                stream,
+                data,
+            } => StatusResponse {
                 logs: vec![VertexLog {
                     vertex: vertex.to_string(),
                     timestamp: now_ns(),
@@ -152,7 +174,9 @@ impl Jobs {
     /// The hub for `r`, created on first use by either Solve or Status.
     pub fn get(&self, r: &str) -> Arc<JobProgress> {
         let mut m = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        m.entry(r.to_string()).or_insert_with(|| Arc::new(JobProgress::new())).clone()
+        m.entry(r.to_string())
+            .or_insert_with(|| Arc::new(JobProgress::new()))
+            .clone()
     }
 
     pub fn remove(&self, r: &str) {

@@ -24,7 +24,9 @@ impl From<EngineError> for Status {
             EngineError::Build(m) => Status::failed_precondition(m),
             EngineError::Export(m) => Status::aborted(format!("export failed: {m}")),
             EngineError::Storage(m) => Status::internal(m),
-            EngineError::Cancelled => Status::cancelled("the build was cancelled (daemon shutting down)"),
+            EngineError::Cancelled => {
+                Status::cancelled("the build was cancelled (daemon shutting down)")
+            }
         }
     }
 }
@@ -50,7 +52,10 @@ impl Control for ControlService {
 
     type StatusStream = BoxStream<StatusResponse>;
 
-    async fn status(&self, req: Request<StatusRequest>) -> Result<Response<Self::StatusStream>, Status> {
+    async fn status(
+        &self,
+        req: Request<StatusRequest>,
+    ) -> Result<Response<Self::StatusStream>, Status> {
         let job = self.0.jobs.get(&req.into_inner().r#ref);
         let (history, rx) = job.subscribe();
         let live = futures::stream::unfold(rx, |rx| async move {
@@ -58,7 +63,9 @@ impl Control for ControlService {
             loop {
                 match rx.recv().await {
                     Ok(Some(m)) => return Some((m, Some(rx))),
-                    Ok(None) | Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+                    Ok(None) | Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                        return None;
+                    }
                     // A slow reader misses some events rather than stalling the build.
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
                 }
@@ -68,24 +75,40 @@ impl Control for ControlService {
         Ok(Response::new(Box::pin(s)))
     }
 
-    async fn disk_usage(&self, _: Request<DiskUsageRequest>) -> Result<Response<DiskUsageResponse>, Status> {
-        Ok(Response::new(DiskUsageResponse { record: self.0.disk_usage()? }))
+    async fn disk_usage(
+        &self,
+        _: Request<DiskUsageRequest>,
+    ) -> Result<Response<DiskUsageResponse>, Status> {
+        Ok(Response::new(DiskUsageResponse {
+            record: self.0.disk_usage()?,
+        }))
     }
 
     type PruneStream = BoxStream<UsageRecord>;
 
-    async fn prune(&self, req: Request<PruneRequest>) -> Result<Response<Self::PruneStream>, Status> {
+    async fn prune(
+        &self,
+        req: Request<PruneRequest>,
+    ) -> Result<Response<Self::PruneStream>, Status> {
         let r = req.into_inner();
         let removed = self.0.prune(r.all, r.keep_storage, r.keep_duration).await?;
-        Ok(Response::new(Box::pin(futures::stream::iter(removed.into_iter().map(Ok)))))
+        Ok(Response::new(Box::pin(futures::stream::iter(
+            removed.into_iter().map(Ok),
+        ))))
     }
 
-    async fn list_workers(&self, _: Request<ListWorkersRequest>) -> Result<Response<ListWorkersResponse>, Status> {
+    async fn list_workers(
+        &self,
+        _: Request<ListWorkersRequest>,
+    ) -> Result<Response<ListWorkersResponse>, Status> {
         let p = kiln_dockerfile::Platform::host();
         let mut labels = std::collections::HashMap::new();
         labels.insert("org.kiln.snapshotter".to_string(), "overlayfs".to_string());
         labels.insert("org.kiln.executor".to_string(), "none".to_string());
-        labels.insert("org.kiln.root".to_string(), self.0.root().display().to_string());
+        labels.insert(
+            "org.kiln.root".to_string(),
+            self.0.root().display().to_string(),
+        );
         Ok(Response::new(ListWorkersResponse {
             record: vec![WorkerRecord {
                 id: "local".into(),
@@ -111,10 +134,15 @@ pub struct SessionService(pub Arc<Engine>);
 impl SessionSvc for SessionService {
     type AttachStream = BoxStream<DaemonMessage>;
 
-    async fn attach(&self, req: Request<Streaming<ClientMessage>>) -> Result<Response<Self::AttachStream>, Status> {
+    async fn attach(
+        &self,
+        req: Request<Streaming<ClientMessage>>,
+    ) -> Result<Response<Self::AttachStream>, Status> {
         let mut inbound = req.into_inner();
         let hello = match inbound.message().await? {
-            Some(ClientMessage { msg: Some(Msg::Hello(h)) }) => h,
+            Some(ClientMessage {
+                msg: Some(Msg::Hello(h)),
+            }) => h,
             _ => return Err(Status::invalid_argument("a session must start with Hello")),
         };
         if hello.session_id.is_empty() {

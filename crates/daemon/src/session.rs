@@ -28,12 +28,18 @@ impl Session {
     fn register(&self) -> (u64, mpsc::UnboundedReceiver<CMsg>) {
         let id = self.next.fetch_add(1, Ordering::Relaxed) + 1;
         let (tx, rx) = mpsc::unbounded_channel();
-        self.waiters.lock().unwrap_or_else(|p| p.into_inner()).insert(id, tx);
+        self.waiters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, tx);
         (id, rx)
     }
 
     fn unregister(&self, id: u64) {
-        self.waiters.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+        self.waiters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
     }
 
     async fn send(&self, m: DMsg) -> Result<(), String> {
@@ -52,17 +58,35 @@ impl Session {
             CMsg::Error(e) => e.id,
             CMsg::Hello(_) => return,
         };
-        if let Some(w) = self.waiters.lock().unwrap_or_else(|p| p.into_inner()).get(&id) {
+        if let Some(w) = self
+            .waiters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+        {
             let _ = w.send(m);
         }
     }
 
-    async fn sync_impl(self: Arc<Self>, name: String, mirror: Mirror) -> Result<(Mirror, usize), String> {
+    async fn sync_impl(
+        self: Arc<Self>,
+        name: String,
+        mirror: Mirror,
+    ) -> Result<(Mirror, usize), String> {
         let (id, mut rx) = self.register();
-        self.send(DMsg::TreeRequest(pb::TreeRequest { id, context: name.clone() })).await?;
+        self.send(DMsg::TreeRequest(pb::TreeRequest {
+            id,
+            context: name.clone(),
+        }))
+        .await?;
         let tree = match rx.recv().await {
             Some(CMsg::Tree(t)) => t.entries,
-            Some(CMsg::Error(e)) => return Err(format!("client could not read context {name:?}: {}", e.message)),
+            Some(CMsg::Error(e)) => {
+                return Err(format!(
+                    "client could not read context {name:?}: {}",
+                    e.message
+                ));
+            }
             _ => return Err("the client session ended while sending the context tree".into()),
         };
         self.unregister(id);
@@ -89,14 +113,19 @@ impl Session {
         // File data is written by a blocking task fed through a channel.
         let (ctx, mut crx) = mpsc::channel::<pb::FileChunk>(16);
         let writer = tokio::task::spawn_blocking(move || -> Result<Mirror, String> {
-            let mut current: Option<(String, std::path::PathBuf, kiln_digest::HashingWriter<std::fs::File>)> = None;
+            let mut current: Option<(
+                String,
+                std::path::PathBuf,
+                kiln_digest::HashingWriter<std::fs::File>,
+            )> = None;
             while let Some(c) = crx.blocking_recv() {
                 if current.as_ref().is_none_or(|(p, _, _)| *p != c.path) && !c.path.is_empty() {
                     let (tmp, w) = mirror.create_file(&c.path).map_err(|e| e.to_string())?;
                     current = Some((c.path.clone(), tmp, w));
                 }
                 if let Some((_, _, w)) = current.as_mut() {
-                    w.write_all(&c.data).map_err(|e| format!("writing context file {}: {e}", c.path))?;
+                    w.write_all(&c.data)
+                        .map_err(|e| format!("writing context file {}: {e}", c.path))?;
                 }
                 if c.eof
                     && let Some((p, tmp, w)) = current.take()
@@ -119,7 +148,10 @@ impl Session {
                     }
                 }
                 Some(CMsg::Error(e)) => {
-                    result = Err(format!("client could not send context files: {}", e.message));
+                    result = Err(format!(
+                        "client could not send context files: {}",
+                        e.message
+                    ));
                     break;
                 }
                 _ => {
@@ -136,7 +168,11 @@ impl Session {
 
     /// Starts an export to the client; returns a blocking writer and the task
     /// that forwards its bytes and waits for the client's acknowledgement.
-    pub async fn export(self: &Arc<Self>, kind: &str, dest: &str) -> Result<(ExportWriter, tokio::task::JoinHandle<Result<(), String>>), String> {
+    pub async fn export(
+        self: &Arc<Self>,
+        kind: &str,
+        dest: &str,
+    ) -> Result<(ExportWriter, tokio::task::JoinHandle<Result<(), String>>), String> {
         let (id, mut rx) = self.register();
         self.send(DMsg::ExportStart(pb::ExportStart {
             id,
@@ -148,7 +184,8 @@ impl Session {
         let sess = self.clone();
         let forward = tokio::spawn(async move {
             while let Some(data) = brx.recv().await {
-                sess.send(DMsg::ExportChunk(pb::ExportChunk { id, data })).await?;
+                sess.send(DMsg::ExportChunk(pb::ExportChunk { id, data }))
+                    .await?;
             }
             sess.send(DMsg::ExportEnd(pb::ExportEnd { id })).await?;
             let r = match rx.recv().await {
@@ -160,7 +197,13 @@ impl Session {
             sess.unregister(id);
             r
         });
-        Ok((ExportWriter { tx, buf: Vec::with_capacity(CHUNK) }, forward))
+        Ok((
+            ExportWriter {
+                tx,
+                buf: Vec::with_capacity(CHUNK),
+            },
+            forward,
+        ))
     }
 }
 
@@ -183,9 +226,9 @@ impl Write for ExportWriter {
             return Ok(());
         }
         let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK));
-        self.tx
-            .blocking_send(chunk)
-            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "client session closed"))
+        self.tx.blocking_send(chunk).map_err(|_| {
+            std::io::Error::new(std::io::ErrorKind::BrokenPipe, "client session closed")
+        })
     }
 }
 
@@ -196,7 +239,12 @@ impl ContextProvider for SessionContexts {
     fn shared_key(&self, name: &str) -> Option<String> {
         self.0.contexts.get(name).cloned()
     }
-    fn sync(&self, name: String, mirror: Mirror) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(Mirror, usize), String>> + Send>> {
+    fn sync(
+        &self,
+        name: String,
+        mirror: Mirror,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(Mirror, usize), String>> + Send>>
+    {
         Box::pin(self.0.clone().sync_impl(name, mirror))
     }
 }
@@ -211,18 +259,30 @@ impl Sessions {
     pub fn add(&self, hello: pb::Hello, tx: Outbound) -> Arc<Session> {
         let s = Arc::new(Session {
             id: hello.session_id.clone(),
-            contexts: hello.contexts.into_iter().map(|c| (c.name, c.shared_key)).collect(),
+            contexts: hello
+                .contexts
+                .into_iter()
+                .map(|c| (c.name, c.shared_key))
+                .collect(),
             tx,
             waiters: Mutex::new(HashMap::new()),
             next: AtomicU64::new(0),
         });
-        self.map.lock().unwrap_or_else(|p| p.into_inner()).insert(s.id.clone(), s.clone());
+        self.map
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(s.id.clone(), s.clone());
         self.changed.notify_waiters();
         s
     }
 
     pub fn remove(&self, id: &str) {
-        if let Some(s) = self.map.lock().unwrap_or_else(|p| p.into_inner()).remove(id) {
+        if let Some(s) = self
+            .map
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id)
+        {
             // Wake everyone waiting on this session: their channels close.
             s.waiters.lock().unwrap_or_else(|p| p.into_inner()).clear();
         }
@@ -233,7 +293,13 @@ impl Sessions {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         loop {
             let notified = self.changed.notified();
-            if let Some(s) = self.map.lock().unwrap_or_else(|p| p.into_inner()).get(id).cloned() {
+            if let Some(s) = self
+                .map
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(id)
+                .cloned()
+            {
                 return Some(s);
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {

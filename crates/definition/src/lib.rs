@@ -96,8 +96,12 @@ impl GraphBuilder {
 
     /// The definition whose output is `output` (only ops it depends on).
     pub fn finish(&self, output: &OutputRef) -> pb::Definition {
-        let index: HashMap<&Digest, usize> =
-            self.ops.iter().enumerate().map(|(i, (d, _))| (d, i)).collect();
+        let index: HashMap<&Digest, usize> = self
+            .ops
+            .iter()
+            .enumerate()
+            .map(|(i, (d, _))| (d, i))
+            .collect();
         let mut keep = vec![false; self.ops.len()];
         let mut stack = vec![output.digest.clone()];
         while let Some(d) = stack.pop() {
@@ -143,17 +147,31 @@ impl Graph {
     pub fn from_definition(def: &pb::Definition) -> Result<Self, GraphError> {
         let mut vertices = BTreeMap::new();
         let mut last = None;
-        let meta: HashMap<&str, &pb::OpMetadata> =
-            def.metadata.iter().map(|m| (m.digest.as_str(), m)).collect();
+        let meta: HashMap<&str, &pb::OpMetadata> = def
+            .metadata
+            .iter()
+            .map(|m| (m.digest.as_str(), m))
+            .collect();
         for (index, bytes) in def.ops.iter().enumerate() {
-            let op = pb::Op::decode(bytes.as_slice()).map_err(|source| GraphError::Decode { index, source })?;
+            let op = pb::Op::decode(bytes.as_slice())
+                .map_err(|source| GraphError::Decode { index, source })?;
             let digest = Digest::of(bytes);
             if op.op.is_none() {
                 return Err(GraphError::NoOp(digest));
             }
-            let m = meta.get(digest.as_str()).map(|m| (*m).clone()).unwrap_or_default();
+            let m = meta
+                .get(digest.as_str())
+                .map(|m| (*m).clone())
+                .unwrap_or_default();
             last = Some(digest.clone());
-            vertices.insert(digest.clone(), Vertex { digest, op, meta: m });
+            vertices.insert(
+                digest.clone(),
+                Vertex {
+                    digest,
+                    op,
+                    meta: m,
+                },
+            );
         }
         let output = last.ok_or(GraphError::Empty)?;
         let mut g = petgraph::graphmap::DiGraphMap::<usize, ()>::new();
@@ -222,7 +240,10 @@ mod tests {
         assert_eq!(g.output, f.digest);
         assert_eq!(g.order, vec![a.digest.clone(), f.digest.clone()]);
         // Same op, same digest, on every run.
-        assert_eq!(a.digest, Digest::of(&source("local://context").encode_to_vec()));
+        assert_eq!(
+            a.digest,
+            Digest::of(&source("local://context").encode_to_vec())
+        );
     }
 
     #[test]
@@ -239,6 +260,9 @@ mod tests {
             ops: vec![op.encode_to_vec()],
             metadata: vec![],
         };
-        assert!(matches!(Graph::from_definition(&def), Err(GraphError::MissingInput { .. })));
+        assert!(matches!(
+            Graph::from_definition(&def),
+            Err(GraphError::MissingInput { .. })
+        ));
     }
 }

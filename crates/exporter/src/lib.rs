@@ -105,12 +105,21 @@ pub fn rfc3339(secs: i64) -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = if m <= 2 { y + 1 } else { y };
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, (rem % 3600) / 60, rem % 60)
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        (rem % 3600) / 60,
+        rem % 60
+    )
 }
 
 /// Builds the config and manifest from the frontend's image config and the
 /// result's layers (base image layers first).
-pub fn build_image(image: &Image, layers: &[Layer], opts: &ImageOptions) -> Result<BuiltImage, ExportError> {
+pub fn build_image(
+    image: &Image,
+    layers: &[Layer],
+    opts: &ImageOptions,
+) -> Result<BuiltImage, ExportError> {
     let mut img = image.clone();
     let created = rfc3339(opts.created);
     img.created = Some(created.clone());
@@ -185,9 +194,19 @@ struct Index {
     manifests: Vec<Descriptor>,
 }
 
-fn tar_entry<W: Write>(b: &mut tar::Builder<W>, path: &str, size: u64, data: impl io::Read, mtime: i64) -> io::Result<()> {
+fn tar_entry<W: Write>(
+    b: &mut tar::Builder<W>,
+    path: &str,
+    size: u64,
+    data: impl io::Read,
+    mtime: i64,
+) -> io::Result<()> {
     let mut h = tar::Header::new_gnu();
-    h.set_entry_type(if path.ends_with('/') { tar::EntryType::Directory } else { tar::EntryType::Regular });
+    h.set_entry_type(if path.ends_with('/') {
+        tar::EntryType::Directory
+    } else {
+        tar::EntryType::Regular
+    });
     h.set_mode(if path.ends_with('/') { 0o755 } else { 0o644 });
     h.set_size(size);
     h.set_mtime(mtime.max(0) as u64);
@@ -196,7 +215,13 @@ fn tar_entry<W: Write>(b: &mut tar::Builder<W>, path: &str, size: u64, data: imp
 
 /// Writes an OCI image layout as a tar stream. `names` become ref-name
 /// annotations in index.json, as BuildKit's oci exporter writes them.
-pub fn write_oci_layout<W: Write>(out: W, img: &BuiltImage, names: &[String], content: &ContentStore, mtime: i64) -> Result<W, ExportError> {
+pub fn write_oci_layout<W: Write>(
+    out: W,
+    img: &BuiltImage,
+    names: &[String],
+    content: &ContentStore,
+    mtime: i64,
+) -> Result<W, ExportError> {
     let mut b = tar::Builder::new(out);
     let layout = br#"{"imageLayoutVersion":"1.0.0"}"#;
     let mut manifests = Vec::new();
@@ -212,7 +237,11 @@ pub fn write_oci_layout<W: Write>(out: W, img: &BuiltImage, names: &[String], co
     for n in names {
         let mut a = BTreeMap::new();
         a.insert("io.containerd.image.name".to_string(), n.clone());
-        let tag = n.rsplit_once(':').filter(|(_, t)| !t.contains('/')).map(|(_, t)| t.to_string()).unwrap_or_else(|| "latest".into());
+        let tag = n
+            .rsplit_once(':')
+            .filter(|(_, t)| !t.contains('/'))
+            .map(|(_, t)| t.to_string())
+            .unwrap_or_else(|| "latest".into());
         a.insert("org.opencontainers.image.ref.name".to_string(), tag);
         manifests.push(describe(a));
     }
@@ -230,12 +259,42 @@ pub fn write_oci_layout<W: Write>(out: W, img: &BuiltImage, names: &[String], co
             continue;
         }
         let f = content.open_blob(&l.digest)?;
-        tar_entry(&mut b, &format!("blobs/sha256/{}", l.digest.hex()), l.size, f, mtime)?;
+        tar_entry(
+            &mut b,
+            &format!("blobs/sha256/{}", l.digest.hex()),
+            l.size,
+            f,
+            mtime,
+        )?;
     }
-    tar_entry(&mut b, &format!("blobs/sha256/{}", img.config_digest.hex()), img.config.len() as u64, img.config.as_slice(), mtime)?;
-    tar_entry(&mut b, &format!("blobs/sha256/{}", img.manifest_digest.hex()), img.manifest.len() as u64, img.manifest.as_slice(), mtime)?;
-    tar_entry(&mut b, "index.json", index.len() as u64, index.as_slice(), mtime)?;
-    tar_entry(&mut b, "oci-layout", layout.len() as u64, &layout[..], mtime)?;
+    tar_entry(
+        &mut b,
+        &format!("blobs/sha256/{}", img.config_digest.hex()),
+        img.config.len() as u64,
+        img.config.as_slice(),
+        mtime,
+    )?;
+    tar_entry(
+        &mut b,
+        &format!("blobs/sha256/{}", img.manifest_digest.hex()),
+        img.manifest.len() as u64,
+        img.manifest.as_slice(),
+        mtime,
+    )?;
+    tar_entry(
+        &mut b,
+        "index.json",
+        index.len() as u64,
+        index.as_slice(),
+        mtime,
+    )?;
+    tar_entry(
+        &mut b,
+        "oci-layout",
+        layout.len() as u64,
+        &layout[..],
+        mtime,
+    )?;
     Ok(b.into_inner()?)
 }
 
@@ -253,7 +312,11 @@ mod tests {
     #[test]
     fn empty_layers_are_dropped_from_history_pairing() {
         let mut img = Image::empty("linux", "amd64", "");
-        for (by, layer) in [("COPY a /a # buildkit", true), ("ENV x=y", false), ("WORKDIR /", true)] {
+        for (by, layer) in [
+            ("COPY a /a # buildkit", true),
+            ("ENV x=y", false),
+            ("WORKDIR /", true),
+        ] {
             img.history.push(History {
                 created_by: by.into(),
                 empty_layer: !layer,
@@ -262,10 +325,31 @@ mod tests {
         }
         let d = Digest::of(b"x");
         let layers = vec![
-            Layer { diff_id: "sha256:aa".into(), digest: d.clone(), size: 1, compression: "gzip".into(), empty: false },
-            Layer { diff_id: "sha256:bb".into(), digest: d, size: 1, compression: "gzip".into(), empty: true },
+            Layer {
+                diff_id: "sha256:aa".into(),
+                digest: d.clone(),
+                size: 1,
+                compression: "gzip".into(),
+                empty: false,
+            },
+            Layer {
+                diff_id: "sha256:bb".into(),
+                digest: d,
+                size: 1,
+                compression: "gzip".into(),
+                empty: true,
+            },
         ];
-        let b = build_image(&img, &layers, &ImageOptions { oci_mediatypes: true, created: 0, annotations: BTreeMap::new() }).unwrap();
+        let b = build_image(
+            &img,
+            &layers,
+            &ImageOptions {
+                oci_mediatypes: true,
+                created: 0,
+                annotations: BTreeMap::new(),
+            },
+        )
+        .unwrap();
         let cfg: serde_json::Value = serde_json::from_slice(&b.config).unwrap();
         assert_eq!(cfg["rootfs"]["diff_ids"].as_array().unwrap().len(), 1);
         assert_eq!(cfg["history"][2]["empty_layer"], true);

@@ -172,12 +172,22 @@ async fn connect(addr: Option<&str>) -> anyhow::Result<Conn> {
     if let Ok(client) = kiln_client::connect(DEFAULT_ADDR).await
         && client.info().await.is_ok()
     {
-        return Ok(Conn { client, embedded: None });
+        return Ok(Conn {
+            client,
+            embedded: None,
+        });
     }
     // No daemon: run the same engine in this process on the default state
     // dir, served on a private socket so every code path stays the same.
-    let root = std::env::var_os("KILN_ROOT").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(DEFAULT_ROOT));
-    let lock = kiln_daemon::lock_root(&root).with_context(|| format!("no daemon at {DEFAULT_ADDR} and the embedded engine cannot use {}", root.display()))?;
+    let root = std::env::var_os("KILN_ROOT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_ROOT));
+    let lock = kiln_daemon::lock_root(&root).with_context(|| {
+        format!(
+            "no daemon at {DEFAULT_ADDR} and the embedded engine cannot use {}",
+            root.display()
+        )
+    })?;
     let dir = std::env::temp_dir().join(format!("kilnctl-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let dir = tempdir::Dir(dir);
@@ -215,16 +225,37 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             print_du(&r?, verbose);
             Ok(())
         }
-        Cmd::Prune { all, keep_storage, keep_duration } => {
-            let keep_storage = keep_storage.map(|s| parse_size(&s)).transpose()?.unwrap_or(0);
-            let keep_duration = keep_duration.map(|s| parse_duration(&s)).transpose()?.unwrap_or(0);
+        Cmd::Prune {
+            all,
+            keep_storage,
+            keep_duration,
+        } => {
+            let keep_storage = keep_storage
+                .map(|s| parse_size(&s))
+                .transpose()?
+                .unwrap_or(0);
+            let keep_duration = keep_duration
+                .map(|s| parse_duration(&s))
+                .transpose()?
+                .unwrap_or(0);
             let conn = connect(cli.addr.as_deref()).await?;
-            let r = conn.client.prune(ctl::PruneRequest { all, keep_storage, keep_duration }).await;
+            let r = conn
+                .client
+                .prune(ctl::PruneRequest {
+                    all,
+                    keep_storage,
+                    keep_duration,
+                })
+                .await;
             conn.close().await;
             let removed = r?;
             let total: i64 = removed.iter().map(|r| r.size).sum();
             for r in &removed {
-                println!("{:<70} {:>10}", format!("{} {}", r.kind, r.id), human(r.size));
+                println!(
+                    "{:<70} {:>10}",
+                    format!("{} {}", r.kind, r.id),
+                    human(r.size)
+                );
             }
             println!("Total:\t{}", human(total));
             Ok(())
@@ -234,20 +265,33 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 let conn = connect(cli.addr.as_deref()).await?;
                 let r = conn.client.list_workers().await;
                 conn.close().await;
-                println!("{:<10} {:<20} {}", "ID", "PLATFORMS", "PARALLELISM");
+                println!("{:<10} {:<20} PARALLELISM", "ID", "PLATFORMS");
                 for w in r? {
-                    println!("{:<10} {:<20} {}", w.id, w.platforms.join(","), w.parallelism);
+                    println!(
+                        "{:<10} {:<20} {}",
+                        w.id,
+                        w.platforms.join(","),
+                        w.parallelism
+                    );
                 }
                 Ok(())
             }
             DebugCmd::DumpParse { file } => {
-                let data = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
-                let ast = kiln_dockerfile::parse(&data).map_err(|e| anyhow::anyhow!("{}:{}: {}", file.display(), e.start_line, e.message))?;
+                let data =
+                    std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+                let ast = kiln_dockerfile::parse(&data).map_err(|e| {
+                    anyhow::anyhow!("{}:{}: {}", file.display(), e.start_line, e.message)
+                })?;
                 println!("{}", ast.dump());
                 Ok(())
             }
-            DebugCmd::DumpGraph { file, target, build_args } => {
-                let data = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            DebugCmd::DumpGraph {
+                file,
+                target,
+                build_args,
+            } => {
+                let data =
+                    std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
                 let opts = kiln_dockerfile::ConvertOptions {
                     filename: file.display().to_string(),
                     target,
@@ -278,8 +322,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 /// For dump-graph: image references are kept as written, configs empty.
 struct UnresolvedImages;
 impl kiln_dockerfile::ImageResolver for UnresolvedImages {
-    fn resolve(&self, reference: &str, p: &kiln_dockerfile::Platform) -> Result<(String, kiln_definition::image::Image), String> {
-        Ok((reference.to_string(), kiln_definition::image::Image::empty(&p.os, &p.architecture, &p.variant)))
+    fn resolve(
+        &self,
+        reference: &str,
+        p: &kiln_dockerfile::Platform,
+    ) -> Result<(String, kiln_definition::image::Image), String> {
+        Ok((
+            reference.to_string(),
+            kiln_definition::image::Image::empty(&p.os, &p.architecture, &p.variant),
+        ))
     }
 }
 
@@ -308,18 +359,24 @@ fn parse_output(spec: &str) -> anyhow::Result<ctl::Exporter> {
         if spec == "-" {
             return Ok(ctl::Exporter {
                 r#type: "tar".into(),
-                attrs: [("dest".to_string(), "-".to_string())].into_iter().collect(),
+                attrs: [("dest".to_string(), "-".to_string())]
+                    .into_iter()
+                    .collect(),
             });
         }
         return Ok(ctl::Exporter {
             r#type: "local".into(),
-            attrs: [("dest".to_string(), spec.to_string())].into_iter().collect(),
+            attrs: [("dest".to_string(), spec.to_string())]
+                .into_iter()
+                .collect(),
         });
     }
     let mut typ = None;
     let mut attrs = BTreeMap::new();
     for field in spec.split(',') {
-        let (k, v) = field.split_once('=').ok_or_else(|| anyhow::anyhow!("invalid --output {spec:?}: {field:?} is not KEY=VALUE"))?;
+        let (k, v) = field.split_once('=').ok_or_else(|| {
+            anyhow::anyhow!("invalid --output {spec:?}: {field:?} is not KEY=VALUE")
+        })?;
         let k = k.trim().to_lowercase();
         if k == "type" {
             typ = Some(v.to_string());
@@ -327,14 +384,17 @@ fn parse_output(spec: &str) -> anyhow::Result<ctl::Exporter> {
             attrs.insert(k, v.to_string());
         }
     }
-    let typ = typ.ok_or_else(|| anyhow::anyhow!("invalid --output {spec:?}: type=... is required"))?;
+    let typ =
+        typ.ok_or_else(|| anyhow::anyhow!("invalid --output {spec:?}: type=... is required"))?;
     match typ.as_str() {
         "oci" | "local" | "tar" => {
             if !attrs.contains_key("dest") {
                 bail!("invalid --output {spec:?}: type={typ} needs dest=PATH");
             }
         }
-        "docker" | "image" | "registry" => bail!("output type {typ:?} is not supported yet (supported: oci, local, tar)"),
+        "docker" | "image" | "registry" => {
+            bail!("output type {typ:?} is not supported yet (supported: oci, local, tar)")
+        }
         other => bail!("unknown output type {other:?} (supported: oci, local, tar)"),
     }
     // Relative destinations are relative to where kilnctl runs.
@@ -348,14 +408,22 @@ fn parse_output(spec: &str) -> anyhow::Result<ctl::Exporter> {
 }
 
 async fn build(addr: Option<&str>, b: BuildArgs) -> anyhow::Result<()> {
-    let ctx_md = std::fs::metadata(&b.context).with_context(|| format!("context {}", b.context.display()))?;
+    let ctx_md = std::fs::metadata(&b.context)
+        .with_context(|| format!("context {}", b.context.display()))?;
     if !ctx_md.is_dir() {
         bail!("context {} is not a directory", b.context.display());
     }
-    let df_path = b.file.clone().unwrap_or_else(|| b.context.join("Dockerfile"));
-    let dockerfile = std::fs::read(&df_path).with_context(|| format!("reading Dockerfile {}", df_path.display()))?;
+    let df_path = b
+        .file
+        .clone()
+        .unwrap_or_else(|| b.context.join("Dockerfile"));
+    let dockerfile = std::fs::read(&df_path)
+        .with_context(|| format!("reading Dockerfile {}", df_path.display()))?;
     let build_args = parse_build_args(&b.build_args)?;
-    let df_name = df_path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "Dockerfile".into());
+    let df_name = df_path
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_else(|| "Dockerfile".into());
     if b.check {
         let opts = kiln_dockerfile::ConvertOptions {
             filename: df_name.clone(),
@@ -365,7 +433,10 @@ async fn build(addr: Option<&str>, b: BuildArgs) -> anyhow::Result<()> {
         };
         let c = kiln_dockerfile::convert(&dockerfile, &opts, &UnresolvedImages)?;
         for w in &c.warnings {
-            eprintln!("WARNING: {} - {}:{}: {}", w.rule, df_name, w.line, w.message);
+            eprintln!(
+                "WARNING: {} - {}:{}: {}",
+                w.rule, df_name, w.line, w.message
+            );
         }
         if c.warnings.is_empty() {
             eprintln!("Check complete, no warnings found.");
@@ -381,11 +452,17 @@ async fn build(addr: Option<&str>, b: BuildArgs) -> anyhow::Result<()> {
         exporters.push(e);
     }
     if exporters.is_empty() {
-        eprintln!("WARNING: No output specified; the build result will only remain in the build cache. Use -o type=oci,dest=FILE or -o DIR.");
+        eprintln!(
+            "WARNING: No output specified; the build result will only remain in the build cache. Use -o type=oci,dest=FILE or -o DIR."
+        );
     }
     // .dockerignore: <Dockerfile>.dockerignore next to the Dockerfile wins.
     let specific = PathBuf::from(format!("{}.dockerignore", df_path.display()));
-    let ignore_file = if specific.exists() { specific } else { b.context.join(".dockerignore") };
+    let ignore_file = if specific.exists() {
+        specific
+    } else {
+        b.context.join(".dockerignore")
+    };
     let ignore = match std::fs::read(&ignore_file) {
         Ok(d) => kiln_context::dockerignore::read_patterns(&d),
         Err(_) => Vec::new(),
@@ -467,9 +544,15 @@ async fn build(addr: Option<&str>, b: BuildArgs) -> anyhow::Result<()> {
             j.insert(k.clone(), serde_json::Value::String(v.clone()));
         }
         if !b.tags.is_empty() && !j.contains_key("image.name") {
-            j.insert("image.name".into(), serde_json::Value::String(b.tags.join(",")));
+            j.insert(
+                "image.name".into(),
+                serde_json::Value::String(b.tags.join(",")),
+            );
         }
-        write_file(p, &serde_json::to_vec_pretty(&serde_json::Value::Object(j))?)?;
+        write_file(
+            p,
+            &serde_json::to_vec_pretty(&serde_json::Value::Object(j))?,
+        )?;
     }
     Ok(())
 }
@@ -495,13 +578,31 @@ fn print_du(records: &[ctl::UsageRecord], verbose: bool) {
     let total: i64 = records.iter().map(|r| r.size).sum();
     if verbose {
         for r in records {
-            println!("ID:\t\t{}\nType:\t\t{}\nDescription:\t{}\nSize:\t\t{}\nCreated at:\t{}\nLast used:\t{}\nUsage count:\t{}\n", r.id, r.kind, r.description, human(r.size), r.created_at, r.last_used_at, r.usage_count);
+            println!(
+                "ID:\t\t{}\nType:\t\t{}\nDescription:\t{}\nSize:\t\t{}\nCreated at:\t{}\nLast used:\t{}\nUsage count:\t{}\n",
+                r.id,
+                r.kind,
+                r.description,
+                human(r.size),
+                r.created_at,
+                r.last_used_at,
+                r.usage_count
+            );
         }
     } else {
-        println!("{:<16} {:<14} {:>10}  {}", "ID", "TYPE", "SIZE", "DESCRIPTION");
+        println!(
+            "{:<16} {:<14} {:>10}  DESCRIPTION",
+            "ID", "TYPE", "SIZE"
+        );
         for r in records {
             let id: String = r.id.chars().take(16).collect();
-            println!("{:<16} {:<14} {:>10}  {}", id, r.kind, human(r.size), r.description);
+            println!(
+                "{:<16} {:<14} {:>10}  {}",
+                id,
+                r.kind,
+                human(r.size),
+                r.description
+            );
         }
     }
     println!("Total:\t{}", human(total));
@@ -509,15 +610,29 @@ fn print_du(records: &[ctl::UsageRecord], verbose: bool) {
 
 fn parse_size(s: &str) -> anyhow::Result<i64> {
     let l = s.trim().to_lowercase();
-    let units: [(&str, f64); 8] = [("gib", 1073741824.0), ("mib", 1048576.0), ("kib", 1024.0), ("gb", 1e9), ("mb", 1e6), ("kb", 1e3), ("g", 1e9), ("m", 1e6)];
+    let units: [(&str, f64); 8] = [
+        ("gib", 1073741824.0),
+        ("mib", 1048576.0),
+        ("kib", 1024.0),
+        ("gb", 1e9),
+        ("mb", 1e6),
+        ("kb", 1e3),
+        ("g", 1e9),
+        ("m", 1e6),
+    ];
     for (u, m) in units {
         if let Some(n) = l.strip_suffix(u) {
-            let v: f64 = n.trim().parse().with_context(|| format!("invalid size {s:?}"))?;
+            let v: f64 = n
+                .trim()
+                .parse()
+                .with_context(|| format!("invalid size {s:?}"))?;
             return Ok((v * m) as i64);
         }
     }
     let n = l.strip_suffix('b').unwrap_or(&l);
-    n.trim().parse::<i64>().with_context(|| format!("invalid size {s:?} (e.g. 10GB, 512MB)"))
+    n.trim()
+        .parse::<i64>()
+        .with_context(|| format!("invalid size {s:?} (e.g. 10GB, 512MB)"))
 }
 
 fn parse_duration(s: &str) -> anyhow::Result<i64> {
@@ -533,7 +648,9 @@ fn parse_duration(s: &str) -> anyhow::Result<i64> {
     } else {
         (l, 1)
     };
-    let v: i64 = n.parse().with_context(|| format!("invalid duration {s:?} (e.g. 24h, 30m)"))?;
+    let v: i64 = n
+        .parse()
+        .with_context(|| format!("invalid duration {s:?} (e.g. 24h, 30m)"))?;
     Ok(v * mult)
 }
 
@@ -547,9 +664,24 @@ mod tests {
         assert_eq!(e.r#type, "oci");
         assert_eq!(e.attrs["tar"], "false");
         assert_eq!(parse_output("/out").unwrap().r#type, "local");
-        assert!(parse_output("type=nope,dest=x").unwrap_err().to_string().contains("unknown output type"));
-        assert!(parse_output("type=oci").unwrap_err().to_string().contains("dest"));
-        assert!(parse_output("type=oci,dest").unwrap_err().to_string().contains("KEY=VALUE"));
+        assert!(
+            parse_output("type=nope,dest=x")
+                .unwrap_err()
+                .to_string()
+                .contains("unknown output type")
+        );
+        assert!(
+            parse_output("type=oci")
+                .unwrap_err()
+                .to_string()
+                .contains("dest")
+        );
+        assert!(
+            parse_output("type=oci,dest")
+                .unwrap_err()
+                .to_string()
+                .contains("KEY=VALUE")
+        );
     }
 
     #[test]

@@ -111,7 +111,12 @@ impl Display {
             if let Some(e) = self.vertices.get_mut(&l.vertex) {
                 for line in text.lines() {
                     if self.mode == Mode::Plain {
-                        let _ = writeln!(err, "#{} {:.3} {line}", e.num, self.start.elapsed().as_secs_f64());
+                        let _ = writeln!(
+                            err,
+                            "#{} {:.3} {line}",
+                            e.num,
+                            self.start.elapsed().as_secs_f64()
+                        );
                     }
                     e.logs.push(line.to_string());
                     if e.logs.len() > 6 {
@@ -121,7 +126,11 @@ impl Display {
             }
         }
         for w in &m.warnings {
-            let msg = if w.location.is_empty() { w.short.clone() } else { format!("{} ({})", w.short, w.location) };
+            let msg = if w.location.is_empty() {
+                w.short.clone()
+            } else {
+                format!("{} ({})", w.short, w.location)
+            };
             if self.mode == Mode::Plain {
                 let _ = writeln!(err, "WARNING: {msg}");
             }
@@ -139,7 +148,11 @@ impl Display {
             return;
         }
         let mut lines = Vec::new();
-        let done = self.order.iter().filter(|d| self.vertices[*d].completed > 0).count();
+        let done = self
+            .order
+            .iter()
+            .filter(|d| self.vertices[*d].completed > 0)
+            .count();
         lines.push(format!(
             "[+] Building {:.1}s ({}/{}){}",
             self.start.elapsed().as_secs_f64(),

@@ -107,7 +107,10 @@ impl Snapshotter {
     }
 
     fn new_id(&self) -> String {
-        format!("{:x}", self.counter.fetch_add(1, Ordering::Relaxed) & 0xffff_ffff_ffff)
+        format!(
+            "{:x}",
+            self.counter.fetch_add(1, Ordering::Relaxed) & 0xffff_ffff_ffff
+        )
     }
 
     /// The directory holding a snapshot's own changes.
@@ -120,7 +123,10 @@ impl Snapshotter {
     }
 
     fn lowerdir_option(&self, chain: &[String]) -> Result<String, SnapshotError> {
-        let lowers: Vec<String> = chain.iter().map(|id| self.upper(id).to_string_lossy().to_string()).collect();
+        let lowers: Vec<String> = chain
+            .iter()
+            .map(|id| self.upper(id).to_string_lossy().to_string())
+            .collect();
         let opt = lowers.join(":");
         if opt.len() > MAX_MOUNT_DATA - 200 {
             return Err(SnapshotError::ChainTooDeep(chain.len()));
@@ -155,11 +161,16 @@ impl Snapshotter {
             upper.display(),
             work.display()
         );
-        mount(Some("overlay"), &mp, Some("overlay"), MsFlags::empty(), Some(data.as_str())).map_err(|source| {
-            SnapshotError::Mount {
-                path: mp.clone(),
-                source,
-            }
+        mount(
+            Some("overlay"),
+            &mp,
+            Some("overlay"),
+            MsFlags::empty(),
+            Some(data.as_str()),
+        )
+        .map_err(|source| SnapshotError::Mount {
+            path: mp.clone(),
+            source,
         })?;
         active.mountpoint = mp;
         active.mounted = true;
@@ -185,11 +196,20 @@ impl Snapshotter {
                 let mp = self.mounts.join(format!("view-{}", self.new_id()));
                 fs::create_dir_all(&mp).map_err(io_at(&mp))?;
                 let data = format!("lowerdir={}", self.lowerdir_option(chain)?);
-                if let Err(source) = mount(Some("overlay"), &mp, Some("overlay"), MsFlags::MS_RDONLY, Some(data.as_str())) {
+                if let Err(source) = mount(
+                    Some("overlay"),
+                    &mp,
+                    Some("overlay"),
+                    MsFlags::MS_RDONLY,
+                    Some(data.as_str()),
+                ) {
                     let _ = fs::remove_dir(&mp);
                     return Err(SnapshotError::Mount { path: mp, source });
                 }
-                Ok(View { path: mp, mounted: true })
+                Ok(View {
+                    path: mp,
+                    mounted: true,
+                })
             }
         }
     }
@@ -317,7 +337,11 @@ mod tests {
         )
         .unwrap();
         let mut ar = tar::Archive::new(t.as_slice());
-        let names: Vec<String> = ar.entries().unwrap().map(|e| e.unwrap().path().unwrap().display().to_string()).collect();
+        let names: Vec<String> = ar
+            .entries()
+            .unwrap()
+            .map(|e| e.unwrap().path().unwrap().display().to_string())
+            .collect();
         assert_eq!(names, vec![".wh.g", "h"]);
         let v = sn.view(&[b.clone(), a.clone()]).unwrap();
         assert!(v.path().join("f").exists() && !v.path().join("g").exists());

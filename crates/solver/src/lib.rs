@@ -48,10 +48,26 @@ pub struct Resolved<O> {
 /// Status events of one build.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
-    Started { vertex: Digest, name: String, inputs: Vec<Digest> },
-    Completed { vertex: Digest, name: String, cached: bool, error: Option<String> },
-    Log { vertex: Digest, stream: i64, data: Vec<u8> },
-    Warning { vertex: Option<Digest>, message: String },
+    Started {
+        vertex: Digest,
+        name: String,
+        inputs: Vec<Digest>,
+    },
+    Completed {
+        vertex: Digest,
+        name: String,
+        cached: bool,
+        error: Option<String>,
+    },
+    Log {
+        vertex: Digest,
+        stream: i64,
+        data: Vec<u8>,
+    },
+    Warning {
+        vertex: Option<Digest>,
+        message: String,
+    },
 }
 
 pub trait ProgressSink: Send + Sync {
@@ -70,7 +86,7 @@ pub trait Worker: Send + Sync + 'static {
         self: Arc<Self>,
         v: Vertex,
         job: Arc<Self::Job>,
-    ) -> BoxFuture<'static, Result<(Self::Output, String, bool), SolveError>>;
+    ) -> BoxFuture<'static, SourceResult<Self::Output>>;
 
     /// For each input, a key for just the content this op reads from it, to use
     /// instead of the input's own cache key (e.g. checksums of copied paths).
@@ -81,7 +97,10 @@ pub trait Worker: Send + Sync + 'static {
     ) -> BoxFuture<'static, Result<Vec<Option<String>>, SolveError>>;
 
     /// A recorded result for `key`, if still valid.
-    fn lookup(self: Arc<Self>, key: String) -> BoxFuture<'static, Result<Option<Self::Output>, SolveError>>;
+    fn lookup(
+        self: Arc<Self>,
+        key: String,
+    ) -> BoxFuture<'static, Result<Option<Self::Output>, SolveError>>;
 
     /// Runs the op and records the result under `key`.
     fn exec(
@@ -96,6 +115,8 @@ pub trait Worker: Send + Sync + 'static {
 }
 
 type SharedResult<O> = Shared<BoxFuture<'static, Result<O, SolveError>>>;
+/// A source's output, a key for its content, and whether it was unchanged.
+pub type SourceResult<O> = Result<(O, String, bool), SolveError>;
 
 pub struct Solver<W: Worker> {
     worker: Arc<W>,
@@ -141,17 +162,28 @@ impl<W: Worker> Solver<W> {
     }
 
     /// Solves the graph's output vertex.
-    pub async fn solve(&self, graph: &Graph, job: Arc<W::Job>, no_cache: bool) -> Result<Resolved<W::Output>, SolveError> {
-        let mut futs: HashMap<Digest, Shared<BoxFuture<'static, Result<Resolved<W::Output>, SolveError>>>> = HashMap::new();
+    pub async fn solve(
+        &self,
+        graph: &Graph,
+        job: Arc<W::Job>,
+        no_cache: bool,
+    ) -> Result<Resolved<W::Output>, SolveError> {
+        let mut futs: HashMap<Digest, SharedResult<Resolved<W::Output>>> = HashMap::new();
         for d in &graph.order {
             let v = graph.vertices[d].clone();
             let inputs: Vec<_> = v
                 .inputs()
-                .map(|i| futs.get(&i).cloned().ok_or_else(|| SolveError::at(d, format!("input {i} not solved"))))
+                .map(|i| {
+                    futs.get(&i)
+                        .cloned()
+                        .ok_or_else(|| SolveError::at(d, format!("input {i} not solved")))
+                })
                 .collect::<Result<_, _>>()?;
             let this = self.clone();
             let job = job.clone();
-            let fut = async move { this.vertex(v, inputs, job, no_cache).await }.boxed().shared();
+            let fut = async move { this.vertex(v, inputs, job, no_cache).await }
+                .boxed()
+                .shared();
             futs.insert(d.clone(), fut);
         }
         let out = futs
@@ -164,7 +196,7 @@ impl<W: Worker> Solver<W> {
     async fn vertex(
         self,
         v: Vertex,
-        inputs: Vec<Shared<BoxFuture<'static, Result<Resolved<W::Output>, SolveError>>>>,
+        inputs: Vec<SharedResult<Resolved<W::Output>>>,
         job: Arc<W::Job>,
         no_cache: bool,
     ) -> Result<Resolved<W::Output>, SolveError> {
@@ -189,7 +221,11 @@ impl<W: Worker> Solver<W> {
         };
         if matches!(v.op.op, Some(pb::op::Op::Source(_))) {
             start(progress);
-            let _permit = self.limit.acquire().await.map_err(|e| SolveError::new(e.to_string()))?;
+            let _permit = self
+                .limit
+                .acquire()
+                .await
+                .map_err(|e| SolveError::new(e.to_string()))?;
             return match self.worker.clone().source(v.clone(), job.clone()).await {
                 Ok((output, key, unchanged)) => {
                     complete(progress, unchanged, None);
@@ -205,7 +241,12 @@ impl<W: Worker> Solver<W> {
                 }
             };
         }
-        let overrides = self.worker.clone().content_keys(v.clone(), resolved.clone()).await.map_err(|e| with_vertex(e, &v.digest))?;
+        let overrides = self
+            .worker
+            .clone()
+            .content_keys(v.clone(), resolved.clone())
+            .await
+            .map_err(|e| with_vertex(e, &v.digest))?;
         let input_keys: Vec<String> = resolved
             .iter()
             .zip(overrides.iter().chain(std::iter::repeat(&None)))
@@ -213,16 +254,21 @@ impl<W: Worker> Solver<W> {
             .collect();
         let key = cache_key(&v.digest, &input_keys);
         let ignore = no_cache || v.meta.ignore_cache;
-        if !ignore
-            && let Some(output) = self.worker.clone().lookup(key.clone()).await?
-        {
+        if !ignore && let Some(output) = self.worker.clone().lookup(key.clone()).await? {
             start(progress);
             complete(progress, true, None);
-            return Ok(Resolved { output, key, cached: true });
+            return Ok(Resolved {
+                output,
+                key,
+                cached: true,
+            });
         }
         // Join an identical execution already running for another build.
         let fut = {
-            let mut map = self.inflight.lock().map_err(|_| SolveError::new("solver state poisoned"))?;
+            let mut map = self
+                .inflight
+                .lock()
+                .map_err(|_| SolveError::new("solver state poisoned"))?;
             match map.get(&key) {
                 Some(f) => f.clone(),
                 None => {
@@ -232,7 +278,10 @@ impl<W: Worker> Solver<W> {
                     let inflight = self.inflight.clone();
                     let f = async move {
                         let r = async {
-                            let _permit = limit.acquire().await.map_err(|e| SolveError::new(e.to_string()))?;
+                            let _permit = limit
+                                .acquire()
+                                .await
+                                .map_err(|e| SolveError::new(e.to_string()))?;
                             worker.exec(vv, rr, kk.clone(), jj).await
                         }
                         .await;
@@ -252,7 +301,11 @@ impl<W: Worker> Solver<W> {
         match fut.await {
             Ok(output) => {
                 complete(progress, false, None);
-                Ok(Resolved { output, key, cached: false })
+                Ok(Resolved {
+                    output,
+                    key,
+                    cached: false,
+                })
             }
             Err(e) => {
                 complete(progress, false, Some(e.message.to_string()));
@@ -296,16 +349,33 @@ mod tests {
     impl Worker for SleepWorker {
         type Output = u32;
         type Job = Recorder;
-        fn source(self: Arc<Self>, _: Vertex, _: Arc<Recorder>) -> BoxFuture<'static, Result<(u32, String, bool), SolveError>> {
+        fn source(
+            self: Arc<Self>,
+            _: Vertex,
+            _: Arc<Recorder>,
+        ) -> BoxFuture<'static, Result<(u32, String, bool), SolveError>> {
             async { Ok((0, "src".to_string(), true)) }.boxed()
         }
-        fn content_keys(self: Arc<Self>, _: Vertex, _: Vec<Resolved<u32>>) -> BoxFuture<'static, Result<Vec<Option<String>>, SolveError>> {
+        fn content_keys(
+            self: Arc<Self>,
+            _: Vertex,
+            _: Vec<Resolved<u32>>,
+        ) -> BoxFuture<'static, Result<Vec<Option<String>>, SolveError>> {
             async { Ok(vec![]) }.boxed()
         }
-        fn lookup(self: Arc<Self>, key: String) -> BoxFuture<'static, Result<Option<u32>, SolveError>> {
+        fn lookup(
+            self: Arc<Self>,
+            key: String,
+        ) -> BoxFuture<'static, Result<Option<u32>, SolveError>> {
             async move { Ok(self.cache.lock().unwrap().get(&key).copied()) }.boxed()
         }
-        fn exec(self: Arc<Self>, _: Vertex, inputs: Vec<Resolved<u32>>, key: String, _: Arc<Recorder>) -> BoxFuture<'static, Result<u32, SolveError>> {
+        fn exec(
+            self: Arc<Self>,
+            _: Vertex,
+            inputs: Vec<Resolved<u32>>,
+            key: String,
+            _: Arc<Recorder>,
+        ) -> BoxFuture<'static, Result<u32, SolveError>> {
             async move {
                 let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
                 self.max_running.fetch_max(now, Ordering::SeqCst);
@@ -347,7 +417,10 @@ mod tests {
         let g = Graph::from_definition(&b.finish(&out)).unwrap();
         let w = Arc::new(SleepWorker::default());
         let s = Solver::new(w.clone(), 4);
-        let r = s.solve(&g, Arc::new(Recorder::default()), false).await.unwrap();
+        let r = s
+            .solve(&g, Arc::new(Recorder::default()), false)
+            .await
+            .unwrap();
         // The three independent vertices ran at the same time.
         assert_eq!(w.max_running.load(Ordering::SeqCst), 3);
         assert_eq!(r.output, 4);
@@ -356,7 +429,13 @@ mod tests {
         let r2 = s.solve(&g, rec.clone(), false).await.unwrap();
         assert!(r2.cached);
         assert_eq!(w.execs.load(Ordering::SeqCst), 4);
-        assert!(rec.0.lock().unwrap().iter().all(|e| !matches!(e, Event::Completed { cached: false, .. })));
+        assert!(
+            rec.0
+                .lock()
+                .unwrap()
+                .iter()
+                .all(|e| !matches!(e, Event::Completed { cached: false, .. }))
+        );
         // Two concurrent no-cache builds share each execution.
         let (x, y) = tokio::join!(
             s.solve(&g, Arc::new(Recorder::default()), true),

@@ -44,7 +44,11 @@ pub fn resolve_owner(root: &Path, chown: &pb::ChownOpt) -> Result<(u32, u32), Fi
             let f: Vec<&str> = l.split(':').collect();
             if f.len() >= 4 && f[0] == name {
                 let id = f[2].parse().ok()?;
-                let gid = if file == "/etc/passwd" { f[3].parse().ok()? } else { id };
+                let gid = if file == "/etc/passwd" {
+                    f[3].parse().ok()?
+                } else {
+                    id
+                };
                 Some((id, gid))
             } else {
                 None
@@ -54,17 +58,30 @@ pub fn resolve_owner(root: &Path, chown: &pb::ChownOpt) -> Result<(u32, u32), Fi
     let (uid, primary) = match chown.user.parse::<u32>() {
         Ok(u) => (u, u),
         Err(_) if chown.user.is_empty() => (0, 0),
-        Err(_) => lookup("/etc/passwd", &chown.user)
-            .ok_or_else(|| FileOpError(format!("unable to find user {}: no matching entries in passwd file", chown.user)))?,
+        Err(_) => lookup("/etc/passwd", &chown.user).ok_or_else(|| {
+            FileOpError(format!(
+                "unable to find user {}: no matching entries in passwd file",
+                chown.user
+            ))
+        })?,
     };
     let gid = if chown.group.is_empty() {
-        if chown.user.parse::<u32>().is_ok() { uid } else { primary }
+        if chown.user.parse::<u32>().is_ok() {
+            uid
+        } else {
+            primary
+        }
     } else {
         match chown.group.parse::<u32>() {
             Ok(g) => g,
             Err(_) => lookup("/etc/group", &chown.group)
                 .map(|x| x.0)
-                .ok_or_else(|| FileOpError(format!("unable to find group {}: no matching entries in group file", chown.group)))?,
+                .ok_or_else(|| {
+                    FileOpError(format!(
+                        "unable to find group {}: no matching entries in group file",
+                        chown.group
+                    ))
+                })?,
         }
     };
     Ok((uid, gid))
@@ -139,7 +156,13 @@ struct CopyCtx<'a> {
 }
 
 impl CopyCtx<'_> {
-    fn finish(&self, src_md: &fs::Metadata, dst: &Path, is_dir: bool, is_link: bool) -> Result<(), FileOpError> {
+    fn finish(
+        &self,
+        src_md: &fs::Metadata,
+        dst: &Path,
+        is_dir: bool,
+        is_link: bool,
+    ) -> Result<(), FileOpError> {
         let (uid, gid) = match self.owner {
             Some(o) => o,
             None if self.from_context => (0, 0),
@@ -154,7 +177,8 @@ impl CopyCtx<'_> {
             } else {
                 src_md.mode() & 0o7777
             };
-            fs::set_permissions(dst, fs::Permissions::from_mode(mode)).map_err(ioe(dst.display()))?;
+            fs::set_permissions(dst, fs::Permissions::from_mode(mode))
+                .map_err(ioe(dst.display()))?;
         }
         let t = filetime::FileTime::from_last_modification_time(src_md);
         let t = match self.action.timestamp {
@@ -184,10 +208,18 @@ impl CopyCtx<'_> {
             if !dst.exists() {
                 fs::create_dir(dst).map_err(ioe(dst.display()))?;
             }
-            let mut names: Vec<_> = fs::read_dir(src).map_err(ioe(src.display()))?.filter_map(Result::ok).map(|e| e.file_name()).collect();
+            let mut names: Vec<_> = fs::read_dir(src)
+                .map_err(ioe(src.display()))?
+                .filter_map(Result::ok)
+                .map(|e| e.file_name())
+                .collect();
             names.sort();
             for n in names {
-                let child_rel = if rel.is_empty() { n.to_string_lossy().to_string() } else { format!("{rel}/{}", n.to_string_lossy()) };
+                let child_rel = if rel.is_empty() {
+                    n.to_string_lossy().to_string()
+                } else {
+                    format!("{rel}/{}", n.to_string_lossy())
+                };
                 self.copy_entry(&src.join(&n), &dst.join(&n), &child_rel)?;
             }
             self.finish(&md, dst, true, false)?;
@@ -201,8 +233,13 @@ impl CopyCtx<'_> {
         } else {
             // Devices and fifos keep their kind.
             let kind = nix::sys::stat::SFlag::from_bits_truncate(md.mode() & 0o170000);
-            nix::sys::stat::mknod(dst, kind, nix::sys::stat::Mode::from_bits_truncate(md.mode()), md.rdev())
-                .map_err(|e| FileOpError(format!("mknod {}: {e}", dst.display())))?;
+            nix::sys::stat::mknod(
+                dst,
+                kind,
+                nix::sys::stat::Mode::from_bits_truncate(md.mode()),
+                md.rdev(),
+            )
+            .map_err(|e| FileOpError(format!("mknod {}: {e}", dst.display())))?;
             self.finish(&md, dst, false, false)?;
         }
         Ok(())
@@ -210,7 +247,11 @@ impl CopyCtx<'_> {
 }
 
 /// Expands one source (maybe a wildcard) to paths inside `root`.
-fn expand_source(root: &Path, src: &str, allow_wildcard: bool) -> Result<Vec<(PathBuf, String)>, FileOpError> {
+fn expand_source(
+    root: &Path,
+    src: &str,
+    allow_wildcard: bool,
+) -> Result<Vec<(PathBuf, String)>, FileOpError> {
     let clean = kiln_context::dockerignore::clean(&format!("/{src}"));
     let has_glob = allow_wildcard && clean.contains(['*', '?', '[']);
     if !has_glob {
@@ -227,16 +268,27 @@ fn expand_source(root: &Path, src: &str, allow_wildcard: bool) -> Result<Vec<(Pa
             let dir = resolve_in_root(root, &format!("/{rel}"), true).unwrap_or(dir.clone());
             if comp.contains(['*', '?', '[']) {
                 let Ok(rd) = fs::read_dir(&dir) else { continue };
-                let mut names: Vec<String> = rd.filter_map(Result::ok).map(|e| e.file_name().to_string_lossy().to_string()).collect();
+                let mut names: Vec<String> = rd
+                    .filter_map(Result::ok)
+                    .map(|e| e.file_name().to_string_lossy().to_string())
+                    .collect();
                 names.sort();
                 for n in names {
                     if glob_match(comp, &n) {
-                        let r = if rel.is_empty() { n.clone() } else { format!("{rel}/{n}") };
+                        let r = if rel.is_empty() {
+                            n.clone()
+                        } else {
+                            format!("{rel}/{n}")
+                        };
                         next.push((dir.join(&n), r));
                     }
                 }
             } else {
-                let r = if rel.is_empty() { comp.to_string() } else { format!("{rel}/{comp}") };
+                let r = if rel.is_empty() {
+                    comp.to_string()
+                } else {
+                    format!("{rel}/{comp}")
+                };
                 if fs::symlink_metadata(dir.join(comp)).is_ok() {
                     next.push((dir.join(comp), r));
                 }
@@ -283,15 +335,29 @@ fn unpack_archive(path: &Path, kind: &str, root: &Path, dest: &Path) -> Result<(
     };
     match kind {
         "gzip" => unpack(flate2::read::MultiGzDecoder::new(f), root, dest, opts)?,
-        "zstd" => unpack(zstd::Decoder::new(f).map_err(ioe(path.display()))?, root, dest, opts)?,
+        "zstd" => unpack(
+            zstd::Decoder::new(f).map_err(ioe(path.display()))?,
+            root,
+            dest,
+            opts,
+        )?,
         "tar" => unpack(f, root, dest, opts)?,
-        other => return Err(FileOpError(format!("ADD {}: {other} archives are not supported", path.display()))),
+        other => {
+            return Err(FileOpError(format!(
+                "ADD {}: {other} archives are not supported",
+                path.display()
+            )));
+        }
     };
     Ok(())
 }
 
 /// Runs one copy action from `source` into the snapshot at `dest_root`.
-pub fn copy(dest_root: &Path, source: &CopySource<'_>, a: &pb::FileActionCopy) -> Result<(), FileOpError> {
+pub fn copy(
+    dest_root: &Path,
+    source: &CopySource<'_>,
+    a: &pb::FileActionCopy,
+) -> Result<(), FileOpError> {
     let owner = match &a.chown {
         Some(c) if !(c.user.is_empty() && c.group.is_empty()) => Some(resolve_owner(dest_root, c)?),
         _ => None,
@@ -300,23 +366,37 @@ pub fn copy(dest_root: &Path, source: &CopySource<'_>, a: &pb::FileActionCopy) -
         owner,
         action: a,
         from_context: source.from_context,
-        exclude: Matcher::new(&a.exclude_patterns).map_err(|e| FileOpError(format!("--exclude: {e}")))?,
+        exclude: Matcher::new(&a.exclude_patterns)
+            .map_err(|e| FileOpError(format!("--exclude: {e}")))?,
     };
     let mut matched = Vec::new();
     for s in &a.src {
         let found = expand_source(source.root, s, a.allow_wildcard)?;
         if found.is_empty() {
-            let what = if source.from_context { "build context" } else { "source stage" };
+            let what = if source.from_context {
+                "build context"
+            } else {
+                "source stage"
+            };
             if s.contains(['*', '?', '[']) && a.allow_empty_wildcard {
                 continue;
             }
-            return Err(FileOpError(format!("{s:?}: not found in {what}{}", if source.from_context { " (or excluded by .dockerignore)" } else { "" })));
+            return Err(FileOpError(format!(
+                "{s:?}: not found in {what}{}",
+                if source.from_context {
+                    " (or excluded by .dockerignore)"
+                } else {
+                    ""
+                }
+            )));
         }
         matched.extend(found);
     }
     let dest_is_dir_syntax = a.dest.ends_with('/');
     let dest_path = resolve_in_root(dest_root, &a.dest, true)?;
-    let dest_exists_dir = fs::metadata(&dest_path).map(|m| m.is_dir()).unwrap_or(false);
+    let dest_exists_dir = fs::metadata(&dest_path)
+        .map(|m| m.is_dir())
+        .unwrap_or(false);
     if matched.len() > 1 && !dest_is_dir_syntax && !dest_exists_dir {
         return Err(FileOpError(format!(
             "when copying more than one source, the destination {:?} must be a directory and end with a /",
@@ -335,7 +415,11 @@ pub fn copy(dest_root: &Path, source: &CopySource<'_>, a: &pb::FileActionCopy) -
     for (src, rel) in matched {
         let md = fs::metadata(&src).map_err(ioe(src.display()))?;
         if a.parents {
-            let target = resolve_in_root(dest_root, &format!("{}/{}", a.dest.trim_end_matches('/'), rel), false)?;
+            let target = resolve_in_root(
+                dest_root,
+                &format!("{}/{}", a.dest.trim_end_matches('/'), rel),
+                false,
+            )?;
             if let Some(parent) = target.parent() {
                 make_dest_dir(parent)?;
             }
@@ -345,7 +429,11 @@ pub fn copy(dest_root: &Path, source: &CopySource<'_>, a: &pb::FileActionCopy) -
         if md.is_dir() {
             make_dest_dir(&dest_path)?;
             if a.dir_copy_contents {
-                let mut names: Vec<_> = fs::read_dir(&src).map_err(ioe(src.display()))?.filter_map(Result::ok).map(|e| e.file_name()).collect();
+                let mut names: Vec<_> = fs::read_dir(&src)
+                    .map_err(ioe(src.display()))?
+                    .filter_map(Result::ok)
+                    .map(|e| e.file_name())
+                    .collect();
                 names.sort();
                 for n in names {
                     ctx.copy_entry(&src.join(&n), &dest_path.join(&n), &n.to_string_lossy())?;
@@ -363,7 +451,10 @@ pub fn copy(dest_root: &Path, source: &CopySource<'_>, a: &pb::FileActionCopy) -
             unpack_archive(&src, kind, dest_root, &dest_path)?;
             continue;
         }
-        let into_dir = dest_is_dir_syntax || fs::metadata(&dest_path).map(|m| m.is_dir()).unwrap_or(false);
+        let into_dir = dest_is_dir_syntax
+            || fs::metadata(&dest_path)
+                .map(|m| m.is_dir())
+                .unwrap_or(false);
         let target = if into_dir {
             make_dest_dir(&dest_path)?;
             dest_path.join(src.file_name().unwrap_or_default())
@@ -395,7 +486,8 @@ pub fn mkdir(root: &Path, a: &pb::FileActionMkDir) -> Result<(), FileOpError> {
             cur.push(c);
             if !cur.exists() {
                 fs::create_dir(&cur).map_err(ioe(cur.display()))?;
-                fs::set_permissions(&cur, fs::Permissions::from_mode(a.mode)).map_err(ioe(cur.display()))?;
+                fs::set_permissions(&cur, fs::Permissions::from_mode(a.mode))
+                    .map_err(ioe(cur.display()))?;
                 if let Some((u, g)) = owner {
                     lchown(&cur, u, g)?;
                 }
@@ -463,7 +555,10 @@ mod tests {
         fs::write(src.join("b.txt"), "b").unwrap();
         fs::write(src.join("dir/sub/c"), "c").unwrap();
         std::os::unix::fs::symlink("/etc/passwd", src.join("evil")).unwrap();
-        let s = CopySource { root: &src, from_context: true };
+        let s = CopySource {
+            root: &src,
+            from_context: true,
+        };
         let base = pb::FileActionCopy {
             dir_copy_contents: true,
             allow_wildcard: true,
@@ -472,18 +567,75 @@ mod tests {
             timestamp: -1,
             ..Default::default()
         };
-        copy(&dst, &s, &pb::FileActionCopy { src: vec!["*.txt".into()], dest: "/out/".into(), ..base.clone() }).unwrap();
+        copy(
+            &dst,
+            &s,
+            &pb::FileActionCopy {
+                src: vec!["*.txt".into()],
+                dest: "/out/".into(),
+                ..base.clone()
+            },
+        )
+        .unwrap();
         assert!(dst.join("out/a.txt").exists() && dst.join("out/b.txt").exists());
-        copy(&dst, &s, &pb::FileActionCopy { src: vec!["dir".into()], dest: "/d".into(), ..base.clone() }).unwrap();
+        copy(
+            &dst,
+            &s,
+            &pb::FileActionCopy {
+                src: vec!["dir".into()],
+                dest: "/d".into(),
+                ..base.clone()
+            },
+        )
+        .unwrap();
         assert!(dst.join("d/sub/c").exists());
-        copy(&dst, &s, &pb::FileActionCopy { src: vec!["a.txt".into()], dest: "/renamed".into(), ..base.clone() }).unwrap();
+        copy(
+            &dst,
+            &s,
+            &pb::FileActionCopy {
+                src: vec!["a.txt".into()],
+                dest: "/renamed".into(),
+                ..base.clone()
+            },
+        )
+        .unwrap();
         assert_eq!(fs::read(dst.join("renamed")).unwrap(), b"a");
-        let e = copy(&dst, &s, &pb::FileActionCopy { src: vec!["*.txt".into()], dest: "/file".into(), ..base.clone() }).unwrap_err();
+        let e = copy(
+            &dst,
+            &s,
+            &pb::FileActionCopy {
+                src: vec!["*.txt".into()],
+                dest: "/file".into(),
+                ..base.clone()
+            },
+        )
+        .unwrap_err();
         assert!(e.0.contains("must be a directory"));
         // A symlink leading out of the context resolves inside it: not found.
-        let e = copy(&dst, &s, &pb::FileActionCopy { src: vec!["evil".into()], dest: "/x".into(), ..base.clone() }).unwrap_err();
+        let e = copy(
+            &dst,
+            &s,
+            &pb::FileActionCopy {
+                src: vec!["evil".into()],
+                dest: "/x".into(),
+                ..base.clone()
+            },
+        )
+        .unwrap_err();
         assert!(e.0.contains("not found"), "{e}");
-        let e = copy(&dst, &s, &pb::FileActionCopy { src: vec!["missing".into()], dest: "/x".into(), ..base }).unwrap_err();
-        assert!(e.0.contains("\"missing\": not found in build context"), "{e}");
+        let e = copy(
+            &dst,
+            &s,
+            &pb::FileActionCopy {
+                src: vec!["missing".into()],
+                dest: "/x".into(),
+                ..base
+            },
+        )
+        .unwrap_err();
+        assert!(
+            e.0.contains("\"missing\": not found in build context"),
+            "{e}"
+        );
     }
 }

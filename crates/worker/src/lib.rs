@@ -20,7 +20,8 @@ use kiln_solver::{Event, ProgressSink, Resolved, SolveError};
 
 /// Boxed futures without pulling `futures` into this crate's API.
 mod futures_compat {
-    pub type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'static>>;
+    pub type BoxFuture<T> =
+        std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'static>>;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -99,7 +100,8 @@ fn serr(e: impl std::fmt::Display) -> SolveError {
 
 impl Worker {
     pub fn open(root: &Path) -> Result<Self, WorkerError> {
-        fs::create_dir_all(root).map_err(|e| WorkerError::Other(format!("{}: {e}", root.display())))?;
+        fs::create_dir_all(root)
+            .map_err(|e| WorkerError::Other(format!("{}: {e}", root.display())))?;
         let snapshots = Snapshotter::open(root)?;
         let meta = MetadataStore::open(&root.join("metadata.db"))?;
         let content = ContentStore::open(root.join("content"))?;
@@ -117,7 +119,12 @@ impl Worker {
     /// Drops records whose snapshots vanished and snapshots nobody recorded
     /// (left by a crash between commit and record).
     fn reconcile(&self) -> Result<(), WorkerError> {
-        let known: HashSet<String> = self.meta.snapshots()?.into_iter().map(|(id, _)| id).collect();
+        let known: HashSet<String> = self
+            .meta
+            .snapshots()?
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
         for id in self.snapshots.list()? {
             if !known.contains(&id) {
                 self.snapshots.remove(&id)?;
@@ -150,7 +157,9 @@ impl Worker {
                 .snapshot(&c)?
                 .ok_or_else(|| WorkerError::Other(format!("snapshot {c} is missing")))?;
             if !self.snapshots.exists(&c) {
-                return Err(WorkerError::Other(format!("snapshot {c} is missing on disk")));
+                return Err(WorkerError::Other(format!(
+                    "snapshot {c} is missing on disk"
+                )));
             }
             out.push(c);
             cur = rec.parent;
@@ -163,21 +172,30 @@ impl Worker {
         m.entry(key.to_string()).or_default().clone()
     }
 
-    async fn source_impl(self: Arc<Self>, v: Vertex, job: Arc<Job>) -> Result<(Output, String, bool), SolveError> {
+    async fn source_impl(
+        self: Arc<Self>,
+        v: Vertex,
+        job: Arc<Job>,
+    ) -> Result<(Output, String, bool), SolveError> {
         let Some(pb::op::Op::Source(src)) = &v.op.op else {
             return Err(SolveError::new("not a source op"));
         };
         let id = src.identifier.as_str();
         if let Some(name) = id.strip_prefix("local://") {
-            let key = job
-                .contexts
-                .shared_key(name)
-                .ok_or_else(|| SolveError::new(format!("the client did not provide a context named {name:?}")))?;
+            let key = job.contexts.shared_key(name).ok_or_else(|| {
+                SolveError::new(format!(
+                    "the client did not provide a context named {name:?}"
+                ))
+            })?;
             let dir_name = Digest::of(key.as_bytes()).hex()[..16].to_string();
             let dir = self.root.join("contexts").join(dir_name);
             let lock = self.context_lock(&key).lock_owned().await;
             let mirror = Mirror::open(&dir).map_err(serr)?;
-            let (mirror, changed) = job.contexts.sync(name.to_string(), mirror).await.map_err(SolveError::new)?;
+            let (mirror, changed) = job
+                .contexts
+                .sync(name.to_string(), mirror)
+                .await
+                .map_err(SolveError::new)?;
             mirror.save().map_err(serr)?;
             let digest = mirror.tree_digest();
             let root = mirror.root();
@@ -199,29 +217,49 @@ impl Worker {
         Err(SolveError::new(format!("unsupported source {id:?}")))
     }
 
-    fn exec_blocking(&self, v: &Vertex, inputs: &[Resolved<Output>], key: &str) -> Result<Output, WorkerError> {
+    fn exec_blocking(
+        &self,
+        v: &Vertex,
+        inputs: &[Resolved<Output>],
+        key: &str,
+    ) -> Result<Output, WorkerError> {
         match &v.op.op {
             Some(pb::op::Op::File(f)) => self.file_op(v, f, inputs, key),
             Some(pb::op::Op::Exec(_)) => Err(WorkerError::Other(
                 "RUN is not supported by this daemon yet (the execution issue adds it)".into(),
             )),
-            Some(pb::op::Op::Merge(_)) | Some(pb::op::Op::Diff(_)) => Err(WorkerError::Other("merge and diff ops are not supported yet".into())),
+            Some(pb::op::Op::Merge(_)) | Some(pb::op::Op::Diff(_)) => Err(WorkerError::Other(
+                "merge and diff ops are not supported yet".into(),
+            )),
             _ => Err(WorkerError::Other("unexpected op".into())),
         }
     }
 
-    fn input_snapshot(inputs: &[Resolved<Output>], idx: i64) -> Result<Option<String>, WorkerError> {
+    fn input_snapshot(
+        inputs: &[Resolved<Output>],
+        idx: i64,
+    ) -> Result<Option<String>, WorkerError> {
         if idx < 0 {
             return Ok(None);
         }
         match inputs.get(idx as usize).map(|r| &r.output) {
             Some(Output::Snapshot(id)) => Ok(Some(id.clone())),
-            Some(Output::Context(_)) => Err(WorkerError::Other("a build context cannot be the base of a file op".into())),
-            None => Err(WorkerError::Other(format!("file op input {idx} is missing"))),
+            Some(Output::Context(_)) => Err(WorkerError::Other(
+                "a build context cannot be the base of a file op".into(),
+            )),
+            None => Err(WorkerError::Other(format!(
+                "file op input {idx} is missing"
+            ))),
         }
     }
 
-    fn file_op(&self, v: &Vertex, f: &pb::FileOp, inputs: &[Resolved<Output>], key: &str) -> Result<Output, WorkerError> {
+    fn file_op(
+        &self,
+        v: &Vertex,
+        f: &pb::FileOp,
+        inputs: &[Resolved<Output>],
+        key: &str,
+    ) -> Result<Output, WorkerError> {
         let base = Self::input_snapshot(inputs, f.base)?;
         let chain = match &base {
             Some(id) => self.chain(id)?,
@@ -289,28 +327,43 @@ impl Worker {
     }
 
     /// The layer of one snapshot in a compression, computed once and reused.
-    pub fn layer(&self, id: &str, compression: &str, epoch: Option<i64>) -> Result<(LayerInfo, BlobRef), WorkerError> {
+    pub fn layer(
+        &self,
+        id: &str,
+        compression: &str,
+        epoch: Option<i64>,
+    ) -> Result<(LayerInfo, BlobRef), WorkerError> {
         let mut rec = self
             .meta
             .snapshot(id)?
             .ok_or_else(|| WorkerError::Other(format!("snapshot {id} is missing")))?;
         if let Some(l) = rec.layers.iter().find(|l| l.epoch == epoch)
             && let Some(b) = l.blobs.iter().find(|b| b.compression == compression)
-            && b.digest.parse::<Digest>().is_ok_and(|d| self.content.exists(&d))
+            && b.digest
+                .parse::<Digest>()
+                .is_ok_and(|d| self.content.exists(&d))
         {
             return Ok((l.clone(), b.clone()));
         }
         let upper = self.snapshots.upper(id);
         let writer = self.content.writer()?;
-        let zerr = |e: std::io::Error| WorkerError::Other(format!("compressing layer of snapshot {id}: {e}"));
+        let zerr = |e: std::io::Error| {
+            WorkerError::Other(format!("compressing layer of snapshot {id}: {e}"))
+        };
         let (writer, diff_id, stats) = match compression {
             "gzip" => {
-                let (gz, d, s) = tar_layer(&upper, flate2::write::GzEncoder::new(writer, flate2::Compression::new(6)), epoch)?;
+                let (gz, d, s) = tar_layer(
+                    &upper,
+                    flate2::write::GzEncoder::new(writer, flate2::Compression::new(6)),
+                    epoch,
+                )?;
                 (gz.finish().map_err(zerr)?, d, s)
             }
             "zstd" => {
                 let mut enc = zstd::Encoder::new(writer, 3).map_err(zerr)?;
-                let threads = std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1);
+                let threads = std::thread::available_parallelism()
+                    .map(|n| n.get() as u32)
+                    .unwrap_or(1);
                 enc.multithread(threads).map_err(zerr)?;
                 let (enc, d, s) = tar_layer(&upper, enc, epoch)?;
                 (enc.finish().map_err(zerr)?, d, s)
@@ -348,7 +401,11 @@ impl Worker {
 
 /// Tars an upperdir as a layer diff into `out`, hashing the uncompressed
 /// stream for the diff id on the way.
-fn tar_layer<W: std::io::Write>(upper: &Path, out: W, epoch: Option<i64>) -> Result<(W, Digest, kiln_archive::TarStats), WorkerError> {
+fn tar_layer<W: std::io::Write>(
+    upper: &Path,
+    out: W,
+    epoch: Option<i64>,
+) -> Result<(W, Digest, kiln_archive::TarStats), WorkerError> {
     let hashing = kiln_digest::HashingWriter::new(out);
     let (hashing, stats) = kiln_archive::write_tar(
         upper,
@@ -366,11 +423,19 @@ impl kiln_solver::Worker for Worker {
     type Output = Output;
     type Job = Job;
 
-    fn source(self: Arc<Self>, v: Vertex, job: Arc<Job>) -> futures_compat::BoxFuture<Result<(Output, String, bool), SolveError>> {
+    fn source(
+        self: Arc<Self>,
+        v: Vertex,
+        job: Arc<Job>,
+    ) -> futures_compat::BoxFuture<Result<(Output, String, bool), SolveError>> {
         Box::pin(self.source_impl(v, job))
     }
 
-    fn content_keys(self: Arc<Self>, v: Vertex, inputs: Vec<Resolved<Output>>) -> futures_compat::BoxFuture<Result<Vec<Option<String>>, SolveError>> {
+    fn content_keys(
+        self: Arc<Self>,
+        v: Vertex,
+        inputs: Vec<Resolved<Output>>,
+    ) -> futures_compat::BoxFuture<Result<Vec<Option<String>>, SolveError>> {
         Box::pin(async move {
             let mut out = vec![None; inputs.len()];
             if let Some(pb::op::Op::File(f)) = &v.op.op {
@@ -380,24 +445,34 @@ impl kiln_solver::Worker for Worker {
                     if let Some(pb::file_action::Action::Copy(c)) = &a.action {
                         let idx = c.source_input.max(0) as usize;
                         if let Some(Resolved {
-                            output: Output::Context(ctx), ..
+                            output: Output::Context(ctx),
+                            ..
                         }) = inputs.get(idx)
                         {
                             for s in &c.src {
-                                per_input.entry(idx).or_default().push(ctx.mirror.checksum(s).to_string());
+                                per_input
+                                    .entry(idx)
+                                    .or_default()
+                                    .push(ctx.mirror.checksum(s).to_string());
                             }
                         }
                     }
                 }
                 for (idx, sums) in per_input {
-                    out[idx] = Some(format!("content:{}", Digest::of(sums.join("\n").as_bytes())));
+                    out[idx] = Some(format!(
+                        "content:{}",
+                        Digest::of(sums.join("\n").as_bytes())
+                    ));
                 }
             }
             Ok(out)
         })
     }
 
-    fn lookup(self: Arc<Self>, key: String) -> futures_compat::BoxFuture<Result<Option<Output>, SolveError>> {
+    fn lookup(
+        self: Arc<Self>,
+        key: String,
+    ) -> futures_compat::BoxFuture<Result<Option<Output>, SolveError>> {
         Box::pin(async move {
             let w = self.clone();
             tokio::task::spawn_blocking(move || {
@@ -415,12 +490,21 @@ impl kiln_solver::Worker for Worker {
         })
     }
 
-    fn exec(self: Arc<Self>, v: Vertex, inputs: Vec<Resolved<Output>>, key: String, _job: Arc<Job>) -> futures_compat::BoxFuture<Result<Output, SolveError>> {
+    fn exec(
+        self: Arc<Self>,
+        v: Vertex,
+        inputs: Vec<Resolved<Output>>,
+        key: String,
+        _job: Arc<Job>,
+    ) -> futures_compat::BoxFuture<Result<Output, SolveError>> {
         Box::pin(async move {
             let digest = v.digest.clone();
-            tokio::task::spawn_blocking(move || self.exec_blocking(&v, &inputs, &key).map_err(|e| SolveError::at(&digest, e.to_string())))
-                .await
-                .map_err(serr)?
+            tokio::task::spawn_blocking(move || {
+                self.exec_blocking(&v, &inputs, &key)
+                    .map_err(|e| SolveError::at(&digest, e.to_string()))
+            })
+            .await
+            .map_err(serr)?
         })
     }
 

@@ -313,7 +313,11 @@ impl Ctx<'_> {
                 platform: Some(platform.to_pb()),
                 ..Default::default()
             };
-            let r = self.builder.add(&op, &format!("[internal] load {pinned}"), &self.loc(&self.stages[idx].from_node));
+            let r = self.builder.add(
+                &op,
+                &format!("[internal] load {pinned}"),
+                &self.loc(&self.stages[idx].from_node),
+            );
             StageResult {
                 state: Some(r),
                 image,
@@ -351,17 +355,34 @@ impl Ctx<'_> {
         let line = node.start_line;
         let env = st.expansion_env();
         let expand = |ctx: &Ctx, s: &str| -> Result<String, FrontendError> {
-            ctx.lex.process_word(s, &env).map_err(|e| ctx.err(line, e.to_string()))
+            ctx.lex
+                .process_word(s, &env)
+                .map_err(|e| ctx.err(line, e.to_string()))
         };
         let allowed_flags: &[&str] = match node.keyword.as_str() {
             "copy" => &["from", "chown", "chmod", "link", "parents", "exclude"],
-            "add" => &["chown", "chmod", "link", "checksum", "keep-git-dir", "exclude", "unpack"],
+            "add" => &[
+                "chown",
+                "chmod",
+                "link",
+                "checksum",
+                "keep-git-dir",
+                "exclude",
+                "unpack",
+            ],
             "run" => &["mount", "network", "security"],
-            "healthcheck" => &["interval", "timeout", "start-period", "start-interval", "retries"],
+            "healthcheck" => &[
+                "interval",
+                "timeout",
+                "start-period",
+                "start-interval",
+                "retries",
+            ],
             "from" => &["platform"],
             _ => &[],
         };
-        let flags = parse_flags(&node.flags, allowed_flags).map_err(|e| self.err(line, format!("{}: {e}", node.keyword.to_uppercase())))?;
+        let flags = parse_flags(&node.flags, allowed_flags)
+            .map_err(|e| self.err(line, format!("{}: {e}", node.keyword.to_uppercase())))?;
         let img = &mut st.result.image;
         match node.keyword.as_str() {
             "env" => {
@@ -390,12 +411,19 @@ impl Ctx<'_> {
             }
             "maintainer" => {
                 let m = node.args.first().cloned().unwrap_or_default();
-                self.warn("MaintainerDeprecated", "Maintainer instruction is deprecated in favor of using label", line);
+                self.warn(
+                    "MaintainerDeprecated",
+                    "Maintainer instruction is deprecated in favor of using label",
+                    line,
+                );
                 img.config.labels.insert("maintainer".into(), m.clone());
                 commit(img, format!("MAINTAINER {m}"), false);
             }
             "workdir" => {
-                let arg = node.args.first().ok_or_else(|| self.err(line, "WORKDIR requires exactly one argument"))?;
+                let arg = node
+                    .args
+                    .first()
+                    .ok_or_else(|| self.err(line, "WORKDIR requires exactly one argument"))?;
                 let wd = expand(self, arg)?;
                 let wd = if wd.starts_with('/') {
                     clean_path(&wd)
@@ -415,13 +443,23 @@ impl Ctx<'_> {
                             chown,
                         })),
                     };
-                    st.result.state = Some(self.file_op(st.result.state.clone(), vec![], vec![action], &format!("WORKDIR {wd}"), node, &st.platform));
+                    st.result.state = Some(self.file_op(
+                        st.result.state.clone(),
+                        vec![],
+                        vec![action],
+                        &format!("WORKDIR {wd}"),
+                        node,
+                        &st.platform,
+                    ));
                     with_layer = true;
                 }
                 commit(&mut st.result.image, format!("WORKDIR {wd}"), with_layer);
             }
             "user" => {
-                let arg = node.args.first().ok_or_else(|| self.err(line, "USER requires exactly one argument"))?;
+                let arg = node
+                    .args
+                    .first()
+                    .ok_or_else(|| self.err(line, "USER requires exactly one argument"))?;
                 let u = expand(self, arg)?;
                 img.config.user = u.clone();
                 commit(img, format!("USER {u}"), false);
@@ -459,7 +497,9 @@ impl Ctx<'_> {
                     }
                 }
                 for p in &ports {
-                    img.config.exposed_ports.insert(p.clone(), Default::default());
+                    img.config
+                        .exposed_ports
+                        .insert(p.clone(), Default::default());
                 }
                 let desc: Vec<String> = ports.iter().map(|p| format!("{p}:{{}}")).collect();
                 commit(img, format!("EXPOSE map[{}]", desc.join(" ")), false);
@@ -477,7 +517,10 @@ impl Ctx<'_> {
                 commit(img, format!("VOLUME [{}]", vols.join(" ")), false);
             }
             "stopsignal" => {
-                let arg = node.args.first().ok_or_else(|| self.err(line, "STOPSIGNAL requires exactly one argument"))?;
+                let arg = node
+                    .args
+                    .first()
+                    .ok_or_else(|| self.err(line, "STOPSIGNAL requires exactly one argument"))?;
                 let s = expand(self, arg)?;
                 img.config.stop_signal = s.clone();
                 commit(img, format!("STOPSIGNAL {s}"), false);
@@ -494,17 +537,35 @@ impl Ctx<'_> {
             }
             "healthcheck" => {
                 let hc = self.healthcheck(node, &flags)?;
-                let desc = format!("HEALTHCHECK &{{{} }}", hc.test.iter().map(|t| format!("{t:?}")).collect::<Vec<_>>().join(" "));
+                let desc = format!(
+                    "HEALTHCHECK &{{{} }}",
+                    hc.test
+                        .iter()
+                        .map(|t| format!("{t:?}"))
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                );
                 img.config.healthcheck = Some(hc);
                 commit(img, desc, false);
             }
             "onbuild" => {
-                let sub = node.sub.as_ref().ok_or_else(|| self.err(line, "ONBUILD requires at least one argument"))?;
+                let sub = node
+                    .sub
+                    .as_ref()
+                    .ok_or_else(|| self.err(line, "ONBUILD requires at least one argument"))?;
                 if matches!(sub.keyword.as_str(), "onbuild" | "from" | "maintainer") {
-                    return Err(self.err(line, format!("{} isn't allowed as an ONBUILD trigger", sub.keyword.to_uppercase())));
+                    return Err(self.err(
+                        line,
+                        format!(
+                            "{} isn't allowed as an ONBUILD trigger",
+                            sub.keyword.to_uppercase()
+                        ),
+                    ));
                 }
                 let text = node.original.trim();
-                let trigger = text[text.find(char::is_whitespace).unwrap_or(text.len())..].trim().to_string();
+                let trigger = text[text.find(char::is_whitespace).unwrap_or(text.len())..]
+                    .trim()
+                    .to_string();
                 img.config.on_build.push(trigger.clone());
                 commit(img, format!("ONBUILD {trigger}"), false);
             }
@@ -521,7 +582,11 @@ impl Ctx<'_> {
                         .cloned()
                         .or(default)
                         .or_else(|| {
-                            self.meta_env().into_iter().rev().find(|(k, _)| *k == name).map(|(_, v)| v)
+                            self.meta_env()
+                                .into_iter()
+                                .rev()
+                                .find(|(k, _)| *k == name)
+                                .map(|(_, v)| v)
                         });
                     if is_secret_name(&name) {
                         self.warn("SecretsUsedInArgOrEnv", &format!("Do not use ARG or ENV instructions for sensitive data (ARG {name:?})"), line);
@@ -538,7 +603,14 @@ impl Ctx<'_> {
             "run" => self.run(st, node, &flags)?,
             "from" => return Err(self.err(line, "FROM inside a stage")),
             other => {
-                return Err(self.err(line, format!("unknown instruction: {}{}", other.to_uppercase(), suggest(other))));
+                return Err(self.err(
+                    line,
+                    format!(
+                        "unknown instruction: {}{}",
+                        other.to_uppercase(),
+                        suggest(other)
+                    ),
+                ));
             }
         }
         Ok(())
@@ -554,7 +626,11 @@ impl Ctx<'_> {
 
     fn healthcheck(&self, node: &Node, flags: &Flags) -> Result<HealthConfig, FrontendError> {
         let line = node.start_line;
-        let typ = node.args.first().map(|s| s.to_uppercase()).unwrap_or_default();
+        let typ = node
+            .args
+            .first()
+            .map(|s| s.to_uppercase())
+            .unwrap_or_default();
         let mut hc = HealthConfig::default();
         match typ.as_str() {
             "NONE" => {
@@ -570,20 +646,31 @@ impl Ctx<'_> {
                     return Err(self.err(line, "Missing command after HEALTHCHECK CMD"));
                 }
                 if node.json {
-                    hc.test = std::iter::once("CMD".to_string()).chain(rest.iter().cloned()).collect();
+                    hc.test = std::iter::once("CMD".to_string())
+                        .chain(rest.iter().cloned())
+                        .collect();
                 } else {
                     hc.test = vec!["CMD-SHELL".into(), rest.join(" ")];
                 }
             }
-            other => return Err(self.err(line, format!("Unknown type {other:?} in HEALTHCHECK (try CMD)"))),
+            other => {
+                return Err(self.err(
+                    line,
+                    format!("Unknown type {other:?} in HEALTHCHECK (try CMD)"),
+                ));
+            }
         }
         let dur = |name: &str| -> Result<i64, FrontendError> {
             match flags.get(name) {
                 None => Ok(0),
                 Some(v) => {
-                    let d = parse_duration(v).ok_or_else(|| self.err(line, format!("invalid duration {v:?} for --{name}")))?;
+                    let d = parse_duration(v).ok_or_else(|| {
+                        self.err(line, format!("invalid duration {v:?} for --{name}"))
+                    })?;
                     if d != 0 && d < 1_000_000 {
-                        return Err(self.err(line, format!("Interval {name:?} cannot be less than 1ms")));
+                        return Err(
+                            self.err(line, format!("Interval {name:?} cannot be less than 1ms"))
+                        );
                     }
                     Ok(d)
                 }
@@ -594,7 +681,9 @@ impl Ctx<'_> {
         hc.start_period = dur("start-period")?;
         hc.start_interval = dur("start-interval")?;
         if let Some(r) = flags.get("retries") {
-            hc.retries = r.parse().map_err(|_| self.err(line, format!("invalid --retries {r:?}")))?;
+            hc.retries = r
+                .parse()
+                .map_err(|_| self.err(line, format!("invalid --retries {r:?}")))?;
             if hc.retries < 0 {
                 return Err(self.err(line, "--retries cannot be negative"));
             }
@@ -643,12 +732,21 @@ impl Ctx<'_> {
         r
     }
 
-    fn copy(&mut self, st: &mut StageState, node: &Node, flags: &Flags) -> Result<(), FrontendError> {
+    fn copy(
+        &mut self,
+        st: &mut StageState,
+        node: &Node,
+        flags: &Flags,
+    ) -> Result<(), FrontendError> {
         let line = node.start_line;
         let is_add = node.keyword == "add";
         let name = if is_add { "ADD" } else { "COPY" };
         let env = st.expansion_env();
-        let ex = |ctx: &Ctx, s: &str| ctx.lex.process_word(s, &env).map_err(|e| ctx.err(line, e.to_string()));
+        let ex = |ctx: &Ctx, s: &str| {
+            ctx.lex
+                .process_word(s, &env)
+                .map_err(|e| ctx.err(line, e.to_string()))
+        };
         if node.args.len() < 2 && node.heredocs.is_empty() {
             return Err(self.err(line, format!("{name} requires at least two arguments, but only one was provided. Destination could not be determined")));
         }
@@ -663,15 +761,29 @@ impl Ctx<'_> {
         let mut dest = if dest_raw.starts_with('/') {
             dest_raw.clone()
         } else {
-            format!("{}/{}", if wd.is_empty() { "" } else { wd.trim_end_matches('/') }, dest_raw)
+            format!(
+                "{}/{}",
+                if wd.is_empty() {
+                    ""
+                } else {
+                    wd.trim_end_matches('/')
+                },
+                dest_raw
+            )
         };
-        let dest_is_dir = dest_raw.ends_with('/') || dest_raw == "." || dest_raw.ends_with("/.") || dest_raw.is_empty();
+        let dest_is_dir = dest_raw.ends_with('/')
+            || dest_raw == "."
+            || dest_raw.ends_with("/.")
+            || dest_raw.is_empty();
         dest = clean_path(&dest);
         if dest_is_dir && dest != "/" {
             dest.push('/');
         }
         let heredoc_names: HashSet<&str> = node.heredocs.iter().map(|h| h.name.as_str()).collect();
-        let non_heredoc: Vec<&String> = srcs.iter().filter(|s| !heredoc_names.contains(parse_heredoc_src(s).as_str())).collect();
+        let non_heredoc: Vec<&String> = srcs
+            .iter()
+            .filter(|s| !heredoc_names.contains(parse_heredoc_src(s).as_str()))
+            .collect();
         if srcs.len() > 1 && !dest_is_dir {
             return Err(self.err(line, format!("When using {name} with more than one source file, the destination must be a directory and end with a /")));
         }
@@ -691,9 +803,14 @@ impl Ctx<'_> {
                 let m = ex(self, m)?;
                 match u32::from_str_radix(&m, 8) {
                     Ok(v) if v <= 0o7777 => (v, String::new()),
-                    Ok(_) => return Err(self.err(line, format!("invalid chmod {m:?}: mode out of range"))),
+                    Ok(_) => {
+                        return Err(
+                            self.err(line, format!("invalid chmod {m:?}: mode out of range"))
+                        );
+                    }
                     Err(_) => {
-                        validate_symbolic_mode(&m).map_err(|e| self.err(line, format!("invalid chmod {m:?}: {e}")))?;
+                        validate_symbolic_mode(&m)
+                            .map_err(|e| self.err(line, format!("invalid chmod {m:?}: {e}")))?;
                         (0, m)
                     }
                 }
@@ -711,7 +828,9 @@ impl Ctx<'_> {
         // Heredoc sources become files made in place.
         for h in &node.heredocs {
             let data = if h.expand {
-                self.lex.process_word(&h.content, &env).map_err(|e| self.err(line, e.to_string()))?
+                self.lex
+                    .process_word(&h.content, &env)
+                    .map_err(|e| self.err(line, e.to_string()))?
             } else {
                 h.content.clone()
             };
@@ -743,13 +862,23 @@ impl Ctx<'_> {
                                 Some(s) => s,
                                 None => {
                                     // A scratch stage is empty: make an explicit empty state.
-                                    self.file_op(None, vec![], vec![], "[internal] scratch", node, &st.platform)
+                                    self.file_op(
+                                        None,
+                                        vec![],
+                                        vec![],
+                                        "[internal] scratch",
+                                        node,
+                                        &st.platform,
+                                    )
                                 }
                             };
                             (stage_state, format!("--from={f} "))
                         }
                         None => {
-                            let (pinned, _) = self.images.resolve(f, &st.platform).map_err(|e| self.err(line, e))?;
+                            let (pinned, _) = self
+                                .images
+                                .resolve(f, &st.platform)
+                                .map_err(|e| self.err(line, e))?;
                             let op = pb::Op {
                                 op: Some(pb::op::Op::Source(pb::SourceOp {
                                     identifier: format!("docker-image://{pinned}"),
@@ -758,7 +887,14 @@ impl Ctx<'_> {
                                 platform: Some(st.platform.to_pb()),
                                 ..Default::default()
                             };
-                            (self.builder.add(&op, &format!("[internal] load {pinned}"), &self.loc(node)), format!("--from={f} "))
+                            (
+                                self.builder.add(
+                                    &op,
+                                    &format!("[internal] load {pinned}"),
+                                    &self.loc(node),
+                                ),
+                                format!("--from={f} "),
+                            )
                         }
                     }
                 }
@@ -767,16 +903,32 @@ impl Ctx<'_> {
                     let url = non_heredoc[0].clone();
                     let mut attrs = Vec::new();
                     if let Some(c) = flags.get("checksum") {
-                        attrs.push(pb::KeyValue { key: "checksum".into(), value: c.clone() });
+                        attrs.push(pb::KeyValue {
+                            key: "checksum".into(),
+                            value: c.clone(),
+                        });
                     }
                     if flags.get("keep-git-dir").is_some_and(|v| v != "false") {
-                        attrs.push(pb::KeyValue { key: "keep-git-dir".into(), value: "true".into() });
+                        attrs.push(pb::KeyValue {
+                            key: "keep-git-dir".into(),
+                            value: "true".into(),
+                        });
                     }
                     let op = pb::Op {
-                        op: Some(pb::op::Op::Source(pb::SourceOp { identifier: url.clone(), attrs })),
+                        op: Some(pb::op::Op::Source(pb::SourceOp {
+                            identifier: url.clone(),
+                            attrs,
+                        })),
                         ..Default::default()
                     };
-                    (self.builder.add(&op, &format!("[internal] load remote source {url}"), &self.loc(node)), String::new())
+                    (
+                        self.builder.add(
+                            &op,
+                            &format!("[internal] load remote source {url}"),
+                            &self.loc(node),
+                        ),
+                        String::new(),
+                    )
                 }
                 None => (self.context(), String::new()),
             };
@@ -788,7 +940,10 @@ impl Ctx<'_> {
                     return Err(self.err(line, format!("COPY {s}: source can't be a URL for COPY")));
                 }
                 if from.is_none() && escapes_root(s) {
-                    return Err(self.err(line, format!("{name} {s}: forbidden path outside the build context")));
+                    return Err(self.err(
+                        line,
+                        format!("{name} {s}: forbidden path outside the build context"),
+                    ));
                 }
             }
             actions.push(pb::FileAction {
@@ -813,37 +968,78 @@ impl Ctx<'_> {
             let desc = format!(
                 "{name} {}{}{}",
                 source_desc,
-                non_heredoc.iter().map(|s| format!("{s} ")).collect::<String>(),
+                non_heredoc
+                    .iter()
+                    .map(|s| format!("{s} "))
+                    .collect::<String>(),
                 dest_raw
             );
-            let state = self.file_op(st.result.state.clone(), extra, actions, &desc, node, &st.platform);
+            let state = self.file_op(
+                st.result.state.clone(),
+                extra,
+                actions,
+                &desc,
+                node,
+                &st.platform,
+            );
             st.result.state = Some(state);
-            commit(&mut st.result.image, format!("{name} {}{} {} # buildkit", source_desc, srcs.join(" "), dest_raw).replace("  ", " "), true);
+            commit(
+                &mut st.result.image,
+                format!(
+                    "{name} {}{} {} # buildkit",
+                    source_desc,
+                    srcs.join(" "),
+                    dest_raw
+                )
+                .replace("  ", " "),
+                true,
+            );
             return Ok(());
         }
         let desc = format!("{name} {} {}", srcs.join(" "), dest_raw);
-        let state = self.file_op(st.result.state.clone(), extra, actions, &desc, node, &st.platform);
+        let state = self.file_op(
+            st.result.state.clone(),
+            extra,
+            actions,
+            &desc,
+            node,
+            &st.platform,
+        );
         st.result.state = Some(state);
         commit(&mut st.result.image, format!("{desc} # buildkit"), true);
         Ok(())
     }
 
-    fn run(&mut self, st: &mut StageState, node: &Node, flags: &Flags) -> Result<(), FrontendError> {
+    fn run(
+        &mut self,
+        st: &mut StageState,
+        node: &Node,
+        flags: &Flags,
+    ) -> Result<(), FrontendError> {
         let line = node.start_line;
         let img = &st.result.image;
         let env_for_expand = st.expansion_env();
         let mut args: Vec<String> = if node.json {
             node.args.clone()
-        } else if let Some(h) = node.heredocs.first().filter(|h| node.args.first().map(|a| a.trim()) == Some(&format!("<<{}", h.name)) || node.args.first().is_some_and(|a| a.trim_start().starts_with("<<"))) {
+        } else if let Some(h) = node.heredocs.first().filter(|h| {
+            node.args.first().map(|a| a.trim()) == Some(&format!("<<{}", h.name))
+                || node
+                    .args
+                    .first()
+                    .is_some_and(|a| a.trim_start().starts_with("<<"))
+        }) {
             // A heredoc as the whole command: its body is the script.
-            let body = if h.expand {
-                h.content.clone()
-            } else {
-                h.content.clone()
-            };
+            // The shell expands (or not) the script at run time, as in BuildKit.
+            let body = h.content.clone();
             if body.starts_with("#!") {
                 // A shebang script runs as its own file through the interpreter.
-                vec!["/bin/sh".into(), "-c".into(), format!("cat > /dev/shm/.kiln-heredoc <<'KILN_EOF'\n{body}KILN_EOF\nchmod +x /dev/shm/.kiln-heredoc && exec /dev/shm/.kiln-heredoc")]
+                vec![
+                    "/bin/sh".into(),
+                    "-c".into(),
+                    format!(
+                        "cat > /dev/shm/.kiln-heredoc <<'KILN_EOF'\n{body}KILN_EOF\nchmod +x /dev/shm/.kiln-heredoc && exec /dev/shm/.kiln-heredoc"
+                    ),
+                ]
             } else {
                 let mut v = shell_of(img);
                 v.push(body);
@@ -870,7 +1066,11 @@ impl Ctx<'_> {
         let mut arg_env: Vec<String> = Vec::new();
         for (k, v) in &st.args {
             if let Some(v) = v
-                && !img.config.env.iter().any(|e| e.split_once('=').map(|x| x.0) == Some(k.as_str()))
+                && !img
+                    .config
+                    .env
+                    .iter()
+                    .any(|e| e.split_once('=').map(|x| x.0) == Some(k.as_str()))
             {
                 arg_env.push(format!("{k}={v}"));
             }
@@ -886,7 +1086,12 @@ impl Ctx<'_> {
             None | Some("default") => pb::NetMode::NetUnset,
             Some("none") => pb::NetMode::NetNone,
             Some("host") => pb::NetMode::NetHost,
-            Some(o) => return Err(self.err(line, format!("unsupported network mode {o:?} (use default, none or host)"))),
+            Some(o) => {
+                return Err(self.err(
+                    line,
+                    format!("unsupported network mode {o:?} (use default, none or host)"),
+                ));
+            }
         };
         let security = match flags.get("security").map(String::as_str) {
             None | Some("sandbox") => pb::SecurityMode::Sandbox,
@@ -908,11 +1113,18 @@ impl Ctx<'_> {
             ..Default::default()
         });
         for m in flags.all("mount") {
-            let m = self.lex.process_word(m, &env_for_expand).map_err(|e| self.err(line, e.to_string()))?;
+            let m = self
+                .lex
+                .process_word(m, &env_for_expand)
+                .map_err(|e| self.err(line, e.to_string()))?;
             let mount = self.parse_mount(&m, line, &mut inputs, st)?;
             mounts.push(mount);
         }
-        let wd = if img.config.working_dir.is_empty() { "/".to_string() } else { img.config.working_dir.clone() };
+        let wd = if img.config.working_dir.is_empty() {
+            "/".to_string()
+        } else {
+            img.config.working_dir.clone()
+        };
         let op = pb::Op {
             inputs,
             op: Some(pb::op::Op::Exec(pb::ExecOp {
@@ -939,13 +1151,31 @@ impl Ctx<'_> {
         if !arg_env.is_empty() {
             created_by.push_str(&format!("|{} {} ", arg_env.len(), arg_env.join(" ")));
         }
-        let cmd = if node.json { json_list(&node.args) } else { format!("{} {}", shell_of(&st.result.image).join(" "), node.args.join(" ")) };
+        let cmd = if node.json {
+            json_list(&node.args)
+        } else {
+            format!(
+                "{} {}",
+                shell_of(&st.result.image).join(" "),
+                node.args.join(" ")
+            )
+        };
         created_by.push_str(&cmd);
-        commit(&mut st.result.image, format!("{created_by} # buildkit"), true);
+        commit(
+            &mut st.result.image,
+            format!("{created_by} # buildkit"),
+            true,
+        );
         Ok(())
     }
 
-    fn parse_mount(&mut self, spec: &str, line: usize, inputs: &mut Vec<pb::Input>, st: &StageState) -> Result<pb::Mount, FrontendError> {
+    fn parse_mount(
+        &mut self,
+        spec: &str,
+        line: usize,
+        inputs: &mut Vec<pb::Input>,
+        st: &StageState,
+    ) -> Result<pb::Mount, FrontendError> {
         let mut m = pb::Mount {
             input: -1,
             output: -1,
@@ -990,10 +1220,24 @@ impl Ctx<'_> {
                         o => return Err(self.err(line, format!("unsupported sharing value {o:?}"))),
                     } as i32
                 }
-                "mode" => m.mode = u32::from_str_radix(&val, 8).map_err(|_| self.err(line, format!("invalid mount mode {val:?}")))?,
-                "uid" => m.uid = val.parse().map_err(|_| self.err(line, format!("invalid uid {val:?}")))?,
-                "gid" => m.gid = val.parse().map_err(|_| self.err(line, format!("invalid gid {val:?}")))?,
-                "size" => m.tmpfs_size = parse_size(&val).ok_or_else(|| self.err(line, format!("invalid size {val:?}")))?,
+                "mode" => {
+                    m.mode = u32::from_str_radix(&val, 8)
+                        .map_err(|_| self.err(line, format!("invalid mount mode {val:?}")))?
+                }
+                "uid" => {
+                    m.uid = val
+                        .parse()
+                        .map_err(|_| self.err(line, format!("invalid uid {val:?}")))?
+                }
+                "gid" => {
+                    m.gid = val
+                        .parse()
+                        .map_err(|_| self.err(line, format!("invalid gid {val:?}")))?
+                }
+                "size" => {
+                    m.tmpfs_size = parse_size(&val)
+                        .ok_or_else(|| self.err(line, format!("invalid size {val:?}")))?
+                }
                 "required" => required = bool_of(&v),
                 "env" => {
                     m.secret_env = true;
@@ -1012,7 +1256,16 @@ impl Ctx<'_> {
         } as i32;
         if target.is_empty() {
             match typ.as_str() {
-                "secret" => target = format!("/run/secrets/{}", if id.is_empty() { source.rsplit('/').next().unwrap_or("") } else { &id }),
+                "secret" => {
+                    target = format!(
+                        "/run/secrets/{}",
+                        if id.is_empty() {
+                            source.rsplit('/').next().unwrap_or("")
+                        } else {
+                            &id
+                        }
+                    )
+                }
                 "ssh" => target = "/run/buildkit/ssh_agent.0".into(),
                 // BuildKit accepts a bind without target; it lands in the working directory.
                 "bind" => target = st.result.image.config.working_dir.clone(),
@@ -1030,7 +1283,15 @@ impl Ctx<'_> {
                 }
             }
             "secret" | "ssh" => {
-                m.secret_id = if id.is_empty() { if typ == "ssh" { "default".into() } else { source.rsplit('/').next().unwrap_or("").to_string() } } else { id };
+                m.secret_id = if id.is_empty() {
+                    if typ == "ssh" {
+                        "default".into()
+                    } else {
+                        source.rsplit('/').next().unwrap_or("").to_string()
+                    }
+                } else {
+                    id
+                };
                 if m.mode == 0 {
                     m.mode = if typ == "ssh" { 0o600 } else { 0o400 };
                 }
@@ -1042,7 +1303,10 @@ impl Ctx<'_> {
                 Some(f) => match self.stage_index(f) {
                     Some(i) => self.convert_stage(i)?.state,
                     None => {
-                        let (pinned, _) = self.images.resolve(f, &self.opts.target_platform).map_err(|e| self.err(line, e))?;
+                        let (pinned, _) = self
+                            .images
+                            .resolve(f, &self.opts.target_platform)
+                            .map_err(|e| self.err(line, e))?;
                         let op = pb::Op {
                             op: Some(pb::op::Op::Source(pb::SourceOp {
                                 identifier: format!("docker-image://{pinned}"),
@@ -1050,7 +1314,10 @@ impl Ctx<'_> {
                             })),
                             ..Default::default()
                         };
-                        Some(self.builder.add(&op, &format!("[internal] load {pinned}"), ""))
+                        Some(
+                            self.builder
+                                .add(&op, &format!("[internal] load {pinned}"), ""),
+                        )
                     }
                 },
                 None => Some(self.context()),
@@ -1137,11 +1404,25 @@ fn json_list(v: &[String]) -> String {
 
 fn is_secret_name(name: &str) -> bool {
     let l = name.to_lowercase();
-    ["password", "passwd", "secret", "token", "apikey", "api_key", "access_key"].iter().any(|s| l.contains(s))
+    [
+        "password",
+        "passwd",
+        "secret",
+        "token",
+        "apikey",
+        "api_key",
+        "access_key",
+    ]
+    .iter()
+    .any(|s| l.contains(s))
 }
 
 fn parse_heredoc_src(s: &str) -> String {
-    parser::parse_heredoc(s).ok().flatten().map(|h| h.name).unwrap_or_default()
+    parser::parse_heredoc(s)
+        .ok()
+        .flatten()
+        .map(|h| h.name)
+        .unwrap_or_default()
 }
 
 /// Lexically cleans an absolute or relative path (like Go's path.Clean).
@@ -1172,7 +1453,10 @@ pub fn clean_path(p: &str) -> String {
 }
 
 fn is_remote(s: &str) -> bool {
-    s.starts_with("http://") || s.starts_with("https://") || s.starts_with("git@") || s.starts_with("git://")
+    s.starts_with("http://")
+        || s.starts_with("https://")
+        || s.starts_with("git@")
+        || s.starts_with("git://")
 }
 
 fn escapes_root(src: &str) -> bool {
@@ -1193,8 +1477,12 @@ fn expose_ports(spec: &str) -> Result<Vec<String>, String> {
         Some((a, b)) => (a, b),
         None => (ports, ports),
     };
-    let lo: u32 = lo.parse().map_err(|_| format!("invalid containerPort: {ports}"))?;
-    let hi: u32 = hi.parse().map_err(|_| format!("invalid containerPort: {ports}"))?;
+    let lo: u32 = lo
+        .parse()
+        .map_err(|_| format!("invalid containerPort: {ports}"))?;
+    let hi: u32 = hi
+        .parse()
+        .map_err(|_| format!("invalid containerPort: {ports}"))?;
     if hi < lo || hi > 65535 {
         return Err(format!("invalid port range: {ports}"));
     }
@@ -1212,13 +1500,17 @@ fn parse_duration(s: &str) -> Option<i64> {
         return None;
     }
     while !rest.is_empty() {
-        let n = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(rest.len());
+        let n = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
         if n == 0 {
             return None;
         }
         let num: f64 = rest[..n].parse().ok()?;
         rest = &rest[n..];
-        let u = rest.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(rest.len());
+        let u = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
         let mult = match &rest[..u] {
             "ns" => 1.0,
             "us" | "µs" => 1e3,
@@ -1279,8 +1571,24 @@ pub fn validate_symbolic_mode(m: &str) -> Result<(), String> {
 }
 
 const INSTRUCTIONS: [&str; 18] = [
-    "add", "arg", "cmd", "copy", "entrypoint", "env", "expose", "from", "healthcheck", "label", "maintainer", "onbuild", "run", "shell",
-    "stopsignal", "user", "volume", "workdir",
+    "add",
+    "arg",
+    "cmd",
+    "copy",
+    "entrypoint",
+    "env",
+    "expose",
+    "from",
+    "healthcheck",
+    "label",
+    "maintainer",
+    "onbuild",
+    "run",
+    "shell",
+    "stopsignal",
+    "user",
+    "volume",
+    "workdir",
 ];
 
 fn suggest(word: &str) -> String {
@@ -1301,7 +1609,11 @@ fn levenshtein(a: &str, b: &str) -> usize {
     for (i, ca) in a.chars().enumerate() {
         let mut cur = vec![i + 1];
         for (j, cb) in b.iter().enumerate() {
-            cur.push((prev[j] + usize::from(ca != *cb)).min(prev[j + 1] + 1).min(cur[j] + 1));
+            cur.push(
+                (prev[j] + usize::from(ca != *cb))
+                    .min(prev[j + 1] + 1)
+                    .min(cur[j] + 1),
+            );
         }
         prev = cur;
     }
@@ -1346,7 +1658,10 @@ pub fn convert(
     opts: &ConvertOptions,
     images: &dyn ImageResolver,
 ) -> Result<Converted, FrontendError> {
-    let lines: Vec<String> = String::from_utf8_lossy(dockerfile).lines().map(str::to_string).collect();
+    let lines: Vec<String> = String::from_utf8_lossy(dockerfile)
+        .lines()
+        .map(str::to_string)
+        .collect();
     let ast = parser::parse(dockerfile).map_err(|e| FrontendError {
         file: opts.filename.clone(),
         line: e.start_line,
@@ -1362,7 +1677,10 @@ pub fn convert(
         check_syntax(syntax).map_err(|m| FrontendError {
             file: opts.filename.clone(),
             line: ast.directives.syntax_line,
-            source_line: lines.get(ast.directives.syntax_line.saturating_sub(1)).cloned().unwrap_or_default(),
+            source_line: lines
+                .get(ast.directives.syntax_line.saturating_sub(1))
+                .cloned()
+                .unwrap_or_default(),
             message: m,
         })?;
     }
@@ -1385,26 +1703,46 @@ pub fn convert(
     }
     for node in &ast.children {
         if node.keyword == "from" {
-            let flags = parse_flags(&node.flags, &["platform"]).map_err(|e| ctx.err(node.start_line, format!("FROM: {e}")))?;
+            let flags = parse_flags(&node.flags, &["platform"])
+                .map_err(|e| ctx.err(node.start_line, format!("FROM: {e}")))?;
             let (base, name) = match node.args.as_slice() {
                 [b] => (b.clone(), None),
                 [b, kw, n] if kw.eq_ignore_ascii_case("as") => {
-                    if kw != "AS" && kw != "as" || (kw == "as") != (node.original.trim_start().starts_with("from")) {
-                        ctx.warn("FromAsCasing", "'as' and 'FROM' keywords' casing do not match", node.start_line);
+                    if kw != "AS" && kw != "as"
+                        || (kw == "as") != (node.original.trim_start().starts_with("from"))
+                    {
+                        ctx.warn(
+                            "FromAsCasing",
+                            "'as' and 'FROM' keywords' casing do not match",
+                            node.start_line,
+                        );
                     }
                     if n.to_lowercase() != *n {
-                        ctx.warn("StageNameCasing", &format!("Stage name '{n}' should be lowercase"), node.start_line);
+                        ctx.warn(
+                            "StageNameCasing",
+                            &format!("Stage name '{n}' should be lowercase"),
+                            node.start_line,
+                        );
                     }
                     let n = n.to_lowercase();
                     if !valid_stage_name(&n) {
                         return Err(ctx.err(node.start_line, format!("invalid name for build stage: {n:?}, name can't start with a number or contain symbols")));
                     }
-                    if ctx.stages.iter().any(|s| s.name.as_deref() == Some(n.as_str())) {
+                    if ctx
+                        .stages
+                        .iter()
+                        .any(|s| s.name.as_deref() == Some(n.as_str()))
+                    {
                         return Err(ctx.err(node.start_line, format!("duplicate stage name {n:?}")));
                     }
                     (b.clone(), Some(n))
                 }
-                _ => return Err(ctx.err(node.start_line, "FROM requires either one or three arguments")),
+                _ => {
+                    return Err(ctx.err(
+                        node.start_line,
+                        "FROM requires either one or three arguments",
+                    ));
+                }
             };
             ctx.stages.push(StageDef {
                 name,
@@ -1420,7 +1758,10 @@ pub fn convert(
                 let (k, v) = match w.split_once('=') {
                     Some((k, v)) => {
                         let env = ctx.meta_env();
-                        let v = ctx.lex.process_word(v, &env).map_err(|e| ctx.err(node.start_line, e.to_string()))?;
+                        let v = ctx
+                            .lex
+                            .process_word(v, &env)
+                            .map_err(|e| ctx.err(node.start_line, e.to_string()))?;
                         (k.to_string(), Some(v))
                     }
                     None => (w.clone(), None),
@@ -1428,7 +1769,13 @@ pub fn convert(
                 ctx.meta_args.push((k, v));
             }
         } else {
-            return Err(ctx.err(node.start_line, format!("no build stage in current context: {} must come after FROM", node.keyword.to_uppercase())));
+            return Err(ctx.err(
+                node.start_line,
+                format!(
+                    "no build stage in current context: {} must come after FROM",
+                    node.keyword.to_uppercase()
+                ),
+            ));
         }
     }
     if ctx.stages.is_empty() {
@@ -1437,7 +1784,13 @@ pub fn convert(
     let target = match &opts.target {
         Some(t) => ctx.stage_index_before(t, usize::MAX).ok_or_else(|| {
             let names: Vec<String> = ctx.stages.iter().filter_map(|s| s.name.clone()).collect();
-            ctx.err(0, format!("target stage {t:?} could not be found (stages: {})", names.join(", ")))
+            ctx.err(
+                0,
+                format!(
+                    "target stage {t:?} could not be found (stages: {})",
+                    names.join(", ")
+                ),
+            )
         })?,
         None => ctx.stages.len() - 1,
     };
@@ -1495,13 +1848,26 @@ mod tests {
         )
         .unwrap();
         let cfg = &c.image.config;
-        assert_eq!(cfg.env, vec![format!("PATH={}", kiln_definition::image::DEFAULT_PATH), "A=1".into(), "B=".into(), "C=1x".into()]);
+        assert_eq!(
+            cfg.env,
+            vec![
+                format!("PATH={}", kiln_definition::image::DEFAULT_PATH),
+                "A=1".into(),
+                "B=".into(),
+                "C=1x".into()
+            ]
+        );
         assert_eq!(cfg.user, "1000:1000");
-        assert!(cfg.exposed_ports.contains_key("80/tcp") && cfg.exposed_ports.contains_key("53/udp"));
+        assert!(
+            cfg.exposed_ports.contains_key("80/tcp") && cfg.exposed_ports.contains_key("53/udp")
+        );
         // ENTRYPOINT after CMD in the same stage keeps CMD.
         assert_eq!(cfg.cmd, Some(vec!["a".to_string()]));
         assert_eq!(cfg.healthcheck.as_ref().unwrap().interval, 5_000_000_000);
-        assert_eq!(cfg.healthcheck.as_ref().unwrap().test, vec!["CMD-SHELL", "true"]);
+        assert_eq!(
+            cfg.healthcheck.as_ref().unwrap().test,
+            vec!["CMD-SHELL", "true"]
+        );
         assert!(c.scratch);
     }
 
@@ -1512,12 +1878,19 @@ mod tests {
         let g = kiln_definition::Graph::from_definition(&c.definition).unwrap();
         // context, copy x (stage a), final copy: stage b is not needed.
         assert_eq!(g.vertices.len(), 3);
-        let mut o = ConvertOptions::default();
-        o.target = Some("b".into());
+        let mut o = ConvertOptions {
+            target: Some("b".into()),
+            ..Default::default()
+        };
         let c = convert(df.as_bytes(), &o, &NoImages).unwrap();
         assert_eq!(c.image.history.len(), 1);
         o.target = Some("nope".into());
-        assert!(convert(df.as_bytes(), &o, &NoImages).unwrap_err().message.contains("could not be found"));
+        assert!(
+            convert(df.as_bytes(), &o, &NoImages)
+                .unwrap_err()
+                .message
+                .contains("could not be found")
+        );
     }
 
     #[test]
@@ -1538,8 +1911,10 @@ mod tests {
         let c = conv(df).unwrap();
         assert!(c.image.config.env.contains(&"X=1".to_string()));
         assert!(c.image.config.env.contains(&"Y=2".to_string()));
-        let mut o = ConvertOptions::default();
-        o.build_args.insert("W".into(), "9".into());
+        let o = ConvertOptions {
+            build_args: [("W".to_string(), "9".to_string())].into_iter().collect(),
+            ..Default::default()
+        };
         let c = convert(df.as_bytes(), &o, &NoImages).unwrap();
         assert!(c.image.config.env.contains(&"Y=9".to_string()));
     }

@@ -9,4 +9,6 @@ pub mod shell;
 pub use parser::{Ast, Heredoc, Node, ParseError, parse};
 pub mod convert;
 
-pub use convert::{ConvertOptions, Converted, FrontendError, ImageResolver, NoImages, Platform, convert};
+pub use convert::{
+    ConvertOptions, Converted, FrontendError, ImageResolver, NoImages, Platform, convert,
+};

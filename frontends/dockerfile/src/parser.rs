@@ -117,7 +117,11 @@ impl DirectiveParser {
                 let c = match value.as_str() {
                     "\\" => '\\',
                     "`" => '`',
-                    _ => return Err(format!("invalid escape token '{value}' does not match ` or \\")),
+                    _ => {
+                        return Err(format!(
+                            "invalid escape token '{value}' does not match ` or \\"
+                        ));
+                    }
                 };
                 self.escape = c;
                 self.directives.escape = Some(c);
@@ -141,7 +145,13 @@ fn parse_directive(line: &str) -> Option<(String, String)> {
     let rest = rest.trim_start();
     let name_len = rest
         .char_indices()
-        .take_while(|(i, c)| if *i == 0 { c.is_ascii_alphabetic() } else { c.is_ascii_alphanumeric() })
+        .take_while(|(i, c)| {
+            if *i == 0 {
+                c.is_ascii_alphabetic()
+            } else {
+                c.is_ascii_alphanumeric()
+            }
+        })
         .count();
     if name_len == 0 {
         return None;
@@ -245,7 +255,8 @@ pub fn parse(input: &[u8]) -> Result<Ast, ParseError> {
             }
         }
         let line = trim_newline(raw).trim_start();
-        dp.line(line, idx + 1).map_err(|m| err(m, idx + 1, idx + 1))?;
+        dp.line(line, idx + 1)
+            .map_err(|m| err(m, idx + 1, idx + 1))?;
         let line = if is_comment(line) { "" } else { line };
         idx += 1;
         let start_line = idx;
@@ -395,7 +406,8 @@ pub(crate) fn node_from_line(line: &str, escape: char) -> Result<Node, String> {
     Ok(node)
 }
 
-const NOT_STRING_ARRAY: &str = "when using JSON array syntax, arrays must be comprised of strings only";
+const NOT_STRING_ARRAY: &str =
+    "when using JSON array syntax, arrays must be comprised of strings only";
 
 enum JsonResult {
     Array(Vec<String>),
@@ -619,7 +631,10 @@ fn parse_name_val(rest: &str, keyword: &str, escape: char) -> Result<Vec<String>
         let (k, v) = split_ws_once(rest);
         return match v {
             Some(v) => Ok(vec![k.to_string(), v.to_string(), String::new()]),
-            None => Err(format!("{} must have two arguments", keyword.to_uppercase())),
+            None => Err(format!(
+                "{} must have two arguments",
+                keyword.to_uppercase()
+            )),
         };
     }
     let mut out = Vec::new();
@@ -683,7 +698,9 @@ pub fn parse_heredoc(src: &str) -> Result<Option<Heredoc>, String> {
         skip_unset_env: true,
         ..Lex::new('\\')
     };
-    let words = lex.process_words(rest, &EmptyEnv).map_err(|e| e.to_string())?;
+    let words = lex
+        .process_words(rest, &EmptyEnv)
+        .map_err(|e| e.to_string())?;
     if words.len() != 1 {
         return Ok(None);
     }
@@ -694,7 +711,9 @@ pub fn parse_heredoc(src: &str) -> Result<Option<Heredoc>, String> {
     .process_words(rest, &EmptyEnv)
     .map_err(|e| e.to_string())?;
     if raw.len() != words.len() {
-        return Err(format!("internal lexing of heredoc produced inconsistent results: {rest}"));
+        return Err(format!(
+            "internal lexing of heredoc produced inconsistent results: {rest}"
+        ));
     }
     let quotes = |s: &str| s.matches(['\'', '"']).count();
     Ok(Some(Heredoc {
@@ -769,7 +788,11 @@ impl Node {
 impl Ast {
     /// The whole-file dump, as in BuildKit's `result` files (without the final newline).
     pub fn dump(&self) -> String {
-        let lines: Vec<String> = self.children.iter().map(|c| format!("({})", c.dump())).collect();
+        let lines: Vec<String> = self
+            .children
+            .iter()
+            .map(|c| format!("({})", c.dump()))
+            .collect();
         lines.join("\n")
     }
 }
@@ -791,7 +814,10 @@ mod tests {
     fn heredoc_body_and_lines() {
         let ast = parse(b"FROM a\nRUN <<EOF\necho hi\nEOF\nUSER x\n").unwrap();
         assert_eq!(ast.children[1].heredocs[0].content, "echo hi\n");
-        assert_eq!((ast.children[1].start_line, ast.children[1].end_line), (2, 4));
+        assert_eq!(
+            (ast.children[1].start_line, ast.children[1].end_line),
+            (2, 4)
+        );
         assert_eq!(ast.children[2].keyword, "user");
     }
 

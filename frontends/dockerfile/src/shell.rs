@@ -19,7 +19,10 @@ pub trait Env {
 impl Env for [(String, String)] {
     fn get(&self, name: &str) -> Option<String> {
         // The last definition wins, like a shell environment.
-        self.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v.clone())
+        self.iter()
+            .rev()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
     }
 }
 
@@ -172,7 +175,11 @@ impl ShellWord<'_> {
         c
     }
 
-    fn process_stop_on(&mut self, stop: Option<char>, raw_escapes: bool) -> Res<(String, Vec<String>)> {
+    fn process_stop_on(
+        &mut self,
+        stop: Option<char>,
+        raw_escapes: bool,
+    ) -> Res<(String, Vec<String>)> {
         let saved = self.raw_escapes;
         self.raw_escapes = raw_escapes;
         let r = self.process_stop_on_inner(stop);
@@ -392,18 +399,32 @@ impl ShellWord<'_> {
                 if self.lex.skip_unset_env && value.is_none() {
                     return Ok(format!("${{{name}{chs}{word}}}"));
                 }
-                let empty = value.as_deref().is_none_or(|v| null_is_unset && v.is_empty());
+                let empty = value
+                    .as_deref()
+                    .is_none_or(|v| null_is_unset && v.is_empty());
                 match modifier {
-                    '-' => Ok(if empty { word } else { value.unwrap_or_default() }),
+                    '-' => Ok(if empty {
+                        word
+                    } else {
+                        value.unwrap_or_default()
+                    }),
                     '+' => Ok(if empty { String::new() } else { word }),
                     '?' => match value {
                         None => Err(format!(
                             "{name}: {}",
-                            if word.is_empty() { "is not allowed to be unset" } else { &word }
+                            if word.is_empty() {
+                                "is not allowed to be unset"
+                            } else {
+                                &word
+                            }
                         )),
                         Some(v) if null_is_unset && v.is_empty() => Err(format!(
                             "{name}: {}",
-                            if word.is_empty() { "is not allowed to be empty" } else { &word }
+                            if word.is_empty() {
+                                "is not allowed to be empty"
+                            } else {
+                                &word
+                            }
                         )),
                         Some(v) => Ok(v),
                     },
@@ -453,9 +474,16 @@ impl ShellWord<'_> {
                 let re = shell_pattern_regex(&pattern, true, false)
                     .map_err(|e| format!("invalid pattern ({pattern}) in substitution: {e}"))?;
                 if replace_all {
-                    Ok(re.replace_all(&value, regex::NoExpand(&replacement)).into_owned())
+                    Ok(re
+                        .replace_all(&value, regex::NoExpand(&replacement))
+                        .into_owned())
                 } else if let Some(m) = re.find(&value) {
-                    Ok(format!("{}{}{}", &value[..m.start()], replacement, &value[m.end()..]))
+                    Ok(format!(
+                        "{}{}{}",
+                        &value[..m.start()],
+                        replacement,
+                        &value[m.end()..]
+                    ))
                 } else {
                     Ok(value)
                 }
@@ -466,7 +494,11 @@ impl ShellWord<'_> {
 }
 
 /// Converts a shell glob (`*`, `?`, `\` escapes) to a regex.
-fn shell_pattern_regex(pattern: &str, greedy: bool, anchored: bool) -> Result<regex::Regex, String> {
+fn shell_pattern_regex(
+    pattern: &str,
+    greedy: bool,
+    anchored: bool,
+) -> Result<regex::Regex, String> {
     let mut out = String::with_capacity(pattern.len() + 4);
     if anchored {
         out.push('^');
@@ -550,7 +582,10 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -559,7 +594,10 @@ mod tests {
         let e = env(&[("a", "x y"), ("e", "")]);
         assert_eq!(l.process_word("$a-${a}", &e).unwrap(), "x y-x y");
         assert_eq!(l.process_word("${e:-d}${e-d}", &e).unwrap(), "d");
-        assert_eq!(l.process_words("$a 'b c'", &e).unwrap(), vec!["x", "y", "b c"]);
+        assert_eq!(
+            l.process_words("$a 'b c'", &e).unwrap(),
+            vec!["x", "y", "b c"]
+        );
         assert!(l.process_word("${a:=x}", &e).is_err());
         assert_eq!(l.process_word("${a#* }", &e).unwrap(), "y");
         assert_eq!(l.process_word("${a/ /_}", &e).unwrap(), "x_y");

@@ -10,7 +10,9 @@ use kiln_dockerfile::shell::Lex;
 fn corpus() -> PathBuf {
     let p = std::env::var_os("KILN_CORPUS")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/corpus"));
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/corpus")
+        });
     assert!(
         p.join("README.md").exists(),
         "conformance corpus not found at {} (set KILN_CORPUS to its path)",
@@ -41,20 +43,33 @@ fn buildkit_parser_dumps() {
             Ok(ast) => {
                 let got = ast.dump() + "\n";
                 if got != want {
-                    failures.push(format!("{}:\n--- got\n{got}--- want\n{want}", case.display()));
+                    failures.push(format!(
+                        "{}:\n--- got\n{got}--- want\n{want}",
+                        case.display()
+                    ));
                 }
             }
             Err(e) => failures.push(format!("{}: {e}", case.display())),
         }
     }
-    assert!(failures.is_empty(), "{} of {} failed:\n{}", failures.len(), cases.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} of {} failed:\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n")
+    );
 }
 
 #[test]
 fn buildkit_parser_negative() {
     for case in dirs(corpus().join("buildkit-parser/testfiles-negative")) {
         let df = std::fs::read(case.join("Dockerfile")).unwrap();
-        assert!(parser::parse(&df).is_err(), "{} parsed but must fail", case.display());
+        assert!(
+            parser::parse(&df).is_err(),
+            "{} parsed but must fail",
+            case.display()
+        );
     }
 }
 
@@ -63,7 +78,11 @@ fn buildkit_parser_lines() {
     let df = std::fs::read(corpus().join("buildkit-parser/testfile-line/Dockerfile")).unwrap();
     let ast = parser::parse(&df).unwrap();
     assert_eq!((ast.start_line, ast.end_line), (5, 31));
-    let got: Vec<(usize, usize)> = ast.children.iter().map(|c| (c.start_line, c.end_line)).collect();
+    let got: Vec<(usize, usize)> = ast
+        .children
+        .iter()
+        .map(|c| (c.start_line, c.end_line))
+        .collect();
     assert_eq!(got, vec![(5, 5), (11, 12), (17, 31)]);
 }
 
@@ -74,8 +93,12 @@ fn heredoc_extract() {
         let df = std::fs::read(base.join("Dockerfile")).unwrap();
         let ast = parser::parse(&df).unwrap();
         let want: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(base.join("expected-heredocs.json")).unwrap()).unwrap();
-        let entries = want["children"].as_array().cloned().unwrap_or_else(|| panic!("unexpected layout in {dir}"));
+            serde_json::from_slice(&std::fs::read(base.join("expected-heredocs.json")).unwrap())
+                .unwrap();
+        let entries = want["children"]
+            .as_array()
+            .cloned()
+            .unwrap_or_else(|| panic!("unexpected layout in {dir}"));
         for e in entries {
             let idx = e["child_index"].as_u64().unwrap() as usize;
             let node = &ast.children[idx];
@@ -85,17 +108,41 @@ fn heredoc_extract() {
             };
             let docs = &e["heredocs"];
             if docs.is_null() {
-                assert!(node.heredocs.is_empty(), "{dir} child {idx}: expected no heredocs, got {:?}", node.heredocs);
+                assert!(
+                    node.heredocs.is_empty(),
+                    "{dir} child {idx}: expected no heredocs, got {:?}",
+                    node.heredocs
+                );
                 continue;
             }
             let docs = docs.as_array().unwrap();
-            assert_eq!(docs.len(), node.heredocs.len(), "{dir} child {idx}: {:?}", node.heredocs);
+            assert_eq!(
+                docs.len(),
+                node.heredocs.len(),
+                "{dir} child {idx}: {:?}",
+                node.heredocs
+            );
             for (w, g) in docs.iter().zip(&node.heredocs) {
                 assert_eq!(w["Name"].as_str().unwrap(), g.name, "{dir} child {idx}");
-                assert_eq!(w["Content"].as_str().unwrap(), g.content, "{dir} child {idx}");
-                assert_eq!(w["Expand"].as_bool().unwrap(), g.expand, "{dir} child {idx} expand");
-                assert_eq!(w["Chomp"].as_bool().unwrap(), g.chomp, "{dir} child {idx} chomp");
-                assert_eq!(w["FileDescriptor"].as_u64().unwrap() as u32, g.file_descriptor);
+                assert_eq!(
+                    w["Content"].as_str().unwrap(),
+                    g.content,
+                    "{dir} child {idx}"
+                );
+                assert_eq!(
+                    w["Expand"].as_bool().unwrap(),
+                    g.expand,
+                    "{dir} child {idx} expand"
+                );
+                assert_eq!(
+                    w["Chomp"].as_bool().unwrap(),
+                    g.chomp,
+                    "{dir} child {idx} chomp"
+                );
+                assert_eq!(
+                    w["FileDescriptor"].as_u64().unwrap() as u32,
+                    g.file_descriptor
+                );
             }
         }
     }
@@ -108,14 +155,20 @@ fn heredoc_words() {
     )
     .unwrap();
     for w in v["valid_name_EOF"].as_array().unwrap() {
-        let d = parser::parse_heredoc(w.as_str().unwrap()).unwrap().unwrap_or_else(|| panic!("{w}"));
+        let d = parser::parse_heredoc(w.as_str().unwrap())
+            .unwrap()
+            .unwrap_or_else(|| panic!("{w}"));
         assert_eq!(d.name, "EOF", "{w}");
     }
     for w in v["invalid_error"].as_array().unwrap() {
         assert!(parser::parse_heredoc(w.as_str().unwrap()).is_err(), "{w}");
     }
     for w in v["not_heredoc"].as_array().unwrap() {
-        assert_eq!(parser::parse_heredoc(w.as_str().unwrap()).unwrap(), None, "{w}");
+        assert_eq!(
+            parser::parse_heredoc(w.as_str().unwrap()).unwrap(),
+            None,
+            "{w}"
+        );
     }
     for l in v["lines"].as_array().unwrap() {
         let docs = parser::heredocs_from_line(l["line"].as_str().unwrap()).unwrap();
@@ -136,7 +189,12 @@ fn parse_words_and_json_arrays() {
     .unwrap();
     for r in v.as_array().unwrap() {
         let input = r["input"].as_str().unwrap();
-        let want: Vec<String> = r["expect"].as_array().unwrap().iter().map(|x| x.as_str().unwrap().into()).collect();
+        let want: Vec<String> = r["expect"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_str().unwrap().into())
+            .collect();
         assert_eq!(parser::parse_words(input, '\\'), want, "{input}");
     }
     let v: serde_json::Value = serde_json::from_slice(
@@ -146,13 +204,21 @@ fn parse_words_and_json_arrays() {
     for r in v["valid"].as_array().unwrap() {
         let input = r["input"].as_str().unwrap();
         let ast = parser::parse(format!("CMD {input}").as_bytes()).unwrap();
-        let want: Vec<String> = r["expect"].as_array().unwrap().iter().map(|x| x.as_str().unwrap().into()).collect();
+        let want: Vec<String> = r["expect"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_str().unwrap().into())
+            .collect();
         assert_eq!(ast.children[0].args, want, "{input}");
         assert!(ast.children[0].json);
     }
     for r in v["invalid_not_string_array"].as_array().unwrap() {
         let input = r.as_str().unwrap();
-        assert!(parser::parse(format!("CMD {input}").as_bytes()).is_err(), "{input}");
+        assert!(
+            parser::parse(format!("CMD {input}").as_bytes()).is_err(),
+            "{input}"
+        );
     }
 }
 
@@ -161,11 +227,23 @@ fn empty_continuation_warnings() {
     let base = corpus().join("buildkit-parser/extra/empty-continuation-warnings");
     let ast = parser::parse(&std::fs::read(base.join("Dockerfile")).unwrap()).unwrap();
     let want: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(base.join("expected-warnings.json")).unwrap()).unwrap();
-    assert_eq!(ast.warnings.len() as u64, want["warning_count"].as_u64().unwrap());
-    for (w, subs) in ast.warnings.iter().zip(want["warnings_short_contains"].as_array().unwrap()) {
+        serde_json::from_slice(&std::fs::read(base.join("expected-warnings.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        ast.warnings.len() as u64,
+        want["warning_count"].as_u64().unwrap()
+    );
+    for (w, subs) in ast
+        .warnings
+        .iter()
+        .zip(want["warnings_short_contains"].as_array().unwrap())
+    {
         for s in subs.as_array().unwrap() {
-            assert!(w.short.contains(s.as_str().unwrap()), "{:?} lacks {s}", w.short);
+            assert!(
+                w.short.contains(s.as_str().unwrap()),
+                "{:?} lacks {s}",
+                w.short
+            );
         }
         assert!(w.detail.contains(want["detail_contains"].as_str().unwrap()));
     }
@@ -182,7 +260,12 @@ fn dockerfiles(dir: PathBuf, out: &mut Vec<PathBuf>) {
         let p = e.unwrap().path();
         if p.is_dir() {
             dockerfiles(p, out);
-        } else if p.file_name().unwrap().to_string_lossy().contains("Dockerfile") {
+        } else if p
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .contains("Dockerfile")
+        {
             out.push(p);
         }
     }
@@ -205,15 +288,25 @@ fn real_world_and_modern_parse() {
                 Err(e) => failures.push(format!("{}: {e}", f.display())),
             }
         }
-        assert!(failures.is_empty(), "{dir}: {} failed:\n{}", failures.len(), failures.join("\n"));
+        assert!(
+            failures.is_empty(),
+            "{dir}: {} failed:\n{}",
+            failures.len(),
+            failures.join("\n")
+        );
     }
 }
 
 fn shell_env() -> Vec<(String, String)> {
-    [("PWD", "/home"), ("SHELL", "bash"), ("KOREAN", "한국어"), ("NULL", "")]
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
+    [
+        ("PWD", "/home"),
+        ("SHELL", "bash"),
+        ("KOREAN", "한국어"),
+        ("NULL", ""),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
 }
 
 #[test]
@@ -281,7 +374,10 @@ fn shell_process_word_cases() {
     let lex = Lex::new('\\');
     let to_env = |e: &serde_json::Value| -> Vec<(String, String)> {
         match e {
-            serde_json::Value::Object(m) => m.iter().map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string())).collect(),
+            serde_json::Value::Object(m) => m
+                .iter()
+                .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string()))
+                .collect(),
             serde_json::Value::Array(a) => a
                 .iter()
                 .map(|kv| {
@@ -294,7 +390,9 @@ fn shell_process_word_cases() {
         }
     };
     let set = |x: &serde_json::Value| -> std::collections::BTreeSet<String> {
-        x.as_array().map(|a| a.iter().map(|s| s.as_str().unwrap().to_string()).collect()).unwrap_or_default()
+        x.as_array()
+            .map(|a| a.iter().map(|s| s.as_str().unwrap().to_string()).collect())
+            .unwrap_or_default()
     };
     for c in v["process_with_matches"].as_array().unwrap() {
         let input = c["input"].as_str().unwrap();
@@ -338,7 +436,10 @@ impl kiln_dockerfile::ImageResolver for AnyImage {
         reference: &str,
         p: &kiln_dockerfile::Platform,
     ) -> Result<(String, kiln_definition::image::Image), String> {
-        Ok((reference.to_string(), kiln_definition::image::Image::empty(&p.os, &p.architecture, &p.variant)))
+        Ok((
+            reference.to_string(),
+            kiln_definition::image::Image::empty(&p.os, &p.architecture, &p.variant),
+        ))
     }
 }
 
@@ -358,5 +459,10 @@ fn real_world_and_modern_convert() {
             }
         }
     }
-    assert!(failures.is_empty(), "{} of {n} failed:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} of {n} failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Runs kiln's whole test suite. Installs the Debian packages the tests use
+# when they are missing (the end-to-end tests check images with tools nobody
+# here wrote). Needs root: builds mount overlayfs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+for pkg_cmd in umoci:umoci skopeo:skopeo oci-image-tool:oci-image-tool tar:tar; do
+  pkg=${pkg_cmd%%:*} cmd=${pkg_cmd##*:}
+  command -v "$cmd" >/dev/null 2>&1 || need+=("$pkg")
+done
+if [ ${#need[@]} -gt 0 ]; then
+  echo "installing: ${need[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+if [ -z "${KILN_CORPUS:-}" ] && [ ! -d ../shared/corpus ]; then
+  echo "note: conformance corpus not found at ../shared/corpus; set KILN_CORPUS (its tests will fail loudly)" >&2
+fi
+
+# End-to-end tests run the built kilnd/kilnctl binaries.
+cargo build --workspace --all-targets
+cargo test --workspace
