@@ -590,10 +590,7 @@ fn print_du(records: &[ctl::UsageRecord], verbose: bool) {
             );
         }
     } else {
-        println!(
-            "{:<16} {:<14} {:>10}  DESCRIPTION",
-            "ID", "TYPE", "SIZE"
-        );
+        println!("{:<16} {:<14} {:>10}  DESCRIPTION", "ID", "TYPE", "SIZE");
         for r in records {
             let id: String = r.id.chars().take(16).collect();
             println!(
