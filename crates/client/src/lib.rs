@@ -80,12 +80,26 @@ pub struct LocalContext {
     pub ignore: Vec<String>,
 }
 
+/// Where a build secret's value comes from.
+#[derive(Debug, Clone)]
+pub enum SecretFrom {
+    File(PathBuf),
+    Env(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct SecretSource {
+    pub id: String,
+    pub from: SecretFrom,
+}
+
 pub struct BuildRequest {
     pub contexts: Vec<LocalContext>,
     pub dockerfile: Vec<u8>,
     pub frontend_attrs: std::collections::BTreeMap<String, String>,
     pub exporters: Vec<ctl::Exporter>,
     pub entitlements: Vec<String>,
+    pub secrets: Vec<SecretSource>,
 }
 
 fn random_id() -> String {
@@ -187,7 +201,12 @@ impl Client {
             .max_decoding_message_size(MAX_MSG)
             .max_encoding_message_size(MAX_MSG);
         let inbound = sess.attach(ReceiverStream::new(out_rx)).await?.into_inner();
-        let session = tokio::spawn(serve_session(inbound, out_tx, contexts));
+        let secrets: HashMap<String, SecretFrom> = req
+            .secrets
+            .iter()
+            .map(|s| (s.id.clone(), s.from.clone()))
+            .collect();
+        let session = tokio::spawn(serve_session(inbound, out_tx, contexts, secrets));
 
         let mut status = self
             .control()
@@ -247,6 +266,7 @@ async fn serve_session(
     mut inbound: tonic::Streaming<sp::DaemonMessage>,
     out: mpsc::Sender<sp::ClientMessage>,
     contexts: Contexts,
+    secrets: HashMap<String, SecretFrom>,
 ) {
     let contexts = Arc::new(contexts);
     let mut exports: HashMap<u64, ExportTarget> = HashMap::new();
@@ -295,6 +315,39 @@ async fn serve_session(
                             .await;
                     }
                 });
+            }
+            DMsg::SecretRequest(r) => {
+                // Read at the moment a step needs it; never cached client-side.
+                let reply = match secrets.get(&r.secret_id) {
+                    None => CMsg::Secret(sp::SecretValue {
+                        id: r.id,
+                        found: false,
+                        data: vec![],
+                    }),
+                    Some(SecretFrom::Env(var)) => match std::env::var_os(var) {
+                        Some(v) => CMsg::Secret(sp::SecretValue {
+                            id: r.id,
+                            found: true,
+                            data: v.into_encoded_bytes(),
+                        }),
+                        None => CMsg::Error(sp::ErrorReply {
+                            id: r.id,
+                            message: format!("environment variable {var} is not set"),
+                        }),
+                    },
+                    Some(SecretFrom::File(p)) => match std::fs::read(p) {
+                        Ok(data) => CMsg::Secret(sp::SecretValue {
+                            id: r.id,
+                            found: true,
+                            data,
+                        }),
+                        Err(e) => CMsg::Error(sp::ErrorReply {
+                            id: r.id,
+                            message: format!("{}: {e}", p.display()),
+                        }),
+                    },
+                };
+                let _ = out.send(sp::ClientMessage { msg: Some(reply) }).await;
             }
             DMsg::ExportStart(s) => {
                 let (tx, rx) = mpsc::channel::<Vec<u8>>(8);

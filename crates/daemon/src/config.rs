@@ -18,6 +18,13 @@ pub struct Config {
     pub max_parallelism: usize,
     /// Group that may use the socket (its mode is 0660).
     pub group: Option<String>,
+    /// OCI runtime binary for RUN steps (`runc`, `crun` or a path); none
+    /// means the built-in sandbox.
+    pub oci_runtime: Option<String>,
+    /// Network for steps without `--network`: "host" (default) or "none".
+    pub network: String,
+    /// Entitlements builds may ask for: "network.host", "security.insecure".
+    pub allow_insecure_entitlements: Vec<String>,
 }
 
 impl Default for Config {
@@ -27,6 +34,9 @@ impl Default for Config {
             addr: vec![DEFAULT_ADDR.to_string()],
             max_parallelism: 0,
             group: None,
+            oci_runtime: None,
+            network: "host".into(),
+            allow_insecure_entitlements: Vec::new(),
         }
     }
 }

@@ -67,8 +67,48 @@ fn bool_attr(v: Option<&String>, default: bool) -> Result<bool, EngineError> {
 
 impl Engine {
     pub fn open(config: Config) -> Result<Self, EngineError> {
-        let worker =
-            Arc::new(Worker::open(&config.root).map_err(|e| EngineError::Storage(e.to_string()))?);
+        let executor: Arc<dyn kiln_executor::Executor> = match &config.oci_runtime {
+            None => Arc::new(kiln_executor::Sandbox {
+                exe: std::env::current_exe().map_err(|e| {
+                    EngineError::Storage(format!("locating the sandbox helper: {e}"))
+                })?,
+            }),
+            Some(r) => {
+                let binary = which(r).ok_or_else(|| {
+                    EngineError::InvalidArgument(format!("OCI runtime {r:?} not found in PATH"))
+                })?;
+                Arc::new(kiln_executor::OciRuntime {
+                    binary,
+                    state_root: config.root.join("runtime"),
+                })
+            }
+        };
+        let network_none_default = match config.network.as_str() {
+            "host" | "" => false,
+            "none" => true,
+            o => {
+                return Err(EngineError::InvalidArgument(format!(
+                    "network {o:?}: use \"host\" or \"none\""
+                )));
+            }
+        };
+        for e in &config.allow_insecure_entitlements {
+            if !matches!(e.as_str(), "network.host" | "security.insecure") {
+                return Err(EngineError::InvalidArgument(format!(
+                    "unknown entitlement {e:?} (network.host, security.insecure)"
+                )));
+            }
+        }
+        let worker = Arc::new(
+            Worker::open(
+                &config.root,
+                kiln_worker::WorkerOptions {
+                    executor,
+                    network_none_default,
+                },
+            )
+            .map_err(|e| EngineError::Storage(e.to_string()))?,
+        );
         let solver = Solver::new(worker.clone(), config.parallelism());
         Ok(Engine {
             worker,
@@ -104,11 +144,12 @@ impl Engine {
                 req.frontend
             )));
         }
-        // No op needs an entitlement yet (RUN --network=host / --security=insecure will).
-        if let Some(e) = req.entitlements.first() {
-            return Err(EngineError::InvalidArgument(format!(
-                "entitlement {e:?} is not granted by this daemon"
-            )));
+        for e in &req.entitlements {
+            if !self.config.allow_insecure_entitlements.contains(e) {
+                return Err(EngineError::InvalidArgument(format!(
+                    "entitlement {e:?} is not allowed by this daemon (start kilnd with --allow-insecure-entitlement {e})"
+                )));
+            }
         }
         let session = self.sessions.get(&req.session).await.ok_or_else(|| {
             EngineError::InvalidArgument(format!("no client session {:?} is attached", req.session))
@@ -168,6 +209,7 @@ impl Engine {
         let job = Arc::new(Job {
             progress: progress.clone(),
             contexts: Arc::new(SessionContexts(session.clone())),
+            entitlements: req.entitlements.iter().cloned().collect(),
         });
         let result = if converted.scratch {
             None
@@ -452,6 +494,18 @@ impl Engine {
     pub fn root(&self) -> PathBuf {
         self.config.root.clone()
     }
+}
+
+/// A binary by name in PATH, or the path itself.
+fn which(name: &str) -> Option<PathBuf> {
+    if name.contains('/') {
+        return Some(PathBuf::from(name)).filter(|p| p.exists());
+    }
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join(name))
+            .find(|p| p.is_file())
+    })
 }
 
 fn dir_size(p: &std::path::Path) -> u64 {

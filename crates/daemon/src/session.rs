@@ -56,6 +56,7 @@ impl Session {
             CMsg::File(f) => f.id,
             CMsg::ExportAck(a) => a.id,
             CMsg::Error(e) => e.id,
+            CMsg::Secret(s) => s.id,
             CMsg::Hello(_) => return,
         };
         if let Some(w) = self
@@ -166,6 +167,26 @@ impl Session {
         result.map(|_| (mirror, changed))
     }
 
+    async fn secret_impl(self: Arc<Self>, secret_id: String) -> Result<Option<Vec<u8>>, String> {
+        let (id, mut rx) = self.register();
+        self.send(DMsg::SecretRequest(pb::SecretRequest {
+            id,
+            secret_id: secret_id.clone(),
+        }))
+        .await?;
+        let r = match rx.recv().await {
+            Some(CMsg::Secret(s)) if s.found => Ok(Some(s.data)),
+            Some(CMsg::Secret(_)) => Ok(None),
+            Some(CMsg::Error(e)) => Err(format!(
+                "client could not read secret {secret_id:?}: {}",
+                e.message
+            )),
+            _ => Err("the client session ended while sending a secret".into()),
+        };
+        self.unregister(id);
+        r
+    }
+
     /// Starts an export to the client; returns a blocking writer and the task
     /// that forwards its bytes and waits for the client's acknowledgement.
     pub async fn export(
@@ -246,6 +267,13 @@ impl ContextProvider for SessionContexts {
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(Mirror, usize), String>> + Send>>
     {
         Box::pin(self.0.clone().sync_impl(name, mirror))
+    }
+    fn secret(
+        &self,
+        id: String,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Option<Vec<u8>>, String>> + Send>>
+    {
+        Box::pin(self.0.clone().secret_impl(id))
     }
 }
 

@@ -109,9 +109,14 @@ struct BuildArgs {
     /// Allow extra privileged entitlements (network.host, security.insecure)
     #[arg(long = "allow")]
     allow: Vec<String>,
+    /// Secret for RUN --mount=type=secret: id=ID[,src=FILE|,env=VAR]
+    #[arg(long = "secret")]
+    secrets: Vec<String>,
 }
 
 fn main() -> std::process::ExitCode {
+    // Must come first: the embedded engine re-executes this binary as its sandbox helper.
+    kiln_sandbox::maybe_run();
     let cli = Cli::parse();
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
@@ -353,6 +358,41 @@ fn parse_build_args(args: &[String]) -> anyhow::Result<BTreeMap<String, String>>
     Ok(out)
 }
 
+/// `--secret id=ID[,src=FILE|,env=VAR]` (src defaults to a file named ID,
+/// `type=file|env` as in buildx). Values are read only when a step asks.
+fn parse_secrets(specs: &[String]) -> anyhow::Result<Vec<kiln_client::SecretSource>> {
+    let mut out = Vec::new();
+    for spec in specs {
+        let (mut id, mut src, mut env, mut typ) = (None, None, None, None);
+        for field in spec.split(',') {
+            let (k, v) = field.split_once('=').ok_or_else(|| {
+                anyhow::anyhow!("invalid --secret {spec:?}: {field:?} is not KEY=VALUE")
+            })?;
+            match k {
+                "id" => id = Some(v.to_string()),
+                "src" | "source" => src = Some(v.to_string()),
+                "env" => env = Some(v.to_string()),
+                "type" => typ = Some(v.to_string()),
+                other => bail!("invalid --secret {spec:?}: unknown key {other:?}"),
+            }
+        }
+        let id = id
+            .or_else(|| env.clone())
+            .or_else(|| src.clone())
+            .ok_or_else(|| anyhow::anyhow!("invalid --secret {spec:?}: id=... is required"))?;
+        let from = match (typ.as_deref(), src, env) {
+            (Some("env"), src, env) => {
+                kiln_client::SecretFrom::Env(env.or(src).unwrap_or_else(|| id.clone()))
+            }
+            (_, _, Some(e)) => kiln_client::SecretFrom::Env(e),
+            (_, Some(f), None) => kiln_client::SecretFrom::File(PathBuf::from(f)),
+            (_, None, None) => kiln_client::SecretFrom::Env(id.clone()),
+        };
+        out.push(kiln_client::SecretSource { id, from });
+    }
+    Ok(out)
+}
+
 /// Parses one `--output` value (BuildKit's CSV form, or a bare path).
 fn parse_output(spec: &str) -> anyhow::Result<ctl::Exporter> {
     if !spec.contains('=') {
@@ -522,6 +562,7 @@ async fn build(addr: Option<&str>, b: BuildArgs) -> anyhow::Result<()> {
                 frontend_attrs: attrs,
                 exporters,
                 entitlements: b.allow.clone(),
+                secrets: parse_secrets(&b.secrets)?,
             },
             move |m| d2.lock().unwrap_or_else(|p| p.into_inner()).handle(&m),
         )

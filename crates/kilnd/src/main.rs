@@ -25,12 +25,23 @@ struct Args {
     /// Group allowed to use the socket (mode 0660)
     #[arg(long)]
     group: Option<String>,
+    /// OCI runtime for RUN steps (runc, crun or a path); default: the built-in sandbox
+    #[arg(long)]
+    oci_runtime: Option<String>,
+    /// Network for steps without --network: host (default) or none
+    #[arg(long)]
+    network: Option<String>,
+    /// Allow builds to request an entitlement (network.host, security.insecure); repeatable
+    #[arg(long = "allow-insecure-entitlement")]
+    allow_insecure_entitlement: Vec<String>,
     /// Log filter (error, warn, info, debug, trace, or a tracing directive)
     #[arg(long, default_value = "info", env = "KILND_LOG")]
     log_level: String,
 }
 
 fn main() -> std::process::ExitCode {
+    // Must come first: this binary doubles as the sandbox helper.
+    kiln_sandbox::maybe_run();
     let args = Args::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -67,6 +78,15 @@ fn run(args: Args) -> anyhow::Result<()> {
     if args.group.is_some() {
         config.group = args.group;
     }
+    if args.oci_runtime.is_some() {
+        config.oci_runtime = args.oci_runtime;
+    }
+    if let Some(n) = args.network {
+        config.network = n;
+    }
+    config
+        .allow_insecure_entitlements
+        .extend(args.allow_insecure_entitlement);
     let _lock = kiln_daemon::lock_root(&config.root)?;
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     rt.block_on(async move {

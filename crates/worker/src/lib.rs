@@ -3,6 +3,7 @@
 //! content store (layer blobs) and the context mirrors (local sources).
 #![forbid(unsafe_code)]
 
+pub mod exec;
 pub mod fileop;
 
 use std::collections::{HashMap, HashSet};
@@ -72,11 +73,22 @@ pub trait ContextProvider: Send + Sync {
     /// Brings `mirror` up to date with the client's tree; returns the number
     /// of files transferred and removed.
     fn sync(&self, name: String, mirror: Mirror) -> BoxFuture<Result<(Mirror, usize), String>>;
+    /// A secret's value from the client, or None when it was not given.
+    fn secret(&self, id: String) -> BoxFuture<Result<Option<Vec<u8>>, String>>;
 }
 
 pub struct Job {
     pub progress: Arc<dyn ProgressSink>,
     pub contexts: Arc<dyn ContextProvider>,
+    /// Entitlements this build asked for and the daemon allows.
+    pub entitlements: HashSet<String>,
+}
+
+/// How the worker runs steps.
+pub struct WorkerOptions {
+    pub executor: Arc<dyn kiln_executor::Executor>,
+    /// Steps without `--network` get no network (default: the host's).
+    pub network_none_default: bool,
 }
 
 pub struct Worker {
@@ -85,9 +97,15 @@ pub struct Worker {
     pub meta: MetadataStore,
     pub content: ContentStore,
     context_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    cache_mount_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    pub(crate) executor: Arc<dyn kiln_executor::Executor>,
+    pub(crate) network_none_default: bool,
+    /// Runtime bundles and secret files: on tmpfs, so secrets never reach a disk.
+    pub(crate) bundles: PathBuf,
+    pub(crate) secrets_dir: PathBuf,
 }
 
-fn now() -> i64 {
+pub(crate) fn now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
@@ -99,18 +117,36 @@ fn serr(e: impl std::fmt::Display) -> SolveError {
 }
 
 impl Worker {
-    pub fn open(root: &Path) -> Result<Self, WorkerError> {
+    pub fn open(root: &Path, opts: WorkerOptions) -> Result<Self, WorkerError> {
         fs::create_dir_all(root)
             .map_err(|e| WorkerError::Other(format!("{}: {e}", root.display())))?;
         let snapshots = Snapshotter::open(root)?;
         let meta = MetadataStore::open(&root.join("metadata.db"))?;
         let content = ContentStore::open(root.join("content"))?;
+        let canonical = fs::canonicalize(root).unwrap_or_else(|_| root.to_path_buf());
+        let tag = Digest::of(canonical.to_string_lossy().as_bytes()).hex()[..12].to_string();
+        let run_dir = if Path::new("/run").is_dir() {
+            PathBuf::from("/run/kiln").join(tag)
+        } else {
+            root.join("run")
+        };
+        // Whatever a crashed daemon left there is stale.
+        let _ = fs::remove_dir_all(&run_dir);
+        for d in [run_dir.join("bundles"), run_dir.join("secrets")] {
+            fs::create_dir_all(&d)
+                .map_err(|e| WorkerError::Other(format!("{}: {e}", d.display())))?;
+        }
         let w = Worker {
             root: root.to_path_buf(),
             snapshots,
             meta,
             content,
             context_locks: Mutex::new(HashMap::new()),
+            cache_mount_locks: Mutex::new(HashMap::new()),
+            executor: opts.executor,
+            network_none_default: opts.network_none_default,
+            bundles: run_dir.join("bundles"),
+            secrets_dir: run_dir.join("secrets"),
         };
         w.reconcile()?;
         Ok(w)
@@ -165,6 +201,14 @@ impl Worker {
             cur = rec.parent;
         }
         Ok(out)
+    }
+
+    pub(crate) fn cache_mount_lock(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut m = self
+            .cache_mount_locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        m.entry(id.to_string()).or_default().clone()
     }
 
     fn context_lock(&self, key: &str) -> Arc<tokio::sync::Mutex<()>> {
@@ -225,9 +269,9 @@ impl Worker {
     ) -> Result<Output, WorkerError> {
         match &v.op.op {
             Some(pb::op::Op::File(f)) => self.file_op(v, f, inputs, key),
-            Some(pb::op::Op::Exec(_)) => Err(WorkerError::Other(
-                "RUN is not supported by this daemon yet (the execution issue adds it)".into(),
-            )),
+            Some(pb::op::Op::Exec(_)) => {
+                Err(WorkerError::Other("exec ops run asynchronously".into()))
+            }
             Some(pb::op::Op::Merge(_)) | Some(pb::op::Op::Diff(_)) => Err(WorkerError::Other(
                 "merge and diff ops are not supported yet".into(),
             )),
@@ -235,7 +279,7 @@ impl Worker {
         }
     }
 
-    fn input_snapshot(
+    pub(crate) fn input_snapshot(
         inputs: &[Resolved<Output>],
         idx: i64,
     ) -> Result<Option<String>, WorkerError> {
@@ -499,6 +543,12 @@ impl kiln_solver::Worker for Worker {
     ) -> futures_compat::BoxFuture<Result<Output, SolveError>> {
         Box::pin(async move {
             let digest = v.digest.clone();
+            if let Some(pb::op::Op::Exec(e)) = v.op.op.clone() {
+                return self
+                    .exec_op(v, e, inputs, key, _job)
+                    .await
+                    .map_err(|e| SolveError::at(&digest, e.to_string()));
+            }
             tokio::task::spawn_blocking(move || {
                 self.exec_blocking(&v, &inputs, &key)
                     .map_err(|e| SolveError::at(&digest, e.to_string()))

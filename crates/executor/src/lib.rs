@@ -1,0 +1,573 @@
+//! Running build steps. Every step is described as an OCI runtime spec
+//! (`config.json` in a bundle directory) and run by an [`Executor`]: the
+//! built-in sandbox (the daemon's own binary re-executed as a helper) or an
+//! OCI runtime binary such as runc. Both read the same spec.
+#![forbid(unsafe_code)]
+
+use std::collections::{HashSet, VecDeque};
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::process::Stdio;
+
+use oci_spec::runtime::{
+    Capability, LinuxBuilder, LinuxCapabilitiesBuilder, LinuxNamespaceBuilder, LinuxNamespaceType,
+    MountBuilder, ProcessBuilder, RootBuilder, Spec, SpecBuilder, UserBuilder,
+};
+use tokio::io::AsyncReadExt;
+use tokio::sync::mpsc;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    #[error("building the runtime spec: {0}")]
+    Spec(String),
+    #[error("{0}")]
+    Io(String),
+    #[error("starting {runtime}: {reason}")]
+    Start { runtime: String, reason: String },
+}
+
+/// A mount beyond the standard ones.
+#[derive(Debug, Clone)]
+pub enum ExtraMount {
+    Bind {
+        source: PathBuf,
+        dest: String,
+        readonly: bool,
+    },
+    Tmpfs {
+        dest: String,
+        size: i64,
+    },
+}
+
+/// One step to run.
+#[derive(Debug, Clone)]
+pub struct RunSpec {
+    pub rootfs: PathBuf,
+    pub args: Vec<String>,
+    pub env: Vec<String>,
+    pub cwd: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub additional_gids: Vec<u32>,
+    pub hostname: String,
+    pub mounts: Vec<ExtraMount>,
+    /// A fresh network namespace with only loopback.
+    pub network_none: bool,
+    /// `--security=insecure`: all capabilities, no masked paths.
+    pub insecure: bool,
+    pub hosts_file: PathBuf,
+    pub resolv_file: PathBuf,
+}
+
+/// Docker's default capability set.
+pub const DEFAULT_CAPS: [Capability; 14] = [
+    Capability::Chown,
+    Capability::DacOverride,
+    Capability::Fsetid,
+    Capability::Fowner,
+    Capability::Mknod,
+    Capability::NetRaw,
+    Capability::Setgid,
+    Capability::Setuid,
+    Capability::Setfcap,
+    Capability::Setpcap,
+    Capability::NetBindService,
+    Capability::SysChroot,
+    Capability::Kill,
+    Capability::AuditWrite,
+];
+
+const MASKED: [&str; 10] = [
+    "/proc/acpi",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/proc/sched_debug",
+    "/proc/scsi",
+    "/sys/firmware",
+    "/sys/devices/virtual/powercap",
+];
+const READONLY: [&str; 6] = [
+    "/proc/bus",
+    "/proc/fs",
+    "/proc/irq",
+    "/proc/sys",
+    "/proc/sysrq-trigger",
+    "/proc/asound",
+];
+
+fn serr(e: impl std::fmt::Display) -> ExecError {
+    ExecError::Spec(e.to_string())
+}
+
+fn mnt(
+    dest: &str,
+    typ: &str,
+    source: &str,
+    options: &[&str],
+) -> Result<oci_spec::runtime::Mount, ExecError> {
+    MountBuilder::default()
+        .destination(dest)
+        .typ(typ)
+        .source(source)
+        .options(options.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+        .build()
+        .map_err(serr)
+}
+
+/// The OCI runtime spec for a step.
+pub fn spec(r: &RunSpec) -> Result<Spec, ExecError> {
+    let caps: HashSet<Capability> = if r.insecure {
+        // All capabilities the spec knows.
+        serde_json::from_value(serde_json::Value::Array(
+            caps_all_names()
+                .into_iter()
+                .map(serde_json::Value::String)
+                .collect(),
+        ))
+        .map_err(serr)?
+    } else {
+        DEFAULT_CAPS.iter().copied().collect()
+    };
+    let capabilities = LinuxCapabilitiesBuilder::default()
+        .bounding(caps.clone())
+        .effective(caps.clone())
+        .permitted(caps.clone())
+        .inheritable(HashSet::new())
+        .ambient(HashSet::new())
+        .build()
+        .map_err(serr)?;
+    let process = ProcessBuilder::default()
+        .terminal(false)
+        .user(
+            UserBuilder::default()
+                .uid(r.uid)
+                .gid(r.gid)
+                .additional_gids(r.additional_gids.clone())
+                .build()
+                .map_err(serr)?,
+        )
+        .args(r.args.clone())
+        .env(r.env.clone())
+        .cwd(&r.cwd)
+        .capabilities(capabilities)
+        .no_new_privileges(!r.insecure)
+        .build()
+        .map_err(serr)?;
+    let mut mounts = vec![
+        mnt("/proc", "proc", "proc", &["nosuid", "noexec", "nodev"])?,
+        mnt(
+            "/dev",
+            "tmpfs",
+            "tmpfs",
+            &["nosuid", "strictatime", "mode=755", "size=65536k"],
+        )?,
+        mnt(
+            "/dev/pts",
+            "devpts",
+            "devpts",
+            &[
+                "nosuid",
+                "noexec",
+                "newinstance",
+                "ptmxmode=0666",
+                "mode=0620",
+                "gid=5",
+            ],
+        )?,
+        mnt(
+            "/dev/shm",
+            "tmpfs",
+            "shm",
+            &["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"],
+        )?,
+        mnt(
+            "/dev/mqueue",
+            "mqueue",
+            "mqueue",
+            &["nosuid", "noexec", "nodev"],
+        )?,
+        mnt(
+            "/sys",
+            "sysfs",
+            "sysfs",
+            &["nosuid", "noexec", "nodev", "ro"],
+        )?,
+        mnt(
+            "/etc/hosts",
+            "bind",
+            &r.hosts_file.to_string_lossy(),
+            &["rbind", "ro"],
+        )?,
+        mnt(
+            "/etc/resolv.conf",
+            "bind",
+            &r.resolv_file.to_string_lossy(),
+            &["rbind", "ro"],
+        )?,
+    ];
+    for m in &r.mounts {
+        mounts.push(match m {
+            ExtraMount::Bind {
+                source,
+                dest,
+                readonly,
+            } => {
+                let mut o = vec!["rbind"];
+                if *readonly {
+                    o.push("ro");
+                }
+                mnt(dest, "bind", &source.to_string_lossy(), &o)?
+            }
+            ExtraMount::Tmpfs { dest, size } => {
+                let size = if *size > 0 {
+                    format!("size={size}")
+                } else {
+                    String::new()
+                };
+                let mut o = vec!["nosuid", "nodev"];
+                if !size.is_empty() {
+                    o.push(&size);
+                }
+                mnt(dest, "tmpfs", "tmpfs", &o)?
+            }
+        });
+    }
+    let mut ns = vec![
+        LinuxNamespaceType::Pid,
+        LinuxNamespaceType::Ipc,
+        LinuxNamespaceType::Uts,
+        LinuxNamespaceType::Mount,
+    ];
+    if r.network_none {
+        ns.push(LinuxNamespaceType::Network);
+    }
+    let namespaces = ns
+        .into_iter()
+        .map(|t| {
+            LinuxNamespaceBuilder::default()
+                .typ(t)
+                .build()
+                .map_err(serr)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut linux = LinuxBuilder::default().namespaces(namespaces);
+    if !r.insecure {
+        linux = linux
+            .masked_paths(MASKED.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+            .readonly_paths(READONLY.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+    }
+    SpecBuilder::default()
+        .version("1.0.2")
+        .root(
+            RootBuilder::default()
+                .path(&r.rootfs)
+                .readonly(false)
+                .build()
+                .map_err(serr)?,
+        )
+        .process(process)
+        .hostname(r.hostname.clone())
+        .mounts(mounts)
+        .linux(linux.build().map_err(serr)?)
+        .build()
+        .map_err(serr)
+}
+
+fn caps_all_names() -> Vec<String> {
+    [
+        "CAP_AUDIT_CONTROL",
+        "CAP_AUDIT_READ",
+        "CAP_AUDIT_WRITE",
+        "CAP_BLOCK_SUSPEND",
+        "CAP_BPF",
+        "CAP_CHECKPOINT_RESTORE",
+        "CAP_CHOWN",
+        "CAP_DAC_OVERRIDE",
+        "CAP_DAC_READ_SEARCH",
+        "CAP_FOWNER",
+        "CAP_FSETID",
+        "CAP_IPC_LOCK",
+        "CAP_IPC_OWNER",
+        "CAP_KILL",
+        "CAP_LEASE",
+        "CAP_LINUX_IMMUTABLE",
+        "CAP_MAC_ADMIN",
+        "CAP_MAC_OVERRIDE",
+        "CAP_MKNOD",
+        "CAP_NET_ADMIN",
+        "CAP_NET_BIND_SERVICE",
+        "CAP_NET_BROADCAST",
+        "CAP_NET_RAW",
+        "CAP_PERFMON",
+        "CAP_SETGID",
+        "CAP_SETFCAP",
+        "CAP_SETPCAP",
+        "CAP_SETUID",
+        "CAP_SYS_ADMIN",
+        "CAP_SYS_BOOT",
+        "CAP_SYS_CHROOT",
+        "CAP_SYS_MODULE",
+        "CAP_SYS_NICE",
+        "CAP_SYS_PACCT",
+        "CAP_SYS_PTRACE",
+        "CAP_SYS_RAWIO",
+        "CAP_SYS_RESOURCE",
+        "CAP_SYS_TIME",
+        "CAP_SYS_TTY_CONFIG",
+        "CAP_SYSLOG",
+        "CAP_WAKE_ALARM",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// Exit code of the sandbox helper when it failed before the process ran.
+pub const SETUP_FAILED: i32 = 125;
+/// Exit code when the command could not be executed.
+pub const EXEC_FAILED: i32 = 127;
+
+/// Output of a step: (stream 1 = stdout / 2 = stderr, bytes).
+pub type OutputSender = mpsc::UnboundedSender<(i64, Vec<u8>)>;
+
+/// How a step ended.
+#[derive(Debug, Clone)]
+pub struct Exit {
+    pub code: i32,
+    /// The last lines the step printed (for error messages).
+    pub tail: Vec<String>,
+}
+
+pub type RunFuture<'a> = Pin<Box<dyn Future<Output = Result<Exit, ExecError>> + Send + 'a>>;
+
+pub trait Executor: Send + Sync {
+    fn name(&self) -> String;
+    /// Runs the spec in `bundle` (config.json is written there first).
+    /// Dropping the future kills the step and everything it started.
+    fn run<'a>(
+        &'a self,
+        bundle: &'a Path,
+        id: &'a str,
+        spec: &'a Spec,
+        out: OutputSender,
+    ) -> RunFuture<'a>;
+}
+
+/// The built-in sandbox: re-executes `exe` (a kiln binary that calls
+/// `kiln_sandbox::maybe_run` first) as the namespace helper.
+pub struct Sandbox {
+    pub exe: PathBuf,
+}
+
+/// An OCI runtime binary (runc, crun, ...).
+pub struct OciRuntime {
+    pub binary: PathBuf,
+    pub state_root: PathBuf,
+}
+
+const TAIL_LINES: usize = 20;
+
+async fn drive(
+    mut cmd: tokio::process::Command,
+    runtime: String,
+    out: OutputSender,
+) -> Result<Exit, ExecError> {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = cmd.spawn().map_err(|e| ExecError::Start {
+        runtime: runtime.clone(),
+        reason: e.to_string(),
+    })?;
+    let mut so = child
+        .stdout
+        .take()
+        .ok_or_else(|| ExecError::Io("no stdout".into()))?;
+    let mut se = child
+        .stderr
+        .take()
+        .ok_or_else(|| ExecError::Io("no stderr".into()))?;
+    let mut tail: VecDeque<String> = VecDeque::new();
+    let mut partial = [Vec::new(), Vec::new()];
+    let mut b1 = vec![0u8; 32 * 1024];
+    let mut b2 = vec![0u8; 32 * 1024];
+    let (mut done1, mut done2) = (false, false);
+    let mut push = |stream: usize, data: &[u8], tail: &mut VecDeque<String>| {
+        let _ = out.send((stream as i64 + 1, data.to_vec()));
+        partial[stream].extend_from_slice(data);
+        while let Some(pos) = partial[stream].iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = partial[stream].drain(..=pos).collect();
+            tail.push_back(String::from_utf8_lossy(&line[..line.len() - 1]).to_string());
+            if tail.len() > TAIL_LINES {
+                tail.pop_front();
+            }
+        }
+    };
+    while !(done1 && done2) {
+        tokio::select! {
+            r = so.read(&mut b1), if !done1 => match r {
+                Ok(0) | Err(_) => done1 = true,
+                Ok(n) => push(0, &b1[..n], &mut tail),
+            },
+            r = se.read(&mut b2), if !done2 => match r {
+                Ok(0) | Err(_) => done2 = true,
+                Ok(n) => push(1, &b2[..n], &mut tail),
+            },
+        }
+    }
+    let status = child
+        .wait()
+        .await
+        .map_err(|e| ExecError::Io(e.to_string()))?;
+    let code = status.code().unwrap_or(137);
+    Ok(Exit {
+        code,
+        tail: tail.into_iter().collect(),
+    })
+}
+
+fn write_spec(bundle: &Path, spec: &Spec) -> Result<(), ExecError> {
+    std::fs::create_dir_all(bundle)
+        .map_err(|e| ExecError::Io(format!("{}: {e}", bundle.display())))?;
+    spec.save(bundle.join("config.json"))
+        .map_err(|e| ExecError::Io(e.to_string()))
+}
+
+impl Executor for Sandbox {
+    fn name(&self) -> String {
+        "sandbox".into()
+    }
+    fn run<'a>(
+        &'a self,
+        bundle: &'a Path,
+        _id: &'a str,
+        spec: &'a Spec,
+        out: OutputSender,
+    ) -> RunFuture<'a> {
+        Box::pin(async move {
+            write_spec(bundle, spec)?;
+            let mut cmd = tokio::process::Command::new(&self.exe);
+            cmd.arg(kiln_sandbox_arg()).arg(bundle);
+            drive(cmd, "the built-in sandbox".into(), out).await
+        })
+    }
+}
+
+/// The helper argument (kept in sync with kiln_sandbox::INIT_ARG).
+pub fn kiln_sandbox_arg() -> &'static str {
+    "__kiln-sandbox-init"
+}
+
+impl Executor for OciRuntime {
+    fn name(&self) -> String {
+        self.binary.display().to_string()
+    }
+    fn run<'a>(
+        &'a self,
+        bundle: &'a Path,
+        id: &'a str,
+        spec: &'a Spec,
+        out: OutputSender,
+    ) -> RunFuture<'a> {
+        Box::pin(async move {
+            write_spec(bundle, spec)?;
+            let mut cmd = tokio::process::Command::new(&self.binary);
+            cmd.arg("--root")
+                .arg(&self.state_root)
+                .args(["run", "--bundle"])
+                .arg(bundle)
+                .arg(id);
+            let r = drive(cmd, self.binary.display().to_string(), out).await;
+            // Leave no container state behind, even after a failure.
+            let _ = tokio::process::Command::new(&self.binary)
+                .arg("--root")
+                .arg(&self.state_root)
+                .args(["delete", "--force", id])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .await;
+            let exit = r?;
+            if exit.code != 0
+                && exit.tail.iter().any(|l| {
+                    l.contains("cgroup") && (l.contains("hybrid") || l.contains("not supported"))
+                })
+            {
+                return Err(ExecError::Start {
+                    runtime: self.binary.display().to_string(),
+                    reason: format!(
+                        "the runtime refused this machine's cgroup layout (a v1/v2 hybrid; Debian's crun 1.8 does this, runc works): {}",
+                        exit.tail.join("\n")
+                    ),
+                });
+            }
+            Ok(exit)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spec_has_the_isolation_we_promise() {
+        let r = RunSpec {
+            rootfs: "/r".into(),
+            args: vec!["/bin/sh".into(), "-c".into(), "true".into()],
+            env: vec!["PATH=/bin".into()],
+            cwd: "/".into(),
+            uid: 1000,
+            gid: 1000,
+            additional_gids: vec![],
+            hostname: "buildkitsandbox".into(),
+            mounts: vec![ExtraMount::Tmpfs {
+                dest: "/tmp".into(),
+                size: 1 << 20,
+            }],
+            network_none: true,
+            insecure: false,
+            hosts_file: "/h".into(),
+            resolv_file: "/rc".into(),
+        };
+        let s = spec(&r).unwrap();
+        let j = serde_json::to_value(&s).unwrap();
+        let ns: Vec<&str> = j["linux"]["namespaces"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n["type"].as_str().unwrap())
+            .collect();
+        assert_eq!(ns, vec!["pid", "ipc", "uts", "mount", "network"]);
+        assert_eq!(j["process"]["noNewPrivileges"], true);
+        assert!(
+            j["linux"]["maskedPaths"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|p| p == "/proc/kcore")
+        );
+        let bounding = j["process"]["capabilities"]["bounding"].as_array().unwrap();
+        assert_eq!(bounding.len(), 14);
+        assert!(!bounding.iter().any(|c| c == "CAP_SYS_ADMIN"));
+        let insecure = spec(&RunSpec {
+            insecure: true,
+            ..r
+        })
+        .unwrap();
+        let j = serde_json::to_value(&insecure).unwrap();
+        assert!(
+            j["process"]["capabilities"]["bounding"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|c| c == "CAP_SYS_ADMIN")
+        );
+    }
+}

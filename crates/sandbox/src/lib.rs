@@ -1,0 +1,506 @@
+//! kiln's built-in OCI runtime. The daemon never unshares or forks itself:
+//! it re-executes its own binary with [`INIT_ARG`] and a bundle directory.
+//! That helper (single-threaded, before any runtime starts) unshares the
+//! namespaces the spec asks for and forks the container's init, which sets
+//! up mounts, pivots into the root, and runs the process as a child it
+//! reaps, forwarding signals. The helper's exit status is the process's.
+//!
+//! Supported spec subset: root, process (args, env, cwd, user, capabilities,
+//! noNewPrivileges), hostname, mounts (proc, sysfs, tmpfs, devpts, mqueue,
+//! bind with ro), linux.namespaces, maskedPaths, readonlyPaths.
+
+use std::ffi::CString;
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::atomic::{AtomicI32, Ordering};
+
+use nix::mount::{MntFlags, MsFlags, mount, umount2};
+use nix::sched::{CloneFlags, unshare};
+use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
+use nix::sys::wait::{WaitStatus, waitpid};
+use nix::unistd::{ForkResult, Gid, Pid, Uid, fork};
+use oci_spec::runtime::{LinuxNamespaceType, Spec};
+
+/// argv[1] that turns a kiln binary into the sandbox helper.
+pub const INIT_ARG: &str = "__kiln-sandbox-init";
+
+/// Exit code when the sandbox itself failed (not the process).
+pub const SETUP_FAILED: i32 = 125;
+/// Exit code when the command could not be executed.
+pub const EXEC_FAILED: i32 = 127;
+
+/// Runs the helper and exits if this process was started as one. Call it
+/// first in `main`, before any thread is started.
+pub fn maybe_run() {
+    let mut args = std::env::args_os();
+    if args.nth(1).is_some_and(|a| a == INIT_ARG) {
+        let bundle = args.next().map(PathBuf::from).unwrap_or_default();
+        let code = match helper(&bundle) {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("kiln-sandbox: {e}");
+                SETUP_FAILED
+            }
+        };
+        std::process::exit(code);
+    }
+}
+
+static CHILD: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn forward(sig: libc::c_int) {
+    let pid = CHILD.load(Ordering::SeqCst);
+    if pid > 0 {
+        // SAFETY: kill(2) is async-signal-safe.
+        unsafe {
+            libc::kill(pid, sig);
+        }
+    }
+}
+
+fn install_forwarding() -> Result<(), String> {
+    let action = SigAction::new(
+        SigHandler::Handler(forward),
+        SaFlags::SA_RESTART,
+        SigSet::empty(),
+    );
+    for s in [
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGHUP,
+        Signal::SIGQUIT,
+        Signal::SIGUSR1,
+        Signal::SIGUSR2,
+    ] {
+        // SAFETY: the handler only calls kill(2) and reads an atomic.
+        unsafe { sigaction(s, &action) }.map_err(|e| format!("sigaction: {e}"))?;
+    }
+    Ok(())
+}
+
+fn wait_code(pid: Pid) -> i32 {
+    loop {
+        match waitpid(pid, None) {
+            Ok(WaitStatus::Exited(_, c)) => return c,
+            Ok(WaitStatus::Signaled(_, s, _)) => return 128 + s as i32,
+            Ok(_) => continue,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(_) => return SETUP_FAILED,
+        }
+    }
+}
+
+fn helper(bundle: &Path) -> Result<i32, String> {
+    let spec = Spec::load(bundle.join("config.json"))
+        .map_err(|e| format!("loading {}/config.json: {e}", bundle.display()))?;
+    let mut flags = CloneFlags::empty();
+    let namespaces = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.namespaces().clone())
+        .unwrap_or_default();
+    for ns in &namespaces {
+        flags |= match ns.typ() {
+            LinuxNamespaceType::Mount => CloneFlags::CLONE_NEWNS,
+            LinuxNamespaceType::Pid => CloneFlags::CLONE_NEWPID,
+            LinuxNamespaceType::Uts => CloneFlags::CLONE_NEWUTS,
+            LinuxNamespaceType::Ipc => CloneFlags::CLONE_NEWIPC,
+            LinuxNamespaceType::Network => CloneFlags::CLONE_NEWNET,
+            LinuxNamespaceType::Cgroup => CloneFlags::CLONE_NEWCGROUP,
+            other => {
+                return Err(format!(
+                    "namespace {other:?} is not supported by the built-in sandbox"
+                ));
+            }
+        };
+    }
+    unshare(flags).map_err(|e| format!("unshare: {e}"))?;
+    install_forwarding()?;
+    // SAFETY: this process is single-threaded (the helper runs before any
+    // runtime or thread starts), so the child may run arbitrary code.
+    match unsafe { fork() }.map_err(|e| format!("fork: {e}"))? {
+        ForkResult::Parent { child } => {
+            CHILD.store(child.as_raw(), Ordering::SeqCst);
+            Ok(wait_code(child))
+        }
+        ForkResult::Child => {
+            let code = match init(&spec, flags.contains(CloneFlags::CLONE_NEWNET)) {
+                Ok(code) => code,
+                Err(e) => {
+                    eprintln!("kiln-sandbox: {e}");
+                    SETUP_FAILED
+                }
+            };
+            std::process::exit(code);
+        }
+    }
+}
+
+fn opt_flags(options: &[String]) -> (MsFlags, Vec<String>, bool) {
+    let mut flags = MsFlags::empty();
+    let mut data = Vec::new();
+    let mut ro = false;
+    for o in options {
+        match o.as_str() {
+            "nosuid" => flags |= MsFlags::MS_NOSUID,
+            "noexec" => flags |= MsFlags::MS_NOEXEC,
+            "nodev" => flags |= MsFlags::MS_NODEV,
+            "strictatime" => flags |= MsFlags::MS_STRICTATIME,
+            "ro" => ro = true,
+            "rw" | "bind" | "rbind" | "private" | "rprivate" => {}
+            other => data.push(other.to_string()),
+        }
+    }
+    (flags, data, ro)
+}
+
+/// Makes the mount point (a file for file binds, else a directory).
+fn mountpoint(target: &Path, file: bool) -> Result<(), String> {
+    if fs::symlink_metadata(target).is_ok() {
+        return Ok(());
+    }
+    if let Some(p) = target.parent() {
+        fs::create_dir_all(p).map_err(|e| format!("mkdir {}: {e}", p.display()))?;
+    }
+    if file {
+        fs::write(target, b"").map_err(|e| format!("creating {}: {e}", target.display()))
+    } else {
+        fs::create_dir_all(target).map_err(|e| format!("mkdir {}: {e}", target.display()))
+    }
+}
+
+fn do_mount(rootfs: &Path, m: &oci_spec::runtime::Mount) -> Result<(), String> {
+    let dest = m.destination().to_string_lossy().to_string();
+    let target =
+        kiln_archive::safe_path::resolve_in_root(rootfs, &dest, true).map_err(|e| e.to_string())?;
+    let options = m.options().clone().unwrap_or_default();
+    let (flags, data, ro) = opt_flags(&options);
+    let typ = m.typ().clone().unwrap_or_else(|| "bind".into());
+    let err = |e: nix::Error| format!("mounting {typ} on {dest}: {e}");
+    if typ == "bind" || options.iter().any(|o| o == "bind" || o == "rbind") {
+        let source = m
+            .source()
+            .clone()
+            .ok_or_else(|| format!("bind mount on {dest} has no source"))?;
+        let is_file = fs::metadata(&source)
+            .map(|md| !md.is_dir())
+            .map_err(|e| format!("bind source {}: {e}", source.display()))?;
+        mountpoint(&target, is_file)?;
+        mount(
+            Some(&source),
+            &target,
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None::<&str>,
+        )
+        .map_err(err)?;
+        if ro || !flags.is_empty() {
+            let mut f = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | flags;
+            if ro {
+                f |= MsFlags::MS_RDONLY;
+            }
+            mount(None::<&str>, &target, None::<&str>, f, None::<&str>).map_err(err)?;
+        }
+        return Ok(());
+    }
+    mountpoint(&target, false)?;
+    let mut f = flags;
+    if ro {
+        f |= MsFlags::MS_RDONLY;
+    }
+    let data = data.join(",");
+    let source = m
+        .source()
+        .clone()
+        .map(|s| s.to_string_lossy().to_string())
+        .unwrap_or_else(|| typ.clone());
+    let r = mount(
+        Some(source.as_str()),
+        &target,
+        Some(typ.as_str()),
+        f,
+        if data.is_empty() {
+            None
+        } else {
+            Some(data.as_str())
+        },
+    );
+    match r {
+        Ok(()) => Ok(()),
+        // sysfs cannot be mounted in some setups (e.g. without a network namespace of our own); /sys is optional for builds.
+        Err(_) if typ == "sysfs" => Ok(()),
+        Err(e) => Err(err(e)),
+    }
+}
+
+/// Bind-mounts the host's basic devices into the container's /dev.
+fn setup_dev(rootfs: &Path) -> Result<(), String> {
+    let dev = rootfs.join("dev");
+    if !dev.is_dir() {
+        return Ok(());
+    }
+    for name in ["null", "zero", "full", "random", "urandom", "tty"] {
+        let target = dev.join(name);
+        mountpoint(&target, true)?;
+        mount(
+            Some(&Path::new("/dev").join(name)),
+            &target,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .map_err(|e| format!("binding /dev/{name}: {e}"))?;
+    }
+    for (link, to) in [
+        ("ptmx", "pts/ptmx"),
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ] {
+        let p = dev.join(link);
+        if fs::symlink_metadata(&p).is_err() {
+            std::os::unix::fs::symlink(to, &p).map_err(|e| format!("/dev/{link}: {e}"))?;
+        }
+    }
+    Ok(())
+}
+
+fn mask(path: &str) {
+    let p = Path::new(path);
+    match fs::metadata(p) {
+        Ok(md) if md.is_dir() => {
+            let _ = mount(
+                Some("tmpfs"),
+                p,
+                Some("tmpfs"),
+                MsFlags::MS_RDONLY,
+                None::<&str>,
+            );
+        }
+        Ok(_) => {
+            let _ = mount(
+                Some("/dev/null"),
+                p,
+                None::<&str>,
+                MsFlags::MS_BIND,
+                None::<&str>,
+            );
+        }
+        Err(_) => {}
+    }
+}
+
+fn readonly(path: &str) {
+    let p = Path::new(path);
+    if p.exists()
+        && mount(
+            Some(p),
+            p,
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None::<&str>,
+        )
+        .is_ok()
+    {
+        let _ = mount(
+            None::<&str>,
+            p,
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_REC,
+            None::<&str>,
+        );
+    }
+}
+
+/// Brings `lo` up in a fresh network namespace.
+fn loopback_up() {
+    // SAFETY: plain socket/ioctl calls on a local struct.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
+        if fd < 0 {
+            return;
+        }
+        let mut req: libc::ifreq = std::mem::zeroed();
+        for (i, b) in b"lo\0".iter().enumerate() {
+            req.ifr_name[i] = *b as libc::c_char;
+        }
+        if libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut req) == 0 {
+            req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+            libc::ioctl(fd, libc::SIOCSIFFLAGS, &req);
+        }
+        libc::close(fd);
+    }
+}
+
+fn init(spec: &Spec, new_net: bool) -> Result<i32, String> {
+    // Die with the helper: then this pid namespace and its mounts go too.
+    // SAFETY: prctl with integer arguments.
+    unsafe {
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+    }
+    let root = spec.root().as_ref().ok_or("spec has no root")?;
+    let rootfs = root.path().clone();
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(|e| format!("making / private: {e}"))?;
+    mount(
+        Some(&rootfs),
+        &rootfs,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(|e| format!("binding the root {}: {e}", rootfs.display()))?;
+    if new_net {
+        loopback_up();
+    }
+    for m in spec.mounts().clone().unwrap_or_default() {
+        do_mount(&rootfs, &m)?;
+    }
+    setup_dev(&rootfs)?;
+    if let Some(h) = spec.hostname() {
+        nix::unistd::sethostname(h).map_err(|e| format!("sethostname: {e}"))?;
+    }
+    std::env::set_current_dir(&rootfs).map_err(|e| format!("chdir {}: {e}", rootfs.display()))?;
+    nix::unistd::pivot_root(".", ".").map_err(|e| format!("pivot_root: {e}"))?;
+    umount2(".", MntFlags::MNT_DETACH).map_err(|e| format!("detaching the old root: {e}"))?;
+    std::env::set_current_dir("/").map_err(|e| format!("chdir /: {e}"))?;
+    if let Some(linux) = spec.linux() {
+        for p in linux.masked_paths().clone().unwrap_or_default() {
+            mask(&p);
+        }
+        for p in linux.readonly_paths().clone().unwrap_or_default() {
+            readonly(&p);
+        }
+    }
+    if root.readonly().unwrap_or(false) {
+        mount(
+            None::<&str>,
+            "/",
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+            None::<&str>,
+        )
+        .map_err(|e| format!("read-only root: {e}"))?;
+    }
+    let process = spec.process().as_ref().ok_or("spec has no process")?;
+    // SAFETY: init is single-threaded (forked from a single-threaded helper).
+    match unsafe { fork() }.map_err(|e| format!("fork: {e}"))? {
+        ForkResult::Child => {
+            let e = exec_process(process);
+            eprintln!("kiln-sandbox: {e}");
+            std::process::exit(EXEC_FAILED);
+        }
+        ForkResult::Parent { child } => {
+            CHILD.store(child.as_raw(), Ordering::SeqCst);
+            // As pid 1: reap every orphan until the process itself exits.
+            loop {
+                match waitpid(Pid::from_raw(-1), None) {
+                    Ok(WaitStatus::Exited(p, c)) if p == child => return Ok(c),
+                    Ok(WaitStatus::Signaled(p, s, _)) if p == child => return Ok(128 + s as i32),
+                    Ok(_) => continue,
+                    Err(nix::errno::Errno::EINTR) => continue,
+                    Err(e) => return Err(format!("wait: {e}")),
+                }
+            }
+        }
+    }
+}
+
+fn to_caps(set: &Option<oci_spec::runtime::Capabilities>) -> caps::CapsHashSet {
+    let mut out = caps::CapsHashSet::new();
+    for c in set.iter().flatten() {
+        if let Ok(s) = serde_json::to_string(c)
+            && let Ok(cap) = caps::Capability::from_str(s.trim_matches('"'))
+        {
+            out.insert(cap);
+        }
+    }
+    out
+}
+
+/// Becomes the container process; returns only on failure.
+fn exec_process(p: &oci_spec::runtime::Process) -> String {
+    let cwd = p.cwd();
+    if let Err(e) = std::env::set_current_dir(cwd) {
+        return format!("chdir {}: {e}", cwd.display());
+    }
+    let user = p.user();
+    let caps_cfg = p.capabilities().clone();
+    if let Some(c) = &caps_cfg {
+        let keep = to_caps(c.bounding());
+        for cap in caps::all() {
+            if !keep.contains(&cap) {
+                let _ = caps::drop(None, caps::CapSet::Bounding, cap);
+            }
+        }
+    }
+    let groups: Vec<Gid> = user
+        .additional_gids()
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .map(Gid::from_raw)
+        .collect();
+    if let Err(e) = nix::unistd::setgroups(&groups) {
+        return format!("setgroups: {e}");
+    }
+    if let Err(e) = nix::unistd::setgid(Gid::from_raw(user.gid())) {
+        return format!("setgid {}: {e}", user.gid());
+    }
+    if let Err(e) = nix::unistd::setuid(Uid::from_raw(user.uid())) {
+        return format!("setuid {}: {e}", user.uid());
+    }
+    if let Some(c) = &caps_cfg
+        && user.uid() == 0
+    {
+        let _ = caps::set(None, caps::CapSet::Inheritable, &to_caps(c.inheritable()));
+        let _ = caps::set(None, caps::CapSet::Effective, &to_caps(c.effective()));
+        let _ = caps::set(None, caps::CapSet::Permitted, &to_caps(c.permitted()));
+    }
+    if p.no_new_privileges().unwrap_or(false) {
+        // SAFETY: prctl with integer arguments.
+        unsafe {
+            libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
+        }
+    }
+    let args = p.args().clone().unwrap_or_default();
+    let Some(first) = args.first() else {
+        return "no command".into();
+    };
+    let env: Vec<String> = p.env().clone().unwrap_or_default();
+    let path_var = env
+        .iter()
+        .find_map(|e| e.strip_prefix("PATH="))
+        .unwrap_or("/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
+    let program = if first.contains('/') {
+        PathBuf::from(first)
+    } else {
+        match path_var
+            .split(':')
+            .map(|d| Path::new(d).join(first))
+            .find(|c| {
+                c.metadata()
+                    .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+            }) {
+            Some(p) => p,
+            None => return format!("exec {first:?}: executable file not found in $PATH"),
+        }
+    };
+    let c = |s: &str| CString::new(s).unwrap_or_default();
+    let prog = c(&program.to_string_lossy());
+    let argv: Vec<CString> = args.iter().map(|a| c(a)).collect();
+    let envp: Vec<CString> = env.iter().map(|e| c(e)).collect();
+    match nix::unistd::execve(&prog, &argv, &envp) {
+        Err(e) => format!("exec {}: {e}", program.display()),
+        Ok(never) => match never {},
+    }
+}

@@ -1,0 +1,526 @@
+//! Exec ops (RUN): a snapshot over the root's chain, the step's mounts, an
+//! OCI spec, and the executor. Mount points the runtime had to create for
+//! its own files (/etc/hosts, /proc, ...) are removed before commit so they
+//! never land in the layer.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use kiln_archive::safe_path::resolve_in_root;
+use kiln_cache::{CacheRecord, SnapshotRecord};
+use kiln_definition::{Digest, Vertex, pb};
+use kiln_executor::{ExtraMount, RunSpec};
+use kiln_solver::{Event, Resolved};
+
+use crate::{Job, Output, Worker, WorkerError, now};
+
+/// A user resolved against the image's /etc/passwd and /etc/group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResolvedUser {
+    pub uid: u32,
+    pub gid: u32,
+    pub groups: Vec<u32>,
+    pub home: String,
+}
+
+fn read_db(root: &Path, file: &str) -> Vec<Vec<String>> {
+    resolve_in_root(root, file, true)
+        .ok()
+        .and_then(|p| fs::read_to_string(p).ok())
+        .map(|t| {
+            t.lines()
+                .filter(|l| !l.starts_with('#'))
+                .map(|l| l.split(':').map(str::to_string).collect())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Resolves `user[:group]` (names or ids) as Docker does.
+pub fn resolve_user(root: &Path, spec: &str) -> Result<ResolvedUser, WorkerError> {
+    let (u, g) = match spec.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (spec, None),
+    };
+    let u = if u.is_empty() { "0" } else { u };
+    let passwd = read_db(root, "/etc/passwd");
+    let group = read_db(root, "/etc/group");
+    let entry = passwd
+        .iter()
+        .find(|f| f.len() >= 7 && (f[0] == u || f[2] == u));
+    let (uid, mut gid, name, home) = match (entry, u.parse::<u32>()) {
+        (Some(f), _) => (
+            f[2].parse().unwrap_or(0),
+            f[3].parse().unwrap_or(0),
+            f[0].clone(),
+            f[5].clone(),
+        ),
+        (None, Ok(id)) => (id, id, String::new(), String::new()),
+        (None, Err(_)) => {
+            return Err(WorkerError::Other(format!(
+                "unable to find user {u}: no matching entries in passwd file"
+            )));
+        }
+    };
+    if let Some(g) = g {
+        gid = match group
+            .iter()
+            .find(|f| f.len() >= 3 && (f[0] == g || f[2] == g))
+        {
+            Some(f) => f[2].parse().unwrap_or(0),
+            None => g.parse().map_err(|_| {
+                WorkerError::Other(format!(
+                    "unable to find group {g}: no matching entries in group file"
+                ))
+            })?,
+        };
+    }
+    // Supplementary groups only when the group was not given explicitly.
+    let mut groups = Vec::new();
+    if g.is_none() && !name.is_empty() {
+        for f in &group {
+            if f.len() >= 4
+                && f[3].split(',').any(|m| m == name)
+                && let Ok(id) = f[2].parse::<u32>()
+                && id != gid
+            {
+                groups.push(id);
+            }
+        }
+    }
+    let home = if home.is_empty() {
+        if uid == 0 { "/root".into() } else { "/".into() }
+    } else {
+        home
+    };
+    Ok(ResolvedUser {
+        uid,
+        gid,
+        groups,
+        home,
+    })
+}
+
+/// Paths created only as mount points, removed after the run.
+struct Scaffolding {
+    created: Vec<PathBuf>,
+}
+
+impl Scaffolding {
+    /// Records which of `paths` (and their parents) do not exist yet.
+    fn note(root: &Path, paths: &[&str]) -> Self {
+        let mut created = Vec::new();
+        for p in paths {
+            let mut cur = String::new();
+            for comp in p.trim_start_matches('/').split('/') {
+                cur.push('/');
+                cur.push_str(comp);
+                if let Ok(full) = resolve_in_root(root, &cur, false)
+                    && fs::symlink_metadata(&full).is_err()
+                    && !created.contains(&full)
+                {
+                    created.push(full);
+                }
+            }
+        }
+        Scaffolding { created }
+    }
+
+    fn remove(self) {
+        // Deepest first.
+        for p in self.created.iter().rev() {
+            match fs::symlink_metadata(p) {
+                Ok(md) if md.is_dir() => {
+                    let _ = fs::remove_dir(p);
+                }
+                Ok(md) if md.len() == 0 => {
+                    let _ = fs::remove_file(p);
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+fn shell_words(args: &[String]) -> String {
+    serde_json::to_string(args).unwrap_or_default()
+}
+
+impl Worker {
+    pub(crate) async fn exec_op(
+        self: Arc<Self>,
+        v: Vertex,
+        e: pb::ExecOp,
+        inputs: Vec<Resolved<Output>>,
+        key: String,
+        job: Arc<Job>,
+    ) -> Result<Output, WorkerError> {
+        let meta = e.meta.clone().unwrap_or_default();
+        let root_mount = e
+            .mounts
+            .iter()
+            .find(|m| m.dest == "/")
+            .ok_or_else(|| WorkerError::Other("exec op has no root mount".into()))?;
+        let base = Self::input_snapshot(&inputs, root_mount.input)?;
+        // Entitlements: the build must ask for them and the daemon must allow them.
+        let net = pb::NetMode::try_from(e.network).unwrap_or(pb::NetMode::NetUnset);
+        if net == pb::NetMode::NetHost && !job.entitlements.contains("network.host") {
+            return Err(WorkerError::Other(
+                "RUN --network=host needs the network.host entitlement: build with `kilnctl build --allow network.host` on a daemon started with `--allow-insecure-entitlement network.host`".into(),
+            ));
+        }
+        let insecure = pb::SecurityMode::try_from(e.security).unwrap_or(pb::SecurityMode::Sandbox)
+            == pb::SecurityMode::Insecure;
+        if insecure && !job.entitlements.contains("security.insecure") {
+            return Err(WorkerError::Other(
+                "RUN --security=insecure needs the security.insecure entitlement: build with `kilnctl build --allow security.insecure` on a daemon started with `--allow-insecure-entitlement security.insecure`".into(),
+            ));
+        }
+        let network_none = match net {
+            pb::NetMode::NetNone => true,
+            pb::NetMode::NetHost => false,
+            pb::NetMode::NetUnset => self.network_none_default,
+        };
+        let chain = match &base {
+            Some(id) => self.chain(id)?,
+            None => Vec::new(),
+        };
+        let active = self.snapshots.prepare(&chain)?;
+        let rootfs = active.path().to_path_buf();
+        let user = resolve_user(&rootfs, &meta.user)?;
+        let mut env = meta.env.clone();
+        if !env.iter().any(|e| e.starts_with("PATH=")) {
+            env.push(format!("PATH={}", kiln_definition::image::DEFAULT_PATH));
+        }
+        if !env.iter().any(|e| e.starts_with("HOME=")) {
+            env.push(format!("HOME={}", user.home));
+        }
+        let cwd = if meta.cwd.is_empty() {
+            "/".to_string()
+        } else {
+            meta.cwd.clone()
+        };
+        let cwd_path = resolve_in_root(&rootfs, &cwd, true)?;
+        if !cwd_path.exists() {
+            fs::create_dir_all(&cwd_path).map_err(|err| {
+                WorkerError::Other(format!("creating working directory {cwd}: {err}"))
+            })?;
+        }
+        let bundle_id = Digest::of(format!("{key}{}", now()).as_bytes()).hex()[..16].to_string();
+        let bundle = self.bundles.join(&bundle_id);
+        let _bundle_guard = DirGuard(bundle.clone());
+        fs::create_dir_all(&bundle)
+            .map_err(|err| WorkerError::Other(format!("{}: {err}", bundle.display())))?;
+        fs::set_permissions(&bundle, fs::Permissions::from_mode(0o700))
+            .map_err(|err| WorkerError::Other(err.to_string()))?;
+        let hosts = bundle.join("hosts");
+        fs::write(
+            &hosts,
+            "127.0.0.1\tlocalhost buildkitsandbox\n::1\tlocalhost ip6-localhost ip6-loopback\n",
+        )
+        .map_err(|err| WorkerError::Other(err.to_string()))?;
+        let resolv = bundle.join("resolv.conf");
+        let host_resolv = fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+        fs::write(
+            &resolv,
+            if network_none {
+                String::new()
+            } else {
+                host_resolv
+            },
+        )
+        .map_err(|err| WorkerError::Other(err.to_string()))?;
+
+        // Extra mounts; views and locks live until the step ends.
+        let mut extra = Vec::new();
+        let mut views = Vec::new();
+        let mut scratch_actives = Vec::new();
+        let mut locks = Vec::new();
+        let mut temp_dirs = Vec::new();
+        let mut dests: Vec<String> = vec![
+            "/etc/hosts".into(),
+            "/etc/resolv.conf".into(),
+            "/proc".into(),
+            "/dev".into(),
+            "/sys".into(),
+        ];
+        for m in e.mounts.iter().filter(|m| m.dest != "/") {
+            let dest = if m.dest.starts_with('/') {
+                m.dest.clone()
+            } else {
+                format!("{}/{}", cwd.trim_end_matches('/'), m.dest)
+            };
+            dests.push(dest.clone());
+            match pb::MountType::try_from(m.r#type).unwrap_or(pb::MountType::Bind) {
+                pb::MountType::Bind => {
+                    let input = inputs.get(m.input.max(0) as usize).filter(|_| m.input >= 0);
+                    let src_root = match input.map(|r| &r.output) {
+                        Some(Output::Snapshot(id)) => {
+                            let ch = self.chain(id)?;
+                            if m.readonly {
+                                let view = self.snapshots.view(&ch)?;
+                                let p = view.path().to_path_buf();
+                                views.push(view);
+                                p
+                            } else {
+                                // Writes to a rw bind are discarded: give it its own throwaway snapshot.
+                                let a = self.snapshots.prepare(&ch)?;
+                                let p = a.path().to_path_buf();
+                                scratch_actives.push(a);
+                                p
+                            }
+                        }
+                        Some(Output::Context(c)) => c.root.clone(),
+                        None => {
+                            let a = self.snapshots.prepare(&[])?;
+                            let p = a.path().to_path_buf();
+                            scratch_actives.push(a);
+                            p
+                        }
+                    };
+                    let source = resolve_in_root(&src_root, &m.selector, true)?;
+                    if !source.exists() {
+                        return Err(WorkerError::Other(format!(
+                            "bind mount source {:?} does not exist",
+                            m.selector
+                        )));
+                    }
+                    extra.push(ExtraMount::Bind {
+                        source,
+                        dest,
+                        readonly: m.readonly,
+                    });
+                }
+                pb::MountType::Cache => {
+                    let id = Digest::of(m.cache_id.as_bytes()).hex()[..24].to_string();
+                    let dir = self.root.join("cache-mounts").join(&id);
+                    let sharing =
+                        pb::CacheSharing::try_from(m.sharing).unwrap_or(pb::CacheSharing::Shared);
+                    let lock = self.cache_mount_lock(&id);
+                    let source = match sharing {
+                        pb::CacheSharing::Locked => {
+                            locks.push(lock.lock_owned().await);
+                            dir.clone()
+                        }
+                        pb::CacheSharing::Private => match lock.try_lock_owned() {
+                            Ok(g) => {
+                                locks.push(g);
+                                dir.clone()
+                            }
+                            Err(_) => {
+                                let t = self
+                                    .root
+                                    .join("cache-mounts")
+                                    .join(format!("{id}-private-{bundle_id}"));
+                                temp_dirs.push(DirGuard(t.clone()));
+                                t
+                            }
+                        },
+                        pb::CacheSharing::Shared => dir.clone(),
+                    };
+                    if !source.exists() {
+                        fs::create_dir_all(&source).map_err(|err| {
+                            WorkerError::Other(format!("cache mount {}: {err}", m.cache_id))
+                        })?;
+                        fs::set_permissions(&source, fs::Permissions::from_mode(m.mode))
+                            .map_err(|err| WorkerError::Other(err.to_string()))?;
+                        nix::unistd::chown(
+                            &source,
+                            Some(nix::unistd::Uid::from_raw(m.uid)),
+                            Some(nix::unistd::Gid::from_raw(m.gid)),
+                        )
+                        .map_err(|err| WorkerError::Other(err.to_string()))?;
+                    }
+                    extra.push(ExtraMount::Bind {
+                        source,
+                        dest,
+                        readonly: m.readonly,
+                    });
+                }
+                pb::MountType::Tmpfs => extra.push(ExtraMount::Tmpfs {
+                    dest,
+                    size: m.tmpfs_size,
+                }),
+                pb::MountType::Secret => {
+                    let value = job
+                        .contexts
+                        .secret(m.secret_id.clone())
+                        .await
+                        .map_err(WorkerError::Other)?;
+                    let Some(value) = value else {
+                        if m.optional {
+                            continue;
+                        }
+                        return Err(WorkerError::Other(format!(
+                            "secret {:?} is required but was not provided (kilnctl build --secret id={},src=FILE)",
+                            m.secret_id, m.secret_id
+                        )));
+                    };
+                    if m.secret_env {
+                        env.push(format!("{}={}", m.dest, String::from_utf8_lossy(&value)));
+                        dests.pop();
+                        continue;
+                    }
+                    let dir = self.secrets_dir.join(&bundle_id);
+                    fs::create_dir_all(&dir).map_err(|err| WorkerError::Other(err.to_string()))?;
+                    fs::set_permissions(&dir, fs::Permissions::from_mode(0o700))
+                        .map_err(|err| WorkerError::Other(err.to_string()))?;
+                    temp_dirs.push(DirGuard(dir.clone()));
+                    let f = dir.join(Digest::of(m.secret_id.as_bytes()).hex());
+                    fs::write(&f, &value).map_err(|err| WorkerError::Other(err.to_string()))?;
+                    fs::set_permissions(&f, fs::Permissions::from_mode(m.mode))
+                        .map_err(|err| WorkerError::Other(err.to_string()))?;
+                    nix::unistd::chown(
+                        &f,
+                        Some(nix::unistd::Uid::from_raw(m.uid)),
+                        Some(nix::unistd::Gid::from_raw(m.gid)),
+                    )
+                    .map_err(|err| WorkerError::Other(err.to_string()))?;
+                    extra.push(ExtraMount::Bind {
+                        source: f,
+                        dest,
+                        readonly: true,
+                    });
+                }
+                pb::MountType::Ssh => {
+                    return Err(WorkerError::Other(
+                        "RUN --mount=type=ssh is not supported by this daemon yet".into(),
+                    ));
+                }
+            }
+        }
+        let dest_refs: Vec<&str> = dests.iter().map(String::as_str).collect();
+        let scaffold = Scaffolding::note(&rootfs, &dest_refs);
+        let run = RunSpec {
+            rootfs: rootfs.clone(),
+            args: meta.args.clone(),
+            env,
+            cwd,
+            uid: user.uid,
+            gid: user.gid,
+            additional_gids: user.groups.clone(),
+            hostname: if meta.hostname.is_empty() {
+                "buildkitsandbox".into()
+            } else {
+                meta.hostname.clone()
+            },
+            mounts: extra,
+            network_none,
+            insecure,
+            hosts_file: hosts,
+            resolv_file: resolv,
+        };
+        let spec = kiln_executor::spec(&run).map_err(|err| WorkerError::Other(err.to_string()))?;
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let progress = job.progress.clone();
+        let vertex = v.digest.clone();
+        let logs = async move {
+            while let Some((stream, data)) = rx.recv().await {
+                progress.event(Event::Log {
+                    vertex: vertex.clone(),
+                    stream,
+                    data,
+                });
+            }
+        };
+        let (exit, ()) = tokio::join!(self.executor.run(&bundle, &bundle_id, &spec, tx), logs);
+        drop(views);
+        drop(scratch_actives);
+        drop(locks);
+        drop(temp_dirs);
+        let exit = exit.map_err(|err| WorkerError::Other(err.to_string()))?;
+        scaffold.remove();
+        if exit.code != 0 {
+            let mut msg = format!(
+                "process {} did not complete successfully: exit code: {}",
+                shell_words(&meta.args),
+                exit.code
+            );
+            if exit.code == kiln_executor::SETUP_FAILED || exit.code == kiln_executor::EXEC_FAILED {
+                if let Some(l) = exit
+                    .tail
+                    .iter()
+                    .rev()
+                    .find(|l| l.starts_with("kiln-sandbox:"))
+                {
+                    msg.push_str(&format!(" ({})", l.trim_start_matches("kiln-sandbox: ")));
+                }
+            }
+            if !exit.tail.is_empty() {
+                msg.push_str("\n--- last output lines ---\n");
+                msg.push_str(&exit.tail.join("\n"));
+            }
+            return Err(WorkerError::Other(msg));
+        }
+        // Unmount and record: quick, so done here rather than on the blocking pool.
+        let id = active.commit()?;
+        let t = now();
+        let name = v.name().to_string();
+        let rec = SnapshotRecord {
+            parent: base,
+            created: t,
+            size: self.snapshots.disk_usage(&id),
+            description: name.clone(),
+            layers: vec![],
+        };
+        let cache = CacheRecord {
+            snapshot: id.clone(),
+            description: name,
+            created: t,
+            last_used: t,
+            usage_count: 1,
+        };
+        if let Err(err) = self.meta.add_snapshot(&id, &rec, Some((&key, &cache))) {
+            let _ = self.snapshots.remove(&id);
+            return Err(err.into());
+        }
+        Ok(Output::Snapshot(id))
+    }
+}
+
+/// Removes a directory when dropped.
+struct DirGuard(PathBuf);
+impl Drop for DirGuard {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn users_from_passwd() {
+        let d = tempfile::tempdir().unwrap();
+        fs::create_dir_all(d.path().join("etc")).unwrap();
+        fs::write(
+            d.path().join("etc/passwd"),
+            "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000::/home/app:/bin/sh\n",
+        )
+        .unwrap();
+        fs::write(
+            d.path().join("etc/group"),
+            "root:x:0:\napp:x:1000:\nwheel:x:10:app\n",
+        )
+        .unwrap();
+        let r = resolve_user(d.path(), "").unwrap();
+        assert_eq!((r.uid, r.gid, r.home.as_str()), (0, 0, "/root"));
+        let a = resolve_user(d.path(), "app").unwrap();
+        assert_eq!(
+            (a.uid, a.gid, a.groups.clone(), a.home.as_str()),
+            (1000, 1000, vec![10], "/home/app")
+        );
+        let b = resolve_user(d.path(), "app:wheel").unwrap();
+        assert_eq!((b.uid, b.gid), (1000, 10));
+        assert_eq!(resolve_user(d.path(), "4242").unwrap().uid, 4242);
+        assert!(
+            resolve_user(d.path(), "nobody")
+                .unwrap_err()
+                .to_string()
+                .contains("unable to find user nobody")
+        );
+    }
+}
