@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
-for pkg_cmd in umoci:umoci skopeo:skopeo oci-image-tool:oci-image-tool tar:tar; do
+for pkg_cmd in umoci:umoci skopeo:skopeo oci-image-tool:oci-image-tool tar:tar busybox-static:busybox runc:runc; do
   pkg=${pkg_cmd%%:*} cmd=${pkg_cmd##*:}
   command -v "$cmd" >/dev/null 2>&1 || need+=("$pkg")
 done

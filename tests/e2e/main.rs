@@ -3,3 +3,4 @@
 mod builds;
 mod errors;
 mod lifecycle;
+mod run;

@@ -45,19 +45,30 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start() -> Daemon {
+        Self::start_with(&[])
+    }
+
+    /// Starts a daemon with extra flags (e.g. `--oci-runtime runc`).
+    pub fn start_with(extra: &[&str]) -> Daemon {
         let dir = tempfile::tempdir().expect("tempdir");
         let root = dir.path().join("state");
         let sock = dir.path().join("kilnd.sock");
-        Self::start_at(dir, root, sock)
+        Self::start_at(dir, root, sock, extra)
     }
 
-    pub fn start_at(dir: tempfile::TempDir, root: PathBuf, sock: PathBuf) -> Daemon {
+    pub fn start_at(
+        dir: tempfile::TempDir,
+        root: PathBuf,
+        sock: PathBuf,
+        extra: &[&str],
+    ) -> Daemon {
         let addr = format!("unix://{}", sock.display());
         let log = std::fs::File::create(dir.path().join("kilnd.log")).expect("log file");
         let child = Command::new(bin("kilnd"))
             .args(["--addr", &addr, "--root"])
             .arg(&root)
-            .arg("--log-level=debug")
+            .arg("--log-level=info,kiln_daemon=debug,kiln_worker=debug")
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -189,4 +200,56 @@ pub fn raw_events(stdout: &[u8]) -> Vec<serde_json::Value> {
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect()
+}
+
+/// The runtimes every execution test runs against: the built-in sandbox and runc.
+pub fn runtimes() -> Vec<(&'static str, Vec<&'static str>)> {
+    vec![("sandbox", vec![]), ("runc", vec!["--oci-runtime", "runc"])]
+}
+
+/// The repository's testdata directory.
+pub fn testdata() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../testdata")
+}
+
+/// A context holding Debian's static busybox and a Dockerfile that starts
+/// with testdata/busybox (a stage named `busybox`) followed by `rest`.
+pub fn busybox_context(rest: &str, files: &[(&str, &str)]) -> tempfile::TempDir {
+    let ctx = tempfile::tempdir().expect("tempdir");
+    let bb = Path::new("/bin/busybox");
+    assert!(
+        bb.exists(),
+        "/bin/busybox is missing: install Debian's busybox-static (scripts/test.sh does)"
+    );
+    std::fs::copy(bb, ctx.path().join("busybox")).expect("copy busybox");
+    let base = std::fs::read_to_string(testdata().join("busybox/Dockerfile"))
+        .expect("testdata/busybox/Dockerfile");
+    std::fs::write(ctx.path().join("Dockerfile"), format!("{base}\n{rest}")).expect("Dockerfile");
+    write_tree(ctx.path(), files);
+    ctx
+}
+
+/// Line number (1-based) in the generated Dockerfile where `rest` starts.
+pub fn busybox_lines() -> usize {
+    // The recipe, then one blank line, then `rest`.
+    std::fs::read_to_string(testdata().join("busybox/Dockerfile"))
+        .expect("testdata")
+        .lines()
+        .count()
+        + 2
+}
+
+/// Processes whose command line mentions `needle`.
+pub fn processes_matching(needle: &str) -> usize {
+    let mut n = 0;
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        if let Ok(c) = std::fs::read(e.path().join("cmdline"))
+            && String::from_utf8_lossy(&c)
+                .replace('\0', " ")
+                .contains(needle)
+        {
+            n += 1;
+        }
+    }
+    n
 }

@@ -31,8 +31,8 @@ pub enum EngineError {
     Export(String),
     #[error("{0}")]
     Storage(String),
-    #[error("the build was cancelled")]
-    Cancelled,
+    #[error("the build was cancelled: {0}")]
+    Cancelled(String),
 }
 
 pub struct Engine {
@@ -123,9 +123,17 @@ impl Engine {
 
     pub async fn solve(&self, req: SolveRequest) -> Result<SolveResponse, EngineError> {
         let progress = self.jobs.get(&req.r#ref);
-        let r = tokio::select! {
-            r = self.solve_inner(&req, progress.clone()) => r,
-            _ = self.shutdown.cancelled() => Err(EngineError::Cancelled),
+        let r = match self.sessions.get(&req.session).await {
+            None => Err(EngineError::InvalidArgument(format!(
+                "no client session {:?} is attached",
+                req.session
+            ))),
+            // Dropping the build future stops its steps and releases its snapshots.
+            Some(session) => tokio::select! {
+                r = self.solve_inner(&req, progress.clone(), session.clone()) => r,
+                _ = self.shutdown.cancelled() => Err(EngineError::Cancelled("the daemon is shutting down".into())),
+                _ = session.closed.cancelled() => Err(EngineError::Cancelled("the client disconnected".into())),
+            },
         };
         progress.close();
         self.jobs.remove(&req.r#ref);
@@ -136,6 +144,7 @@ impl Engine {
         &self,
         req: &SolveRequest,
         progress: Arc<JobProgress>,
+        session: Arc<Session>,
     ) -> Result<SolveResponse, EngineError> {
         let _guard = self.gc.read().await;
         if req.frontend != "dockerfile.v0" && !req.frontend.is_empty() {
@@ -151,9 +160,6 @@ impl Engine {
                 )));
             }
         }
-        let session = self.sessions.get(&req.session).await.ok_or_else(|| {
-            EngineError::InvalidArgument(format!("no client session {:?} is attached", req.session))
-        })?;
         let attrs = &req.frontend_attrs;
         let dockerfile = req.frontend_inputs.get("dockerfile").ok_or_else(|| {
             EngineError::InvalidArgument("the request carries no Dockerfile".into())

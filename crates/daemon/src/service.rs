@@ -24,8 +24,8 @@ impl From<EngineError> for Status {
             EngineError::Build(m) => Status::failed_precondition(m),
             EngineError::Export(m) => Status::aborted(format!("export failed: {m}")),
             EngineError::Storage(m) => Status::internal(m),
-            EngineError::Cancelled => {
-                Status::cancelled("the build was cancelled (daemon shutting down)")
+            EngineError::Cancelled(why) => {
+                Status::cancelled(format!("the build was cancelled: {why}"))
             }
         }
     }

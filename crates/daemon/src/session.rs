@@ -20,6 +20,8 @@ pub struct Session {
     tx: Outbound,
     waiters: Mutex<HashMap<u64, mpsc::UnboundedSender<CMsg>>>,
     next: AtomicU64,
+    /// Cancelled when the client's stream ends: its builds stop.
+    pub closed: tokio_util::sync::CancellationToken,
 }
 
 const CHUNK: usize = 1 << 20;
@@ -295,6 +297,7 @@ impl Sessions {
             tx,
             waiters: Mutex::new(HashMap::new()),
             next: AtomicU64::new(0),
+            closed: tokio_util::sync::CancellationToken::new(),
         });
         self.map
             .lock()
@@ -313,6 +316,7 @@ impl Sessions {
         {
             // Wake everyone waiting on this session: their channels close.
             s.waiters.lock().unwrap_or_else(|p| p.into_inner()).clear();
+            s.closed.cancel();
         }
     }
 

@@ -379,12 +379,17 @@ async fn drive(
 ) -> Result<Exit, ExecError> {
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    let mut child = cmd.spawn().map_err(|e| ExecError::Start {
+        .stderr(Stdio::piped());
+    let child = cmd.spawn().map_err(|e| ExecError::Start {
         runtime: runtime.clone(),
         reason: e.to_string(),
     })?;
+    // If this future is dropped (build cancelled), the guard stops the step.
+    let mut guard = StopOnDrop(Some(child));
+    let child = guard
+        .0
+        .as_mut()
+        .ok_or_else(|| ExecError::Io("child vanished".into()))?;
     let mut so = child
         .stdout
         .take()
@@ -425,11 +430,51 @@ async fn drive(
         .wait()
         .await
         .map_err(|e| ExecError::Io(e.to_string()))?;
+    guard.0 = None;
     let code = status.code().unwrap_or(137);
     Ok(Exit {
         code,
         tail: tail.into_iter().collect(),
     })
+}
+
+/// How long a cancelled step gets between SIGTERM and SIGKILL.
+pub const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Stops a still-running step when dropped: SIGTERM (the helper forwards it
+/// to the process), then SIGKILL after [`STOP_GRACE`]. The helper's death
+/// takes the container's pid namespace, and with it every process, along.
+struct StopOnDrop(Option<tokio::process::Child>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        let Some(mut child) = self.0.take() else {
+            return;
+        };
+        if let Some(pid) = child.id() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+        // The thread owns the child, so its pid cannot be reused before it is reaped.
+        std::thread::spawn(move || {
+            let deadline = std::time::Instant::now() + STOP_GRACE;
+            while std::time::Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            let _ = child.start_kill();
+            for _ in 0..200 {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+        });
+    }
 }
 
 fn write_spec(bundle: &Path, spec: &Spec) -> Result<(), ExecError> {

@@ -115,6 +115,7 @@ pub trait Worker: Send + Sync + 'static {
 }
 
 type SharedResult<O> = Shared<BoxFuture<'static, Result<O, SolveError>>>;
+type WeakResult<O> = futures::future::WeakShared<BoxFuture<'static, Result<O, SolveError>>>;
 /// A source's output, a key for its content, and whether it was unchanged.
 pub type SourceResult<O> = Result<(O, String, bool), SolveError>;
 
@@ -123,7 +124,8 @@ pub struct Solver<W: Worker> {
     limit: Arc<Semaphore>,
     /// Executions in flight across all builds, by cache key, so identical
     /// work in concurrent builds runs once.
-    inflight: Arc<Mutex<HashMap<String, SharedResult<W::Output>>>>,
+    /// Weak, so an execution nobody awaits any more is dropped (cancelled).
+    inflight: Arc<Mutex<HashMap<String, WeakResult<W::Output>>>>,
 }
 
 impl<W: Worker> Clone for Solver<W> {
@@ -269,8 +271,8 @@ impl<W: Worker> Solver<W> {
                 .inflight
                 .lock()
                 .map_err(|_| SolveError::new("solver state poisoned"))?;
-            match map.get(&key) {
-                Some(f) => f.clone(),
+            match map.get(&key).and_then(|w| w.upgrade()) {
+                Some(f) => f,
                 None => {
                     let worker = self.worker.clone();
                     let limit = self.limit.clone();
@@ -292,7 +294,9 @@ impl<W: Worker> Solver<W> {
                     }
                     .boxed()
                     .shared();
-                    map.insert(key.clone(), f.clone());
+                    if let Some(w) = f.downgrade() {
+                        map.insert(key.clone(), w);
+                    }
                     f
                 }
             }

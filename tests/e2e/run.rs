@@ -1,0 +1,393 @@
+//! RUN steps, against the built-in sandbox and runc alike: files, users,
+//! mounts, secrets, isolation, parallel stages, failures and leaks.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use kiln_e2e::{
+    Daemon, bin, busybox_context, busybox_lines, mounts_under, processes_matching, raw_events,
+    require_root, runtimes, tool,
+};
+
+fn oci(d: &Daemon, ctx: &Path, out: &Path, extra: &[&str]) -> std::path::PathBuf {
+    let tar = out.join("img.tar");
+    let mut args = vec![
+        "build",
+        ctx.to_str().unwrap(),
+        "-t",
+        "t:latest",
+        "--progress",
+        "plain",
+    ];
+    let o = format!("type=oci,dest={}", tar.display());
+    args.extend_from_slice(&["-o", &o]);
+    args.extend_from_slice(extra);
+    d.ok(&args);
+    let layout = out.join("layout");
+    std::fs::create_dir_all(&layout).unwrap();
+    tool(
+        "tar",
+        &["-xf", tar.to_str().unwrap(), "-C", layout.to_str().unwrap()],
+    );
+    let bundle = out.join("bundle");
+    tool(
+        "umoci",
+        &[
+            "unpack",
+            "--image",
+            &format!("{}:latest", layout.display()),
+            bundle.to_str().unwrap(),
+        ],
+    );
+    bundle.join("rootfs")
+}
+
+const FILES_AND_USERS: &str = r#"
+FROM busybox
+ENV GREETING=hello
+RUN echo "$GREETING" > /created && echo v1 > /modified && echo gone > /deleted && mkdir -p /dir/sub && echo x > /dir/sub/f
+RUN echo v2 > /modified && rm /deleted && rm -r /dir/sub
+RUN echo 'app:x:1234:1234::/home/app:/bin/sh' >> /etc/passwd && echo 'app:x:1234:' >> /etc/group && echo 'extra:x:4321:app' >> /etc/group && mkdir -p /home/app && chown 1234:1234 /home/app
+USER app
+WORKDIR /home/app/work
+RUN id > ids && echo "$HOME" > home && pwd > cwd && touch mine
+USER root
+RUN stat -c '%u:%g' /home/app/work/mine > /owner
+"#;
+
+#[test]
+fn files_users_workdir_env() {
+    require_root!();
+    for (name, flags) in runtimes() {
+        let d = Daemon::start_with(&flags);
+        let ctx = busybox_context(FILES_AND_USERS, &[]);
+        let out = tempfile::tempdir().unwrap();
+        let rootfs = oci(&d, ctx.path(), out.path(), &[]);
+        let read = |p: &str| {
+            std::fs::read_to_string(rootfs.join(p)).unwrap_or_else(|e| panic!("[{name}] {p}: {e}"))
+        };
+        assert_eq!(read("created"), "hello\n", "[{name}]");
+        assert_eq!(read("modified"), "v2\n", "[{name}]");
+        assert!(
+            !rootfs.join("deleted").exists(),
+            "[{name}] whiteout must delete /deleted"
+        );
+        assert!(
+            rootfs.join("dir").is_dir() && !rootfs.join("dir/sub").exists(),
+            "[{name}]"
+        );
+        let ids = read("home/app/work/ids");
+        assert!(
+            ids.contains("uid=1234(app)") && ids.contains("4321(extra)"),
+            "[{name}] {ids}"
+        );
+        assert_eq!(read("home/app/work/home"), "/home/app\n", "[{name}]");
+        assert_eq!(read("home/app/work/cwd"), "/home/app/work\n", "[{name}]");
+        assert_eq!(read("owner"), "1234:1234\n", "[{name}]");
+        // Runtime scaffolding never lands in the image.
+        for p in ["proc", "sys", "dev", "etc/hosts", "etc/resolv.conf"] {
+            assert!(
+                !rootfs.join(p).exists(),
+                "[{name}] /{p} leaked into the image"
+            );
+        }
+    }
+}
+
+#[test]
+fn cache_mounts_persist_and_stay_out_of_layers() {
+    require_root!();
+    for (name, flags) in runtimes() {
+        let d = Daemon::start_with(&flags);
+        let ctx = busybox_context(
+            "FROM busybox\nRUN --mount=type=cache,target=/var/cache/app,id=app-cache echo run >> /var/cache/app/log && cp /var/cache/app/log /seen\nRUN --mount=type=tmpfs,target=/scratch,size=1m echo t > /scratch/x && test -f /scratch/x\n",
+            &[],
+        );
+        let out = tempfile::tempdir().unwrap();
+        let o1 = tempfile::tempdir().unwrap();
+        let r1 = oci(&d, ctx.path(), o1.path(), &[]);
+        assert_eq!(
+            std::fs::read_to_string(r1.join("seen")).unwrap(),
+            "run\n",
+            "[{name}]"
+        );
+        let r2 = oci(&d, ctx.path(), out.path(), &["--no-cache"]);
+        assert_eq!(
+            std::fs::read_to_string(r2.join("seen")).unwrap(),
+            "run\nrun\n",
+            "[{name}] the cache mount persists between builds"
+        );
+        assert!(
+            !r2.join("var/cache/app/log").exists(),
+            "[{name}] cache content must not be in the layer"
+        );
+        assert!(!r2.join("scratch").exists(), "[{name}]");
+    }
+}
+
+#[test]
+fn secrets_reach_the_step_and_nothing_else() {
+    require_root!();
+    let value = "s3cr3t-value-9f2c";
+    for (name, flags) in runtimes() {
+        let d = Daemon::start_with(&flags);
+        // The Dockerfile names only the secret's hash, so any copy of the value is a leak.
+        let sum = tool(
+            "sh",
+            &["-c", &format!("printf %s {value} | sha256sum | cut -c1-64")],
+        )
+        .trim()
+        .to_string();
+        let ctx = busybox_context(
+            &format!(
+                "FROM busybox\nRUN --mount=type=secret,id=tok test \"$(sha256sum < /run/secrets/tok | cut -c1-64)\" = {sum} && echo ok > /file-ok\nRUN --mount=type=secret,id=tok,env=TOKEN test \"$(printf %s \"$TOKEN\" | sha256sum | cut -c1-64)\" = {sum} && echo ok > /env-ok\n"
+            ),
+            &[],
+        );
+        let secret = ctx.path().join("secret.txt");
+        std::fs::write(&secret, value).unwrap();
+        std::fs::write(ctx.path().join(".dockerignore"), "secret.txt\n").unwrap();
+        let out = tempfile::tempdir().unwrap();
+        let rootfs = oci(
+            &d,
+            ctx.path(),
+            out.path(),
+            &["--secret", &format!("id=tok,src={}", secret.display())],
+        );
+        assert!(
+            rootfs.join("file-ok").exists() && rootfs.join("env-ok").exists(),
+            "[{name}]"
+        );
+        assert!(
+            !rootfs.join("run/secrets").exists(),
+            "[{name}] the secret mount point leaked"
+        );
+        // Not in any layer, config, the state dir or the daemon's log.
+        let grep = Command::new("grep")
+            .args(["-r", "-l", "-a", value])
+            .arg(out.path().join("layout"))
+            .arg(&d.root)
+            .output()
+            .unwrap();
+        assert!(
+            grep.stdout.is_empty(),
+            "[{name}] secret found in: {}",
+            String::from_utf8_lossy(&grep.stdout)
+        );
+        for blob in std::fs::read_dir(out.path().join("layout/blobs/sha256")).unwrap() {
+            let p = blob.unwrap().path();
+            let z = Command::new("sh")
+                .arg("-c")
+                .arg(format!(
+                    "zcat -f {} | grep -c -a {value} || true",
+                    p.display()
+                ))
+                .output()
+                .unwrap();
+            assert_eq!(
+                String::from_utf8_lossy(&z.stdout).trim(),
+                "0",
+                "[{name}] secret in blob {}",
+                p.display()
+            );
+        }
+        assert!(
+            !d.log().contains(value),
+            "[{name}] secret in the daemon log"
+        );
+        // A required secret that is not given fails clearly.
+        let ctx2 = busybox_context(
+            "FROM busybox\nRUN --mount=type=secret,id=missing,required=true true\n",
+            &[],
+        );
+        let e = d.fails(&["build", ctx2.path().to_str().unwrap()]);
+        assert!(e.contains("secret \"missing\" is required"), "[{name}] {e}");
+    }
+}
+
+#[test]
+fn steps_cannot_touch_the_host() {
+    require_root!();
+    let marker = format!("kiln-escape-{}", std::process::id());
+    for (name, flags) in runtimes() {
+        let d = Daemon::start_with(&flags);
+        let rest = format!(
+            r#"
+FROM busybox
+RUN echo pwned > /proc/1/root/tmp/{marker} ; true
+RUN ! mount -t tmpfs none /mnt 2>/dev/null
+RUN ! mount -o remount,rw /proc/sys 2>/dev/null
+RUN ! echo 1 > /proc/sysrq-trigger 2>/dev/null
+RUN test "$(ls /proc | grep -c '^[0-9][0-9]*$')" -le 6
+RUN test "$(cat /proc/kcore 2>/dev/null | wc -c)" -eq 0
+RUN --network=none test "$(grep -c : /proc/net/dev)" -eq 1
+"#
+        );
+        let ctx = busybox_context(&rest, &[]);
+        let out = tempfile::tempdir().unwrap();
+        d.ok(&[
+            "build",
+            ctx.path().to_str().unwrap(),
+            "--progress",
+            "plain",
+            "-o",
+            out.path().join("fs").to_str().unwrap(),
+        ]);
+        assert!(
+            !Path::new("/tmp").join(&marker).exists(),
+            "[{name}] a step wrote to the host's /tmp"
+        );
+        // Privileged modes need the entitlement on both sides.
+        let ctx = busybox_context("FROM busybox\nRUN --network=host true\n", &[]);
+        let e = d.fails(&["build", ctx.path().to_str().unwrap()]);
+        assert!(e.contains("network.host"), "[{name}] {e}");
+        let e = d.fails(&[
+            "build",
+            ctx.path().to_str().unwrap(),
+            "--allow",
+            "network.host",
+        ]);
+        assert!(e.contains("not allowed by this daemon"), "[{name}] {e}");
+    }
+    // With the daemon's consent, it works.
+    let d = Daemon::start_with(&["--allow-insecure-entitlement", "network.host"]);
+    let ctx = busybox_context("FROM busybox\nRUN --network=host true\n", &[]);
+    d.ok(&[
+        "build",
+        ctx.path().to_str().unwrap(),
+        "--allow",
+        "network.host",
+    ]);
+}
+
+#[test]
+fn failures_name_the_line_and_the_cause() {
+    require_root!();
+    let base = busybox_lines();
+    for (name, flags) in runtimes() {
+        let d = Daemon::start_with(&flags);
+        let ctx = busybox_context(
+            "FROM busybox\nRUN echo one && echo two >&2 && exit 3\n",
+            &[],
+        );
+        let e = d.fails(&["build", ctx.path().to_str().unwrap()]);
+        assert!(
+            e.contains(&format!("Dockerfile:{}", base + 1)),
+            "[{name}] {e}"
+        );
+        assert!(
+            e.contains("exit code: 3") && e.contains("one") && e.contains("two"),
+            "[{name}] {e}"
+        );
+        let ctx = busybox_context("FROM busybox\nUSER nobody-here\nRUN true\n", &[]);
+        let e = d.fails(&["build", ctx.path().to_str().unwrap()]);
+        assert!(
+            e.contains("unable to find user nobody-here"),
+            "[{name}] {e}"
+        );
+        let ctx = busybox_context("FROM scratch\nRUN true\n", &[]);
+        let e = d.fails(&["build", ctx.path().to_str().unwrap()]);
+        assert!(e.contains("/bin/sh"), "[{name}] missing shell: {e}");
+    }
+}
+
+#[test]
+fn independent_stages_run_at_the_same_time() {
+    require_root!();
+    let d = Daemon::start();
+    let ctx = busybox_context(
+        "FROM busybox AS a\nRUN sleep 2 && echo a > /a\nFROM busybox AS b\nRUN sleep 2 && echo b > /b\nFROM busybox AS c\nRUN sleep 2 && echo c > /c\nFROM busybox\nCOPY --from=a /a /a\nCOPY --from=b /b /b\nCOPY --from=c /c /c\n",
+        &[],
+    );
+    let o = d.ok(&[
+        "build",
+        ctx.path().to_str().unwrap(),
+        "--progress",
+        "rawjson",
+    ]);
+    let ev = raw_events(&o.stdout);
+    let spans: Vec<(i64, i64)> = ev
+        .iter()
+        .filter(|e| {
+            e["name"].as_str().is_some_and(|n| n.contains("sleep 2")) && e["completed"].is_number()
+        })
+        .map(|e| {
+            (
+                e["started"].as_i64().unwrap(),
+                e["completed"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(spans.len(), 3, "{ev:?}");
+    // Every pair of the three sleeps overlaps in time.
+    for i in 0..3 {
+        for j in i + 1..3 {
+            assert!(
+                spans[i].0 < spans[j].1 && spans[j].0 < spans[i].1,
+                "stages {i} and {j} did not overlap: {spans:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn no_leaks_after_many_builds_failures_and_cancels() {
+    require_root!();
+    let d = Daemon::start();
+    let ok = busybox_context("FROM busybox\nARG N\nRUN echo $N > /n\n", &[]);
+    let bad = busybox_context("FROM busybox\nRUN exit 1\n", &[]);
+    for i in 0..15 {
+        d.ok(&[
+            "build",
+            ok.path().to_str().unwrap(),
+            "--build-arg",
+            &format!("N={i}"),
+        ]);
+        d.fails(&["build", bad.path().to_str().unwrap()]);
+    }
+    // A client that goes away mid-step: its process is stopped.
+    let slow = busybox_context("FROM busybox\nRUN sleep 123\n", &[]);
+    let mut child = Command::new(bin("kilnctl"))
+        .args(["--addr", &d.addr, "build", slow.path().to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while processes_matching("sleep 123") == 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        processes_matching("sleep 123") > 0,
+        "the step never started"
+    );
+    child.kill().unwrap();
+    let _ = child.wait();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while processes_matching("sleep 123") > 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        processes_matching("sleep 123"),
+        0,
+        "the cancelled step kept running"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        mounts_under(&d.root).is_empty(),
+        "mounts left: {:?}",
+        mounts_under(&d.root)
+    );
+    assert_eq!(
+        processes_matching("__kiln-sandbox-init"),
+        0,
+        "sandbox helpers left running"
+    );
+    let active: Vec<_> = std::fs::read_dir(d.root.join("snapshots"))
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| e.path().join("active").exists())
+        .collect();
+    assert!(active.is_empty(), "uncommitted snapshots left: {active:?}");
+}
