@@ -6,9 +6,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
-for pkg_cmd in umoci:umoci skopeo:skopeo oci-image-tool:oci-image-tool tar:tar busybox-static:busybox runc:runc; do
-  pkg=${pkg_cmd%%:*} cmd=${pkg_cmd##*:}
-  command -v "$cmd" >/dev/null 2>&1 || need+=("$pkg")
+for pkg in umoci skopeo oci-image-tool tar runc busybox-static; do
+  # busybox-static specifically: FROM scratch steps need a static binary.
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"

@@ -438,15 +438,15 @@ impl Worker {
                 shell_words(&meta.args),
                 exit.code
             );
-            if exit.code == kiln_executor::SETUP_FAILED || exit.code == kiln_executor::EXEC_FAILED {
-                if let Some(l) = exit
-                    .tail
-                    .iter()
-                    .rev()
-                    .find(|l| l.starts_with("kiln-sandbox:"))
-                {
-                    msg.push_str(&format!(" ({})", l.trim_start_matches("kiln-sandbox: ")));
-                }
+            let helper_line = exit
+                .tail
+                .iter()
+                .rev()
+                .find(|l| l.starts_with("kiln-sandbox:"));
+            if (exit.code == kiln_executor::SETUP_FAILED || exit.code == kiln_executor::EXEC_FAILED)
+                && let Some(l) = helper_line
+            {
+                msg.push_str(&format!(" ({})", l.trim_start_matches("kiln-sandbox: ")));
             }
             if !exit.tail.is_empty() {
                 msg.push_str("\n--- last output lines ---\n");
