@@ -95,6 +95,31 @@ impl Daemon {
         panic!("kilnd did not start; log:\n{}", self.log());
     }
 
+    /// Processes the daemon started that are still running (e.g. sandbox helpers).
+    pub fn children(&self) -> Vec<String> {
+        let Some(pid) = self.child.as_ref().map(|c| c.id()) else {
+            return vec![];
+        };
+        let mut out = Vec::new();
+        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+                continue;
+            };
+            // Fields after the parenthesised command: state, ppid, ...
+            let after = stat.rsplit_once(')').map(|x| x.1).unwrap_or("");
+            let ppid: u32 = after
+                .split_whitespace()
+                .nth(1)
+                .and_then(|p| p.parse().ok())
+                .unwrap_or(0);
+            if ppid == pid {
+                let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+                out.push(String::from_utf8_lossy(&cmd).replace('\0', " "));
+            }
+        }
+        out
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("kilnd.log")).unwrap_or_default()
     }
