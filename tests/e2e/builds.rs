@@ -328,6 +328,44 @@ fn every_output_type() {
         listing.lines().any(|l| l == "srv/demo/app.conf"),
         "{listing}"
     );
+    // type=docker: what `docker load` / `podman load` read; checked with skopeo's docker-archive transport.
+    let dtar = o.join("docker.tar");
+    d.ok(&[
+        "build",
+        c,
+        "-t",
+        "demo:v2",
+        "-o",
+        &format!("type=docker,dest={}", dtar.display()),
+    ]);
+    let cfg: serde_json::Value = serde_json::from_str(&tool(
+        "skopeo",
+        &[
+            "inspect",
+            "--config",
+            &format!("docker-archive:{}", dtar.display()),
+        ],
+    ))
+    .unwrap();
+    assert_eq!(cfg["config"]["WorkingDir"], "/srv/demo");
+    let manifest: serde_json::Value = serde_json::from_str(&tool(
+        "tar",
+        &["-xOf", dtar.to_str().unwrap(), "manifest.json"],
+    ))
+    .unwrap();
+    assert_eq!(
+        manifest[0]["RepoTags"],
+        serde_json::json!(["demo:v2"]),
+        "{manifest}"
+    );
+    tool(
+        "skopeo",
+        &[
+            "copy",
+            &format!("docker-archive:{}", dtar.display()),
+            &format!("dir:{}", o.join("copied").display()),
+        ],
+    );
     // A bare path means type=local; --target stops at a stage.
     d.ok(&[
         "build",

@@ -315,18 +315,25 @@ impl Engine {
                 written.map_err(EngineError::Export)?;
                 acked.map_err(|e| EngineError::Export(format!("writing {dest}: {e}")))?;
             }
-            "oci" => {
+            "oci" | "docker" => {
+                let docker = exp.r#type == "docker";
                 if dest.is_empty() {
-                    return Err(EngineError::InvalidArgument(
-                        "output type=oci needs dest=PATH".into(),
-                    ));
+                    return Err(EngineError::InvalidArgument(format!(
+                        "output type={} needs dest=PATH",
+                        exp.r#type
+                    )));
                 }
-                let as_tar = bool_attr(attrs.get("tar"), true)?;
-                let oci_mediatypes = bool_attr(attrs.get("oci-mediatypes"), true)?;
-                let compression = attrs
-                    .get("compression")
-                    .cloned()
-                    .unwrap_or_else(|| "gzip".into());
+                let as_tar = docker || bool_attr(attrs.get("tar"), true)?;
+                let oci_mediatypes = bool_attr(attrs.get("oci-mediatypes"), !docker)?;
+                // `docker load` reads plain layer tars.
+                let compression = if docker {
+                    "uncompressed".to_string()
+                } else {
+                    attrs
+                        .get("compression")
+                        .cloned()
+                        .unwrap_or_else(|| "gzip".into())
+                };
                 if !matches!(compression.as_str(), "gzip" | "zstd" | "uncompressed") {
                     return Err(EngineError::InvalidArgument(format!(
                         "unknown compression {compression:?} (gzip, zstd, uncompressed)"
@@ -391,7 +398,12 @@ impl Engine {
                 let img = built.clone();
                 let names2 = names.clone();
                 let written = tokio::task::spawn_blocking(move || -> Result<(), String> {
-                    let mut w = kiln_exporter::write_oci_layout(
+                    let write = if docker {
+                        kiln_exporter::write_docker_archive
+                    } else {
+                        kiln_exporter::write_oci_layout
+                    };
+                    let mut w = write(
                         &mut writer,
                         &img,
                         &names2,
@@ -424,7 +436,7 @@ impl Engine {
             }
             other => {
                 return Err(EngineError::InvalidArgument(format!(
-                    "output type {other:?} is not supported by this daemon (supported: oci, local, tar)"
+                    "output type {other:?} is not supported by this daemon (supported: oci, docker, local, tar)"
                 )));
             }
         }

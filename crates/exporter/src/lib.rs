@@ -298,6 +298,70 @@ pub fn write_oci_layout<W: Write>(
     Ok(b.into_inner()?)
 }
 
+/// Writes a `docker save`-style archive (manifest.json, config, one
+/// `<digest>/layer.tar` per layer) that `docker load` and `podman load`
+/// accept. `img` must have been built with uncompressed layers.
+pub fn write_docker_archive<W: Write>(
+    out: W,
+    img: &BuiltImage,
+    names: &[String],
+    content: &ContentStore,
+    mtime: i64,
+) -> Result<W, ExportError> {
+    if let Some(l) = img.layers.iter().find(|l| l.compression != "uncompressed") {
+        return Err(ExportError::Option(format!(
+            "docker archives need uncompressed layers, got {}",
+            l.compression
+        )));
+    }
+    let mut b = tar::Builder::new(out);
+    let config_name = format!("{}.json", img.config_digest.hex());
+    let mut layer_names = Vec::new();
+    for l in &img.layers {
+        let dir = l.digest.hex().to_string();
+        let name = format!("{dir}/layer.tar");
+        if !layer_names.contains(&name) {
+            tar_entry(&mut b, &format!("{dir}/"), 0, io::empty(), mtime)?;
+            let f = content.open_blob(&l.digest)?;
+            tar_entry(&mut b, &name, l.size, f, mtime)?;
+        }
+        layer_names.push(name);
+    }
+    tar_entry(
+        &mut b,
+        &config_name,
+        img.config.len() as u64,
+        img.config.as_slice(),
+        mtime,
+    )?;
+    let repo_tags: Vec<String> = names
+        .iter()
+        .map(|n| {
+            // docker load wants name:tag; a bare name means :latest.
+            let last = n.rsplit('/').next().unwrap_or(n);
+            if last.contains(':') {
+                n.clone()
+            } else {
+                format!("{n}:latest")
+            }
+        })
+        .collect();
+    let manifest = serde_json::to_vec(&serde_json::json!([{
+        "Config": config_name,
+        "RepoTags": repo_tags,
+        "Layers": layer_names,
+    }]))
+    .map_err(|e| ExportError::Option(e.to_string()))?;
+    tar_entry(
+        &mut b,
+        "manifest.json",
+        manifest.len() as u64,
+        manifest.as_slice(),
+        mtime,
+    )?;
+    Ok(b.into_inner()?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -427,15 +427,15 @@ fn parse_output(spec: &str) -> anyhow::Result<ctl::Exporter> {
     let typ =
         typ.ok_or_else(|| anyhow::anyhow!("invalid --output {spec:?}: type=... is required"))?;
     match typ.as_str() {
-        "oci" | "local" | "tar" => {
+        "oci" | "docker" | "local" | "tar" => {
             if !attrs.contains_key("dest") {
                 bail!("invalid --output {spec:?}: type={typ} needs dest=PATH");
             }
         }
-        "docker" | "image" | "registry" => {
-            bail!("output type {typ:?} is not supported yet (supported: oci, local, tar)")
+        "image" | "registry" => {
+            bail!("output type {typ:?} is not supported yet (supported: oci, docker, local, tar)")
         }
-        other => bail!("unknown output type {other:?} (supported: oci, local, tar)"),
+        other => bail!("unknown output type {other:?} (supported: oci, docker, local, tar)"),
     }
     // Relative destinations are relative to where kilnctl runs.
     if let Some(d) = attrs.get_mut("dest")
@@ -486,7 +486,10 @@ async fn build(addr: Option<&str>, b: BuildArgs) -> anyhow::Result<()> {
     let mut exporters = Vec::new();
     for o in &b.outputs {
         let mut e = parse_output(o)?;
-        if e.r#type == "oci" && !b.tags.is_empty() && !e.attrs.contains_key("name") {
+        if (e.r#type == "oci" || e.r#type == "docker")
+            && !b.tags.is_empty()
+            && !e.attrs.contains_key("name")
+        {
             e.attrs.insert("name".into(), b.tags.join(","));
         }
         exporters.push(e);

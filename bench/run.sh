@@ -1,0 +1,160 @@
+#!/usr/bin/env bash
+# kiln vs BuildKit (Docker 20.10's) vs buildah, same machine, same run.
+# Usage: bench/run.sh [--smoke]   (ROUNDS=N to change the number of rounds)
+# Prints a markdown table (median wall time per builder and ratios) and
+# writes it to bench/results.md. Everything it starts, it stops.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+REPO=$(pwd)
+
+SMOKE=0
+[ "${1:-}" = "--smoke" ] && SMOKE=1
+ROUNDS=${ROUNDS:-$([ $SMOKE = 1 ] && echo 1 || echo 3)}
+SMALL_FILES=$([ $SMOKE = 1 ] && echo 500 || echo 20000)
+TRIVIAL_RUNS=$([ $SMOKE = 1 ] && echo 5 || echo 50)
+CONCURRENT=$([ $SMOKE = 1 ] && echo 3 || echo 20)
+
+need=()
+for pkg in buildah docker.io busybox-static runc; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
+done
+if [ ${#need[@]} -gt 0 ]; then
+  echo "installing: ${need[*]}" >&2
+  DEBIAN_FRONTEND=noninteractive apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+cargo build --release -q -p kilnd -p kilnctl || exit 1
+KILND=$REPO/target/release/kilnd
+KILNCTL=$REPO/target/release/kilnctl
+
+W=$(mktemp -d /tmp/kiln-bench.XXXXXX)
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
+  sleep 1
+  for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null; done
+  umount -R "$W"/docker/root/overlay2/*/merged 2>/dev/null
+  buildah --root "$W/buildah/root" --runroot "$W/buildah/run" rm --all >/dev/null 2>&1
+  umount -R "$W"/buildah/root/overlay 2>/dev/null
+  rm -rf "$W" 2>/dev/null
+}
+trap cleanup EXIT
+
+now_ms() { date +%s%3N; }
+
+# --- peers -------------------------------------------------------------------
+"$KILND" --root "$W/kiln" --addr "unix://$W/kilnd.sock" --log-level warn 2>"$W/kilnd.log" &
+KILND_PID=$!; PIDS+=("$KILND_PID")
+for _ in $(seq 100); do [ -S "$W/kilnd.sock" ] && break; sleep 0.05; done
+KILN_IDLE_RSS=$(awk '/VmRSS/{print $2}' /proc/$KILND_PID/status)
+
+HAVE_DOCKER=0
+DOCKER=/usr/bin/docker
+if [ -x /usr/sbin/dockerd ] && [ -x $DOCKER ]; then
+  mkdir -p "$W/docker"
+  /usr/sbin/dockerd -H "unix://$W/docker.sock" --data-root "$W/docker/root" --exec-root "$W/docker/exec" \
+    --pidfile "$W/docker.pid" --iptables=false --bridge=none --storage-driver=overlay2 >"$W/dockerd.log" 2>&1 &
+  PIDS+=("$!")
+  for _ in $(seq 100); do DOCKER_HOST="unix://$W/docker.sock" $DOCKER info >/dev/null 2>&1 && { HAVE_DOCKER=1; break; }; sleep 0.2; done
+fi
+[ $HAVE_DOCKER = 1 ] || echo "note: dockerd did not start; BuildKit columns are n/a ($W/dockerd.log)" >&2
+HAVE_BUILDAH=0
+command -v buildah >/dev/null && HAVE_BUILDAH=1
+BUILDAH=(buildah --root "$W/buildah/root" --runroot "$W/buildah/run" --storage-driver overlay)
+
+# --- builders: build CTX [extra] -> prints ms ------------------------------------
+kiln_build() { local t0; t0=$(now_ms); "$KILNCTL" --addr "unix://$W/kilnd.sock" build "$1" --progress quiet >/dev/null 2>>"$W/kiln.err" || echo FAIL >&2; echo $(( $(now_ms) - t0 )); }
+kiln_cold() { "$KILNCTL" --addr "unix://$W/kilnd.sock" prune --all >/dev/null 2>&1; }
+bk_build() { local t0; t0=$(now_ms); DOCKER_HOST="unix://$W/docker.sock" DOCKER_BUILDKIT=1 $DOCKER build --network=none -q "$1" >/dev/null 2>>"$W/bk.err" || echo FAIL >&2; echo $(( $(now_ms) - t0 )); }
+bk_cold() { DOCKER_HOST="unix://$W/docker.sock" $DOCKER builder prune -af >/dev/null 2>&1; DOCKER_HOST="unix://$W/docker.sock" $DOCKER image prune -af >/dev/null 2>&1; }
+bh_build() { local t0; t0=$(now_ms); "${BUILDAH[@]}" bud --layers --jobs 3 --isolation chroot -q -t bench "$1" >/dev/null 2>>"$W/buildah.err" || echo FAIL >&2; echo $(( $(now_ms) - t0 )); }
+bh_cold() { "${BUILDAH[@]}" rmi --all --force >/dev/null 2>&1; }
+
+# --- contexts --------------------------------------------------------------------
+BASE='FROM scratch AS busybox
+COPY busybox /bin/busybox
+RUN ["/bin/busybox", "--install", "-s", "/bin"]
+'
+mkctx() { # name dockerfile-body
+  mkdir -p "$W/ctx/$1"; cp /bin/busybox "$W/ctx/$1/busybox"; printf '%s\n%s\n' "$BASE" "$2" > "$W/ctx/$1/Dockerfile"; echo "$W/ctx/$1"
+}
+STEPS='FROM busybox
+ENV APP=/app MODE=bench
+WORKDIR /app
+COPY src/ /app/src/
+RUN echo built > /app/built
+RUN mkdir -p /app/data && echo 1 > /app/data/one
+COPY config.txt /app/
+RUN cat /app/config.txt > /app/config.copy
+ENV READY=1
+RUN ls /app > /app/listing
+RUN echo done > /app/done'
+SINGLE=$(mkctx single "$STEPS")
+mkdir -p "$SINGLE/src"; for i in $(seq 20); do echo "file $i" > "$SINGLE/src/f$i.txt"; done; echo cfg > "$SINGLE/config.txt"
+BIG=$(mkctx bigctx "$STEPS")
+mkdir -p "$BIG/src" "$BIG/many"; echo cfg > "$BIG/config.txt"; for i in $(seq 20); do echo "file $i" > "$BIG/src/f$i.txt"; done
+( cd "$BIG/many" && for d in $(seq 0 $(( SMALL_FILES / 100 - 1 ))); do mkdir -p d$d; for f in $(seq 100); do echo $d$f > d$d/f$f; done; done )
+PAR=$(mkctx parallel 'FROM busybox AS a
+RUN timeout 2 sh -c "while :; do :; done"; echo a > /a
+FROM busybox AS b
+RUN timeout 2 sh -c "while :; do :; done"; echo b > /b
+FROM busybox AS c
+RUN timeout 2 sh -c "while :; do :; done"; echo c > /c
+FROM busybox
+COPY --from=a /a /a
+COPY --from=b /b /b
+COPY --from=c /c /c')
+TRIV_BODY="FROM busybox"; for i in $(seq "$TRIVIAL_RUNS"); do TRIV_BODY="$TRIV_BODY
+RUN true # $i"; done
+TRIV=$(mkctx trivial "$TRIV_BODY")
+
+declare -A RES
+record() { RES["$1|$2"]="${RES["$1|$2"]:-} $3"; }
+median() { tr ' ' '\n' | grep -v '^$' | sort -n | awk '{a[NR]=$1} END{ if (NR==0) print ""; else if (NR%2) print a[(NR+1)/2]; else print int((a[NR/2]+a[NR/2+1])/2)}'; }
+
+builders=(kiln)
+[ $HAVE_DOCKER = 1 ] && builders+=(bk)
+[ $HAVE_BUILDAH = 1 ] && builders+=(bh)
+
+for round in $(seq "$ROUNDS"); do
+  echo "round $round/$ROUNDS" >&2
+  for b in "${builders[@]}"; do
+    "${b}_cold"; record "1 cold, 10 steps" $b "$("${b}_build" "$SINGLE")"
+    record "2 no-op rebuild" $b "$("${b}_build" "$SINGLE")"
+    echo "edit $round" >> "$SINGLE/config.txt"
+    record "3 incremental (one COPY'd file)" $b "$("${b}_build" "$SINGLE")"
+    "${b}_build" "$BIG" >/dev/null
+    record "2b no-op rebuild, $SMALL_FILES-file context" $b "$("${b}_build" "$BIG")"
+    "${b}_cold"; record "4 3 parallel stages x 2s CPU" $b "$("${b}_build" "$PAR")"
+    "${b}_cold"; record "6 $TRIVIAL_RUNS x RUN true, cold" $b "$("${b}_build" "$TRIV")"
+    # 9: concurrent builds of different small Dockerfiles on one daemon.
+    for i in $(seq "$CONCURRENT"); do [ -d "$W/ctx/conc$i" ] || mkctx "conc$i" "FROM busybox
+RUN echo $i > /n$i" >/dev/null; done
+    t0=$(now_ms)
+    for i in $(seq "$CONCURRENT"); do "${b}_build" "$W/ctx/conc$i" >/dev/null & done; wait
+    record "9 $CONCURRENT concurrent builds" $b $(( $(now_ms) - t0 ))
+  done
+done
+
+KILN_PEAK_RSS=$(awk '/VmHWM/{print $2}' /proc/$KILND_PID/status)
+OUT=bench/results.md
+{
+  echo "Measured $(date -u +%Y-%m-%dT%H:%MZ) on $(nproc) cores, $(free -g | awk '/Mem/{print $2}') GiB, $(uname -r); rounds: $ROUNDS$([ $SMOKE = 1 ] && echo ' (smoke: small sizes)')."
+  echo "BuildKit: Docker $($DOCKER version --format '{{.Server.Version}}' 2>/dev/null || echo n/a) (DOCKER_BUILDKIT=1); buildah: $(buildah --version 2>/dev/null | awk '{print $3}') (--layers --jobs 3 --isolation chroot)."
+  echo
+  echo "| case | kiln ms | BuildKit ms | buildah ms | kiln/BuildKit | kiln/buildah |"
+  echo "| --- | ---: | ---: | ---: | ---: | ---: |"
+  for c in "1 cold, 10 steps" "2 no-op rebuild" "2b no-op rebuild, $SMALL_FILES-file context" "3 incremental (one COPY'd file)" "4 3 parallel stages x 2s CPU" "6 $TRIVIAL_RUNS x RUN true, cold" "9 $CONCURRENT concurrent builds"; do
+    k=$(echo "${RES["$c|kiln"]:-}" | median); bk=$(echo "${RES["$c|bk"]:-}" | median); bh=$(echo "${RES["$c|bh"]:-}" | median)
+    r1=n/a; r2=n/a
+    [ -n "$k" ] && [ -n "$bk" ] && [ "$bk" -gt 0 ] && r1=$(awk -v a="$k" -v b="$bk" 'BEGIN{printf "%.2f", a/b}')
+    [ -n "$k" ] && [ -n "$bh" ] && [ "$bh" -gt 0 ] && r2=$(awk -v a="$k" -v b="$bh" 'BEGIN{printf "%.2f", a/b}')
+    echo "| $c | ${k:-n/a} | ${bk:-n/a} | ${bh:-n/a} | $r1 | $r2 |"
+  done
+  echo
+  echo "kilnd RSS: idle $((KILN_IDLE_RSS / 1024)) MB, peak $((KILN_PEAK_RSS / 1024)) MB."
+  if [ -s "$W/kiln.err" ]; then echo; echo "kiln errors:"; head -5 "$W/kiln.err" | sed 's/^/    /'; fi
+} > "$OUT"
+cat "$OUT"
+grep -q FAIL "$W/kiln.err" 2>/dev/null && exit 1
+exit 0
