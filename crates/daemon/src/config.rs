@@ -14,7 +14,7 @@ pub struct Config {
     pub root: PathBuf,
     /// Listen addresses (`unix:///path`).
     pub addr: Vec<String>,
-    /// Steps run at once; 0 means one per CPU core.
+    /// Steps run at once; 0 means two per CPU core (see docs/decisions/0005).
     pub max_parallelism: usize,
     /// Group that may use the socket (its mode is 0660).
     pub group: Option<String>,

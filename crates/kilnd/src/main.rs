@@ -19,7 +19,7 @@ struct Args {
     /// Config file (TOML); /etc/kiln/kilnd.toml is read when present
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Steps run at once (default: one per CPU core)
+    /// Steps run at once (default: two per CPU core)
     #[arg(long)]
     max_parallelism: Option<usize>,
     /// Group allowed to use the socket (mode 0660)

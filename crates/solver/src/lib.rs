@@ -275,18 +275,10 @@ impl<W: Worker> Solver<W> {
                 Some(f) => f,
                 None => {
                     let worker = self.worker.clone();
-                    let limit = self.limit.clone();
                     let (vv, rr, kk, jj) = (v.clone(), resolved.clone(), key.clone(), job.clone());
                     let inflight = self.inflight.clone();
                     let f = async move {
-                        let r = async {
-                            let _permit = limit
-                                .acquire()
-                                .await
-                                .map_err(|e| SolveError::new(e.to_string()))?;
-                            worker.exec(vv, rr, kk.clone(), jj).await
-                        }
-                        .await;
+                        let r = worker.exec(vv, rr, kk.clone(), jj).await;
                         if let Ok(mut m) = inflight.lock() {
                             m.remove(&kk);
                         }
@@ -301,6 +293,12 @@ impl<W: Worker> Solver<W> {
                 }
             }
         };
+        // The permit bounds running steps; "started" means really running.
+        let _permit = self
+            .limit
+            .acquire()
+            .await
+            .map_err(|e| SolveError::new(e.to_string()))?;
         start(progress);
         match fut.await {
             Ok(output) => {
