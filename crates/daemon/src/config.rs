@@ -68,7 +68,9 @@ impl Config {
         if self.max_parallelism > 0 {
             self.max_parallelism
         } else {
-            std::thread::available_parallelism()
+            // Steps wait on I/O and on each other as often as they compute:
+            // twice the cores keeps the CPUs busy (docs/decisions/0005).
+            2 * std::thread::available_parallelism()
                 .map(|n| n.get())
                 .unwrap_or(1)
         }
