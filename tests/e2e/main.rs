@@ -3,4 +3,5 @@
 mod builds;
 mod errors;
 mod lifecycle;
+mod registry;
 mod run;

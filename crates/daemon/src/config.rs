@@ -25,6 +25,8 @@ pub struct Config {
     pub network: String,
     /// Entitlements builds may ask for: "network.host", "security.insecure".
     pub allow_insecure_entitlements: Vec<String>,
+    /// Registries (host:port) reached over plain HTTP; loopback ones always are.
+    pub insecure_registries: Vec<String>,
 }
 
 impl Default for Config {
@@ -37,6 +39,7 @@ impl Default for Config {
             oci_runtime: None,
             network: "host".into(),
             allow_insecure_entitlements: Vec::new(),
+            insecure_registries: Vec::new(),
         }
     }
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use kiln_definition::Graph;
 use kiln_definition::image::Image;
-use kiln_dockerfile::{ConvertOptions, NoImages, Platform};
+use kiln_dockerfile::{ConvertOptions, ImageResolver, Platform};
 use kiln_exporter::{ImageOptions, Layer};
 use kiln_proto::control::{self as ctl, SolveRequest, SolveResponse, UsageRecord};
 use kiln_solver::{Resolved, Solver};
@@ -105,6 +105,11 @@ impl Engine {
                 kiln_worker::WorkerOptions {
                     executor,
                     network_none_default,
+                    registry: Arc::new(kiln_registry::RegistryClient::new(
+                        kiln_registry::RegistryConfig {
+                            insecure: config.insecure_registries.clone(),
+                        },
+                    )),
                 },
             )
             .map_err(|e| EngineError::Storage(e.to_string()))?,
@@ -201,8 +206,12 @@ impl Engine {
         };
         let dockerfile = dockerfile.clone();
         let opts2 = opts.clone();
+        let resolver = RegistryImages {
+            registry: self.worker.registry.clone(),
+            handle: tokio::runtime::Handle::current(),
+        };
         let converted = tokio::task::spawn_blocking(move || {
-            kiln_dockerfile::convert(&dockerfile, &opts2, &NoImages)
+            kiln_dockerfile::convert(&dockerfile, &opts2, &resolver)
         })
         .await
         .map_err(|e| EngineError::Build(e.to_string()))??;
@@ -314,6 +323,104 @@ impl Engine {
                     .map_err(|e| EngineError::Export(e.to_string()))?;
                 written.map_err(EngineError::Export)?;
                 acked.map_err(|e| EngineError::Export(format!("writing {dest}: {e}")))?;
+            }
+            "image" | "registry" => {
+                let push = exp.r#type == "registry" || bool_attr(attrs.get("push"), false)?;
+                let names: Vec<String> = attrs
+                    .get("name")
+                    .map(|n| {
+                        n.split(',')
+                            .filter(|s| !s.is_empty())
+                            .map(str::to_string)
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                if names.is_empty() {
+                    return Err(EngineError::InvalidArgument(format!(
+                        "output type={} needs name=REF (or -t)",
+                        exp.r#type
+                    )));
+                }
+                if !push {
+                    return Err(EngineError::InvalidArgument(
+                        "type=image without push=true would only keep the image in the cache; this daemon has no image store yet (use push=true, type=oci or type=docker)".into(),
+                    ));
+                }
+                let oci_mediatypes = bool_attr(attrs.get("oci-mediatypes"), false)?;
+                let compression = attrs
+                    .get("compression")
+                    .cloned()
+                    .unwrap_or_else(|| "gzip".into());
+                let worker = self.worker.clone();
+                let image = image.clone();
+                let built = tokio::task::spawn_blocking(
+                    move || -> Result<kiln_exporter::BuiltImage, String> {
+                        let mut layers = Vec::new();
+                        for id in chain.iter().rev() {
+                            let (info, blob) = worker
+                                .layer(id, &compression, epoch)
+                                .map_err(|e| e.to_string())?;
+                            layers.push(Layer {
+                                diff_id: info.diff_id,
+                                digest: blob
+                                    .digest
+                                    .parse()
+                                    .map_err(|e: kiln_digest::DigestError| e.to_string())?,
+                                size: blob.size,
+                                compression: compression.clone(),
+                                empty: info.empty,
+                            });
+                        }
+                        let built = kiln_exporter::build_image(
+                            &image,
+                            &layers,
+                            &ImageOptions {
+                                oci_mediatypes,
+                                created: epoch.unwrap_or_else(now),
+                                annotations: BTreeMap::new(),
+                            },
+                        )
+                        .map_err(|e| e.to_string())?;
+                        // The config travels as a blob like the layers.
+                        worker
+                            .content
+                            .put(&built.config)
+                            .map_err(|e| e.to_string())?;
+                        Ok(built)
+                    },
+                )
+                .await
+                .map_err(|e| EngineError::Export(e.to_string()))?
+                .map_err(EngineError::Export)?;
+                let mut blobs: Vec<(kiln_digest::Digest, u64)> = built
+                    .layers
+                    .iter()
+                    .map(|l| (l.digest.clone(), l.size))
+                    .collect();
+                blobs.push((built.config_digest.clone(), built.config.len() as u64));
+                for n in &names {
+                    self.worker
+                        .registry
+                        .push(
+                            n,
+                            &blobs,
+                            &built.manifest,
+                            &built.manifest_media_type,
+                            &self.worker.content,
+                            None,
+                        )
+                        .await
+                        .map_err(|e| EngineError::Export(format!("push failed: {e}")))?;
+                }
+                response.insert(
+                    "containerimage.digest".into(),
+                    built.manifest_digest.to_string(),
+                );
+                response.insert(
+                    "containerimage.config.digest".into(),
+                    built.config_digest.to_string(),
+                );
+                response.insert("image.name".into(), names.join(","));
             }
             "oci" | "docker" => {
                 let docker = exp.r#type == "docker";
@@ -436,7 +543,7 @@ impl Engine {
             }
             other => {
                 return Err(EngineError::InvalidArgument(format!(
-                    "output type {other:?} is not supported by this daemon (supported: oci, docker, local, tar)"
+                    "output type {other:?} is not supported by this daemon (supported: image, registry, oci, docker, local, tar)"
                 )));
             }
         }
@@ -511,6 +618,28 @@ impl Engine {
 
     pub fn root(&self) -> PathBuf {
         self.config.root.clone()
+    }
+}
+
+/// Resolves `FROM image` configs for the frontend (which runs on a blocking
+/// thread, so it may wait on the runtime here).
+struct RegistryImages {
+    registry: Arc<kiln_registry::RegistryClient>,
+    handle: tokio::runtime::Handle,
+}
+
+impl ImageResolver for RegistryImages {
+    fn resolve(&self, reference: &str, p: &Platform) -> Result<(String, Image), String> {
+        let img = self
+            .handle
+            .block_on(
+                self.registry
+                    .resolve(reference, &p.os, &p.architecture, &p.variant, None),
+            )
+            .map_err(|e| e.to_string())?;
+        let config: Image = serde_json::from_slice(&img.config)
+            .map_err(|e| format!("{reference}: bad image config: {e}"))?;
+        Ok((img.pinned, config))
     }
 }
 

@@ -109,6 +109,9 @@ struct BuildArgs {
     /// Allow extra privileged entitlements (network.host, security.insecure)
     #[arg(long = "allow")]
     allow: Vec<String>,
+    /// Push the image to its registry (-t names); shorthand for -o type=image,push=true
+    #[arg(long)]
+    push: bool,
     /// Secret for RUN --mount=type=secret: id=ID[,src=FILE|,env=VAR]
     #[arg(long = "secret")]
     secrets: Vec<String>,
@@ -432,10 +435,11 @@ fn parse_output(spec: &str) -> anyhow::Result<ctl::Exporter> {
                 bail!("invalid --output {spec:?}: type={typ} needs dest=PATH");
             }
         }
-        "image" | "registry" => {
-            bail!("output type {typ:?} is not supported yet (supported: oci, docker, local, tar)")
-        }
-        other => bail!("unknown output type {other:?} (supported: oci, docker, local, tar)"),
+        // The name may come from -t; checked once the tags are known.
+        "image" | "registry" => {}
+        other => bail!(
+            "unknown output type {other:?} (supported: image, registry, oci, docker, local, tar)"
+        ),
     }
     // Relative destinations are relative to where kilnctl runs.
     if let Some(d) = attrs.get_mut("dest")
@@ -484,6 +488,20 @@ async fn build(addr: Option<&str>, b: BuildArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let mut exporters = Vec::new();
+    if b.push {
+        if b.tags.is_empty() {
+            bail!("--push needs at least one -t NAME");
+        }
+        exporters.push(ctl::Exporter {
+            r#type: "image".into(),
+            attrs: [
+                ("name".to_string(), b.tags.join(",")),
+                ("push".to_string(), "true".to_string()),
+            ]
+            .into_iter()
+            .collect(),
+        });
+    }
     for o in &b.outputs {
         let mut e = parse_output(o)?;
         if (e.r#type == "oci" || e.r#type == "docker")
@@ -491,6 +509,12 @@ async fn build(addr: Option<&str>, b: BuildArgs) -> anyhow::Result<()> {
             && !e.attrs.contains_key("name")
         {
             e.attrs.insert("name".into(), b.tags.join(","));
+        }
+        if (e.r#type == "image" || e.r#type == "registry") && !e.attrs.contains_key("name") {
+            bail!(
+                "invalid --output {o:?}: type={} needs name=REF (or -t NAME)",
+                e.r#type
+            );
         }
         exporters.push(e);
     }

@@ -5,6 +5,7 @@
 
 pub mod exec;
 pub mod fileop;
+mod image;
 
 use std::collections::{HashMap, HashSet};
 use std::fs;
@@ -89,6 +90,7 @@ pub struct WorkerOptions {
     pub executor: Arc<dyn kiln_executor::Executor>,
     /// Steps without `--network` get no network (default: the host's).
     pub network_none_default: bool,
+    pub registry: Arc<kiln_registry::RegistryClient>,
 }
 
 pub struct Worker {
@@ -103,6 +105,9 @@ pub struct Worker {
     /// Runtime bundles and secret files: on tmpfs, so secrets never reach a disk.
     pub(crate) bundles: PathBuf,
     pub(crate) secrets_dir: PathBuf,
+    pub registry: Arc<kiln_registry::RegistryClient>,
+    /// One pull per image at a time; concurrent builds wait and share it.
+    image_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 pub(crate) fn now() -> i64 {
@@ -147,6 +152,8 @@ impl Worker {
             network_none_default: opts.network_none_default,
             bundles: run_dir.join("bundles"),
             secrets_dir: run_dir.join("secrets"),
+            registry: opts.registry,
+            image_locks: Mutex::new(HashMap::new()),
         };
         w.reconcile()?;
         Ok(w)
@@ -254,9 +261,73 @@ impl Worker {
             ));
         }
         if let Some(r) = id.strip_prefix("docker-image://") {
-            return Err(SolveError::new(format!(
-                "cannot load image {r}: pulling from registries is not implemented in this daemon yet; use FROM scratch or a build stage"
-            )));
+            let platform = v.op.platform.clone().unwrap_or_default();
+            let lock = {
+                let mut m = self.image_locks.lock().unwrap_or_else(|p| p.into_inner());
+                m.entry(r.to_string()).or_default().clone()
+            };
+            let _guard = lock.lock().await;
+            let img = self
+                .registry
+                .resolve(
+                    r,
+                    &platform.os,
+                    &platform.architecture,
+                    &platform.variant,
+                    None,
+                )
+                .await
+                .map_err(serr)?;
+            let mut key = format!("image-root:{}", img.manifest_digest);
+            let mut parent: Option<String> = None;
+            let mut fetched = 0;
+            for layer in &img.layers {
+                key = image::chain_key(&key, &layer.digest);
+                if let Some(id) = self.recorded(&key) {
+                    parent = Some(id);
+                    continue;
+                }
+                self.registry
+                    .fetch_blob(r, layer, &self.content, None)
+                    .await
+                    .map_err(serr)?;
+                fetched += 1;
+                let (w, l, k, p) = (self.clone(), layer.clone(), key.clone(), parent.clone());
+                let desc = format!("pulled {r} layer {}", layer.digest);
+                let id = tokio::task::spawn_blocking(move || w.unpack_layer(p, &l, &k, &desc))
+                    .await
+                    .map_err(serr)?
+                    .map_err(serr)?;
+                parent = Some(id);
+            }
+            let id = match parent {
+                Some(id) => id,
+                None => {
+                    // An image without layers is an empty filesystem.
+                    let w = self.clone();
+                    tokio::task::spawn_blocking(move || -> Result<String, WorkerError> {
+                        let a = w.snapshots.prepare(&[])?;
+                        let id = a.commit()?;
+                        let rec = SnapshotRecord {
+                            parent: None,
+                            created: now(),
+                            size: 0,
+                            description: "empty image".into(),
+                            layers: vec![],
+                        };
+                        w.meta.put_snapshot(&id, &rec)?;
+                        Ok(id)
+                    })
+                    .await
+                    .map_err(serr)?
+                    .map_err(serr)?
+                }
+            };
+            return Ok((
+                Output::Snapshot(id),
+                format!("image:{}", img.manifest_digest),
+                fetched == 0,
+            ));
         }
         Err(SolveError::new(format!("unsupported source {id:?}")))
     }

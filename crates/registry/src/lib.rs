@@ -1,0 +1,363 @@
+//! Registry access: reference normalisation (as Docker does), manifest and
+//! index resolution to a platform, streamed and verified blob downloads
+//! into the content store, and pushes that stream blobs from it. Built on
+//! `oci-client` (auth handshake, token cache, HTTP); kiln keeps its own
+//! push pipeline so no layer is held in memory.
+#![forbid(unsafe_code)]
+
+use std::io::Write;
+
+use futures::StreamExt;
+use kiln_content::ContentStore;
+use kiln_digest::Digest;
+pub use oci_client::Reference;
+use oci_client::client::{ClientConfig, ClientProtocol};
+use oci_client::secrets::RegistryAuth;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("invalid image reference {0:?}: {1}")]
+    Reference(String, String),
+    #[error("{reference}: {message}")]
+    Registry { reference: String, message: String },
+    #[error("{reference}: no image for platform {wanted} (the image has: {})", available.join(", "))]
+    NoPlatform {
+        reference: String,
+        wanted: String,
+        available: Vec<String>,
+    },
+    #[error("{reference}: unsupported manifest media type {media_type:?}")]
+    MediaType {
+        reference: String,
+        media_type: String,
+    },
+    #[error(transparent)]
+    Content(#[from] kiln_content::ContentError),
+}
+
+pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+pub const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+
+/// Credentials for one registry host.
+#[derive(Clone, Default)]
+pub struct Credentials {
+    pub username: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Credentials({})", self.username)
+    }
+}
+
+/// A layer of a resolved image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerDesc {
+    pub digest: Digest,
+    pub media_type: String,
+    pub size: u64,
+}
+
+impl LayerDesc {
+    /// gzip, zstd or uncompressed, from the media type.
+    pub fn compression(&self) -> &'static str {
+        if self.media_type.ends_with("gzip") {
+            "gzip"
+        } else if self.media_type.ends_with("zstd") {
+            "zstd"
+        } else {
+            "uncompressed"
+        }
+    }
+}
+
+/// An image resolved to one platform's manifest.
+#[derive(Debug, Clone)]
+pub struct ResolvedImage {
+    /// `registry/repo@sha256:...` of the platform manifest.
+    pub pinned: String,
+    pub manifest_digest: Digest,
+    pub config: Vec<u8>,
+    pub layers: Vec<LayerDesc>,
+}
+
+/// Parses a reference the way Docker does (`busybox` →
+/// `docker.io/library/busybox:latest`).
+pub fn parse_reference(s: &str) -> Result<Reference, RegistryError> {
+    s.parse::<Reference>()
+        .map_err(|e| RegistryError::Reference(s.to_string(), e.to_string()))
+}
+
+/// Registries on loopback may speak plain HTTP, as in Docker.
+pub fn is_local(host: &str) -> bool {
+    let h = host.rsplit_once(':').map(|x| x.0).unwrap_or(host);
+    h == "localhost" || h.starts_with("127.") || h == "[::1]"
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct RegistryConfig {
+    /// Hosts (host:port) that speak plain HTTP besides loopback ones.
+    pub insecure: Vec<String>,
+}
+
+pub struct RegistryClient {
+    config: RegistryConfig,
+}
+
+fn err(r: &Reference, e: impl std::fmt::Display) -> RegistryError {
+    RegistryError::Registry {
+        reference: r.whole(),
+        message: e.to_string(),
+    }
+}
+
+impl RegistryClient {
+    pub fn new(config: RegistryConfig) -> Self {
+        RegistryClient { config }
+    }
+
+    fn client(&self, r: &Reference) -> oci_client::Client {
+        let host = r.resolve_registry().to_string();
+        let protocol = if is_local(&host) || self.config.insecure.contains(&host) {
+            ClientProtocol::Http
+        } else {
+            ClientProtocol::Https
+        };
+        oci_client::Client::new(ClientConfig {
+            protocol,
+            ..Default::default()
+        })
+    }
+
+    fn auth(creds: Option<&Credentials>) -> RegistryAuth {
+        match creds {
+            Some(c) if !c.username.is_empty() => {
+                RegistryAuth::Basic(c.username.clone(), c.password.clone())
+            }
+            _ => RegistryAuth::Anonymous,
+        }
+    }
+
+    /// Resolves a reference to the manifest for `os/arch[/variant]`.
+    pub async fn resolve(
+        &self,
+        reference: &str,
+        os: &str,
+        arch: &str,
+        variant: &str,
+        creds: Option<&Credentials>,
+    ) -> Result<ResolvedImage, RegistryError> {
+        let r = parse_reference(reference)?;
+        let client = self.client(&r);
+        let auth = Self::auth(creds);
+        let accepted = [OCI_INDEX, DOCKER_LIST, OCI_MANIFEST, DOCKER_MANIFEST];
+        let (bytes, digest) = client
+            .pull_manifest_raw(&r, &auth, &accepted)
+            .await
+            .map_err(|e| err(&r, e))?;
+        let mut doc: serde_json::Value =
+            serde_json::from_slice(&bytes).map_err(|e| err(&r, format!("bad manifest: {e}")))?;
+        let mut manifest_digest = digest;
+        if doc.get("manifests").is_some() {
+            let wanted = if variant.is_empty() {
+                format!("{os}/{arch}")
+            } else {
+                format!("{os}/{arch}/{variant}")
+            };
+            let mut available = Vec::new();
+            let mut chosen = None;
+            for m in doc["manifests"].as_array().cloned().unwrap_or_default() {
+                let p = &m["platform"];
+                let (mos, march, mvar) = (
+                    p["os"].as_str().unwrap_or(""),
+                    p["architecture"].as_str().unwrap_or(""),
+                    p["variant"].as_str().unwrap_or(""),
+                );
+                if mos == "unknown" {
+                    continue; // attestation manifests
+                }
+                available.push(if mvar.is_empty() {
+                    format!("{mos}/{march}")
+                } else {
+                    format!("{mos}/{march}/{mvar}")
+                });
+                if chosen.is_none()
+                    && mos == os
+                    && march == arch
+                    && (variant.is_empty() || mvar == variant)
+                {
+                    chosen = m["digest"].as_str().map(str::to_string);
+                }
+            }
+            let Some(d) = chosen else {
+                return Err(RegistryError::NoPlatform {
+                    reference: r.whole(),
+                    wanted,
+                    available,
+                });
+            };
+            let pinned = Reference::with_digest(
+                r.resolve_registry().to_string(),
+                r.repository().to_string(),
+                d.clone(),
+            );
+            let (bytes, digest) = client
+                .pull_manifest_raw(&pinned, &auth, &accepted)
+                .await
+                .map_err(|e| err(&r, e))?;
+            doc = serde_json::from_slice(&bytes)
+                .map_err(|e| err(&r, format!("bad manifest: {e}")))?;
+            manifest_digest = digest;
+        }
+        let mt = doc["mediaType"]
+            .as_str()
+            .unwrap_or(OCI_MANIFEST)
+            .to_string();
+        if mt != OCI_MANIFEST && mt != DOCKER_MANIFEST {
+            return Err(RegistryError::MediaType {
+                reference: r.whole(),
+                media_type: mt,
+            });
+        }
+        let manifest_digest: Digest = manifest_digest.parse().map_err(|e| err(&r, e))?;
+        let pinned = Reference::with_digest(
+            r.resolve_registry().to_string(),
+            r.repository().to_string(),
+            manifest_digest.to_string(),
+        );
+        let config_digest = doc["config"]["digest"].as_str().unwrap_or("").to_string();
+        let mut config = Vec::new();
+        client
+            .pull_blob(&pinned, config_digest.as_str(), &mut config)
+            .await
+            .map_err(|e| err(&r, e))?;
+        let mut layers = Vec::new();
+        for l in doc["layers"].as_array().cloned().unwrap_or_default() {
+            layers.push(LayerDesc {
+                digest: l["digest"]
+                    .as_str()
+                    .unwrap_or("")
+                    .parse()
+                    .map_err(|e| err(&r, e))?,
+                media_type: l["mediaType"].as_str().unwrap_or("").to_string(),
+                size: l["size"].as_u64().unwrap_or(0),
+            });
+        }
+        Ok(ResolvedImage {
+            pinned: pinned.whole(),
+            manifest_digest,
+            config,
+            layers,
+        })
+    }
+
+    /// Streams a blob into the content store, verified against its digest.
+    pub async fn fetch_blob(
+        &self,
+        reference: &str,
+        layer: &LayerDesc,
+        store: &ContentStore,
+        creds: Option<&Credentials>,
+    ) -> Result<(), RegistryError> {
+        if store.exists(&layer.digest) {
+            return Ok(());
+        }
+        let r = parse_reference(reference)?;
+        let client = self.client(&r);
+        client
+            .store_auth_if_needed(r.resolve_registry(), &Self::auth(creds))
+            .await;
+        let mut stream = client
+            .pull_blob_stream(&r, layer.digest.as_str())
+            .await
+            .map_err(|e| err(&r, e))?;
+        let mut w = store.writer()?;
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| err(&r, e))?;
+            // Small synchronous writes to a local file; the download dominates.
+            w.write_all(&chunk).map_err(|e| err(&r, e))?;
+        }
+        // The store verifies the digest before the blob gets its name.
+        w.commit(Some(&layer.digest))?;
+        Ok(())
+    }
+
+    /// Pushes blobs (skipping ones the registry has) and then the manifest.
+    pub async fn push(
+        &self,
+        reference: &str,
+        blobs: &[(Digest, u64)],
+        manifest: &[u8],
+        manifest_media_type: &str,
+        store: &ContentStore,
+        creds: Option<&Credentials>,
+    ) -> Result<String, RegistryError> {
+        let r = parse_reference(reference)?;
+        let client = self.client(&r);
+        let auth = Self::auth(creds);
+        client
+            .auth(&r, &auth, oci_client::RegistryOperation::Push)
+            .await
+            .map_err(|e| err(&r, e))?;
+        for (d, size) in blobs {
+            if client.blob_exists(&r, d.as_str()).await.unwrap_or(false) {
+                continue;
+            }
+            let path = store.path(d);
+            // Network errors and 5xx/429 get retried with backoff; the last error is reported.
+            let mut last = None;
+            for attempt in 0..3u32 {
+                if attempt > 0 {
+                    tokio::time::sleep(std::time::Duration::from_millis(250 << attempt)).await;
+                }
+                let file = tokio::fs::File::open(&path)
+                    .await
+                    .map_err(|e| err(&r, format!("{}: {e}", path.display())))?;
+                let stream = tokio_util::io::ReaderStream::with_capacity(file, 1 << 20).map(|c| {
+                    c.map_err(|e| {
+                        oci_client::errors::OciDistributionError::GenericError(Some(e.to_string()))
+                    })
+                });
+                match client
+                    .push_blob_stream(&r, stream, d.as_str(), Some(*size))
+                    .await
+                {
+                    Ok(_) => {
+                        last = None;
+                        break;
+                    }
+                    Err(e) => last = Some(e),
+                }
+            }
+            if let Some(e) = last {
+                return Err(err(&r, format!("pushing blob {d}: {e}")));
+            }
+        }
+        let ct = http::HeaderValue::from_str(manifest_media_type).map_err(|e| err(&r, e))?;
+        client
+            .push_manifest_raw(&r, manifest.to_vec(), ct)
+            .await
+            .map_err(|e| err(&r, e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn docker_normalisation() {
+        let r = parse_reference("busybox").unwrap();
+        assert_eq!(r.whole(), "docker.io/library/busybox:latest");
+        let r = parse_reference("localhost:5000/a/b:v1").unwrap();
+        assert_eq!(
+            (r.resolve_registry(), r.repository(), r.tag()),
+            ("localhost:5000", "a/b", Some("v1"))
+        );
+        assert!(is_local("127.0.0.1:5000") && is_local("localhost") && !is_local("example.com"));
+        assert!(parse_reference("UPPER/case").is_err());
+    }
+}

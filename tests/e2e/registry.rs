@@ -1,0 +1,152 @@
+//! Push to and pull from a real registry (Debian's docker-registry), checked
+//! with skopeo.
+
+use kiln_e2e::{Daemon, Registry, busybox_context, raw_events, require_root, tool};
+
+#[test]
+fn push_then_build_from_the_pushed_image_in_another_state_dir() {
+    require_root!();
+    let reg = Registry::start();
+    let image = format!("{}/kiln/busybox:1", reg.addr);
+    // Daemon A makes the base image and pushes it.
+    let a = Daemon::start();
+    let ctx = busybox_context("FROM busybox\nLABEL made.by=kiln\n", &[]);
+    let out = tempfile::tempdir().unwrap();
+    let meta = out.path().join("meta.json");
+    a.ok(&[
+        "build",
+        ctx.path().to_str().unwrap(),
+        "-t",
+        &image,
+        "--push",
+        "--metadata-file",
+        meta.to_str().unwrap(),
+    ]);
+    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(&meta).unwrap()).unwrap();
+    let inspect: serde_json::Value = serde_json::from_str(&tool(
+        "skopeo",
+        &[
+            "inspect",
+            "--tls-verify=false",
+            &format!("docker://{image}"),
+        ],
+    ))
+    .unwrap();
+    assert_eq!(
+        inspect["Digest"], m["containerimage.digest"],
+        "the registry serves the manifest kiln reported"
+    );
+    assert_eq!(inspect["Labels"]["made.by"], "kiln");
+    // skopeo copy verifies every blob against its digest.
+    tool(
+        "skopeo",
+        &[
+            "copy",
+            "--src-tls-verify=false",
+            &format!("docker://{image}"),
+            &format!("dir:{}", out.path().join("copy").display()),
+        ],
+    );
+    // Pushing again skips blobs the registry has and gives the same digest.
+    a.ok(&[
+        "build",
+        ctx.path().to_str().unwrap(),
+        "-t",
+        &image,
+        "--push",
+    ]);
+
+    // Daemon B, with an empty state dir, builds FROM the pushed image and runs in it.
+    let b = Daemon::start();
+    let ctx2 = tempfile::tempdir().unwrap();
+    std::fs::write(
+        ctx2.path().join("Dockerfile"),
+        format!("FROM {image}\nRUN echo pulled > /hi && test -x /bin/sh\nENV FROM_BASE=yes\n"),
+    )
+    .unwrap();
+    let fs = out.path().join("fs");
+    let o = b.ok(&[
+        "build",
+        ctx2.path().to_str().unwrap(),
+        "--progress",
+        "rawjson",
+        "-t",
+        "x:1",
+        "-o",
+        &format!("type=oci,dest={}", out.path().join("x.tar").display()),
+    ]);
+    let ev = raw_events(&o.stdout);
+    assert!(
+        ev.iter()
+            .any(|e| e["name"].as_str().is_some_and(|n| n.contains(&reg.addr))),
+        "{ev:?}"
+    );
+    let cfg: serde_json::Value = serde_json::from_str(&tool(
+        "skopeo",
+        &[
+            "inspect",
+            "--config",
+            &format!("oci-archive:{}", out.path().join("x.tar").display()),
+        ],
+    ))
+    .unwrap();
+    // The base image's config and history carry over.
+    assert_eq!(cfg["config"]["Labels"]["made.by"], "kiln");
+    assert!(
+        cfg["config"]["Env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e == "FROM_BASE=yes")
+    );
+    let base_layers = inspect["Layers"].as_array().unwrap().len();
+    assert_eq!(
+        cfg["rootfs"]["diff_ids"].as_array().unwrap().len(),
+        base_layers + 1
+    );
+    b.ok(&[
+        "build",
+        ctx2.path().to_str().unwrap(),
+        "-o",
+        fs.to_str().unwrap(),
+    ]);
+    assert_eq!(std::fs::read_to_string(fs.join("hi")).unwrap(), "pulled\n");
+    // A second build does not download the base again: everything cached.
+    let o = b.ok(&[
+        "build",
+        ctx2.path().to_str().unwrap(),
+        "--progress",
+        "rawjson",
+    ]);
+    let ev = raw_events(&o.stdout);
+    assert!(
+        ev.iter()
+            .filter(|e| e["completed"].is_number())
+            .all(|e| e["cached"] == true),
+        "{ev:?}"
+    );
+}
+
+#[test]
+fn registry_errors_are_clear() {
+    require_root!();
+    let reg = Registry::start();
+    let d = Daemon::start();
+    let ctx = tempfile::tempdir().unwrap();
+    std::fs::write(
+        ctx.path().join("Dockerfile"),
+        format!("FROM {}/kiln/nope:1\n", reg.addr),
+    )
+    .unwrap();
+    let e = d.fails(&["build", ctx.path().to_str().unwrap()]);
+    assert!(e.contains("Dockerfile:1") && e.contains("kiln/nope"), "{e}");
+    std::fs::write(
+        ctx.path().join("Dockerfile"),
+        "FROM 127.0.0.1:1/kiln/down:1\n",
+    )
+    .unwrap();
+    let e = d.fails(&["build", ctx.path().to_str().unwrap()]);
+    assert!(e.contains("127.0.0.1:1"), "{e}");
+    let e = d.fails(&["build", ctx.path().to_str().unwrap(), "--push"]);
+    assert!(e.contains("--push needs"), "{e}");
+}
