@@ -358,6 +358,7 @@ mod tests {
             ("localhost:5000", "a/b", Some("v1"))
         );
         assert!(is_local("127.0.0.1:5000") && is_local("localhost") && !is_local("example.com"));
-        assert!(parse_reference("UPPER/case").is_err());
+        assert!(parse_reference("bad ref").is_err());
+        assert!(parse_reference("busybox:").is_err());
     }
 }
