@@ -54,6 +54,8 @@ pub async fn connect(addr: &str) -> Result<Client, ClientError> {
     };
     let p = path.clone();
     let channel = Endpoint::from_static("http://[::]:0")
+        .initial_stream_window_size(Some(16 << 20))
+        .initial_connection_window_size(Some(32 << 20))
         .connect_with_connector(tower::service_fn(move |_: Uri| {
             let p = p.clone();
             async move {
@@ -254,6 +256,17 @@ impl Client {
 
 type Contexts = HashMap<String, (PathBuf, Arc<Matcher>)>;
 
+type WalkResult = Result<Vec<sp::Stat>, String>;
+/// Trees walked as soon as the build starts, while the daemon parses the
+/// Dockerfile, so the first TreeRequest is answered without waiting.
+type Prefetched = Arc<std::sync::Mutex<HashMap<String, tokio::task::JoinHandle<WalkResult>>>>;
+
+fn walk_task(dir: PathBuf, m: Arc<Matcher>) -> tokio::task::JoinHandle<WalkResult> {
+    tokio::task::spawn_blocking(move || {
+        kiln_context::walk::walk(&dir, &m).map_err(|e| e.to_string())
+    })
+}
+
 enum ExportTarget {
     Running {
         tx: mpsc::Sender<Vec<u8>>,
@@ -268,6 +281,12 @@ async fn serve_session(
     contexts: Contexts,
     secrets: HashMap<String, SecretFrom>,
 ) {
+    let prefetched: Prefetched = Arc::new(std::sync::Mutex::new(
+        contexts
+            .iter()
+            .map(|(name, (dir, m))| (name.clone(), walk_task(dir.clone(), m.clone())))
+            .collect(),
+    ));
     let contexts = Arc::new(contexts);
     let mut exports: HashMap<u64, ExportTarget> = HashMap::new();
     let mut tasks = tokio::task::JoinSet::new();
@@ -275,7 +294,8 @@ async fn serve_session(
         let Some(m) = m.msg else { continue };
         match m {
             DMsg::TreeRequest(r) => {
-                let (out, contexts) = (out.clone(), contexts.clone());
+                let (out, contexts, prefetched) =
+                    (out.clone(), contexts.clone(), prefetched.clone());
                 tasks.spawn(async move {
                     let reply = match contexts.get(&r.context) {
                         None => CMsg::Error(sp::ErrorReply {
@@ -283,16 +303,16 @@ async fn serve_session(
                             message: format!("no context named {:?}", r.context),
                         }),
                         Some((dir, m)) => {
-                            let (dir, m) = (dir.clone(), m.clone());
-                            match tokio::task::spawn_blocking(move || {
-                                kiln_context::walk::walk(&dir, &m)
-                            })
-                            .await
-                            {
+                            let pre = prefetched
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .remove(&r.context);
+                            let task = pre.unwrap_or_else(|| walk_task(dir.clone(), m.clone()));
+                            match task.await {
                                 Ok(Ok(entries)) => CMsg::Tree(sp::Tree { id: r.id, entries }),
                                 Ok(Err(e)) => CMsg::Error(sp::ErrorReply {
                                     id: r.id,
-                                    message: e.to_string(),
+                                    message: e,
                                 }),
                                 Err(e) => CMsg::Error(sp::ErrorReply {
                                     id: r.id,

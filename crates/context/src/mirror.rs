@@ -66,7 +66,7 @@ impl Entry {
 }
 
 /// A context mirror: `root/` holds the files, `index.json` their metadata.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Mirror {
     dir: PathBuf,
     index: BTreeMap<String, Entry>,
@@ -78,6 +78,15 @@ pub struct SyncPlan {
     pub fetch: Vec<String>,
     pub removed: usize,
     pub unchanged: usize,
+    /// Directories or symlinks created or changed (no content to fetch).
+    pub touched: usize,
+}
+
+impl SyncPlan {
+    /// Whether the mirror differs from the last build's.
+    pub fn changed(&self) -> bool {
+        !self.fetch.is_empty() || self.removed > 0 || self.touched > 0
+    }
 }
 
 fn io_at(path: &Path) -> impl FnOnce(io::Error) -> ContextError + '_ {
@@ -156,25 +165,33 @@ impl Mirror {
             let full = root.join(&p);
             let old = self.index.get(&p);
             if e.is_dir() {
+                // An unchanged directory costs no syscall: resyncs of big trees stay cheap.
+                if old.is_some_and(|o| o.same_meta(&e)) {
+                    plan.unchanged += 1;
+                    continue;
+                }
                 if old.is_none() {
                     ensure_parent_safe(&root, &p)?;
                     fs::create_dir_all(&full).map_err(io_at(&full))?;
                 }
                 fs::set_permissions(&full, fs::Permissions::from_mode(e.mode & 0o7777))
                     .map_err(io_at(&full))?;
+                plan.touched += 1;
                 self.index.insert(p, e);
             } else if e.is_symlink() {
                 if old.is_none_or(|o| !o.same_meta(&e)) {
                     ensure_parent_safe(&root, &p)?;
                     let _ = fs::remove_file(&full);
                     symlink(&e.linkname, &full).map_err(io_at(&full))?;
+                    plan.touched += 1;
                 } else {
                     plan.unchanged += 1;
                 }
                 self.index.insert(p, e);
             } else if e.is_file() {
                 match old {
-                    Some(o) if o.same_meta(&e) && o.digest.is_some() && full.exists() => {
+                    // The daemon owns the mirror: the index is trusted without a stat.
+                    Some(o) if o.same_meta(&e) && o.digest.is_some() => {
                         plan.unchanged += 1;
                     }
                     _ => {

@@ -125,6 +125,10 @@ pub async fn serve(
         let t = token.clone();
         set.spawn(async move {
             tonic::transport::Server::builder()
+                // Big windows: a context tree or an export is megabytes, and
+                // default 64 KiB windows cost a round trip per window.
+                .initial_stream_window_size(Some(16 << 20))
+                .initial_connection_window_size(Some(32 << 20))
                 .add_service(
                     ControlServer::new(service::ControlService(e.clone()))
                         .max_decoding_message_size(64 << 20),

@@ -93,6 +93,7 @@ impl Session {
             _ => return Err("the client session ended while sending the context tree".into()),
         };
         self.unregister(id);
+        tracing::debug!(context = %name, entries = tree.len(), "context tree received");
         let (mut mirror, plan) = tokio::task::spawn_blocking(move || {
             let mut mirror = mirror;
             let plan = mirror.plan(&tree).map_err(|e| e.to_string());
@@ -101,7 +102,7 @@ impl Session {
         .await
         .map_err(|e| e.to_string())?;
         let plan = plan?;
-        let changed = plan.fetch.len() + plan.removed;
+        let changed = plan.fetch.len() + plan.removed + plan.touched;
         tracing::debug!(context = %name, fetch = plan.fetch.len(), removed = plan.removed, unchanged = plan.unchanged, "context sync");
         if plan.fetch.is_empty() {
             return Ok((mirror, changed));

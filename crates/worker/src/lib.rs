@@ -54,7 +54,7 @@ pub enum Output {
 
 pub struct ContextRef {
     pub root: PathBuf,
-    pub mirror: Mirror,
+    pub mirror: Arc<Mirror>,
     _lock: tokio::sync::OwnedMutexGuard<()>,
 }
 
@@ -106,6 +106,8 @@ pub struct Worker {
     pub(crate) bundles: PathBuf,
     pub(crate) secrets_dir: PathBuf,
     pub registry: Arc<kiln_registry::RegistryClient>,
+    /// Context mirrors kept from earlier builds, by shared key.
+    mirrors: Mutex<HashMap<String, Arc<Mirror>>>,
     /// One pull per image at a time; concurrent builds wait and share it.
     image_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
@@ -154,6 +156,7 @@ impl Worker {
             secrets_dir: run_dir.join("secrets"),
             registry: opts.registry,
             image_locks: Mutex::new(HashMap::new()),
+            mirrors: Mutex::new(HashMap::new()),
         };
         w.reconcile()?;
         Ok(w)
@@ -241,15 +244,31 @@ impl Worker {
             let dir_name = Digest::of(key.as_bytes()).hex()[..16].to_string();
             let dir = self.root.join("contexts").join(dir_name);
             let lock = self.context_lock(&key).lock_owned().await;
-            let mirror = Mirror::open(&dir).map_err(serr)?;
+            // Mirrors stay in memory between builds: reloading a big index costs more than the resync.
+            let cached = self
+                .mirrors
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&key);
+            let mirror = match cached {
+                Some(m) => Arc::try_unwrap(m).unwrap_or_else(|m| (*m).clone()),
+                None => Mirror::open(&dir).map_err(serr)?,
+            };
             let (mirror, changed) = job
                 .contexts
                 .sync(name.to_string(), mirror)
                 .await
                 .map_err(SolveError::new)?;
-            mirror.save().map_err(serr)?;
+            if changed > 0 {
+                mirror.save().map_err(serr)?;
+            }
             let digest = mirror.tree_digest();
             let root = mirror.root();
+            let mirror = Arc::new(mirror);
+            self.mirrors
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(key.clone(), mirror.clone());
             return Ok((
                 Output::Context(Arc::new(ContextRef {
                     root,
