@@ -23,9 +23,11 @@ if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 
-cargo build --release -q -p kilnd -p kilnctl || exit 1
-KILND=$REPO/target/release/kilnd
-KILNCTL=$REPO/target/release/kilnctl
+# Smoke mode reuses the debug build the tests made (it checks that the harness runs, not speed).
+PROFILE=$([ $SMOKE = 1 ] && echo debug || echo release)
+if [ $PROFILE = release ]; then cargo build --release -q -p kilnd -p kilnctl || exit 1; else cargo build -q -p kilnd -p kilnctl || exit 1; fi
+KILND=$REPO/target/$PROFILE/kilnd
+KILNCTL=$REPO/target/$PROFILE/kilnctl
 
 W=$(mktemp -d /tmp/kiln-bench.XXXXXX)
 PIDS=()
@@ -144,7 +146,7 @@ RUN echo $i > /n$i" >/dev/null; done
 done
 
 KILN_PEAK_RSS=$(awk '/VmHWM/{print $2}' /proc/$KILND_PID/status)
-OUT=bench/results.md
+OUT=bench/results$([ $SMOKE = 1 ] && echo -smoke).md
 {
   echo "Measured $(date -u +%Y-%m-%dT%H:%MZ) on $(nproc) cores, $(free -g | awk '/Mem/{print $2}') GiB, $(uname -r); rounds: $ROUNDS$([ $SMOKE = 1 ] && echo ' (smoke: small sizes)')."
   echo "BuildKit: Docker $(DOCKER_HOST="unix://$W/docker.sock" $DOCKER version --format '{{.Server.Version}}' 2>/dev/null || echo n/a) (DOCKER_BUILDKIT=1); buildah: $(buildah --version 2>/dev/null | awk '{print $3}') (--layers --jobs 3 --isolation chroot)."

@@ -761,6 +761,7 @@ fn prune_blocking(
         }
     }
     if all {
+        worker.forget_mirrors();
         let ctx_dir = worker.root().join("contexts");
         if let Ok(rd) = std::fs::read_dir(&ctx_dir) {
             for e in rd.flatten() {

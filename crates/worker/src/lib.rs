@@ -213,6 +213,14 @@ impl Worker {
         Ok(out)
     }
 
+    /// Drops in-memory context mirrors (after their directories were pruned).
+    pub fn forget_mirrors(&self) {
+        self.mirrors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
+
     pub(crate) fn cache_mount_lock(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
         let mut m = self
             .cache_mount_locks
