@@ -278,10 +278,55 @@ impl Ctx<'_> {
             return Err(self.err(from_line, "circular dependency between build stages"));
         }
         let meta = self.meta_env();
-        let base = self
+        let expansion = self
             .lex
-            .process_word(&self.stages[idx].base, &meta)
+            .process(&self.stages[idx].base, &meta)
             .map_err(|e| self.err(from_line, e.to_string()))?;
+        for name in &expansion.unmatched {
+            if !self.meta_args.iter().any(|(k, _)| k == name) {
+                self.warn(
+                    "UndefinedArgInFrom",
+                    &format!("FROM argument '{name}' is not declared"),
+                    from_line,
+                );
+            }
+        }
+        if expansion.unmatched.is_empty()
+            && expansion
+                .matched
+                .iter()
+                .any(|n| self.meta_args.iter().any(|(k, _)| k == n))
+        {
+            // With defaults only (no build args), is the name still valid?
+            let defaults: Vec<(String, String)> = self
+                .builtin_args()
+                .into_iter()
+                .chain(
+                    self.meta_args
+                        .iter()
+                        .filter_map(|(k, v)| v.clone().map(|v| (k.clone(), v))),
+                )
+                .collect();
+            let plain = self
+                .lex
+                .process_word(&self.stages[idx].base, &defaults)
+                .unwrap_or_default();
+            if plain.is_empty()
+                || plain.ends_with(':')
+                || plain.starts_with(':')
+                || plain.contains("::")
+            {
+                self.warn(
+                    "InvalidDefaultArgInFrom",
+                    &format!(
+                        "Default value for ARG {} results in empty or invalid base image name",
+                        self.stages[idx].base
+                    ),
+                    from_line,
+                );
+            }
+        }
+        let base = expansion.result;
         let platform = match &self.stages[idx].platform {
             Some(p) => {
                 let p = self
@@ -351,7 +396,77 @@ impl Ctx<'_> {
         Ok(st.result)
     }
 
+    /// Lint rules that look at one instruction without running anything.
+    fn check_instruction(&mut self, st: &StageState, node: &Node) {
+        let line = node.start_line;
+        let kw = node.keyword.as_str();
+        if (kw == "env" || kw == "label") && node.args.len() == 3 && node.args[2].is_empty() {
+            let up = kw.to_uppercase();
+            self.warn(
+                "LegacyKeyValueFormat",
+                &format!(
+                    "\"{up} key=value\" should be used instead of legacy \"{up} key value\" format"
+                ),
+                line,
+            );
+        }
+        if kw == "expose" {
+            for a in &node.args {
+                if let Some((_, proto)) = a.split_once('/')
+                    && proto != proto.to_lowercase()
+                {
+                    self.warn(
+                        "ExposeProtoCasing",
+                        &format!(
+                            "Defined protocol '{a}' in EXPOSE instruction should be lowercase"
+                        ),
+                        line,
+                    );
+                }
+                if a.contains(':') {
+                    self.warn("ExposeInvalidFormat", &format!("EXPOSE instruction should not define an IP address or host-port mapping, found '{a}'"), line);
+                }
+            }
+        }
+        // Variables the builder expands itself that nothing defines.
+        let expands = matches!(
+            kw,
+            "env"
+                | "label"
+                | "workdir"
+                | "user"
+                | "expose"
+                | "volume"
+                | "stopsignal"
+                | "copy"
+                | "add"
+        );
+        if expands {
+            let env = st.expansion_env();
+            let declared: Vec<&String> = st.args.iter().map(|(k, _)| k).collect();
+            let texts: Vec<&String> = if kw == "env" || kw == "label" {
+                node.args.chunks(3).filter_map(|c| c.get(1)).collect()
+            } else {
+                node.args.iter().collect()
+            };
+            for t in texts {
+                if let Ok(x) = self.lex.process(t, &env) {
+                    for name in x.unmatched {
+                        if !declared.contains(&&name) && !PROXY_ARGS.contains(&name.as_str()) {
+                            self.warn(
+                                "UndefinedVar",
+                                &format!("Usage of undefined variable '${name}'"),
+                                line,
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     fn dispatch(&mut self, st: &mut StageState, node: &Node) -> Result<(), FrontendError> {
+        self.check_instruction(st, node);
         let line = node.start_line;
         let env = st.expansion_env();
         let expand = |ctx: &Ctx, s: &str| -> Result<String, FrontendError> {
@@ -1795,6 +1910,24 @@ pub fn convert(
         None => ctx.stages.len() - 1,
     };
     let result = ctx.convert_stage(target)?;
+    let mut warnings = std::mem::take(&mut ctx.warnings);
+    if let Some(check) = &ast.directives.check {
+        let (skip, error) = parse_check_directive(check);
+        warnings.retain(|w| {
+            !skip
+                .iter()
+                .any(|s| s == "all" || s.eq_ignore_ascii_case(&w.rule))
+        });
+        if error && let Some(w) = warnings.first() {
+            return Err(ctx.err(
+                w.line,
+                format!(
+                    "lint violation: {}: {} (# check=error=true)",
+                    w.rule, w.message
+                ),
+            ));
+        }
+    }
     let (definition, scratch) = match &result.state {
         Some(s) => (ctx.builder.finish(s), false),
         None => (Default::default(), true),
@@ -1802,9 +1935,27 @@ pub fn convert(
     Ok(Converted {
         definition,
         image: result.image,
-        warnings: ctx.warnings,
+        warnings,
         scratch,
     })
+}
+
+/// `# check=skip=RuleA,RuleB;error=true`
+fn parse_check_directive(v: &str) -> (Vec<String>, bool) {
+    let mut skip = Vec::new();
+    let mut error = false;
+    for part in v.split(';') {
+        match part.trim().split_once('=') {
+            Some(("skip", list)) => skip.extend(
+                list.split(',')
+                    .map(|s| s.trim().to_string())
+                    .filter(|s| !s.is_empty()),
+            ),
+            Some(("error", b)) => error = b.trim() == "true",
+            _ => {}
+        }
+    }
+    (skip, error)
 }
 
 fn valid_stage_name(n: &str) -> bool {
@@ -1903,6 +2054,34 @@ mod tests {
         let e = conv("# syntax=example.com/frontend:1\nFROM scratch\n").unwrap_err();
         assert!(e.message.contains("unsupported syntax"));
         assert!(conv("# syntax=docker/dockerfile:1.7-labs\nFROM scratch\n").is_ok());
+    }
+
+    #[test]
+    fn build_checks() {
+        let c = conv("FROM scratch AS Base\nENV A b\nEXPOSE 80/TCP 127.0.0.1:8080:80\nENV B=$NOPE\nMAINTAINER me\n").unwrap();
+        let rules: Vec<&str> = c.warnings.iter().map(|w| w.rule.as_str()).collect();
+        for r in [
+            "StageNameCasing",
+            "LegacyKeyValueFormat",
+            "ExposeProtoCasing",
+            "ExposeInvalidFormat",
+            "UndefinedVar",
+            "MaintainerDeprecated",
+        ] {
+            assert!(rules.contains(&r), "{r} missing from {rules:?}");
+        }
+        let c = conv("ARG TAG\nFROM scratch${TAG}\n").unwrap();
+        assert!(c.warnings.iter().all(|w| w.rule != "UndefinedArgInFrom"));
+        let c = conv("FROM scratch${UNDECLARED}\n").unwrap();
+        assert!(c.warnings.iter().any(|w| w.rule == "UndefinedArgInFrom"));
+        // The check directive skips rules, or turns warnings into errors.
+        let c = conv("# check=skip=LegacyKeyValueFormat\nFROM scratch\nENV A b\n").unwrap();
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+        let e = conv("# check=error=true\nFROM scratch\nENV A b\n").unwrap_err();
+        assert!(
+            e.message.contains("LegacyKeyValueFormat") && e.line == 3,
+            "{e}"
+        );
     }
 
     #[test]

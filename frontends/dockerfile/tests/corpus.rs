@@ -466,3 +466,71 @@ fn real_world_and_modern_convert() {
         failures.join("\n")
     );
 }
+
+/// A deterministic stand-in for the cargo-fuzz targets in fuzz/ (which need
+/// nightly): thousands of mutations of corpus files through the parser, the
+/// converter and the expander. Any panic fails the test.
+#[test]
+fn mutated_corpus_never_panics() {
+    let mut files = Vec::new();
+    dockerfiles(corpus().join("modern"), &mut files);
+    dockerfiles(corpus().join("buildkit-parser/testfiles"), &mut files);
+    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let tokens: [&[u8]; 12] = [
+        b"\\",
+        b"$",
+        b"${",
+        b"}",
+        b"<<EOF",
+        b"\"",
+        b"'",
+        b"\n",
+        b"--mount=",
+        b"[",
+        b"`",
+        b"#",
+    ];
+    let lex = Lex::new('\\');
+    let env = vec![("A".to_string(), "x".to_string())];
+    let mut runs = 0;
+    for f in files.iter().take(40) {
+        let orig = std::fs::read(f).unwrap();
+        for _ in 0..60 {
+            let mut d = orig.clone();
+            for _ in 0..(1 + next() % 4) {
+                if d.is_empty() {
+                    break;
+                }
+                let pos = (next() % d.len() as u64) as usize;
+                match next() % 3 {
+                    0 => d.truncate(pos),
+                    1 => {
+                        let t = tokens[(next() % tokens.len() as u64) as usize];
+                        d.splice(pos..pos, t.iter().copied());
+                    }
+                    _ => d[pos] = (next() % 256) as u8,
+                }
+            }
+            if let Ok(ast) = parser::parse(&d) {
+                let _ = ast.dump();
+                let _ = kiln_dockerfile::convert(
+                    &d,
+                    &kiln_dockerfile::ConvertOptions::default(),
+                    &AnyImage,
+                );
+            }
+            let text = String::from_utf8_lossy(&d);
+            for line in text.lines().take(20) {
+                let _ = lex.process(line, &env);
+            }
+            runs += 1;
+        }
+    }
+    assert!(runs > 1000);
+}
