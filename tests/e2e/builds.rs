@@ -427,3 +427,47 @@ fn same_digest_from_two_state_dirs_with_source_date_epoch() {
     }
     assert_eq!(digests[0], digests[1]);
 }
+
+#[test]
+fn named_build_context_replaces_a_stage_name() {
+    require_root!();
+    let d = Daemon::start();
+    let ctx = tempfile::tempdir().unwrap();
+    let other = tempfile::tempdir().unwrap();
+    write_tree(
+        other.path(),
+        &[("x", "from the named context\n"), ("sub/z", "z\n")],
+    );
+    // "base" is both a stage name and a named context: the context wins, as in BuildKit.
+    std::fs::write(
+        ctx.path().join("Dockerfile"),
+        "FROM scratch AS base\nCOPY nothing /nothing\nFROM base\nCOPY --from=base x /y\n",
+    )
+    .unwrap();
+    let out = tempfile::tempdir().unwrap();
+    d.ok(&[
+        "build",
+        ctx.path().to_str().unwrap(),
+        "--build-context",
+        &format!("base={}", other.path().display()),
+        "-o",
+        out.path().join("fs").to_str().unwrap(),
+    ]);
+    let fs = out.path().join("fs");
+    assert_eq!(
+        std::fs::read_to_string(fs.join("x")).unwrap(),
+        "from the named context\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(fs.join("y")).unwrap(),
+        "from the named context\n"
+    );
+    assert!(fs.join("sub/z").exists());
+    let e = d.fails(&[
+        "build",
+        ctx.path().to_str().unwrap(),
+        "--build-context",
+        "base=/nonexistent",
+    ]);
+    assert!(e.contains("not a directory"), "{e}");
+}

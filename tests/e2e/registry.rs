@@ -111,6 +111,22 @@ fn push_then_build_from_the_pushed_image_in_another_state_dir() {
         fs.to_str().unwrap(),
     ]);
     assert_eq!(std::fs::read_to_string(fs.join("hi")).unwrap(), "pulled\n");
+    // A named context can point a stage name at the image.
+    let ctx3 = tempfile::tempdir().unwrap();
+    std::fs::write(
+        ctx3.path().join("Dockerfile"),
+        "FROM base\nRUN test -x /bin/sh && echo ok > /ok\n",
+    )
+    .unwrap();
+    b.ok(&[
+        "build",
+        ctx3.path().to_str().unwrap(),
+        "--build-context",
+        &format!("base=docker-image://{image}"),
+        "-o",
+        out.path().join("fs3").to_str().unwrap(),
+    ]);
+    assert!(out.path().join("fs3/ok").exists());
     // A second build does not download the base again: everything cached.
     let o = b.ok(&[
         "build",

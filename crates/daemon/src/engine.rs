@@ -182,6 +182,9 @@ impl Engine {
             if let Some(name) = k.strip_prefix("build-arg:") {
                 opts.build_args.insert(name.to_string(), v.clone());
             }
+            if let Some(name) = k.strip_prefix("context:") {
+                opts.named_contexts.insert(name.to_string(), v.clone());
+            }
         }
         if let Some(p) = attrs.get("platform").filter(|p| !p.is_empty()) {
             let p = Platform::parse(p)

@@ -109,6 +109,9 @@ struct BuildArgs {
     /// Allow extra privileged entitlements (network.host, security.insecure)
     #[arg(long = "allow")]
     allow: Vec<String>,
+    /// Named build context: NAME=DIR or NAME=docker-image://REF (replaces FROM NAME / --from=NAME)
+    #[arg(long = "build-context")]
+    build_contexts: Vec<String>,
     /// Push the image to its registry (-t names); shorthand for -o type=image,push=true
     #[arg(long)]
     push: bool,
@@ -548,6 +551,41 @@ async fn build(addr: Option<&str>, b: BuildArgs) -> anyhow::Result<()> {
     for (k, v) in &build_args {
         attrs.insert(format!("build-arg:{k}"), v.clone());
     }
+    let mut contexts = vec![LocalContext {
+        name: "context".into(),
+        dir: b.context.clone(),
+        ignore,
+    }];
+    for spec in &b.build_contexts {
+        let (name, value) = spec.split_once('=').ok_or_else(|| {
+            anyhow::anyhow!("invalid --build-context {spec:?}: expected NAME=VALUE")
+        })?;
+        if name.is_empty() || name == "context" {
+            bail!("invalid --build-context {spec:?}: bad name");
+        }
+        if let Some(r) = value.strip_prefix("docker-image://") {
+            attrs.insert(format!("context:{name}"), format!("docker-image://{r}"));
+        } else if value.contains("://") {
+            bail!(
+                "--build-context {spec:?}: only directories and docker-image:// are supported so far"
+            );
+        } else {
+            let dir = PathBuf::from(value);
+            if !dir.is_dir() {
+                bail!("--build-context {spec:?}: {value} is not a directory");
+            }
+            let local = format!("named-{name}");
+            let ignore = std::fs::read(dir.join(".dockerignore"))
+                .map(|d| kiln_context::dockerignore::read_patterns(&d))
+                .unwrap_or_default();
+            attrs.insert(format!("context:{name}"), format!("local:{local}"));
+            contexts.push(LocalContext {
+                name: local,
+                dir,
+                ignore,
+            });
+        }
+    }
     let mode = match b.progress.as_str() {
         "auto" => {
             if std::io::stderr().is_terminal() {
@@ -580,11 +618,7 @@ async fn build(addr: Option<&str>, b: BuildArgs) -> anyhow::Result<()> {
         .client
         .build(
             BuildRequest {
-                contexts: vec![LocalContext {
-                    name: "context".into(),
-                    dir: b.context.clone(),
-                    ignore,
-                }],
+                contexts,
                 dockerfile,
                 frontend_attrs: attrs,
                 exporters,

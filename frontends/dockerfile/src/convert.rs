@@ -114,6 +114,9 @@ pub struct ConvertOptions {
     pub target_platform: Platform,
     pub build_platform: Platform,
     pub no_cache: bool,
+    /// Named build contexts: name -> `local:NAME` (a directory the client
+    /// serves as context NAME) or `docker-image://REF`.
+    pub named_contexts: BTreeMap<String, String>,
 }
 
 impl Default for ConvertOptions {
@@ -125,6 +128,7 @@ impl Default for ConvertOptions {
             target_platform: Platform::host(),
             build_platform: Platform::host(),
             no_cache: false,
+            named_contexts: BTreeMap::new(),
         }
     }
 }
@@ -235,6 +239,34 @@ impl Ctx<'_> {
         env
     }
 
+    /// A local source served by the client under `name`.
+    fn local_source(&mut self, name: &str) -> OutputRef {
+        let op = pb::Op {
+            op: Some(pb::op::Op::Source(pb::SourceOp {
+                identifier: format!("local://{name}"),
+                attrs: vec![],
+            })),
+            ..Default::default()
+        };
+        self.builder
+            .add(&op, &format!("[internal] load build context {name}"), "")
+    }
+
+    /// A named context's replacement for `name`, if one was given:
+    /// Ok(Some(Left(local name))) or Ok(Some(Right(image ref))).
+    fn named_context(&self, name: &str) -> Option<Result<String, String>> {
+        let v = self
+            .opts
+            .named_contexts
+            .get(name)
+            .or_else(|| self.opts.named_contexts.get(&name.to_lowercase()))?;
+        if let Some(local) = v.strip_prefix("local:") {
+            return Some(Ok(local.to_string()));
+        }
+        v.strip_prefix("docker-image://")
+            .map(|r| Err(r.to_string()))
+    }
+
     fn context(&mut self) -> OutputRef {
         if let Some(c) = &self.context {
             return c.clone();
@@ -338,12 +370,49 @@ impl Ctx<'_> {
             }
             None => self.opts.target_platform.clone(),
         };
-        let mut result = if base == "scratch" {
+        // A named build context replaces the name (a stage or an image), as in BuildKit.
+        let named = self.named_context(&base);
+        let base = match &named {
+            Some(Err(image)) => image.clone(),
+            _ => base,
+        };
+        let mut result = if let Some(Ok(local)) = named {
+            // A directory as a base: its files become the root filesystem.
+            let src = self.local_source(&local);
+            let copy = pb::FileAction {
+                action: Some(pb::file_action::Action::Copy(pb::FileActionCopy {
+                    source_input: 0,
+                    src: vec!["/".into()],
+                    dest: "/".into(),
+                    dir_copy_contents: true,
+                    follow_symlinks: true,
+                    create_dest_path: true,
+                    timestamp: -1,
+                    ..Default::default()
+                })),
+            };
+            let node = self.stages[idx].from_node.clone();
+            let state = self.file_op(
+                None,
+                vec![src],
+                vec![copy],
+                &format!("[context {local}] FROM {}", self.stages[idx].base),
+                &node,
+                &platform,
+            );
+            StageResult {
+                state: Some(state),
+                image: Image::empty(&platform.os, &platform.architecture, &platform.variant),
+            }
+        } else if base == "scratch" {
             StageResult {
                 state: None,
                 image: Image::empty(&platform.os, &platform.architecture, &platform.variant),
             }
-        } else if let Some(dep) = self.stage_index_before(&base, idx) {
+        } else if let Some(dep) = self
+            .stage_index_before(&base, idx)
+            .filter(|_| named.is_none())
+        {
             self.convert_stage(dep)?
         } else {
             let (pinned, image) = self
@@ -964,12 +1033,26 @@ impl Ctx<'_> {
             });
         }
         if !non_heredoc.is_empty() {
+            let named_local = from.as_ref().and_then(|f| match self.named_context(f) {
+                Some(Ok(l)) => Some(l),
+                _ => None,
+            });
             let (source, source_desc) = match &from {
+                Some(f) if named_local.is_some() => (
+                    self.local_source(named_local.as_deref().unwrap_or_default()),
+                    format!("--from={f} "),
+                ),
                 Some(f) => {
                     if is_add {
                         return Err(self.err(line, "ADD does not support --from; use COPY --from"));
                     }
-                    let idx = self.stage_index(f);
+                    let f = &match self.named_context(f) {
+                        Some(Err(image)) => image,
+                        _ => f.clone(),
+                    };
+                    let idx = self
+                        .stage_index(f)
+                        .filter(|_| !self.opts.named_contexts.contains_key(f.as_str()));
                     match idx {
                         Some(i) => {
                             let r = self.convert_stage(i)?;
