@@ -29,7 +29,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Build an image from a Dockerfile and a context directory
-    Build(BuildArgs),
+    Build(Box<BuildArgs>),
     /// Show disk usage of the build cache
     Du {
         /// One block per record instead of a table
@@ -228,7 +228,7 @@ async fn connect(addr: Option<&str>) -> anyhow::Result<Conn> {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
-        Cmd::Build(b) => build(cli.addr.as_deref(), b).await,
+        Cmd::Build(b) => build(cli.addr.as_deref(), *b).await,
         Cmd::Du { verbose } => {
             let conn = connect(cli.addr.as_deref()).await?;
             let r = conn.client.disk_usage().await;
