@@ -471,3 +471,123 @@ fn named_build_context_replaces_a_stage_name() {
     ]);
     assert!(e.contains("not a directory"), "{e}");
 }
+
+/// An HTTP server for ADD <url> tests (python's, on loopback).
+struct HttpServer(std::process::Child, u16);
+impl HttpServer {
+    fn start(dir: &std::path::Path) -> HttpServer {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = std::process::Command::new("python3")
+            .args([
+                "-m",
+                "http.server",
+                "--bind",
+                "127.0.0.1",
+                &port.to_string(),
+            ])
+            .current_dir(dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        for _ in 0..200 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(25));
+        }
+        HttpServer(child, port)
+    }
+}
+impl Drop for HttpServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn modern_copy_flags_heredocs_and_add_url() {
+    require_root!();
+    let d = Daemon::start();
+    let served = tempfile::tempdir().unwrap();
+    std::fs::write(served.path().join("tool.txt"), "downloaded\n").unwrap();
+    let http = HttpServer::start(served.path());
+    let sum = tool(
+        "sh",
+        &[
+            "-c",
+            &format!(
+                "sha256sum {} | cut -c1-64",
+                served.path().join("tool.txt").display()
+            ),
+        ],
+    )
+    .trim()
+    .to_string();
+    let ctx = tempfile::tempdir().unwrap();
+    write_tree(
+        ctx.path(),
+        &[
+            ("pkgs/a/package.json", "a"),
+            ("pkgs/b/package.json", "b"),
+            ("pkgs/b/other.txt", "o"),
+            ("src/keep.rs", "k"),
+            ("src/skip.test.rs", "s"),
+        ],
+    );
+    let df = format!(
+        "# syntax=docker/dockerfile:1.7-labs\nFROM scratch\nCOPY --parents pkgs/*/package.json /app/\nCOPY --exclude=*.test.rs src/ /src/\nCOPY --link <<EOF /etc/motd\nhello $HOSTNAME\nEOF\nADD --checksum=sha256:{sum} http://127.0.0.1:{}/tool.txt /opt/\n",
+        http.1
+    );
+    std::fs::write(ctx.path().join("Dockerfile"), df).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let fs = out.path().join("fs");
+    d.ok(&[
+        "build",
+        ctx.path().to_str().unwrap(),
+        "-o",
+        fs.to_str().unwrap(),
+    ]);
+    assert!(
+        fs.join("app/pkgs/a/package.json").exists() && fs.join("app/pkgs/b/package.json").exists()
+    );
+    assert!(!fs.join("app/pkgs/b/other.txt").exists());
+    assert!(fs.join("src/keep.rs").exists() && !fs.join("src/skip.test.rs").exists());
+    assert_eq!(
+        std::fs::read_to_string(fs.join("etc/motd")).unwrap(),
+        "hello \n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(fs.join("opt/tool.txt")).unwrap(),
+        "downloaded\n"
+    );
+    assert_eq!(
+        std::fs::metadata(fs.join("opt/tool.txt"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
+    // A wrong checksum fails the build with both digests.
+    let bad = format!(
+        "FROM scratch\nADD --checksum=sha256:{} http://127.0.0.1:{}/tool.txt /opt/\n",
+        "0".repeat(64),
+        http.1
+    );
+    std::fs::write(ctx.path().join("Dockerfile"), bad).unwrap();
+    let e = d.fails(&["build", ctx.path().to_str().unwrap()]);
+    assert!(e.contains("checksum mismatch") && e.contains(&sum), "{e}");
+    let missing = format!(
+        "FROM scratch\nADD http://127.0.0.1:{}/nope.txt /opt/\n",
+        http.1
+    );
+    std::fs::write(ctx.path().join("Dockerfile"), missing).unwrap();
+    let e = d.fails(&["build", ctx.path().to_str().unwrap()]);
+    assert!(e.contains("404"), "{e}");
+}

@@ -28,6 +28,25 @@ pub enum GraphError {
     NoOp(Digest),
 }
 
+/// The file name a downloaded URL gets (its last path segment), shared by the
+/// frontend (which copies it) and the worker (which downloads it).
+pub fn url_filename(url: &str) -> String {
+    let path = url.split(['?', '#']).next().unwrap_or(url);
+    let path = path.split_once("://").map(|x| x.1).unwrap_or(path);
+    let last = path
+        .split_once('/')
+        .map(|x| x.1)
+        .unwrap_or("")
+        .rsplit('/')
+        .next()
+        .unwrap_or("");
+    if last.is_empty() || last == "." || last == ".." {
+        "index.html".to_string()
+    } else {
+        last.to_string()
+    }
+}
+
 /// A reference to one output of a vertex.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct OutputRef {

@@ -112,6 +112,35 @@ pub struct Worker {
     image_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
+/// Parses an HTTP date (`Sun, 06 Nov 1994 08:49:37 GMT`) to unix seconds.
+fn httpdate_to_unix(s: &str) -> Option<i64> {
+    let parts: Vec<&str> = s.split_whitespace().collect();
+    if parts.len() != 6 {
+        return None;
+    }
+    let day: i64 = parts[1].parse().ok()?;
+    let month = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ]
+    .iter()
+    .position(|m| *m == parts[2])? as i64
+        + 1;
+    let year: i64 = parts[3].parse().ok()?;
+    let hms: Vec<i64> = parts[4].split(':').filter_map(|x| x.parse().ok()).collect();
+    if hms.len() != 3 {
+        return None;
+    }
+    // Days from civil (Howard Hinnant).
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(days * 86400 + hms[0] * 3600 + hms[1] * 60 + hms[2])
+}
+
 pub(crate) fn now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -356,7 +385,101 @@ impl Worker {
                 fetched == 0,
             ));
         }
-        Err(SolveError::new(format!("unsupported source {id:?}")))
+        if id.starts_with("http://") || id.starts_with("https://") {
+            let checksum = src
+                .attrs
+                .iter()
+                .find(|a| a.key == "checksum")
+                .map(|a| a.value.clone());
+            let (snapshot, digest) = self
+                .clone()
+                .download(id.to_string(), checksum)
+                .await
+                .map_err(serr)?;
+            return Ok((Output::Snapshot(snapshot), format!("http:{digest}"), false));
+        }
+        Err(SolveError::new(format!(
+            "unsupported source {id:?} (git sources are not supported yet)"
+        )))
+    }
+
+    /// ADD <url>: streams the body into the content store (verified against
+    /// --checksum when given) and makes a snapshot holding just that file.
+    async fn download(
+        self: Arc<Self>,
+        url: String,
+        checksum: Option<String>,
+    ) -> Result<(String, Digest), WorkerError> {
+        let resp = reqwest::get(&url)
+            .await
+            .map_err(|e| WorkerError::Other(format!("ADD {url}: {e}")))?;
+        if !resp.status().is_success() {
+            return Err(WorkerError::Other(format!(
+                "ADD {url}: HTTP {}",
+                resp.status()
+            )));
+        }
+        let modified = resp
+            .headers()
+            .get(reqwest::header::LAST_MODIFIED)
+            .and_then(|v| v.to_str().ok())
+            .and_then(httpdate_to_unix);
+        let mut w = self.content.writer()?;
+        let mut stream = resp.bytes_stream();
+        use futures_util::StreamExt as _;
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| WorkerError::Other(format!("ADD {url}: {e}")))?;
+            std::io::Write::write_all(&mut w, &chunk)
+                .map_err(|e| WorkerError::Other(format!("ADD {url}: {e}")))?;
+        }
+        let expected = match &checksum {
+            Some(c) => Some(
+                c.parse::<Digest>()
+                    .map_err(|e| WorkerError::Other(format!("ADD --checksum={c}: {e}")))?,
+            ),
+            None => None,
+        };
+        let (digest, _) = w.commit(expected.as_ref()).map_err(|e| match e {
+            kiln_content::ContentError::DigestMismatch { expected, actual } => WorkerError::Other(
+                format!("ADD {url}: checksum mismatch: expected {expected}, got {actual}"),
+            ),
+            other => other.into(),
+        })?;
+        let w2 = self.clone();
+        let d2 = digest.clone();
+        let id = tokio::task::spawn_blocking(move || -> Result<String, WorkerError> {
+            let active = w2.snapshots.prepare(&[])?;
+            let file = active.path().join(kiln_definition::url_filename(&url));
+            fs::copy(w2.content.path(&d2), &file)
+                .map_err(|e| WorkerError::Other(format!("{}: {e}", file.display())))?;
+            fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                .map_err(|e| WorkerError::Other(e.to_string()))?;
+            if let Some(t) = modified {
+                let t = filetime::FileTime::from_unix_time(t, 0);
+                let _ = filetime::set_file_times(&file, t, t);
+            }
+            let id = active.commit()?;
+            let rec = SnapshotRecord {
+                parent: None,
+                created: now(),
+                size: w2.snapshots.disk_usage(&id),
+                description: format!("ADD {url}"),
+                layers: vec![],
+            };
+            let cache = CacheRecord {
+                snapshot: id.clone(),
+                description: format!("ADD {url}"),
+                created: now(),
+                last_used: now(),
+                usage_count: 1,
+            };
+            w2.meta
+                .add_snapshot(&id, &rec, Some((&format!("http-snapshot:{d2}"), &cache)))?;
+            Ok(id)
+        })
+        .await
+        .map_err(|e| WorkerError::Other(e.to_string()))??;
+        Ok((id, digest))
     }
 
     fn exec_blocking(

@@ -1147,7 +1147,17 @@ impl Ctx<'_> {
             actions.push(pb::FileAction {
                 action: Some(pb::file_action::Action::Copy(pb::FileActionCopy {
                     source_input: src_idx,
-                    src: non_heredoc.iter().map(|s| s.to_string()).collect(),
+                    // A remote source's snapshot holds one file named after the URL.
+                    src: non_heredoc
+                        .iter()
+                        .map(|s| {
+                            if is_remote(s) {
+                                format!("/{}", kiln_definition::url_filename(s))
+                            } else {
+                                s.to_string()
+                            }
+                        })
+                        .collect(),
                     dest: dest.clone(),
                     chown: chown.clone(),
                     mode,
@@ -1158,7 +1168,13 @@ impl Ctx<'_> {
                     allow_empty_wildcard: false,
                     create_dest_path: true,
                     exclude_patterns: excludes,
-                    attempt_unpack: is_add && flags.get("unpack").is_none_or(|v| v != "false"),
+                    // Downloads are not unpacked unless asked (ADD --unpack=true), as in BuildKit.
+                    attempt_unpack: is_add
+                        && if non_heredoc.iter().any(|s| is_remote(s)) {
+                            flags.get("unpack").is_some_and(|v| v == "true")
+                        } else {
+                            flags.get("unpack").is_none_or(|v| v != "false")
+                        },
                     parents,
                     timestamp: -1,
                 })),
