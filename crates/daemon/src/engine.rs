@@ -358,22 +358,7 @@ impl Engine {
                 let image = image.clone();
                 let built = tokio::task::spawn_blocking(
                     move || -> Result<kiln_exporter::BuiltImage, String> {
-                        let mut layers = Vec::new();
-                        for id in chain.iter().rev() {
-                            let (info, blob) = worker
-                                .layer(id, &compression, epoch)
-                                .map_err(|e| e.to_string())?;
-                            layers.push(Layer {
-                                diff_id: info.diff_id,
-                                digest: blob
-                                    .digest
-                                    .parse()
-                                    .map_err(|e: kiln_digest::DigestError| e.to_string())?,
-                                size: blob.size,
-                                compression: compression.clone(),
-                                empty: info.empty,
-                            });
-                        }
+                        let layers = chain_layers(&worker, &chain, &compression, epoch)?;
                         let built = kiln_exporter::build_image(
                             &image,
                             &layers,
@@ -469,22 +454,7 @@ impl Engine {
                 let image = image.clone();
                 let built = tokio::task::spawn_blocking(
                     move || -> Result<kiln_exporter::BuiltImage, String> {
-                        let mut layers = Vec::new();
-                        for id in chain.iter().rev() {
-                            let (info, blob) = worker
-                                .layer(id, &compression, epoch)
-                                .map_err(|e| e.to_string())?;
-                            layers.push(Layer {
-                                diff_id: info.diff_id,
-                                digest: blob
-                                    .digest
-                                    .parse()
-                                    .map_err(|e: kiln_digest::DigestError| e.to_string())?,
-                                size: blob.size,
-                                compression: compression.clone(),
-                                empty: info.empty,
-                            });
-                        }
+                        let layers = chain_layers(&worker, &chain, &compression, epoch)?;
                         kiln_exporter::build_image(
                             &image,
                             &layers,
@@ -622,6 +592,33 @@ impl Engine {
     pub fn root(&self) -> PathBuf {
         self.config.root.clone()
     }
+}
+
+/// The layers of a snapshot chain (base first) in one compression,
+/// computed once per snapshot and reused.
+fn chain_layers(
+    worker: &Worker,
+    chain: &[String],
+    compression: &str,
+    epoch: Option<i64>,
+) -> Result<Vec<Layer>, String> {
+    let mut layers = Vec::new();
+    for id in chain.iter().rev() {
+        let (info, blob) = worker
+            .layer(id, compression, epoch)
+            .map_err(|e| e.to_string())?;
+        layers.push(Layer {
+            diff_id: info.diff_id,
+            digest: blob
+                .digest
+                .parse()
+                .map_err(|e: kiln_digest::DigestError| e.to_string())?,
+            size: blob.size,
+            compression: compression.to_string(),
+            empty: info.empty,
+        });
+    }
+    Ok(layers)
 }
 
 /// Resolves `FROM image` configs for the frontend (which runs on a blocking
