@@ -391,3 +391,51 @@ fn no_leaks_after_many_builds_failures_and_cancels() {
         .collect();
     assert!(active.is_empty(), "uncommitted snapshots left: {active:?}");
 }
+
+#[test]
+fn bind_mounts_shell_onbuild_and_insecure() {
+    require_root!();
+    let d = Daemon::start_with(&["--allow-insecure-entitlement", "security.insecure"]);
+    let rest = r#"
+FROM busybox AS tools
+RUN mkdir -p /opt/tools && echo 'echo from-tools' > /opt/tools/hello.sh
+ONBUILD RUN echo triggered > /onbuild
+
+FROM tools AS child
+SHELL ["/bin/sh", "-e", "-c"]
+RUN --mount=type=bind,from=tools,source=/opt/tools,target=/mnt/tools sh /mnt/tools/hello.sh > /out1
+RUN --mount=type=bind,target=/ctx cat /ctx/data.txt > /out2
+RUN --mount=type=bind,target=/ctx,rw echo scribble > /ctx/data.txt && cat /ctx/data.txt > /out3
+RUN --security=insecure cat /proc/self/status | grep CapEff > /caps
+"#;
+    let ctx = busybox_context(rest, &[("data.txt", "context data\n")]);
+    let out = tempfile::tempdir().unwrap();
+    let fs = out.path().join("fs");
+    d.ok(&[
+        "build",
+        ctx.path().to_str().unwrap(),
+        "--allow",
+        "security.insecure",
+        "-o",
+        fs.to_str().unwrap(),
+    ]);
+    let read = |p: &str| std::fs::read_to_string(fs.join(p)).unwrap_or_else(|e| panic!("{p}: {e}"));
+    assert_eq!(read("out1"), "from-tools\n");
+    assert_eq!(read("out2"), "context data\n");
+    assert_eq!(read("out3"), "scribble\n");
+    // rw bind writes are discarded: the context is untouched, nothing lands in the image.
+    assert_eq!(
+        std::fs::read_to_string(ctx.path().join("data.txt")).unwrap(),
+        "context data\n"
+    );
+    assert!(!fs.join("ctx").exists() && !fs.join("mnt/tools").exists());
+    assert_eq!(
+        read("onbuild"),
+        "triggered\n",
+        "ONBUILD of the base stage runs first"
+    );
+    // --security=insecure grants CAP_SYS_ADMIN (bit 21), which the default set lacks.
+    let caps =
+        u64::from_str_radix(read("caps").trim().trim_start_matches("CapEff:").trim(), 16).unwrap();
+    assert!(caps & (1 << 21) != 0, "CapEff {caps:x}");
+}
