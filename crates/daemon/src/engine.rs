@@ -299,33 +299,18 @@ impl Engine {
                     )));
                 }
                 let kind = if exp.r#type == "local" { "dir" } else { "file" };
-                let (mut writer, forward) = session
-                    .export(kind, &dest)
-                    .await
-                    .map_err(EngineError::Export)?;
                 let worker = self.worker.clone();
-                let written = tokio::task::spawn_blocking(move || -> Result<(), String> {
+                send_to_client(session, kind, &dest, move |w| {
                     let view = worker.snapshots.view(&chain).map_err(|e| e.to_string())?;
-                    let (mut w, _) = kiln_archive::write_tar(
-                        view.path(),
-                        &mut writer,
-                        kiln_archive::TarOptions {
-                            epoch,
-                            overlay_upper: false,
-                        },
-                    )
-                    .map_err(|e| e.to_string())?;
-                    std::io::Write::flush(&mut w).map_err(|e| e.to_string())?;
-                    drop(writer);
-                    Ok(())
+                    let opts = kiln_archive::TarOptions {
+                        epoch,
+                        overlay_upper: false,
+                    };
+                    kiln_archive::write_tar(view.path(), w, opts)
+                        .map(|_| ())
+                        .map_err(|e| e.to_string())
                 })
-                .await
-                .map_err(|e| EngineError::Export(e.to_string()))?;
-                let acked = forward
-                    .await
-                    .map_err(|e| EngineError::Export(e.to_string()))?;
-                written.map_err(EngineError::Export)?;
-                acked.map_err(|e| EngineError::Export(format!("writing {dest}: {e}")))?;
+                .await?;
             }
             "image" | "registry" => {
                 let push = exp.r#type == "registry" || bool_attr(attrs.get("push"), false)?;
@@ -470,38 +455,25 @@ impl Engine {
                 .await
                 .map_err(|e| EngineError::Export(e.to_string()))?
                 .map_err(EngineError::Export)?;
-                let (mut writer, forward) = session
-                    .export(if as_tar { "file" } else { "dir" }, &dest)
-                    .await
-                    .map_err(EngineError::Export)?;
                 let worker = self.worker.clone();
                 let img = built.clone();
                 let names2 = names.clone();
-                let written = tokio::task::spawn_blocking(move || -> Result<(), String> {
-                    let write = if docker {
-                        kiln_exporter::write_docker_archive
-                    } else {
-                        kiln_exporter::write_oci_layout
-                    };
-                    let mut w = write(
-                        &mut writer,
-                        &img,
-                        &names2,
-                        &worker.content,
-                        epoch.unwrap_or(0),
-                    )
-                    .map_err(|e| e.to_string())?;
-                    std::io::Write::flush(&mut w).map_err(|e| e.to_string())?;
-                    drop(writer);
-                    Ok(())
-                })
-                .await
-                .map_err(|e| EngineError::Export(e.to_string()))?;
-                let acked = forward
-                    .await
-                    .map_err(|e| EngineError::Export(e.to_string()))?;
-                written.map_err(EngineError::Export)?;
-                acked.map_err(|e| EngineError::Export(format!("writing {dest}: {e}")))?;
+                send_to_client(
+                    session,
+                    if as_tar { "file" } else { "dir" },
+                    &dest,
+                    move |w| {
+                        let write = if docker {
+                            kiln_exporter::write_docker_archive
+                        } else {
+                            kiln_exporter::write_oci_layout
+                        };
+                        write(w, &img, &names2, &worker.content, epoch.unwrap_or(0))
+                            .map(|_| ())
+                            .map_err(|e| e.to_string())
+                    },
+                )
+                .await?;
                 response.insert(
                     "containerimage.digest".into(),
                     built.manifest_digest.to_string(),
@@ -592,6 +564,37 @@ impl Engine {
     pub fn root(&self) -> PathBuf {
         self.config.root.clone()
     }
+}
+
+/// Streams what `write` produces to the client's `dest` (a file, or a tar
+/// the client unpacks into a directory) and waits for the client to confirm.
+async fn send_to_client<F>(
+    session: &Arc<Session>,
+    kind: &str,
+    dest: &str,
+    write: F,
+) -> Result<(), EngineError>
+where
+    F: FnOnce(&mut crate::session::ExportWriter) -> Result<(), String> + Send + 'static,
+{
+    let (mut writer, forward) = session
+        .export(kind, dest)
+        .await
+        .map_err(EngineError::Export)?;
+    let written = tokio::task::spawn_blocking(move || {
+        let r = write(&mut writer)
+            .and_then(|_| std::io::Write::flush(&mut writer).map_err(|e| e.to_string()));
+        // Dropping the writer ends the stream, so the client can acknowledge.
+        drop(writer);
+        r
+    })
+    .await
+    .map_err(|e| EngineError::Export(e.to_string()))?;
+    let acked = forward
+        .await
+        .map_err(|e| EngineError::Export(e.to_string()))?;
+    written.map_err(EngineError::Export)?;
+    acked.map_err(|e| EngineError::Export(format!("writing {dest}: {e}")))
 }
 
 /// The layers of a snapshot chain (base first) in one compression,
