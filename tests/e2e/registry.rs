@@ -166,3 +166,61 @@ fn registry_errors_are_clear() {
     let e = d.fails(&["build", ctx.path().to_str().unwrap(), "--push"]);
     assert!(e.contains("--push needs"), "{e}");
 }
+
+#[test]
+fn credentials_come_from_the_clients_docker_config() {
+    require_root!();
+    let reg = Registry::start_with_auth("alice", "s3cret");
+    let image = format!("{}/private/busybox:1", reg.addr);
+    let d = Daemon::start();
+    let ctx = busybox_context("FROM busybox\n", &[]);
+    let c = ctx.path().to_str().unwrap();
+    // Without credentials the registry refuses, and the error says so.
+    let empty = tempfile::tempdir().unwrap();
+    let o = d.kilnctl_env(
+        &["build", c, "-t", &image, "--push"],
+        &[("DOCKER_CONFIG", empty.path().to_str().unwrap())],
+    );
+    assert!(!o.status.success());
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("push failed") && e.contains(&reg.addr), "{e}");
+    // With the client's docker config (read by kilnctl, never by the daemon) it works.
+    let cfg = tempfile::tempdir().unwrap();
+    // base64("alice:s3cret")
+    std::fs::write(
+        cfg.path().join("config.json"),
+        format!(
+            r#"{{"auths":{{"{}":{{"auth":"YWxpY2U6czNjcmV0"}}}}}}"#,
+            reg.addr
+        ),
+    )
+    .unwrap();
+    let env = [("DOCKER_CONFIG", cfg.path().to_str().unwrap())];
+    let o = d.kilnctl_env(&["build", c, "-t", &image, "--push"], &env);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    tool(
+        "skopeo",
+        &[
+            "inspect",
+            "--tls-verify=false",
+            "--creds",
+            "alice:s3cret",
+            &format!("docker://{image}"),
+        ],
+    );
+    // Pulling needs them too: a fresh daemon builds FROM the private image.
+    let d2 = Daemon::start();
+    let ctx2 = tempfile::tempdir().unwrap();
+    std::fs::write(
+        ctx2.path().join("Dockerfile"),
+        format!("FROM {image}\nRUN echo ok > /ok\n"),
+    )
+    .unwrap();
+    let o = d2.kilnctl_env(
+        &["build", ctx2.path().to_str().unwrap()],
+        &[("DOCKER_CONFIG", empty.path().to_str().unwrap())],
+    );
+    assert!(!o.status.success(), "pull without credentials must fail");
+    let o = d2.kilnctl_env(&["build", ctx2.path().to_str().unwrap()], &env);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}

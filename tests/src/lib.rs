@@ -134,6 +134,16 @@ impl Daemon {
             .expect("run kilnctl")
     }
 
+    /// Runs kilnctl with extra environment variables.
+    pub fn kilnctl_env(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
+        let mut c = Command::new(bin("kilnctl"));
+        c.arg("--addr").arg(&self.addr).args(args);
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        c.output().expect("run kilnctl")
+    }
+
     /// Runs kilnctl and asserts success.
     pub fn ok(&self, args: &[&str]) -> Output {
         let o = self.kilnctl(args);
@@ -289,6 +299,15 @@ pub struct Registry {
 
 impl Registry {
     pub fn start() -> Registry {
+        Self::start_inner(None)
+    }
+
+    /// A registry that requires HTTP basic auth (htpasswd, bcrypt).
+    pub fn start_with_auth(user: &str, password: &str) -> Registry {
+        Self::start_inner(Some((user, password)))
+    }
+
+    fn start_inner(auth: Option<(&str, &str)>) -> Registry {
         let dir = tempfile::tempdir().expect("tempdir");
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .expect("free port")
@@ -300,8 +319,16 @@ impl Registry {
         std::fs::write(
             &cfg,
             format!(
-                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
-                dir.path().join("data").display()
+                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n{}",
+                dir.path().join("data").display(),
+                match auth {
+                    Some((u, p)) => {
+                        let line = tool("htpasswd", &["-Bbn", u, p]);
+                        std::fs::write(dir.path().join("htpasswd"), line).expect("htpasswd file");
+                        format!("auth:\n  htpasswd:\n    realm: kiln-test\n    path: {}\n", dir.path().join("htpasswd").display())
+                    }
+                    None => String::new(),
+                }
             ),
         )
         .expect("registry config");

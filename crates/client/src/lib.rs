@@ -2,6 +2,8 @@
 //! and receives exports over a session, and streams build status.
 #![forbid(unsafe_code)]
 
+pub mod auth;
+
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -335,6 +337,23 @@ async fn serve_session(
                             .await;
                     }
                 });
+            }
+            DMsg::CredentialsRequest(r) => {
+                let reply = match auth::docker_credentials(&r.host) {
+                    Ok(Some((username, secret))) => CMsg::Credentials(sp::Credentials {
+                        id: r.id,
+                        found: true,
+                        username,
+                        secret,
+                    }),
+                    Ok(None) => CMsg::Credentials(sp::Credentials {
+                        id: r.id,
+                        found: false,
+                        ..Default::default()
+                    }),
+                    Err(message) => CMsg::Error(sp::ErrorReply { id: r.id, message }),
+                };
+                let _ = out.send(sp::ClientMessage { msg: Some(reply) }).await;
             }
             DMsg::SecretRequest(r) => {
                 // Read at the moment a step needs it; never cached client-side.

@@ -212,6 +212,7 @@ impl Engine {
         let resolver = RegistryImages {
             registry: self.worker.registry.clone(),
             handle: tokio::runtime::Handle::current(),
+            contexts: Arc::new(SessionContexts(session.clone())),
         };
         let converted = tokio::task::spawn_blocking(move || {
             kiln_dockerfile::convert(&dockerfile, &opts2, &resolver)
@@ -371,7 +372,15 @@ impl Engine {
                     .map(|l| (l.digest.clone(), l.size))
                     .collect();
                 blobs.push((built.config_digest.clone(), built.config.len() as u64));
+                let contexts = SessionContexts(session.clone());
                 for n in &names {
+                    let host = kiln_registry::parse_reference(n)
+                        .map_err(|e| EngineError::InvalidArgument(e.to_string()))?
+                        .resolve_registry()
+                        .to_string();
+                    let creds = kiln_worker::ContextProvider::credentials(&contexts, host)
+                        .await
+                        .map_err(EngineError::Export)?;
                     self.worker
                         .registry
                         .push(
@@ -380,7 +389,7 @@ impl Engine {
                             &built.manifest,
                             &built.manifest_media_type,
                             &self.worker.content,
-                            None,
+                            creds.as_ref(),
                         )
                         .await
                         .map_err(|e| EngineError::Export(format!("push failed: {e}")))?;
@@ -629,17 +638,28 @@ fn chain_layers(
 struct RegistryImages {
     registry: Arc<kiln_registry::RegistryClient>,
     handle: tokio::runtime::Handle,
+    contexts: Arc<dyn kiln_worker::ContextProvider>,
 }
 
 impl ImageResolver for RegistryImages {
     fn resolve(&self, reference: &str, p: &Platform) -> Result<(String, Image), String> {
-        let img = self
-            .handle
-            .block_on(
-                self.registry
-                    .resolve(reference, &p.os, &p.architecture, &p.variant, None),
-            )
-            .map_err(|e| e.to_string())?;
+        let img = self.handle.block_on(async {
+            let host = kiln_registry::parse_reference(reference)
+                .map_err(|e| e.to_string())?
+                .resolve_registry()
+                .to_string();
+            let creds = self.contexts.credentials(host).await?;
+            self.registry
+                .resolve(
+                    reference,
+                    &p.os,
+                    &p.architecture,
+                    &p.variant,
+                    creds.as_ref(),
+                )
+                .await
+                .map_err(|e| e.to_string())
+        })?;
         let config: Image = serde_json::from_slice(&img.config)
             .map_err(|e| format!("{reference}: bad image config: {e}"))?;
         Ok((img.pinned, config))

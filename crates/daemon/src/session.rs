@@ -59,6 +59,7 @@ impl Session {
             CMsg::ExportAck(a) => a.id,
             CMsg::Error(e) => e.id,
             CMsg::Secret(s) => s.id,
+            CMsg::Credentials(c) => c.id,
             CMsg::Hello(_) => return,
         };
         if let Some(w) = self
@@ -190,6 +191,32 @@ impl Session {
         r
     }
 
+    async fn credentials_impl(
+        self: Arc<Self>,
+        host: String,
+    ) -> Result<Option<kiln_registry::Credentials>, String> {
+        let (id, mut rx) = self.register();
+        self.send(DMsg::CredentialsRequest(pb::CredentialsRequest {
+            id,
+            host: host.clone(),
+        }))
+        .await?;
+        let r = match rx.recv().await {
+            Some(CMsg::Credentials(c)) if c.found => Ok(Some(kiln_registry::Credentials {
+                username: c.username,
+                password: c.secret,
+            })),
+            Some(CMsg::Credentials(_)) => Ok(None),
+            Some(CMsg::Error(e)) => Err(format!(
+                "client could not read credentials for {host}: {}",
+                e.message
+            )),
+            _ => Err("the client session ended while sending credentials".into()),
+        };
+        self.unregister(id);
+        r
+    }
+
     /// Starts an export to the client; returns a blocking writer and the task
     /// that forwards its bytes and waits for the client's acknowledgement.
     pub async fn export(
@@ -277,6 +304,17 @@ impl ContextProvider for SessionContexts {
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Option<Vec<u8>>, String>> + Send>>
     {
         Box::pin(self.0.clone().secret_impl(id))
+    }
+    fn credentials(
+        &self,
+        host: String,
+    ) -> std::pin::Pin<
+        Box<
+            dyn std::future::Future<Output = Result<Option<kiln_registry::Credentials>, String>>
+                + Send,
+        >,
+    > {
+        Box::pin(self.0.clone().credentials_impl(host))
     }
 }
 

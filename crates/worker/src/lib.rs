@@ -76,6 +76,11 @@ pub trait ContextProvider: Send + Sync {
     fn sync(&self, name: String, mirror: Mirror) -> BoxFuture<Result<(Mirror, usize), String>>;
     /// A secret's value from the client, or None when it was not given.
     fn secret(&self, id: String) -> BoxFuture<Result<Option<Vec<u8>>, String>>;
+    /// Registry credentials the client has for `host` (its docker config).
+    fn credentials(
+        &self,
+        host: String,
+    ) -> BoxFuture<Result<Option<kiln_registry::Credentials>, String>>;
 }
 
 pub struct Job {
@@ -323,6 +328,15 @@ impl Worker {
                 m.entry(r.to_string()).or_default().clone()
             };
             let _guard = lock.lock().await;
+            let host = kiln_registry::parse_reference(r)
+                .map_err(serr)?
+                .resolve_registry()
+                .to_string();
+            let creds = job
+                .contexts
+                .credentials(host)
+                .await
+                .map_err(SolveError::new)?;
             let img = self
                 .registry
                 .resolve(
@@ -330,7 +344,7 @@ impl Worker {
                     &platform.os,
                     &platform.architecture,
                     &platform.variant,
-                    None,
+                    creds.as_ref(),
                 )
                 .await
                 .map_err(serr)?;
@@ -344,7 +358,7 @@ impl Worker {
                     continue;
                 }
                 self.registry
-                    .fetch_blob(r, layer, &self.content, None)
+                    .fetch_blob(r, layer, &self.content, creds.as_ref())
                     .await
                     .map_err(serr)?;
                 fetched += 1;
