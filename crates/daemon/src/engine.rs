@@ -315,15 +315,7 @@ impl Engine {
             }
             "image" | "registry" => {
                 let push = exp.r#type == "registry" || bool_attr(attrs.get("push"), false)?;
-                let names: Vec<String> = attrs
-                    .get("name")
-                    .map(|n| {
-                        n.split(',')
-                            .filter(|s| !s.is_empty())
-                            .map(str::to_string)
-                            .collect()
-                    })
-                    .unwrap_or_default();
+                let names = name_list(attrs);
                 if names.is_empty() {
                     return Err(EngineError::InvalidArgument(format!(
                         "output type={} needs name=REF (or -t)",
@@ -428,15 +420,7 @@ impl Engine {
                         "unknown compression {compression:?} (gzip, zstd, uncompressed)"
                     )));
                 }
-                let names: Vec<String> = attrs
-                    .get("name")
-                    .map(|n| {
-                        n.split(',')
-                            .filter(|s| !s.is_empty())
-                            .map(str::to_string)
-                            .collect()
-                    })
-                    .unwrap_or_default();
+                let names = name_list(attrs);
                 let annotations: BTreeMap<String, String> = attrs
                     .iter()
                     .filter_map(|(k, v)| {
@@ -573,6 +557,19 @@ impl Engine {
     pub fn root(&self) -> PathBuf {
         self.config.root.clone()
     }
+}
+
+/// The comma-separated `name=` of an exporter.
+fn name_list(attrs: &BTreeMap<String, String>) -> Vec<String> {
+    attrs
+        .get("name")
+        .map(|n| {
+            n.split(',')
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Streams what `write` produces to the client's `dest` (a file, or a tar
