@@ -15,21 +15,53 @@ pub const HISTORY_COMMENT: &str = "buildkit.dockerfile.v0";
 pub const CONTEXT_SOURCE: &str = "local://context";
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{file}:{line}: {message}{}", snippet(*line, source_line))]
+#[error("{file}:{line}: {message}{}", snippet(*line, source_line, token.as_deref()))]
 pub struct FrontendError {
     pub file: String,
     /// 1-based; 0 when the error is about the whole file.
     pub line: usize,
     pub source_line: String,
     pub message: String,
+    /// The word on the line the error is about; shown with a caret under it.
+    pub token: Option<String>,
 }
 
-fn snippet(line: usize, text: &str) -> String {
+/// The offending line, and a caret under `token` when it appears there:
+///
+/// ```text
+///     2 | COPY --chmoud=755 a /b
+///       |      ^^^^^^^^
+/// ```
+fn snippet(line: usize, text: &str, token: Option<&str>) -> String {
     if text.is_empty() {
-        String::new()
-    } else {
-        format!("\n {line:>4} | {text}")
+        return String::new();
     }
+    let mut out = format!("\n {line:>4} | {text}");
+    if let Some(col) = token.filter(|t| !t.is_empty()).and_then(|t| {
+        text.find(t)
+            .map(|at| (text[..at].chars().count(), t.chars().count()))
+    }) {
+        let (start, len) = col;
+        out.push_str(&format!(
+            "\n {:>4} | {}{}",
+            "",
+            " ".repeat(start),
+            "^".repeat(len)
+        ));
+    }
+    out
+}
+
+/// ` (did you mean X?)` when one of `known` is within two edits of `word`.
+fn did_you_mean<'a>(word: &str, known: impl IntoIterator<Item = &'a str>) -> String {
+    let word = word.to_lowercase();
+    known
+        .into_iter()
+        .map(|k| (levenshtein(&word, &k.to_lowercase()), k))
+        .filter(|(d, _)| *d <= 2)
+        .min()
+        .map(|(_, k)| format!(" (did you mean {k}?)"))
+        .unwrap_or_default()
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -204,6 +236,15 @@ impl Ctx<'_> {
                 .map(|s| s.trim_end().to_string())
                 .unwrap_or_default(),
             message: message.into(),
+            token: None,
+        }
+    }
+
+    /// An error about one word of the line: the rendering puts a caret under it.
+    fn err_at(&self, line: usize, token: &str, message: impl Into<String>) -> FrontendError {
+        FrontendError {
+            token: Some(token.to_string()),
+            ..self.err(line, message)
         }
     }
 
@@ -283,22 +324,28 @@ impl Ctx<'_> {
         r
     }
 
-    /// A stage by name or index among the first `before` stages (a stage can
-    /// only refer to stages defined above it; other names are images).
-    fn stage_index_before(&self, name: &str, before: usize) -> Option<usize> {
+    /// A stage by name among the first `before` stages. `FROM` only sees the
+    /// stages above it (BuildKit registers stages in order); `--from=`,
+    /// `RUN --mount from=` and `--target` see them all. Names only: a bare
+    /// number is an image name here, as in BuildKit's `findStateByName`.
+    fn stage_named(&self, name: &str, before: usize) -> Option<usize> {
         let lower = name.to_lowercase();
         let limit = before.min(self.stages.len());
-        if let Some(i) = self.stages[..limit]
+        self.stages[..limit]
             .iter()
             .position(|s| s.name.as_deref() == Some(lower.as_str()))
-        {
-            return Some(i);
-        }
-        name.parse::<usize>().ok().filter(|i| *i < limit)
     }
 
-    fn stage_index(&self, name: &str) -> Option<usize> {
-        self.stage_index_before(name, self.current)
+    /// The stage `COPY --from=` names: a stage name (any stage, before or
+    /// after; a reference back to itself is a cycle) or a stage index.
+    fn copy_from_stage(&self, name: &str, line: usize) -> Result<Option<usize>, FrontendError> {
+        if let Ok(i) = name.parse::<i64>() {
+            if i < 0 || i as usize >= self.stages.len() {
+                return Err(self.err_at(line, name, format!("invalid stage index {i}")));
+            }
+            return Ok(Some(i as usize));
+        }
+        Ok(self.stage_named(name, usize::MAX))
     }
 
     fn convert_stage(&mut self, idx: usize) -> Result<StageResult, FrontendError> {
@@ -307,7 +354,14 @@ impl Ctx<'_> {
         }
         let from_line = self.stages[idx].from_node.start_line;
         if !self.in_progress.insert(idx) {
-            return Err(self.err(from_line, "circular dependency between build stages"));
+            let name = self.stages[idx]
+                .name
+                .clone()
+                .unwrap_or_else(|| format!("stage-{idx}"));
+            return Err(self.err(
+                from_line,
+                format!("circular dependency detected on stage: {name}"),
+            ));
         }
         let meta = self.meta_env();
         let expansion = self
@@ -409,10 +463,7 @@ impl Ctx<'_> {
                 state: None,
                 image: Image::empty(&platform.os, &platform.architecture, &platform.variant),
             }
-        } else if let Some(dep) = self
-            .stage_index_before(&base, idx)
-            .filter(|_| named.is_none())
-        {
+        } else if let Some(dep) = self.stage_named(&base, idx).filter(|_| named.is_none()) {
             self.convert_stage(dep)?
         } else {
             let (pinned, image) = self
@@ -565,8 +616,9 @@ impl Ctx<'_> {
             "from" => &["platform"],
             _ => &[],
         };
-        let flags = parse_flags(&node.flags, allowed_flags)
-            .map_err(|e| self.err(line, format!("{}: {e}", node.keyword.to_uppercase())))?;
+        let flags = parse_flags(&node.flags, allowed_flags).map_err(|(flag, e)| {
+            self.err_at(line, &flag, format!("{}: {e}", node.keyword.to_uppercase()))
+        })?;
         let img = &mut st.result.image;
         match node.keyword.as_str() {
             "env" => {
@@ -787,8 +839,15 @@ impl Ctx<'_> {
             "run" => self.run(st, node, &flags)?,
             "from" => return Err(self.err(line, "FROM inside a stage")),
             other => {
-                return Err(self.err(
+                let written = self
+                    .lines
+                    .get(line.saturating_sub(1))
+                    .and_then(|l| l.split_whitespace().next())
+                    .unwrap_or(other)
+                    .to_string();
+                return Err(self.err_at(
                     line,
+                    &written,
                     format!(
                         "unknown instruction: {}{}",
                         other.to_uppercase(),
@@ -838,8 +897,15 @@ impl Ctx<'_> {
                 }
             }
             other => {
-                return Err(self.err(
+                let written = self
+                    .lines
+                    .get(line.saturating_sub(1))
+                    .and_then(|l| l.split_whitespace().next())
+                    .unwrap_or(other)
+                    .to_string();
+                return Err(self.err_at(
                     line,
+                    &written,
                     format!("Unknown type {other:?} in HEALTHCHECK (try CMD)"),
                 ));
             }
@@ -1046,13 +1112,15 @@ impl Ctx<'_> {
                     if is_add {
                         return Err(self.err(line, "ADD does not support --from; use COPY --from"));
                     }
-                    let f = &match self.named_context(f) {
+                    let named = self.named_context(f);
+                    let idx = match named {
+                        Some(_) => None,
+                        None => self.copy_from_stage(f, line)?,
+                    };
+                    let f = &match named {
                         Some(Err(image)) => image,
                         _ => f.clone(),
                     };
-                    let idx = self
-                        .stage_index(f)
-                        .filter(|_| !self.opts.named_contexts.contains_key(f.as_str()));
                     match idx {
                         Some(i) => {
                             let r = self.convert_stage(i)?;
@@ -1457,7 +1525,16 @@ impl Ctx<'_> {
                     m.secret_env = true;
                     target = val;
                 }
-                o => return Err(self.err(line, format!("unexpected key '{o}' in '{spec}'"))),
+                o => {
+                    return Err(self.err_at(
+                        line,
+                        o,
+                        format!(
+                            "unexpected key '{o}' in '{spec}'{}",
+                            did_you_mean(o, MOUNT_KEYS.iter().copied())
+                        ),
+                    ));
+                }
             }
         }
         m.r#type = match typ.as_str() {
@@ -1514,7 +1591,7 @@ impl Ctx<'_> {
         }
         if typ == "bind" || (typ == "cache" && from.is_some()) {
             let src_state = match &from {
-                Some(f) => match self.stage_index(f) {
+                Some(f) => match self.stage_named(f, usize::MAX) {
                     Some(i) => self.convert_stage(i)?.state,
                     None => {
                         let (pinned, _) = self
@@ -1805,6 +1882,29 @@ const INSTRUCTIONS: [&str; 18] = [
     "workdir",
 ];
 
+/// Every key `RUN --mount` accepts (for "did you mean" hints).
+const MOUNT_KEYS: &[&str] = &[
+    "type",
+    "target",
+    "dst",
+    "destination",
+    "source",
+    "src",
+    "from",
+    "ro",
+    "readonly",
+    "rw",
+    "readwrite",
+    "id",
+    "sharing",
+    "mode",
+    "uid",
+    "gid",
+    "size",
+    "required",
+    "env",
+];
+
 fn suggest(word: &str) -> String {
     let best = INSTRUCTIONS
         .iter()
@@ -1850,7 +1950,8 @@ impl Flags {
     }
 }
 
-fn parse_flags(raw: &[String], allowed: &[&str]) -> Result<Flags, String> {
+/// Err carries the flag as written and the message.
+fn parse_flags(raw: &[String], allowed: &[&str]) -> Result<Flags, (String, String)> {
     let mut out = Flags::default();
     for f in raw {
         let body = f.trim_start_matches("--");
@@ -1859,7 +1960,9 @@ fn parse_flags(raw: &[String], allowed: &[&str]) -> Result<Flags, String> {
             None => (body.to_string(), "true".to_string()),
         };
         if !allowed.contains(&k.as_str()) {
-            return Err(format!("unknown flag: --{k}"));
+            let hint = did_you_mean(&k, allowed.iter().copied());
+            let hint = hint.replace("mean ", "mean --");
+            return Err((format!("--{k}"), format!("unknown flag: --{k}{hint}")));
         }
         out.0.push((k, v));
     }
@@ -1886,6 +1989,7 @@ pub fn convert(
             .cloned()
             .unwrap_or_default(),
         message: e.message.clone(),
+        token: None,
     })?;
     if let Some(syntax) = &ast.directives.syntax {
         check_syntax(syntax).map_err(|m| FrontendError {
@@ -1896,6 +2000,7 @@ pub fn convert(
                 .cloned()
                 .unwrap_or_default(),
             message: m,
+            token: None,
         })?;
     }
     let mut ctx = Ctx {
@@ -1918,7 +2023,7 @@ pub fn convert(
     for node in &ast.children {
         if node.keyword == "from" {
             let flags = parse_flags(&node.flags, &["platform"])
-                .map_err(|e| ctx.err(node.start_line, format!("FROM: {e}")))?;
+                .map_err(|(flag, e)| ctx.err_at(node.start_line, &flag, format!("FROM: {e}")))?;
             let (base, name) = match node.args.as_slice() {
                 [b] => (b.clone(), None),
                 [b, kw, n] if kw.eq_ignore_ascii_case("as") => {
@@ -1996,12 +2101,13 @@ pub fn convert(
         return Err(ctx.err(0, "the Dockerfile has no FROM instruction"));
     }
     let target = match &opts.target {
-        Some(t) => ctx.stage_index_before(t, usize::MAX).ok_or_else(|| {
+        Some(t) => ctx.stage_named(t, usize::MAX).ok_or_else(|| {
             let names: Vec<String> = ctx.stages.iter().filter_map(|s| s.name.clone()).collect();
             ctx.err(
                 0,
                 format!(
-                    "target stage {t:?} could not be found (stages: {})",
+                    "target stage {t:?} could not be found{} (stages: {})",
+                    did_you_mean(t, names.iter().map(String::as_str)),
                     names.join(", ")
                 ),
             )
@@ -2153,6 +2259,63 @@ mod tests {
         let e = conv("# syntax=example.com/frontend:1\nFROM scratch\n").unwrap_err();
         assert!(e.message.contains("unsupported syntax"));
         assert!(conv("# syntax=docker/dockerfile:1.7-labs\nFROM scratch\n").is_ok());
+    }
+
+    #[test]
+    fn errors_point_at_the_word() {
+        let e = conv("FROM scratch\nCOPY --chmoud=755 a /b\n").unwrap_err();
+        let text = e.to_string();
+        assert!(text.contains("did you mean --chmod?"), "{text}");
+        assert!(
+            text.ends_with("    2 | COPY --chmoud=755 a /b\n      |      ^^^^^^^^"),
+            "{text}"
+        );
+        let e = conv("FROM scratch\n  coppy a b\n").unwrap_err();
+        assert!(e.to_string().ends_with("|   ^^^^^"), "{e}");
+        let e = conv("FROM scratch\nRUN --mount=type=cache,targt=/x true\n").unwrap_err();
+        assert!(e.message.contains("did you mean target?"), "{e}");
+        assert_eq!(e.token.as_deref(), Some("targt"));
+        let o = ConvertOptions {
+            target: Some("buidl".into()),
+            ..Default::default()
+        };
+        let e = convert(b"FROM scratch AS build\n", &o, &NoImages).unwrap_err();
+        assert!(e.message.contains("did you mean build?"), "{e}");
+    }
+
+    #[test]
+    fn copy_from_sees_later_stages_and_finds_cycles() {
+        // BuildKit resolves --from against every stage, not just earlier ones.
+        let df = "FROM scratch AS a\nCOPY --from=b /y /y\nFROM scratch AS b\nCOPY y /y\n";
+        let o = ConvertOptions {
+            target: Some("a".into()),
+            ..Default::default()
+        };
+        let c = convert(df.as_bytes(), &o, &NoImages).unwrap();
+        let g = kiln_definition::Graph::from_definition(&c.definition).unwrap();
+        assert_eq!(g.vertices.len(), 3, "context, copy in b, copy in a");
+        let e = conv("FROM scratch AS s0\nCOPY --from=s0 /a /b\n").unwrap_err();
+        assert!(
+            e.message
+                .contains("circular dependency detected on stage: s0"),
+            "{e}"
+        );
+        let df = "FROM scratch AS s0\nCOPY --from=s2 f /\nFROM scratch AS s1\nCOPY --from=s0 f /\nFROM scratch AS s2\nCOPY --from=s1 f /\n";
+        assert!(
+            conv(df)
+                .unwrap_err()
+                .message
+                .contains("circular dependency")
+        );
+        let e = conv("FROM scratch\nCOPY --from=3 /a /b\n").unwrap_err();
+        assert!(e.message.contains("invalid stage index 3"), "{e}");
+        // FROM only sees stages above it: a later name is an image.
+        let o = ConvertOptions {
+            target: Some("a".into()),
+            ..Default::default()
+        };
+        let e = convert(b"FROM b AS a\nFROM scratch AS b\n", &o, &NoImages).unwrap_err();
+        assert!(e.message.contains("b"), "the image b is resolved: {e}");
     }
 
     #[test]
