@@ -472,6 +472,84 @@ fn named_build_context_replaces_a_stage_name() {
     assert!(e.contains("not a directory"), "{e}");
 }
 
+#[test]
+fn oci_layout_named_context() {
+    require_root!();
+    let d = Daemon::start();
+    // A base image in an OCI layout written by skopeo (not by kiln).
+    let base = kiln_e2e::busybox_context("", &[]);
+    let out = tempfile::tempdir().unwrap();
+    let tar = out.path().join("bb.tar");
+    d.ok(&[
+        "build",
+        base.path().to_str().unwrap(),
+        "-o",
+        &format!("type=oci,dest={}", tar.display()),
+    ]);
+    let layout = out.path().join("layout");
+    tool(
+        "skopeo",
+        &[
+            "copy",
+            &format!("oci-archive:{}", tar.display()),
+            &format!("oci:{}:v1", layout.display()),
+        ],
+    );
+    let ctx = tempfile::tempdir().unwrap();
+    std::fs::write(
+        ctx.path().join("Dockerfile"),
+        "FROM base AS app\nRUN echo from-layout > /marker\nFROM scratch\nCOPY --from=base /bin/busybox /bb\n",
+    )
+    .unwrap();
+    let fs = out.path().join("fs");
+    d.ok(&[
+        "build",
+        ctx.path().to_str().unwrap(),
+        "--target",
+        "app",
+        "--build-context",
+        &format!("base=oci-layout://{}:v1", layout.display()),
+        "-o",
+        fs.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        std::fs::read_to_string(fs.join("marker")).unwrap(),
+        "from-layout\n"
+    );
+    // --from=NAME takes the layout's image too; so does a digest selector.
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
+    let digest = index["manifests"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let fs2 = out.path().join("fs2");
+    d.ok(&[
+        "build",
+        ctx.path().to_str().unwrap(),
+        "--build-context",
+        &format!("base=oci-layout://{}@{digest}", layout.display()),
+        "-o",
+        fs2.to_str().unwrap(),
+    ]);
+    assert!(fs2.join("bb").is_file());
+    // A tag the layout does not have is named, with the ones it has.
+    let e = d.fails(&[
+        "build",
+        ctx.path().to_str().unwrap(),
+        "--build-context",
+        &format!("base=oci-layout://{}:nope", layout.display()),
+    ]);
+    assert!(e.contains("nope") && e.contains("tags: v1"), "{e}");
+    let e = d.fails(&[
+        "build",
+        ctx.path().to_str().unwrap(),
+        "--build-context",
+        &format!("base=oci-layout://{}", ctx.path().display()),
+    ]);
+    assert!(e.contains("not an OCI layout"), "{e}");
+}
+
 /// An HTTP server for ADD <url> tests (python's, on loopback).
 struct HttpServer(std::process::Child, u16);
 impl HttpServer {

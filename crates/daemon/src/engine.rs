@@ -210,7 +210,7 @@ impl Engine {
         let dockerfile = dockerfile.clone();
         let opts2 = opts.clone();
         let resolver = RegistryImages {
-            registry: self.worker.registry.clone(),
+            worker: self.worker.clone(),
             handle: tokio::runtime::Handle::current(),
             contexts: Arc::new(SessionContexts(session.clone())),
         };
@@ -633,20 +633,33 @@ fn chain_layers(
 /// Resolves `FROM image` configs for the frontend (which runs on a blocking
 /// thread, so it may wait on the runtime here).
 struct RegistryImages {
-    registry: Arc<kiln_registry::RegistryClient>,
+    worker: Arc<Worker>,
     handle: tokio::runtime::Handle,
     contexts: Arc<dyn kiln_worker::ContextProvider>,
 }
 
 impl ImageResolver for RegistryImages {
     fn resolve(&self, reference: &str, p: &Platform) -> Result<(String, Image), String> {
+        if let Some(spec) = reference.strip_prefix("oci-layout://") {
+            let (pinned, config) = self.handle.block_on(self.worker.resolve_layout(
+                spec,
+                &self.contexts,
+                &p.os,
+                &p.architecture,
+                &p.variant,
+            ))?;
+            let config: Image = serde_json::from_slice(&config)
+                .map_err(|e| format!("{reference}: bad image config: {e}"))?;
+            return Ok((pinned, config));
+        }
         let img = self.handle.block_on(async {
             let host = kiln_registry::parse_reference(reference)
                 .map_err(|e| e.to_string())?
                 .resolve_registry()
                 .to_string();
             let creds = self.contexts.credentials(host).await?;
-            self.registry
+            self.worker
+                .registry
                 .resolve(
                     reference,
                     &p.os,

@@ -565,9 +565,40 @@ async fn build(addr: Option<&str>, b: BuildArgs) -> anyhow::Result<()> {
         }
         if let Some(r) = value.strip_prefix("docker-image://") {
             attrs.insert(format!("context:{name}"), format!("docker-image://{r}"));
+        } else if let Some(layout) = value.strip_prefix("oci-layout://") {
+            // PATH[:TAG][@DIGEST]: the directory travels like a context; the
+            // daemon reads index.json and the blobs from its mirror.
+            let (path, digest) = match layout.rsplit_once('@') {
+                Some((p, d)) => (p, Some(d)),
+                None => (layout, None),
+            };
+            let (path, tag) = match path.rsplit_once(':') {
+                Some((p, t)) if !t.contains('/') && !t.is_empty() => (p, Some(t)),
+                _ => (path, None),
+            };
+            let dir = PathBuf::from(path);
+            if !dir.join("index.json").is_file() {
+                bail!("--build-context {spec:?}: {path} is not an OCI layout (no index.json)");
+            }
+            let local = format!("oci-layout-{name}");
+            let mut source = format!("oci-layout://{local}");
+            if let Some(t) = tag {
+                source.push(':');
+                source.push_str(t);
+            }
+            if let Some(d) = digest {
+                source.push('@');
+                source.push_str(d);
+            }
+            attrs.insert(format!("context:{name}"), source);
+            contexts.push(LocalContext {
+                name: local,
+                dir,
+                ignore: Vec::new(),
+            });
         } else if value.contains("://") {
             bail!(
-                "--build-context {spec:?}: only directories and docker-image:// are supported so far"
+                "--build-context {spec:?}: unsupported source (use a directory, docker-image://REF or oci-layout://PATH[:TAG][@DIGEST])"
             );
         } else {
             let dir = PathBuf::from(value);

@@ -5,6 +5,8 @@
 //! push pipeline so no layer is held in memory.
 #![forbid(unsafe_code)]
 
+pub mod layout;
+
 use std::io::Write;
 
 use futures::StreamExt;
@@ -82,6 +84,63 @@ pub struct ResolvedImage {
     pub manifest_digest: Digest,
     pub config: Vec<u8>,
     pub layers: Vec<LayerDesc>,
+}
+
+/// The digest of the manifest for `os/arch[/variant]` in an index or
+/// manifest list; Err((wanted, available platforms)) when there is none.
+pub fn choose_platform(
+    index: &serde_json::Value,
+    os: &str,
+    arch: &str,
+    variant: &str,
+) -> Result<String, (String, Vec<String>)> {
+    let wanted = if variant.is_empty() {
+        format!("{os}/{arch}")
+    } else {
+        format!("{os}/{arch}/{variant}")
+    };
+    let mut available = Vec::new();
+    for m in index["manifests"].as_array().into_iter().flatten() {
+        let p = &m["platform"];
+        let (mos, march, mvar) = (
+            p["os"].as_str().unwrap_or(""),
+            p["architecture"].as_str().unwrap_or(""),
+            p["variant"].as_str().unwrap_or(""),
+        );
+        if mos == "unknown" {
+            continue; // attestation manifests
+        }
+        if mos == os
+            && march == arch
+            && (variant.is_empty() || mvar == variant)
+            && let Some(d) = m["digest"].as_str()
+        {
+            return Ok(d.to_string());
+        }
+        available.push(if mvar.is_empty() {
+            format!("{mos}/{march}")
+        } else {
+            format!("{mos}/{march}/{mvar}")
+        });
+    }
+    Err((wanted, available))
+}
+
+/// The layers listed by an image manifest.
+fn manifest_layers(doc: &serde_json::Value) -> Result<Vec<LayerDesc>, String> {
+    let mut layers = Vec::new();
+    for l in doc["layers"].as_array().into_iter().flatten() {
+        layers.push(LayerDesc {
+            digest: l["digest"]
+                .as_str()
+                .unwrap_or("")
+                .parse()
+                .map_err(|e| format!("bad layer digest: {e}"))?,
+            media_type: l["mediaType"].as_str().unwrap_or("").to_string(),
+            size: l["size"].as_u64().unwrap_or(0),
+        });
+    }
+    Ok(layers)
 }
 
 /// Parses a reference the way Docker does (`busybox` →
@@ -162,43 +221,13 @@ impl RegistryClient {
             serde_json::from_slice(&bytes).map_err(|e| err(&r, format!("bad manifest: {e}")))?;
         let mut manifest_digest = digest;
         if doc.get("manifests").is_some() {
-            let wanted = if variant.is_empty() {
-                format!("{os}/{arch}")
-            } else {
-                format!("{os}/{arch}/{variant}")
-            };
-            let mut available = Vec::new();
-            let mut chosen = None;
-            for m in doc["manifests"].as_array().cloned().unwrap_or_default() {
-                let p = &m["platform"];
-                let (mos, march, mvar) = (
-                    p["os"].as_str().unwrap_or(""),
-                    p["architecture"].as_str().unwrap_or(""),
-                    p["variant"].as_str().unwrap_or(""),
-                );
-                if mos == "unknown" {
-                    continue; // attestation manifests
-                }
-                available.push(if mvar.is_empty() {
-                    format!("{mos}/{march}")
-                } else {
-                    format!("{mos}/{march}/{mvar}")
-                });
-                if chosen.is_none()
-                    && mos == os
-                    && march == arch
-                    && (variant.is_empty() || mvar == variant)
-                {
-                    chosen = m["digest"].as_str().map(str::to_string);
-                }
-            }
-            let Some(d) = chosen else {
-                return Err(RegistryError::NoPlatform {
+            let d = choose_platform(&doc, os, arch, variant).map_err(|(wanted, available)| {
+                RegistryError::NoPlatform {
                     reference: r.whole(),
                     wanted,
                     available,
-                });
-            };
+                }
+            })?;
             let pinned = Reference::with_digest(
                 r.resolve_registry().to_string(),
                 r.repository().to_string(),
@@ -234,18 +263,7 @@ impl RegistryClient {
             .pull_blob(&pinned, config_digest.as_str(), &mut config)
             .await
             .map_err(|e| err(&r, e))?;
-        let mut layers = Vec::new();
-        for l in doc["layers"].as_array().cloned().unwrap_or_default() {
-            layers.push(LayerDesc {
-                digest: l["digest"]
-                    .as_str()
-                    .unwrap_or("")
-                    .parse()
-                    .map_err(|e| err(&r, e))?,
-                media_type: l["mediaType"].as_str().unwrap_or("").to_string(),
-                size: l["size"].as_u64().unwrap_or(0),
-            });
-        }
+        let layers = manifest_layers(&doc).map_err(|e| err(&r, e))?;
         Ok(ResolvedImage {
             pinned: pinned.whole(),
             manifest_digest,

@@ -117,6 +117,15 @@ pub struct Worker {
     image_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
+/// The client context that holds the layout named by `CONTEXT[:TAG][@DIGEST]`.
+fn layout_context(spec: &str) -> Result<&str, SolveError> {
+    let name = spec.split(['@', ':']).next().unwrap_or("");
+    if name.is_empty() {
+        return Err(SolveError::new(format!("bad oci-layout source {spec:?}")));
+    }
+    Ok(name)
+}
+
 /// Parses an HTTP date (`Sun, 06 Nov 1994 08:49:37 GMT`) to unix seconds.
 fn httpdate_to_unix(s: &str) -> Option<i64> {
     let parts: Vec<&str> = s.split_whitespace().collect();
@@ -268,6 +277,133 @@ impl Worker {
         m.entry(key.to_string()).or_default().clone()
     }
 
+    /// Syncs the client's context `name` into its mirror; true when nothing changed.
+    async fn sync_local(
+        self: &Arc<Self>,
+        name: &str,
+        contexts: &Arc<dyn ContextProvider>,
+    ) -> Result<(ContextRef, bool), SolveError> {
+        let key = contexts.shared_key(name).ok_or_else(|| {
+            SolveError::new(format!(
+                "the client did not provide a context named {name:?}"
+            ))
+        })?;
+        let dir_name = Digest::of(key.as_bytes()).hex()[..16].to_string();
+        let dir = self.root.join("contexts").join(dir_name);
+        let lock = self.context_lock(&key).lock_owned().await;
+        // Mirrors stay in memory between builds: reloading a big index costs more than the resync.
+        let cached = self
+            .mirrors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&key);
+        let mirror = match cached {
+            Some(m) => Arc::try_unwrap(m).unwrap_or_else(|m| (*m).clone()),
+            None => Mirror::open(&dir).map_err(serr)?,
+        };
+        let (mirror, changed) = contexts
+            .sync(name.to_string(), mirror)
+            .await
+            .map_err(SolveError::new)?;
+        if changed > 0 {
+            mirror.save().map_err(serr)?;
+        }
+        let root = mirror.root();
+        let mirror = Arc::new(mirror);
+        self.mirrors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key, mirror.clone());
+        Ok((
+            ContextRef {
+                root,
+                mirror,
+                _lock: lock,
+            },
+            changed == 0,
+        ))
+    }
+
+    /// Resolves an image in a client's OCI layout (`oci-layout://CONTEXT[:TAG][@DIGEST]`)
+    /// for the frontend: the pinned reference and the image config.
+    pub async fn resolve_layout(
+        self: &Arc<Self>,
+        spec: &str,
+        contexts: &Arc<dyn ContextProvider>,
+        os: &str,
+        arch: &str,
+        variant: &str,
+    ) -> Result<(String, Vec<u8>), String> {
+        let (ctx, _) = self
+            .sync_local(
+                layout_context(spec).map_err(|e| e.message.to_string())?,
+                contexts,
+            )
+            .await
+            .map_err(|e| e.message.to_string())?;
+        let (name, sel) = kiln_registry::layout::Selector::split(spec)?;
+        let img = kiln_registry::layout::resolve(&ctx.root, &name, &sel, os, arch, variant)
+            .map_err(|e| e.to_string())?;
+        Ok((format!("oci-layout://{}", img.pinned), img.config))
+    }
+
+    /// Unpacks an image's layers into a snapshot chain, fetching each layer
+    /// whose chain is not recorded yet; returns the top snapshot and how
+    /// many layers were fetched.
+    async fn image_layers<F>(
+        self: Arc<Self>,
+        img: &kiln_registry::ResolvedImage,
+        name: &str,
+        fetch: F,
+    ) -> Result<(String, usize), SolveError>
+    where
+        F: Fn(Arc<Self>, kiln_registry::LayerDesc) -> BoxFuture<Result<(), SolveError>>,
+    {
+        let mut key = format!("image-root:{}", img.manifest_digest);
+        let mut parent: Option<String> = None;
+        let mut fetched = 0;
+        for layer in &img.layers {
+            key = image::chain_key(&key, &layer.digest);
+            if let Some(id) = self.recorded(&key) {
+                parent = Some(id);
+                continue;
+            }
+            fetch(self.clone(), layer.clone()).await?;
+            fetched += 1;
+            let (w, l, k, p) = (self.clone(), layer.clone(), key.clone(), parent.clone());
+            let desc = format!("pulled {name} layer {}", layer.digest);
+            let id = tokio::task::spawn_blocking(move || w.unpack_layer(p, &l, &k, &desc))
+                .await
+                .map_err(serr)?
+                .map_err(serr)?;
+            parent = Some(id);
+        }
+        let id = match parent {
+            Some(id) => id,
+            None => {
+                // An image without layers is an empty filesystem.
+                let w = self.clone();
+                tokio::task::spawn_blocking(move || -> Result<String, WorkerError> {
+                    let a = w.snapshots.prepare(&[])?;
+                    let id = a.commit()?;
+                    let rec = SnapshotRecord {
+                        parent: None,
+                        created: now(),
+                        size: 0,
+                        description: "empty image".into(),
+                        layers: vec![],
+                    };
+                    w.meta.put_snapshot(&id, &rec)?;
+                    Ok(id)
+                })
+                .await
+                .map_err(serr)?
+                .map_err(serr)?
+            }
+        };
+        Ok((id, fetched))
+    }
+
     async fn source_impl(
         self: Arc<Self>,
         v: Vertex,
@@ -278,47 +414,55 @@ impl Worker {
         };
         let id = src.identifier.as_str();
         if let Some(name) = id.strip_prefix("local://") {
-            let key = job.contexts.shared_key(name).ok_or_else(|| {
-                SolveError::new(format!(
-                    "the client did not provide a context named {name:?}"
-                ))
-            })?;
-            let dir_name = Digest::of(key.as_bytes()).hex()[..16].to_string();
-            let dir = self.root.join("contexts").join(dir_name);
-            let lock = self.context_lock(&key).lock_owned().await;
-            // Mirrors stay in memory between builds: reloading a big index costs more than the resync.
-            let cached = self
-                .mirrors
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&key);
-            let mirror = match cached {
-                Some(m) => Arc::try_unwrap(m).unwrap_or_else(|m| (*m).clone()),
-                None => Mirror::open(&dir).map_err(serr)?,
-            };
-            let (mirror, changed) = job
-                .contexts
-                .sync(name.to_string(), mirror)
-                .await
-                .map_err(SolveError::new)?;
-            if changed > 0 {
-                mirror.save().map_err(serr)?;
-            }
-            let digest = mirror.tree_digest();
-            let root = mirror.root();
-            let mirror = Arc::new(mirror);
-            self.mirrors
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(key.clone(), mirror.clone());
+            let (ctx, unchanged) = self.sync_local(name, &job.contexts).await?;
+            let digest = ctx.mirror.tree_digest();
             return Ok((
-                Output::Context(Arc::new(ContextRef {
-                    root,
-                    mirror,
-                    _lock: lock,
-                })),
+                Output::Context(Arc::new(ctx)),
                 format!("context:{digest}"),
-                changed == 0,
+                unchanged,
+            ));
+        }
+        if let Some(spec) = id.strip_prefix("oci-layout://") {
+            let platform = v.op.platform.clone().unwrap_or_default();
+            let (ctx, _) = self
+                .sync_local(layout_context(spec)?, &job.contexts)
+                .await?;
+            let (root, spec2) = (ctx.root.clone(), spec.to_string());
+            let img = tokio::task::spawn_blocking(move || {
+                let (name, sel) = kiln_registry::layout::Selector::split(&spec2)?;
+                kiln_registry::layout::resolve(
+                    &root,
+                    &name,
+                    &sel,
+                    &platform.os,
+                    &platform.architecture,
+                    &platform.variant,
+                )
+                .map_err(|e| e.to_string())
+            })
+            .await
+            .map_err(serr)?
+            .map_err(SolveError::new)?;
+            let root = ctx.root.clone();
+            let (id, fetched) = self
+                .clone()
+                .image_layers(&img, spec, move |w, layer| {
+                    let root = root.clone();
+                    Box::pin(async move {
+                        tokio::task::spawn_blocking(move || {
+                            kiln_registry::layout::import_blob(&root, &layer, &w.content)
+                        })
+                        .await
+                        .map_err(serr)?
+                        .map_err(serr)
+                    })
+                })
+                .await?;
+            drop(ctx);
+            return Ok((
+                Output::Snapshot(id),
+                format!("image:{}", img.manifest_digest),
+                fetched == 0,
             ));
         }
         if let Some(r) = id.strip_prefix("docker-image://") {
@@ -348,51 +492,21 @@ impl Worker {
                 )
                 .await
                 .map_err(serr)?;
-            let mut key = format!("image-root:{}", img.manifest_digest);
-            let mut parent: Option<String> = None;
-            let mut fetched = 0;
-            for layer in &img.layers {
-                key = image::chain_key(&key, &layer.digest);
-                if let Some(id) = self.recorded(&key) {
-                    parent = Some(id);
-                    continue;
-                }
-                self.registry
-                    .fetch_blob(r, layer, &self.content, creds.as_ref())
-                    .await
-                    .map_err(serr)?;
-                fetched += 1;
-                let (w, l, k, p) = (self.clone(), layer.clone(), key.clone(), parent.clone());
-                let desc = format!("pulled {r} layer {}", layer.digest);
-                let id = tokio::task::spawn_blocking(move || w.unpack_layer(p, &l, &k, &desc))
-                    .await
-                    .map_err(serr)?
-                    .map_err(serr)?;
-                parent = Some(id);
-            }
-            let id = match parent {
-                Some(id) => id,
-                None => {
-                    // An image without layers is an empty filesystem.
-                    let w = self.clone();
-                    tokio::task::spawn_blocking(move || -> Result<String, WorkerError> {
-                        let a = w.snapshots.prepare(&[])?;
-                        let id = a.commit()?;
-                        let rec = SnapshotRecord {
-                            parent: None,
-                            created: now(),
-                            size: 0,
-                            description: "empty image".into(),
-                            layers: vec![],
-                        };
-                        w.meta.put_snapshot(&id, &rec)?;
-                        Ok(id)
+            let registry = self.registry.clone();
+            let reference = r.to_string();
+            let (id, fetched) = self
+                .clone()
+                .image_layers(&img, r, move |w, layer| {
+                    let (registry, reference, creds) =
+                        (registry.clone(), reference.clone(), creds.clone());
+                    Box::pin(async move {
+                        registry
+                            .fetch_blob(&reference, &layer, &w.content, creds.as_ref())
+                            .await
+                            .map_err(serr)
                     })
-                    .await
-                    .map_err(serr)?
-                    .map_err(serr)?
-                }
-            };
+                })
+                .await?;
             return Ok((
                 Output::Snapshot(id),
                 format!("image:{}", img.manifest_digest),

@@ -304,6 +304,10 @@ impl Ctx<'_> {
         if let Some(local) = v.strip_prefix("local:") {
             return Some(Ok(local.to_string()));
         }
+        if v.starts_with("oci-layout://") {
+            // Resolved like an image; the resolver reads the client's layout.
+            return Some(Err(v.clone()));
+        }
         v.strip_prefix("docker-image://")
             .map(|r| Err(r.to_string()))
     }
@@ -472,7 +476,7 @@ impl Ctx<'_> {
                 .map_err(|e| self.err(from_line, e))?;
             let op = pb::Op {
                 op: Some(pb::op::Op::Source(pb::SourceOp {
-                    identifier: format!("docker-image://{pinned}"),
+                    identifier: image_source(&pinned),
                     attrs: vec![],
                 })),
                 platform: Some(platform.to_pb()),
@@ -1147,7 +1151,7 @@ impl Ctx<'_> {
                                 .map_err(|e| self.err(line, e))?;
                             let op = pb::Op {
                                 op: Some(pb::op::Op::Source(pb::SourceOp {
-                                    identifier: format!("docker-image://{pinned}"),
+                                    identifier: image_source(&pinned),
                                     attrs: vec![],
                                 })),
                                 platform: Some(st.platform.to_pb()),
@@ -1590,28 +1594,37 @@ impl Ctx<'_> {
             _ => {}
         }
         if typ == "bind" || (typ == "cache" && from.is_some()) {
-            let src_state = match &from {
-                Some(f) => match self.stage_named(f, usize::MAX) {
-                    Some(i) => self.convert_stage(i)?.state,
-                    None => {
-                        let (pinned, _) = self
-                            .images
-                            .resolve(f, &self.opts.target_platform)
-                            .map_err(|e| self.err(line, e))?;
-                        let op = pb::Op {
-                            op: Some(pb::op::Op::Source(pb::SourceOp {
-                                identifier: format!("docker-image://{pinned}"),
-                                attrs: vec![],
-                            })),
-                            ..Default::default()
-                        };
-                        Some(
-                            self.builder
-                                .add(&op, &format!("[internal] load {pinned}"), ""),
-                        )
+            let named = from.as_deref().and_then(|f| self.named_context(f));
+            let src_state = match (&from, named) {
+                (Some(_), Some(Ok(local))) => Some(self.local_source(&local)),
+                (Some(f), named) => {
+                    match self.stage_named(f, usize::MAX).filter(|_| named.is_none()) {
+                        Some(i) => self.convert_stage(i)?.state,
+                        None => {
+                            let f = match named {
+                                Some(Err(image)) => image,
+                                _ => f.clone(),
+                            };
+                            let (pinned, _) = self
+                                .images
+                                .resolve(&f, &st.platform)
+                                .map_err(|e| self.err_at(line, &f, e))?;
+                            let op = pb::Op {
+                                op: Some(pb::op::Op::Source(pb::SourceOp {
+                                    identifier: image_source(&pinned),
+                                    attrs: vec![],
+                                })),
+                                platform: Some(st.platform.to_pb()),
+                                ..Default::default()
+                            };
+                            Some(
+                                self.builder
+                                    .add(&op, &format!("[internal] load {pinned}"), ""),
+                            )
+                        }
                     }
-                },
-                None => Some(self.context()),
+                }
+                (None, _) => Some(self.context()),
             };
             if let Some(s) = src_state {
                 inputs.push(pb::Input {
@@ -2167,6 +2180,16 @@ fn valid_stage_name(n: &str) -> bool {
     let mut chars = n.chars();
     matches!(chars.next(), Some(c) if c.is_ascii_lowercase())
         && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "-_.".contains(c))
+}
+
+/// The source identifier of a resolved image: a registry image, or an image
+/// in a client's OCI layout (already `oci-layout://...`).
+fn image_source(pinned: &str) -> String {
+    if pinned.starts_with("oci-layout://") {
+        pinned.to_string()
+    } else {
+        format!("docker-image://{pinned}")
+    }
 }
 
 /// `# syntax=` must name the built-in frontend (docker/dockerfile:1.x).
