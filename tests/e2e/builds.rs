@@ -550,6 +550,174 @@ fn oci_layout_named_context() {
     assert!(e.contains("not an OCI layout"), "{e}");
 }
 
+/// `git daemon` serving the repositories under a directory on loopback.
+struct GitDaemon(std::process::Child, u16);
+impl GitDaemon {
+    fn start(base: &Path) -> GitDaemon {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = std::process::Command::new("git")
+            .args([
+                "daemon",
+                "--export-all",
+                "--reuseaddr",
+                "--listen=127.0.0.1",
+                &format!("--port={port}"),
+                &format!("--base-path={}", base.display()),
+            ])
+            .arg(base)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("git daemon (Debian's git package)");
+        for _ in 0..200 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(25));
+        }
+        GitDaemon(child, port)
+    }
+}
+impl Drop for GitDaemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn git_in(dir: &Path, args: &[&str]) -> String {
+    let out = std::process::Command::new("git")
+        .args([
+            "-c",
+            "user.name=t",
+            "-c",
+            "user.email=t@e",
+            "-c",
+            "init.defaultBranch=main",
+        ])
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[test]
+fn add_git_repository() {
+    require_root!();
+    let repos = tempfile::tempdir().unwrap();
+    let repo = repos.path().join("repo.git");
+    std::fs::create_dir(&repo).unwrap();
+    git_in(&repo, &["init", "-q"]);
+    write_tree(
+        &repo,
+        &[("top.txt", "top v1\n"), ("sub/inner.txt", "inner v1\n")],
+    );
+    git_in(&repo, &["add", "."]);
+    git_in(&repo, &["commit", "-q", "-m", "one"]);
+    git_in(&repo, &["tag", "-a", "v1", "-m", "v1"]);
+    let v1 = git_in(&repo, &["rev-parse", "HEAD"]);
+    let server = GitDaemon::start(repos.path());
+    let url = format!("git://127.0.0.1:{}/repo.git", server.1);
+
+    let d = Daemon::start();
+    let ctx = tempfile::tempdir().unwrap();
+    std::fs::write(
+        ctx.path().join("Dockerfile"),
+        format!(
+            "FROM scratch\nADD {url}#v1:sub /inner/\nADD {url}#main /main/\nADD --keep-git-dir=true {url} /withgit/\nADD --checksum={v1} {url}#v1 /pinned/\n"
+        ),
+    )
+    .unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let fs = out.path().join("fs");
+    let build = |dest: &Path| {
+        d.ok(&[
+            "build",
+            ctx.path().to_str().unwrap(),
+            "--progress",
+            "rawjson",
+            "-o",
+            dest.to_str().unwrap(),
+        ])
+    };
+    build(&fs);
+    assert_eq!(
+        std::fs::read_to_string(fs.join("inner/inner.txt")).unwrap(),
+        "inner v1\n"
+    );
+    assert!(
+        !fs.join("inner/top.txt").exists(),
+        "only the subdirectory is added"
+    );
+    assert_eq!(
+        std::fs::read_to_string(fs.join("main/top.txt")).unwrap(),
+        "top v1\n"
+    );
+    assert!(!fs.join("main/.git").exists(), ".git is dropped by default");
+    assert!(fs.join("withgit/.git").is_dir(), "--keep-git-dir keeps it");
+    assert!(fs.join("pinned/top.txt").exists());
+    // Files carry the commit's time, so the same commit gives the same layer.
+    let commit_time: i64 = git_in(&repo, &["log", "-1", "--format=%ct"])
+        .parse()
+        .unwrap();
+    assert_eq!(
+        std::fs::metadata(fs.join("main/top.txt")).unwrap().mtime(),
+        commit_time
+    );
+
+    // Unchanged refs: everything cached. A new commit on main: only that ADD reruns.
+    let o = build(&out.path().join("fs2"));
+    assert!(
+        raw_events(&o.stdout)
+            .iter()
+            .filter(|e| e["completed"].is_number())
+            .all(|e| e["cached"] == true)
+    );
+    std::fs::write(repo.join("top.txt"), "top v2\n").unwrap();
+    git_in(&repo, &["commit", "-q", "-am", "two"]);
+    let fs3 = out.path().join("fs3");
+    build(&fs3);
+    assert_eq!(
+        std::fs::read_to_string(fs3.join("main/top.txt")).unwrap(),
+        "top v2\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(fs3.join("pinned/top.txt")).unwrap(),
+        "top v1\n"
+    );
+
+    // Errors: an unknown ref, a checksum that does not match, a missing subdirectory.
+    for (add, want) in [
+        (
+            format!("ADD {url}#nope /x/"),
+            "no branch, tag or ref named \"nope\"",
+        ),
+        (
+            format!("ADD --checksum={v1} {url}#main /x/"),
+            "checksum mismatch",
+        ),
+        (format!("ADD {url}#v1:missing /x/"), "not in the repository"),
+    ] {
+        std::fs::write(
+            ctx.path().join("Dockerfile"),
+            format!("FROM scratch\n{add}\n"),
+        )
+        .unwrap();
+        let e = d.fails(&["build", ctx.path().to_str().unwrap()]);
+        assert!(e.contains(want) && e.contains("Dockerfile:2"), "{e}");
+    }
+}
+
 /// An HTTP server for ADD <url> tests (python's, on loopback).
 struct HttpServer(std::process::Child, u16);
 impl HttpServer {

@@ -5,6 +5,7 @@
 
 pub mod exec;
 pub mod fileop;
+pub mod git;
 mod image;
 
 use std::collections::{HashMap, HashSet};
@@ -182,7 +183,14 @@ impl Worker {
         };
         // Whatever a crashed daemon left there is stale.
         let _ = fs::remove_dir_all(&run_dir);
-        for d in [run_dir.join("bundles"), run_dir.join("secrets")] {
+        // Scratch space (git checkouts) on the snapshots' filesystem, so
+        // results move into a snapshot by rename; stale after a crash.
+        let _ = fs::remove_dir_all(root.join("tmp"));
+        for d in [
+            run_dir.join("bundles"),
+            run_dir.join("secrets"),
+            root.join("tmp"),
+        ] {
             fs::create_dir_all(&d)
                 .map_err(|e| WorkerError::Other(format!("{}: {e}", d.display())))?;
         }
@@ -513,6 +521,24 @@ impl Worker {
                 fetched == 0,
             ));
         }
+        if let Some(remote) = id.strip_prefix("git:") {
+            let attr = |k: &str| {
+                src.attrs
+                    .iter()
+                    .find(|a| a.key == k)
+                    .map(|a| a.value.clone())
+                    .unwrap_or_default()
+            };
+            let git = git::GitSource {
+                remote: remote.to_string(),
+                reference: attr("ref"),
+                subdir: attr("subdir"),
+                keep_git_dir: attr("keep-git-dir") == "true",
+                checksum: attr("checksum"),
+            };
+            let (snapshot, commit, cached) = self.git_checkout(git).await.map_err(serr)?;
+            return Ok((Output::Snapshot(snapshot), format!("git:{commit}"), cached));
+        }
         if id.starts_with("http://") || id.starts_with("https://") {
             let checksum = src
                 .attrs
@@ -526,9 +552,7 @@ impl Worker {
                 .map_err(serr)?;
             return Ok((Output::Snapshot(snapshot), format!("http:{digest}"), false));
         }
-        Err(SolveError::new(format!(
-            "unsupported source {id:?} (git sources are not supported yet)"
-        )))
+        Err(SolveError::new(format!("unsupported source {id:?}")))
     }
 
     /// ADD <url>: streams the body into the content store (verified against

@@ -1172,7 +1172,31 @@ impl Ctx<'_> {
                     // Remote ADD sources are their own source op; the copy takes its root.
                     let url = non_heredoc[0].clone();
                     let mut attrs = Vec::new();
+                    let git = parse_git_ref(&url);
+                    let identifier = match &git {
+                        Some(g) => {
+                            for (k, v) in [("ref", &g.reference), ("subdir", &g.subdir)] {
+                                if !v.is_empty() {
+                                    attrs.push(pb::KeyValue {
+                                        key: k.into(),
+                                        value: v.clone(),
+                                    });
+                                }
+                            }
+                            format!("git:{}", g.remote)
+                        }
+                        None => url.clone(),
+                    };
+                    // For a git source the checksum is the commit the ref must resolve to.
                     if let Some(c) = flags.get("checksum") {
+                        if git.is_some() && !is_commit_id(c) {
+                            return Err(self.err(
+                                line,
+                                format!(
+                                    "ADD --checksum={c}: a git source's checksum is a commit id"
+                                ),
+                            ));
+                        }
                         attrs.push(pb::KeyValue {
                             key: "checksum".into(),
                             value: c.clone(),
@@ -1185,10 +1209,7 @@ impl Ctx<'_> {
                         });
                     }
                     let op = pb::Op {
-                        op: Some(pb::op::Op::Source(pb::SourceOp {
-                            identifier: url.clone(),
-                            attrs,
-                        })),
+                        op: Some(pb::op::Op::Source(pb::SourceOp { identifier, attrs })),
                         ..Default::default()
                     };
                     (
@@ -1223,7 +1244,10 @@ impl Ctx<'_> {
                     src: non_heredoc
                         .iter()
                         .map(|s| {
-                            if is_remote(s) {
+                            if parse_git_ref(s).is_some() {
+                                // A checkout: its whole tree is copied.
+                                "/".to_string()
+                            } else if is_remote(s) {
                                 format!("/{}", kiln_definition::url_filename(s))
                             } else {
                                 s.to_string()
@@ -1757,10 +1781,69 @@ pub fn clean_path(p: &str) -> String {
 }
 
 fn is_remote(s: &str) -> bool {
-    s.starts_with("http://")
-        || s.starts_with("https://")
-        || s.starts_with("git@")
-        || s.starts_with("git://")
+    s.starts_with("http://") || s.starts_with("https://") || parse_git_ref(s).is_some()
+}
+
+/// A git repository named in `ADD`: remote, ref and subdirectory.
+#[derive(Debug, PartialEq, Eq)]
+struct GitRef {
+    remote: String,
+    reference: String,
+    subdir: String,
+}
+
+fn is_commit_id(s: &str) -> bool {
+    (s.len() == 40 || s.len() == 64) && s.chars().all(|c| c.is_ascii_hexdigit())
+}
+
+/// Recognises git sources the way BuildKit does: `git://`, `ssh://`,
+/// scp-like `git@host:path`, `github.com/...`, and http(s) URLs whose path
+/// ends in `.git`; the ref and subdirectory come from `#ref:subdir` or the
+/// newer `?ref=..&subdir=..` query.
+fn parse_git_ref(s: &str) -> Option<GitRef> {
+    let (base, fragment) = match s.split_once('#') {
+        Some((b, f)) => (b, Some(f)),
+        None => (s, None),
+    };
+    let (base, query) = match base.split_once('?') {
+        Some((b, q)) if !b.starts_with("git@") || b.contains('/') => (b, Some(q)),
+        _ => (base, None),
+    };
+    let remote = if base.starts_with("git://") || base.starts_with("ssh://") {
+        base.to_string()
+    } else if let Some(rest) = base.strip_prefix("git@") {
+        if !rest.contains(':') {
+            return None;
+        }
+        base.to_string()
+    } else if base.starts_with("github.com/") {
+        format!("https://{base}")
+    } else if (base.starts_with("http://") || base.starts_with("https://"))
+        && base.trim_end_matches('/').ends_with(".git")
+    {
+        base.to_string()
+    } else {
+        return None;
+    };
+    let (mut reference, mut subdir) = match fragment {
+        Some(f) => match f.split_once(':') {
+            Some((r, d)) => (r.to_string(), d.to_string()),
+            None => (f.to_string(), String::new()),
+        },
+        None => (String::new(), String::new()),
+    };
+    for kv in query.into_iter().flat_map(|q| q.split('&')) {
+        match kv.split_once('=') {
+            Some(("ref", v)) => reference = v.to_string(),
+            Some(("subdir", v)) => subdir = v.to_string(),
+            _ => {}
+        }
+    }
+    Some(GitRef {
+        remote,
+        reference,
+        subdir,
+    })
 }
 
 fn escapes_root(src: &str) -> bool {
@@ -2339,6 +2422,53 @@ mod tests {
         };
         let e = convert(b"FROM b AS a\nFROM scratch AS b\n", &o, &NoImages).unwrap_err();
         assert!(e.message.contains("b"), "the image b is resolved: {e}");
+    }
+
+    #[test]
+    fn git_refs() {
+        let g = parse_git_ref("https://github.com/moby/buildkit.git#v0.10.1:docs").unwrap();
+        assert_eq!(
+            (g.remote.as_str(), g.reference.as_str(), g.subdir.as_str()),
+            ("https://github.com/moby/buildkit.git", "v0.10.1", "docs")
+        );
+        let g = parse_git_ref("git@github.com:moby/buildkit.git#main").unwrap();
+        assert_eq!(
+            (g.remote.as_str(), g.reference.as_str()),
+            ("git@github.com:moby/buildkit.git", "main")
+        );
+        let g = parse_git_ref("github.com/moby/buildkit").unwrap();
+        assert_eq!(g.remote, "https://github.com/moby/buildkit");
+        let g = parse_git_ref("git://127.0.0.1:9418/r.git?ref=v1&subdir=a/b").unwrap();
+        assert_eq!((g.reference.as_str(), g.subdir.as_str()), ("v1", "a/b"));
+        // Plain downloads stay downloads.
+        assert!(parse_git_ref("https://example.com/file.tar.gz").is_none());
+        assert!(parse_git_ref("./local.git").is_none());
+        // The graph has a git source whose copy takes the whole checkout.
+        let c = conv("FROM scratch\nADD git://h/r.git#v1:sub /src\n").unwrap();
+        let g = kiln_definition::Graph::from_definition(&c.definition).unwrap();
+        let src = g
+            .vertices
+            .values()
+            .find_map(|v| match &v.op.op {
+                Some(pb::op::Op::Source(s)) if s.identifier.starts_with("git:") => Some(s.clone()),
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!(src.identifier, "git:git://h/r.git");
+        assert!(src.attrs.iter().any(|a| a.key == "ref" && a.value == "v1"));
+        assert!(
+            src.attrs
+                .iter()
+                .any(|a| a.key == "subdir" && a.value == "sub")
+        );
+        assert!(conv("FROM scratch\nADD --checksum=sha256:00 git://h/r.git#main /src\n").is_err());
+        let sha = "a".repeat(40);
+        assert!(
+            conv(&format!(
+                "FROM scratch\nADD --checksum={sha} git://h/r.git#main /src\n"
+            ))
+            .is_ok()
+        );
     }
 
     #[test]
