@@ -439,3 +439,69 @@ RUN --security=insecure cat /proc/self/status | grep CapEff > /caps
         u64::from_str_radix(read("caps").trim().trim_start_matches("CapEff:").trim(), 16).unwrap();
     assert!(caps & (1 << 21) != 0, "CapEff {caps:x}");
 }
+
+#[test]
+fn deep_chains_build_past_the_overlay_mount_limit() {
+    require_root!();
+    // ~150 layers: more lowerdirs than fit in one overlay mount option.
+    let mut df = String::from("FROM busybox\n");
+    for i in 0..150 {
+        df.push_str(&format!(
+            "RUN echo {i} > /f{i} && rm -f /m* && touch /m{i}\n"
+        ));
+    }
+    df.push_str("RUN ls /f* | wc -l > /count && ls /m* > /markers\n");
+    let ctx = busybox_context(&df, &[]);
+    let d = Daemon::start();
+    let out = tempfile::tempdir().unwrap();
+    let root = oci(&d, ctx.path(), out.path(), &[]);
+    assert_eq!(
+        std::fs::read_to_string(root.join("count")).unwrap().trim(),
+        "150"
+    );
+    assert_eq!(
+        std::fs::read_to_string(root.join("markers")).unwrap(),
+        "/m149\n"
+    );
+    assert_eq!(std::fs::read_to_string(root.join("f0")).unwrap(), "0\n");
+    // Every step is still its own layer in the image.
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.path().join("layout/index.json")).unwrap())
+            .unwrap();
+    let digest = index["manifests"][0]["digest"].as_str().unwrap();
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(
+            out.path()
+                .join("layout/blobs/sha256")
+                .join(digest.trim_start_matches("sha256:")),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert!(manifest["layers"].as_array().unwrap().len() >= 151);
+}
+
+#[test]
+fn cache_mount_seeded_from_a_stage() {
+    require_root!();
+    let ctx = busybox_context(
+        "FROM busybox AS seed\nRUN mkdir -p /seed && echo seeded > /seed/x\nFROM busybox\nRUN --mount=type=cache,id=c1,target=/c,from=seed,source=/seed cat /c/x > /got && echo more >> /c/x\nRUN --mount=type=cache,id=c1,target=/c,from=seed,source=/seed cat /c/x > /got2\n",
+        &[],
+    );
+    let d = Daemon::start();
+    let out = tempfile::tempdir().unwrap();
+    let root = oci(&d, ctx.path(), out.path(), &[]);
+    assert_eq!(
+        std::fs::read_to_string(root.join("got")).unwrap(),
+        "seeded\n"
+    );
+    // Seeded once: the second step sees the first one's write.
+    assert_eq!(
+        std::fs::read_to_string(root.join("got2")).unwrap(),
+        "seeded\nmore\n"
+    );
+    assert!(
+        !root.join("c").join("x").exists(),
+        "cache content stays out of the layer"
+    );
+}

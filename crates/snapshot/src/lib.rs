@@ -18,8 +18,12 @@ pub enum SnapshotError {
     Io { path: PathBuf, source: io::Error },
     #[error("mounting overlayfs at {}: {source} (kiln needs root and a kernel with overlayfs)", path.display())]
     Mount { path: PathBuf, source: nix::Error },
-    #[error("the parent chain is too deep for one overlay mount ({0} layers)")]
-    ChainTooDeep(usize),
+    #[error("flattening {layers} layers into {}: {message}", path.display())]
+    Flatten {
+        layers: usize,
+        path: PathBuf,
+        message: String,
+    },
 }
 
 fn io_at(path: &Path) -> impl FnOnce(io::Error) -> SnapshotError + '_ {
@@ -29,14 +33,23 @@ fn io_at(path: &Path) -> impl FnOnce(io::Error) -> SnapshotError + '_ {
     }
 }
 
-/// The kernel copies mount options into one page.
-const MAX_MOUNT_DATA: usize = 4000;
+/// The kernel copies mount options into one page; keep room for the
+/// upperdir and workdir options.
+const MAX_LOWERDIR_OPTION: usize = 3600;
+/// overlayfs stacks at most 500 lower layers.
+const MAX_LOWERS: usize = 400;
+/// Deep chains are flattened in blocks of this many bottom layers, so the
+/// flattened directory stays the same while the chain grows above it.
+const FLATTEN_BLOCK: usize = 64;
 
 #[derive(Debug)]
 pub struct Snapshotter {
     root: PathBuf,
     mounts: PathBuf,
+    /// Merged copies of the bottom of deep chains, by the id of their top layer.
+    flat: PathBuf,
     counter: AtomicU64,
+    flatten_lock: std::sync::Mutex<()>,
 }
 
 /// A writable snapshot being prepared. Dropping it without `commit`
@@ -78,7 +91,8 @@ impl Snapshotter {
     pub fn open(root: &Path) -> Result<Self, SnapshotError> {
         let snaps = root.join("snapshots");
         let mounts = root.join("mounts");
-        for d in [&snaps, &mounts] {
+        let flat = root.join("flat");
+        for d in [&snaps, &mounts, &flat] {
             fs::create_dir_all(d).map_err(io_at(d))?;
         }
         if let Ok(entries) = fs::read_dir(&mounts) {
@@ -99,10 +113,21 @@ impl Snapshotter {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(0);
+        if let Ok(entries) = fs::read_dir(&flat) {
+            for e in entries.flatten() {
+                // Half-copied flattenings, or ones whose layer is gone.
+                let name = e.file_name().to_string_lossy().to_string();
+                if name.starts_with("tmp-") || !snaps.join(&name).join("fs").is_dir() {
+                    let _ = fs::remove_dir_all(e.path());
+                }
+            }
+        }
         Ok(Snapshotter {
             root: snaps,
             mounts,
+            flat,
             counter: AtomicU64::new(seed),
+            flatten_lock: std::sync::Mutex::new(()),
         })
     }
 
@@ -122,16 +147,76 @@ impl Snapshotter {
         self.upper(id).is_dir()
     }
 
+    /// The `lowerdir=` value for `chain` (nearest first). A chain too long
+    /// for one mount option (or for overlayfs' stacking limit) keeps its top
+    /// layers and has the rest flattened into one merged directory.
     fn lowerdir_option(&self, chain: &[String]) -> Result<String, SnapshotError> {
         let lowers: Vec<String> = chain
             .iter()
             .map(|id| self.upper(id).to_string_lossy().to_string())
             .collect();
         let opt = lowers.join(":");
-        if opt.len() > MAX_MOUNT_DATA - 200 {
-            return Err(SnapshotError::ChainTooDeep(chain.len()));
+        if opt.len() <= MAX_LOWERDIR_OPTION && chain.len() <= MAX_LOWERS {
+            return Ok(opt);
         }
-        Ok(opt)
+        // How many top layers fit next to one flattened directory.
+        let flat_len = self.flat.join(&chain[0]).to_string_lossy().len() + 1;
+        let mut fit = 0;
+        let mut len = flat_len;
+        for l in &lowers {
+            if len + l.len() + 1 > MAX_LOWERDIR_OPTION || fit + 1 >= MAX_LOWERS {
+                break;
+            }
+            len += l.len() + 1;
+            fit += 1;
+        }
+        // Flatten whole blocks from the bottom so the same block serves the
+        // following steps of the build too.
+        let need = chain.len() - fit;
+        let bottom = need.div_ceil(FLATTEN_BLOCK) * FLATTEN_BLOCK;
+        let bottom = bottom.min(chain.len());
+        let keep = chain.len() - bottom;
+        let flat = self.flatten(&chain[keep..])?;
+        let mut parts = lowers[..keep].to_vec();
+        parts.push(flat.to_string_lossy().to_string());
+        Ok(parts.join(":"))
+    }
+
+    /// A merged copy of `chain`'s filesystem, made once and kept until its
+    /// top layer is removed.
+    fn flatten(&self, chain: &[String]) -> Result<PathBuf, SnapshotError> {
+        let dest = self.flat.join(&chain[0]);
+        if dest.is_dir() {
+            return Ok(dest);
+        }
+        let err = |message: String| SnapshotError::Flatten {
+            layers: chain.len(),
+            path: dest.clone(),
+            message,
+        };
+        // The view may itself flatten (a very deep bottom): take it before the lock.
+        let view = self.view(chain)?;
+        let _guard = self.flatten_lock.lock().unwrap_or_else(|p| p.into_inner());
+        if dest.is_dir() {
+            return Ok(dest);
+        }
+        let tmp = self.flat.join(format!("tmp-{}", self.new_id()));
+        // cp -a keeps owners, modes, times, hardlinks, xattrs and devices.
+        let out = std::process::Command::new("cp")
+            .arg("-a")
+            .arg("--")
+            .arg(view.path())
+            .arg(&tmp)
+            .output()
+            .map_err(|e| err(format!("running cp: {e}")))?;
+        if !out.status.success() {
+            let _ = fs::remove_dir_all(&tmp);
+            return Err(err(String::from_utf8_lossy(&out.stderr).trim().to_string()));
+        }
+        drop(view);
+        fs::rename(&tmp, &dest).map_err(io_at(&dest))?;
+        tracing::info!(layers = chain.len(), dir = %dest.display(), "flattened a deep snapshot chain");
+        Ok(dest)
     }
 
     /// Starts a writable snapshot over `chain` (nearest parent first).
@@ -214,8 +299,9 @@ impl Snapshotter {
         }
     }
 
-    /// Deletes a committed snapshot.
+    /// Deletes a committed snapshot (and any flattening topped by it).
     pub fn remove(&self, id: &str) -> Result<(), SnapshotError> {
+        let _ = fs::remove_dir_all(self.flat.join(id));
         let dir = self.root.join(id);
         match fs::remove_dir_all(&dir) {
             Ok(()) => Ok(()),
@@ -352,5 +438,46 @@ mod tests {
         drop(c);
         assert!(!sn.exists(&cid));
         assert_eq!(fs::read_dir(d.path().join("mounts")).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn deep_chains_are_flattened() {
+        if !is_root() {
+            eprintln!("skipping: overlay mounts need root");
+            return;
+        }
+        let d = tempfile::tempdir().unwrap();
+        let sn = Snapshotter::open(d.path()).unwrap();
+        // 300 layers: far past what one lowerdir option holds.
+        let mut chain: Vec<String> = Vec::new();
+        for i in 0..300 {
+            let a = sn.prepare(&chain).unwrap();
+            fs::write(a.path().join(format!("f{i}")), i.to_string()).unwrap();
+            if i > 0 {
+                // Each step also deletes the previous step's marker.
+                fs::remove_file(a.path().join(format!("m{}", i - 1))).unwrap();
+            }
+            fs::write(a.path().join(format!("m{i}")), "").unwrap();
+            chain.insert(0, a.commit().unwrap());
+        }
+        let v = sn.view(&chain).unwrap();
+        for i in [0, 63, 64, 200, 299] {
+            assert_eq!(
+                fs::read_to_string(v.path().join(format!("f{i}"))).unwrap(),
+                i.to_string()
+            );
+        }
+        assert!(!v.path().join("m298").exists() && v.path().join("m299").exists());
+        drop(v);
+        let flats = fs::read_dir(d.path().join("flat")).unwrap().count();
+        assert!(
+            (1..10).contains(&flats),
+            "{flats} flattenings for 300 steps"
+        );
+        // Removing the top layer of a flattening removes it.
+        for id in &chain {
+            sn.remove(id).unwrap();
+        }
+        assert_eq!(fs::read_dir(d.path().join("flat")).unwrap().count(), 0);
     }
 }

@@ -138,6 +138,25 @@ impl<W: Worker> Clone for Solver<W> {
     }
 }
 
+/// A spawned task that is aborted when its handle is dropped.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl<T> std::future::Future for AbortOnDrop<T> {
+    type Output = Result<T, tokio::task::JoinError>;
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.0).poll(cx)
+    }
+}
+
 /// The key of a vertex: its op digest plus, per input, a content key or the
 /// input's key.
 pub fn cache_key(op: &Digest, inputs: &[String]) -> String {
@@ -183,9 +202,18 @@ impl<W: Worker> Solver<W> {
                 .collect::<Result<_, _>>()?;
             let this = self.clone();
             let job = job.clone();
-            let fut = async move { this.vertex(v, inputs, job, no_cache).await }
-                .boxed()
-                .shared();
+            // Each vertex is its own task: awaiting a chain of nested shared
+            // futures would poll hundreds of frames deep on one stack. The
+            // task is aborted once nobody awaits its result (a dropped build).
+            let task = AbortOnDrop(tokio::spawn(async move {
+                this.vertex(v, inputs, job, no_cache).await
+            }));
+            let fut = async move {
+                task.await
+                    .map_err(|e| SolveError::new(format!("step task failed: {e}")))?
+            }
+            .boxed()
+            .shared();
             futs.insert(d.clone(), fut);
         }
         let out = futs

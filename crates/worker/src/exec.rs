@@ -149,6 +149,47 @@ fn shell_words(args: &[String]) -> String {
 }
 
 impl Worker {
+    /// Fills a new cache mount directory with `selector` of the `from=` state.
+    fn seed_cache_mount(
+        &self,
+        from: &Output,
+        selector: &str,
+        dest: &Path,
+        cache_id: &str,
+    ) -> Result<(), WorkerError> {
+        let err = |e: String| WorkerError::Other(format!("cache mount {cache_id}: {e}"));
+        let view;
+        let root = match from {
+            Output::Snapshot(id) => {
+                view = self.snapshots.view(&self.chain(id)?)?;
+                view.path().to_path_buf()
+            }
+            Output::Context(c) => c.root.clone(),
+        };
+        let src = resolve_in_root(&root, selector, true)?;
+        if !src.is_dir() {
+            return Err(err(format!("source {selector:?} is not a directory")));
+        }
+        // Copy next to the destination, then rename: a crash never leaves a half-seeded cache.
+        let tmp = dest.with_extension("seeding");
+        let _ = fs::remove_dir_all(&tmp);
+        if let Some(parent) = tmp.parent() {
+            fs::create_dir_all(parent).map_err(|e| err(e.to_string()))?;
+        }
+        let out = std::process::Command::new("cp")
+            .arg("-a")
+            .arg("--")
+            .arg(&src)
+            .arg(&tmp)
+            .output()
+            .map_err(|e| err(format!("running cp: {e}")))?;
+        if !out.status.success() {
+            let _ = fs::remove_dir_all(&tmp);
+            return Err(err(String::from_utf8_lossy(&out.stderr).trim().to_string()));
+        }
+        fs::rename(&tmp, dest).map_err(|e| err(e.to_string()))
+    }
+
     pub(crate) async fn exec_op(
         self: Arc<Self>,
         v: Vertex,
@@ -294,7 +335,14 @@ impl Worker {
                     });
                 }
                 pb::MountType::Cache => {
-                    let id = Digest::of(m.cache_id.as_bytes()).hex()[..24].to_string();
+                    // A cache seeded `from=` another state is its own cache
+                    // per (id, that state), as in BuildKit.
+                    let seed = inputs.get(m.input.max(0) as usize).filter(|_| m.input >= 0);
+                    let id_src = match seed {
+                        Some(r) => format!("{}\n{}\n{}", m.cache_id, r.key, m.selector),
+                        None => m.cache_id.clone(),
+                    };
+                    let id = Digest::of(id_src.as_bytes()).hex()[..24].to_string();
                     let dir = self.root.join("cache-mounts").join(&id);
                     let sharing =
                         pb::CacheSharing::try_from(m.sharing).unwrap_or(pb::CacheSharing::Shared);
@@ -320,6 +368,11 @@ impl Worker {
                         },
                         pb::CacheSharing::Shared => dir.clone(),
                     };
+                    if !source.exists()
+                        && let Some(seed) = seed
+                    {
+                        self.seed_cache_mount(&seed.output, &m.selector, &source, &m.cache_id)?;
+                    }
                     if !source.exists() {
                         fs::create_dir_all(&source).map_err(|err| {
                             WorkerError::Other(format!("cache mount {}: {err}", m.cache_id))
