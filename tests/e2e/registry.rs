@@ -224,3 +224,205 @@ fn credentials_come_from_the_clients_docker_config() {
     let o = d2.kilnctl_env(&["build", ctx2.path().to_str().unwrap()], &env);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
+
+/// A kilnd config file with `[registry."HOST"]` tables.
+fn registry_config(dir: &std::path::Path, body: &str) -> String {
+    let p = dir.join("kilnd.toml");
+    std::fs::write(&p, body).unwrap();
+    p.display().to_string()
+}
+
+#[test]
+fn tls_registry_with_a_ca_from_the_config_and_push_options() {
+    require_root!();
+    let reg = Registry::start_tls_with_auth("bob", "pw");
+    let ca = reg.ca.clone().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = registry_config(
+        tmp.path(),
+        &format!("[registry.\"{}\"]\nca = [\"{}\"]\n", reg.addr, ca.display()),
+    );
+    // skopeo trusts the same CA through a cert dir.
+    let certs = tmp.path().join("certs");
+    std::fs::create_dir(&certs).unwrap();
+    std::fs::copy(&ca, certs.join("ca.crt")).unwrap();
+    let certs = certs.display().to_string();
+    let docker_cfg = tmp.path().join("docker");
+    std::fs::create_dir(&docker_cfg).unwrap();
+    // base64("bob:pw")
+    std::fs::write(
+        docker_cfg.join("config.json"),
+        format!(r#"{{"auths":{{"{}":{{"auth":"Ym9iOnB3"}}}}}}"#, reg.addr),
+    )
+    .unwrap();
+    let env = [("DOCKER_CONFIG", docker_cfg.to_str().unwrap())];
+    let d = Daemon::start_with(&["--config", &cfg]);
+    let ctx = busybox_context("FROM busybox\nRUN echo tls > /tls\n", &[]);
+    let c = ctx.path().to_str().unwrap();
+
+    // zstd at a chosen level, over TLS with basic auth.
+    let image = format!("{}/t/bb:1", reg.addr);
+    let o = d.kilnctl_env(
+        &[
+            "build",
+            c,
+            "-o",
+            &format!("type=image,name={image},push=true,compression=zstd,compression-level=9,force-compression=true"),
+        ],
+        &env,
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let raw: serde_json::Value = serde_json::from_str(&tool(
+        "skopeo",
+        &[
+            "inspect",
+            "--raw",
+            "--cert-dir",
+            &certs,
+            "--creds",
+            "bob:pw",
+            &format!("docker://{image}"),
+        ],
+    ))
+    .unwrap();
+    assert_eq!(
+        raw["mediaType"],
+        "application/vnd.oci.image.manifest.v1+json"
+    );
+    for l in raw["layers"].as_array().unwrap() {
+        assert_eq!(
+            l["mediaType"], "application/vnd.oci.image.layer.v1.tar+zstd",
+            "{raw}"
+        );
+    }
+    // skopeo copies (and so verifies) every blob.
+    tool(
+        "skopeo",
+        &[
+            "copy",
+            "--src-cert-dir",
+            &certs,
+            "--src-creds",
+            "bob:pw",
+            &format!("docker://{image}"),
+            &format!("oci:{}:x", tmp.path().join("copy").display()),
+        ],
+    );
+
+    // push-by-digest: the manifest is there by digest, under no tag.
+    let meta = tmp.path().join("meta.json");
+    let o = d.kilnctl_env(
+        &[
+            "build",
+            c,
+            "--metadata-file",
+            meta.to_str().unwrap(),
+            "-o",
+            &format!(
+                "type=image,name={}/t/bydigest,push=true,push-by-digest=true",
+                reg.addr
+            ),
+        ],
+        &env,
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(&meta).unwrap()).unwrap();
+    let digest = m["containerimage.digest"].as_str().unwrap();
+    let by_digest = format!("docker://{}/t/bydigest@{digest}", reg.addr);
+    tool(
+        "skopeo",
+        &[
+            "inspect",
+            "--raw",
+            "--cert-dir",
+            &certs,
+            "--creds",
+            "bob:pw",
+            &by_digest,
+        ],
+    );
+    let tags = std::process::Command::new("skopeo")
+        .args(["list-tags", "--cert-dir", &certs, "--creds", "bob:pw"])
+        .arg(format!("docker://{}/t/bydigest", reg.addr))
+        .output()
+        .unwrap();
+    let listed = String::from_utf8_lossy(&tags.stdout);
+    assert!(
+        !listed.contains("latest"),
+        "push-by-digest made a tag: {listed}"
+    );
+
+    // A second daemon with the same config pulls the zstd image back over TLS.
+    let d2 = Daemon::start_with(&["--config", &cfg]);
+    let ctx2 = tempfile::tempdir().unwrap();
+    std::fs::write(
+        ctx2.path().join("Dockerfile"),
+        format!("FROM {image}\nRUN cat /tls > /again\n"),
+    )
+    .unwrap();
+    let fs = tmp.path().join("fs");
+    let o = d2.kilnctl_env(
+        &[
+            "build",
+            ctx2.path().to_str().unwrap(),
+            "-o",
+            fs.to_str().unwrap(),
+        ],
+        &env,
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(std::fs::read_to_string(fs.join("again")).unwrap(), "tls\n");
+
+    // Bad option values are refused up front.
+    let e = d.fails(&[
+        "build",
+        c,
+        "-o",
+        &format!("type=image,name={image},push=true,compression-level=99"),
+    ]);
+    assert!(e.contains("compression-level=99"), "{e}");
+}
+
+#[test]
+fn pulls_go_through_configured_mirrors() {
+    require_root!();
+    let mirror = Registry::start();
+    let origin = Registry::start();
+    let tmp = tempfile::tempdir().unwrap();
+    // The image exists only on the mirror.
+    let a = Daemon::start();
+    let ctx = busybox_context("FROM busybox\nRUN echo mirrored > /m\n", &[]);
+    a.ok(&[
+        "build",
+        ctx.path().to_str().unwrap(),
+        "-t",
+        &format!("{}/lib/bb:1", mirror.addr),
+        "--push",
+    ]);
+    let cfg = registry_config(
+        tmp.path(),
+        &format!(
+            "[registry.\"{}\"]\nmirrors = [\"{}\"]\n",
+            origin.addr, mirror.addr
+        ),
+    );
+    let d = Daemon::start_with(&["--config", &cfg]);
+    let ctx2 = tempfile::tempdir().unwrap();
+    std::fs::write(
+        ctx2.path().join("Dockerfile"),
+        format!("FROM {}/lib/bb:1\n", origin.addr),
+    )
+    .unwrap();
+    let fs = tmp.path().join("fs");
+    d.ok(&[
+        "build",
+        ctx2.path().to_str().unwrap(),
+        "-o",
+        fs.to_str().unwrap(),
+    ]);
+    assert_eq!(std::fs::read_to_string(fs.join("m")).unwrap(), "mirrored\n");
+    // Without the mirror the origin does not have it.
+    let plain = Daemon::start();
+    let e = plain.fails(&["build", ctx2.path().to_str().unwrap()]);
+    assert!(e.contains(&origin.addr), "{e}");
+}

@@ -295,20 +295,86 @@ pub struct Registry {
     child: Child,
     _dir: tempfile::TempDir,
     pub addr: String,
+    /// The CA (PEM) that signed the registry's certificate, when it speaks TLS.
+    pub ca: Option<PathBuf>,
 }
 
 impl Registry {
     pub fn start() -> Registry {
-        Self::start_inner(None)
+        Self::start_inner(None, false)
     }
 
     /// A registry that requires HTTP basic auth (htpasswd, bcrypt).
     pub fn start_with_auth(user: &str, password: &str) -> Registry {
-        Self::start_inner(Some((user, password)))
+        Self::start_inner(Some((user, password)), false)
     }
 
-    fn start_inner(auth: Option<(&str, &str)>) -> Registry {
+    /// TLS with a certificate from a CA made here, and basic auth.
+    pub fn start_tls_with_auth(user: &str, password: &str) -> Registry {
+        Self::start_inner(Some((user, password)), true)
+    }
+
+    fn start_inner(auth: Option<(&str, &str)>, tls: bool) -> Registry {
         let dir = tempfile::tempdir().expect("tempdir");
+        let mut tls_cfg = String::new();
+        let mut ca = None;
+        if tls {
+            let p = |n: &str| dir.path().join(n).display().to_string();
+            let openssl = |args: &[&str]| {
+                tool("openssl", args);
+            };
+            openssl(&[
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                &p("ca.key"),
+                "-out",
+                &p("ca.pem"),
+                "-days",
+                "2",
+                "-subj",
+                "/CN=kiln-test-ca",
+            ]);
+            openssl(&[
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                &p("srv.key"),
+                "-out",
+                &p("srv.csr"),
+                "-subj",
+                "/CN=127.0.0.1",
+            ]);
+            std::fs::write(dir.path().join("ext"), "subjectAltName=IP:127.0.0.1\n").expect("ext");
+            openssl(&[
+                "x509",
+                "-req",
+                "-in",
+                &p("srv.csr"),
+                "-CA",
+                &p("ca.pem"),
+                "-CAkey",
+                &p("ca.key"),
+                "-CAcreateserial",
+                "-out",
+                &p("srv.pem"),
+                "-days",
+                "2",
+                "-extfile",
+                &p("ext"),
+            ]);
+            tls_cfg = format!(
+                "  tls:\n    certificate: {}\n    key: {}\n",
+                p("srv.pem"),
+                p("srv.key")
+            );
+            ca = Some(dir.path().join("ca.pem"));
+        }
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .expect("free port")
             .local_addr()
@@ -319,7 +385,7 @@ impl Registry {
         std::fs::write(
             &cfg,
             format!(
-                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n{}",
+                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n{tls_cfg}{}",
                 dir.path().join("data").display(),
                 match auth {
                     Some((u, p)) => {
@@ -346,6 +412,7 @@ impl Registry {
                     child,
                     _dir: dir,
                     addr,
+                    ca,
                 };
             }
             std::thread::sleep(Duration::from_millis(50));

@@ -27,6 +27,51 @@ pub struct Config {
     pub allow_insecure_entitlements: Vec<String>,
     /// Registries (host:port) reached over plain HTTP; loopback ones always are.
     pub insecure_registries: Vec<String>,
+    /// Per-registry settings, BuildKit's `[registry."host:port"]` tables.
+    pub registry: std::collections::BTreeMap<String, RegistryHost>,
+}
+
+/// `[registry."host:port"]`: how to reach one registry.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistryHost {
+    /// Plain HTTP.
+    pub http: bool,
+    /// TLS without certificate verification.
+    pub insecure: bool,
+    /// PEM files with CA certificates to trust for this host.
+    pub ca: Vec<PathBuf>,
+    /// Hosts tried first when pulling from this registry.
+    pub mirrors: Vec<String>,
+}
+
+impl Config {
+    /// The registry client's settings, with CA files read.
+    pub fn registry_config(&self) -> Result<kiln_registry::RegistryConfig, ConfigError> {
+        let mut hosts = std::collections::HashMap::new();
+        for (host, h) in &self.registry {
+            let mut ca_pem = Vec::new();
+            for path in &h.ca {
+                ca_pem.push(std::fs::read(path).map_err(|source| ConfigError::Read {
+                    path: path.clone(),
+                    source,
+                })?);
+            }
+            hosts.insert(
+                host.clone(),
+                kiln_registry::HostConfig {
+                    http: h.http,
+                    insecure: h.insecure,
+                    ca_pem,
+                    mirrors: h.mirrors.clone(),
+                },
+            );
+        }
+        Ok(kiln_registry::RegistryConfig {
+            insecure: self.insecure_registries.clone(),
+            hosts,
+        })
+    }
 }
 
 impl Default for Config {
@@ -40,6 +85,7 @@ impl Default for Config {
             network: "host".into(),
             allow_insecure_entitlements: Vec::new(),
             insecure_registries: Vec::new(),
+            registry: Default::default(),
         }
     }
 }
@@ -92,6 +138,17 @@ mod tests {
         assert_eq!(c.root, PathBuf::from("/tmp/x"));
         assert_eq!(c.parallelism(), 3);
         assert_eq!(c.addr, vec![DEFAULT_ADDR.to_string()]);
+        std::fs::write(
+            &d,
+            "[registry.\"docker.io\"]\nmirrors = [\"127.0.0.1:5000\"]\n[registry.\"r.example:443\"]\ninsecure = true\n",
+        )
+        .unwrap();
+        let c = Config::load(&d).unwrap();
+        let rc = c.registry_config().unwrap();
+        assert_eq!(rc.hosts["docker.io"].mirrors, vec!["127.0.0.1:5000"]);
+        assert!(rc.hosts["r.example:443"].insecure);
+        std::fs::write(&d, "[registry.\"x\"]\ncert = 1\n").unwrap();
+        assert!(Config::load(&d).unwrap_err().to_string().contains("cert"));
         std::fs::write(&d, "rot = 1\n").unwrap();
         let e = Config::load(&d).unwrap_err().to_string();
         assert!(e.contains("rot"), "{e}");

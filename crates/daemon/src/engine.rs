@@ -6,13 +6,14 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use kiln_compress::Codec;
 use kiln_definition::Graph;
 use kiln_definition::image::Image;
 use kiln_dockerfile::{ConvertOptions, ImageResolver, Platform};
 use kiln_exporter::{ImageOptions, Layer};
 use kiln_proto::control::{self as ctl, SolveRequest, SolveResponse, UsageRecord};
 use kiln_solver::{Resolved, Solver};
-use kiln_worker::{Job, Output, Worker};
+use kiln_worker::{Job, LayerCompression, Output, Worker};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
@@ -106,9 +107,9 @@ impl Engine {
                     executor,
                     network_none_default,
                     registry: Arc::new(kiln_registry::RegistryClient::new(
-                        kiln_registry::RegistryConfig {
-                            insecure: config.insecure_registries.clone(),
-                        },
+                        config
+                            .registry_config()
+                            .map_err(|e| EngineError::InvalidArgument(e.to_string()))?,
                     )),
                 },
             )
@@ -327,23 +328,20 @@ impl Engine {
                         "type=image without push=true would only keep the image in the cache; this daemon has no image store yet (use push=true, type=oci or type=docker)".into(),
                     ));
                 }
-                let oci_mediatypes = bool_attr(attrs.get("oci-mediatypes"), false)?;
-                let compression = attrs
-                    .get("compression")
-                    .cloned()
-                    .unwrap_or_else(|| "gzip".into());
+                let opts = ImageExportOptions::parse(attrs, "image")?;
                 let worker = self.worker.clone();
                 let image = image.clone();
+                let o = opts.clone();
                 let built = tokio::task::spawn_blocking(
                     move || -> Result<kiln_exporter::BuiltImage, String> {
-                        let layers = chain_layers(&worker, &chain, &compression, epoch)?;
+                        let layers = chain_layers(&worker, &chain, &o.compression, epoch)?;
                         let built = kiln_exporter::build_image(
                             &image,
                             &layers,
                             &ImageOptions {
-                                oci_mediatypes,
+                                oci_mediatypes: o.oci_mediatypes,
                                 created: epoch.unwrap_or_else(now),
-                                annotations: BTreeMap::new(),
+                                annotations: o.annotations,
                             },
                         )
                         .map_err(|e| e.to_string())?;
@@ -373,15 +371,29 @@ impl Engine {
                     let creds = kiln_worker::ContextProvider::credentials(&contexts, host)
                         .await
                         .map_err(EngineError::Export)?;
+                    // push-by-digest: the manifest goes up under its digest, no tag.
+                    let target = if opts.push_by_digest {
+                        let r = kiln_registry::parse_reference(n)
+                            .map_err(|e| EngineError::InvalidArgument(e.to_string()))?;
+                        format!(
+                            "{}/{}@{}",
+                            r.resolve_registry(),
+                            r.repository(),
+                            built.manifest_digest
+                        )
+                    } else {
+                        n.clone()
+                    };
                     self.worker
                         .registry
                         .push(
-                            n,
+                            &target,
                             &blobs,
                             &built.manifest,
                             &built.manifest_media_type,
                             &self.worker.content,
                             creds.as_ref(),
+                            opts.insecure,
                         )
                         .await
                         .map_err(|e| EngineError::Export(format!("push failed: {e}")))?;
@@ -405,41 +417,20 @@ impl Engine {
                     )));
                 }
                 let as_tar = docker || bool_attr(attrs.get("tar"), true)?;
-                let oci_mediatypes = bool_attr(attrs.get("oci-mediatypes"), !docker)?;
-                // `docker load` reads plain layer tars.
-                let compression = if docker {
-                    "uncompressed".to_string()
-                } else {
-                    attrs
-                        .get("compression")
-                        .cloned()
-                        .unwrap_or_else(|| "gzip".into())
-                };
-                if !matches!(compression.as_str(), "gzip" | "zstd" | "uncompressed") {
-                    return Err(EngineError::InvalidArgument(format!(
-                        "unknown compression {compression:?} (gzip, zstd, uncompressed)"
-                    )));
-                }
-                let names = name_list(attrs);
-                let annotations: BTreeMap<String, String> = attrs
-                    .iter()
-                    .filter_map(|(k, v)| {
-                        k.strip_prefix("annotation.")
-                            .map(|k| (k.to_string(), v.clone()))
-                    })
-                    .collect();
+                let opts = ImageExportOptions::parse(attrs, &exp.r#type)?;
+                let names = opts.names.clone();
                 let worker = self.worker.clone();
                 let image = image.clone();
                 let built = tokio::task::spawn_blocking(
                     move || -> Result<kiln_exporter::BuiltImage, String> {
-                        let layers = chain_layers(&worker, &chain, &compression, epoch)?;
+                        let layers = chain_layers(&worker, &chain, &opts.compression, epoch)?;
                         kiln_exporter::build_image(
                             &image,
                             &layers,
                             &ImageOptions {
-                                oci_mediatypes,
+                                oci_mediatypes: opts.oci_mediatypes,
                                 created: epoch.unwrap_or_else(now),
-                                annotations,
+                                annotations: opts.annotations,
                             },
                         )
                         .map_err(|e| e.to_string())
@@ -560,6 +551,88 @@ impl Engine {
 }
 
 /// The comma-separated `name=` of an exporter.
+/// Options shared by the image-producing exporters (image/registry, oci, docker).
+#[derive(Debug, Clone)]
+struct ImageExportOptions {
+    compression: LayerCompression,
+    oci_mediatypes: bool,
+    annotations: BTreeMap<String, String>,
+    names: Vec<String>,
+    push_by_digest: bool,
+    /// `registry.insecure=true`: plain HTTP to the registry.
+    insecure: bool,
+}
+
+impl ImageExportOptions {
+    /// `kind` is the exporter type: OCI media types are the default only for
+    /// `oci`, as in BuildKit.
+    fn parse(attrs: &BTreeMap<String, String>, kind: &str) -> Result<Self, EngineError> {
+        let bad = EngineError::InvalidArgument;
+        let docker = kind == "docker";
+        let name = attrs
+            .get("compression")
+            .map(String::as_str)
+            .unwrap_or("gzip");
+        // `docker load` reads plain layer tars.
+        let codec = if docker {
+            Codec::Uncompressed
+        } else {
+            Codec::parse(name).ok_or_else(|| {
+                bad(format!(
+                    "unknown compression {name:?} (gzip, zstd, uncompressed)"
+                ))
+            })?
+        };
+        let mut compression = LayerCompression::new(codec);
+        if let Some(l) = attrs.get("compression-level") {
+            let level: i32 = l
+                .parse()
+                .map_err(|_| bad(format!("compression-level={l:?} is not a number")))?;
+            compression.level = codec.check_level(level).map_err(bad)?;
+        }
+        compression.force = bool_attr(attrs.get("force-compression"), false)?;
+        let known = [
+            "name",
+            "push",
+            "push-by-digest",
+            "compression",
+            "compression-level",
+            "force-compression",
+            "oci-mediatypes",
+            "registry.insecure",
+            "dest",
+            "tar",
+            "unpack",
+            "store",
+            "dangling-name-prefix",
+            "buildinfo",
+            "attestation-inline",
+        ];
+        for k in attrs.keys() {
+            if !known.contains(&k.as_str()) && !k.starts_with("annotation") {
+                return Err(bad(format!("unknown output option {k:?}")));
+            }
+        }
+        Ok(ImageExportOptions {
+            compression,
+            // zstd layers only exist as OCI media types.
+            oci_mediatypes: bool_attr(attrs.get("oci-mediatypes"), kind == "oci")?
+                || codec == Codec::Zstd,
+            annotations: attrs
+                .iter()
+                .filter_map(|(k, v)| {
+                    k.strip_prefix("annotation.")
+                        .or_else(|| k.strip_prefix("annotation-manifest."))
+                        .map(|k| (k.to_string(), v.clone()))
+                })
+                .collect(),
+            names: name_list(attrs),
+            push_by_digest: bool_attr(attrs.get("push-by-digest"), false)?,
+            insecure: bool_attr(attrs.get("registry.insecure"), false)?,
+        })
+    }
+}
+
 fn name_list(attrs: &BTreeMap<String, String>) -> Vec<String> {
     attrs
         .get("name")
@@ -608,7 +681,7 @@ where
 fn chain_layers(
     worker: &Worker,
     chain: &[String],
-    compression: &str,
+    compression: &LayerCompression,
     epoch: Option<i64>,
 ) -> Result<Vec<Layer>, String> {
     let mut layers = Vec::new();
@@ -623,7 +696,9 @@ fn chain_layers(
                 .parse()
                 .map_err(|e: kiln_digest::DigestError| e.to_string())?,
             size: blob.size,
-            compression: compression.to_string(),
+            // A pulled layer keeps its original blob whatever was asked,
+            // unless force-compression: report what the blob really is.
+            compression: blob.compression.clone(),
             empty: info.empty,
         });
     }

@@ -160,6 +160,22 @@ pub fn is_local(host: &str) -> bool {
 pub struct RegistryConfig {
     /// Hosts (host:port) that speak plain HTTP besides loopback ones.
     pub insecure: Vec<String>,
+    /// Per-host settings (BuildKit's `[registry."host"]`).
+    pub hosts: std::collections::HashMap<String, HostConfig>,
+}
+
+/// Settings for one registry host.
+#[derive(Debug, Clone, Default)]
+pub struct HostConfig {
+    /// Plain HTTP.
+    pub http: bool,
+    /// TLS without verifying the server's certificate.
+    pub insecure: bool,
+    /// Extra CA certificates (PEM) trusted for this host; configuring one
+    /// means TLS even for a loopback host.
+    pub ca_pem: Vec<Vec<u8>>,
+    /// Hosts tried, in order, before this one when pulling.
+    pub mirrors: Vec<String>,
 }
 
 pub struct RegistryClient {
@@ -179,16 +195,62 @@ impl RegistryClient {
     }
 
     fn client(&self, r: &Reference) -> oci_client::Client {
+        self.client_for(r, false)
+    }
+
+    /// A client for the host of `r`; `force_http` is an exporter's
+    /// `registry.insecure=true`.
+    fn client_for(&self, r: &Reference, force_http: bool) -> oci_client::Client {
         let host = r.resolve_registry().to_string();
-        let protocol = if is_local(&host) || self.config.insecure.contains(&host) {
+        let cfg = self.config.hosts.get(&host).cloned().unwrap_or_default();
+        // As in Docker, loopback registries may be plain HTTP without any
+        // setting, unless TLS settings were given for them.
+        let tls_configured = !cfg.ca_pem.is_empty() || cfg.insecure;
+        let http = force_http
+            || cfg.http
+            || self.config.insecure.contains(&host)
+            || (is_local(&host) && !tls_configured);
+        let protocol = if http {
             ClientProtocol::Http
         } else {
             ClientProtocol::Https
         };
         oci_client::Client::new(ClientConfig {
             protocol,
+            accept_invalid_certificates: cfg.insecure,
+            extra_root_certificates: cfg
+                .ca_pem
+                .iter()
+                .map(|pem| oci_client::client::Certificate {
+                    encoding: oci_client::client::CertificateEncoding::Pem,
+                    data: pem.clone(),
+                })
+                .collect(),
             ..Default::default()
         })
+    }
+
+    /// Where to pull `r` from: its mirrors in order, then the registry itself.
+    fn pull_sources(&self, r: &Reference) -> Vec<Reference> {
+        let host = r.resolve_registry();
+        let mut v: Vec<Reference> = self
+            .config
+            .hosts
+            .get(host)
+            .map(|c| c.mirrors.as_slice())
+            .unwrap_or_default()
+            .iter()
+            .map(|m| match r.digest() {
+                Some(d) => Reference::with_digest(m.clone(), r.repository().into(), d.into()),
+                None => Reference::with_tag(
+                    m.clone(),
+                    r.repository().into(),
+                    r.tag().unwrap_or("latest").into(),
+                ),
+            })
+            .collect();
+        v.push(r.clone());
+        v
     }
 
     fn auth(creds: Option<&Credentials>) -> RegistryAuth {
@@ -210,6 +272,41 @@ impl RegistryClient {
         creds: Option<&Credentials>,
     ) -> Result<ResolvedImage, RegistryError> {
         let r = parse_reference(reference)?;
+        let mut last = None;
+        for src in self.pull_sources(&r) {
+            let mirror = src.resolve_registry() != r.resolve_registry();
+            // The client's credentials are for the registry, never sent to a mirror.
+            let c = if mirror { None } else { creds };
+            match self.resolve_at(&src, os, arch, variant, c).await {
+                Ok(mut img) => {
+                    if mirror {
+                        // Named after the registry, whichever host served it.
+                        img.pinned = Reference::with_digest(
+                            r.resolve_registry().to_string(),
+                            r.repository().to_string(),
+                            img.manifest_digest.to_string(),
+                        )
+                        .whole();
+                    }
+                    return Ok(img);
+                }
+                // A platform mismatch is an answer, not an outage: no fallback.
+                Err(e @ RegistryError::NoPlatform { .. }) => return Err(e),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| err(&r, "no registry to pull from")))
+    }
+
+    async fn resolve_at(
+        &self,
+        r: &Reference,
+        os: &str,
+        arch: &str,
+        variant: &str,
+        creds: Option<&Credentials>,
+    ) -> Result<ResolvedImage, RegistryError> {
+        let r = r.clone();
         let client = self.client(&r);
         let auth = Self::auth(creds);
         let accepted = [OCI_INDEX, DOCKER_LIST, OCI_MANIFEST, DOCKER_MANIFEST];
@@ -283,7 +380,30 @@ impl RegistryClient {
         if store.exists(&layer.digest) {
             return Ok(());
         }
-        let r = parse_reference(reference)?;
+        let origin = parse_reference(reference)?;
+        let mut last = None;
+        for src in self.pull_sources(&origin) {
+            let c = if src.resolve_registry() == origin.resolve_registry() {
+                creds
+            } else {
+                None
+            };
+            match self.fetch_blob_at(&src, layer, store, c).await {
+                Ok(()) => return Ok(()),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| err(&origin, "no registry to pull from")))
+    }
+
+    async fn fetch_blob_at(
+        &self,
+        r: &Reference,
+        layer: &LayerDesc,
+        store: &ContentStore,
+        creds: Option<&Credentials>,
+    ) -> Result<(), RegistryError> {
+        let r = r.clone();
         let client = self.client(&r);
         client
             .store_auth_if_needed(r.resolve_registry(), &Self::auth(creds))
@@ -312,9 +432,10 @@ impl RegistryClient {
         manifest_media_type: &str,
         store: &ContentStore,
         creds: Option<&Credentials>,
+        force_http: bool,
     ) -> Result<String, RegistryError> {
         let r = parse_reference(reference)?;
-        let client = self.client(&r);
+        let client = self.client_for(&r, force_http);
         let auth = Self::auth(creds);
         client
             .auth(&r, &auth, oci_client::RegistryOperation::Push)

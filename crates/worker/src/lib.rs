@@ -743,19 +743,22 @@ impl Worker {
         Ok(Output::Snapshot(id))
     }
 
-    /// The layer of one snapshot in a compression, computed once and reused.
+    /// The layer of one snapshot in a compression, computed once and reused
+    /// (unless `force`: then compressed again at `level`).
     pub fn layer(
         &self,
         id: &str,
-        compression: &str,
+        compression: &LayerCompression,
         epoch: Option<i64>,
     ) -> Result<(LayerInfo, BlobRef), WorkerError> {
+        let codec = compression.codec.name();
         let mut rec = self
             .meta
             .snapshot(id)?
             .ok_or_else(|| WorkerError::Other(format!("snapshot {id} is missing")))?;
-        if let Some(l) = rec.layers.iter().find(|l| l.epoch == epoch)
-            && let Some(b) = l.blobs.iter().find(|b| b.compression == compression)
+        if !compression.force
+            && let Some(l) = rec.layers.iter().find(|l| l.epoch == epoch)
+            && let Some(b) = l.blobs.iter().find(|b| b.compression == codec)
             && b.digest
                 .parse::<Digest>()
                 .is_ok_and(|d| self.content.exists(&d))
@@ -767,36 +770,24 @@ impl Worker {
         let zerr = |e: std::io::Error| {
             WorkerError::Other(format!("compressing layer of snapshot {id}: {e}"))
         };
-        let (writer, diff_id, stats) = match compression {
-            "gzip" => {
-                let (gz, d, s) = tar_layer(
-                    &upper,
-                    flate2::write::GzEncoder::new(writer, flate2::Compression::new(6)),
-                    epoch,
-                )?;
-                (gz.finish().map_err(zerr)?, d, s)
-            }
-            "zstd" => {
-                let mut enc = zstd::Encoder::new(writer, 3).map_err(zerr)?;
-                let threads = std::thread::available_parallelism()
-                    .map(|n| n.get() as u32)
-                    .unwrap_or(1);
-                enc.multithread(threads).map_err(zerr)?;
-                let (enc, d, s) = tar_layer(&upper, enc, epoch)?;
-                (enc.finish().map_err(zerr)?, d, s)
-            }
-            "uncompressed" => tar_layer(&upper, writer, epoch)?,
-            other => return Err(WorkerError::Other(format!("unknown compression {other:?}"))),
-        };
+        let enc = kiln_compress::Encoder::new(
+            writer,
+            compression.codec,
+            compression.level,
+            kiln_compress::cores(),
+        )
+        .map_err(zerr)?;
+        let (enc, diff_id, stats) = tar_layer(&upper, enc, epoch)?;
+        let writer = enc.finish().map_err(zerr)?;
         let (digest, size) = writer.commit(None)?;
         let blob = BlobRef {
-            compression: compression.into(),
+            compression: codec.into(),
             digest: digest.to_string(),
             size,
         };
         let info = match rec.layers.iter_mut().find(|l| l.epoch == epoch) {
             Some(l) => {
-                l.blobs.retain(|b| b.compression != compression);
+                l.blobs.retain(|b| b.compression != codec);
                 l.blobs.push(blob.clone());
                 l.clone()
             }
@@ -813,6 +804,25 @@ impl Worker {
         };
         self.meta.put_snapshot(id, &rec)?;
         Ok((info, blob))
+    }
+}
+
+/// How exported layers are compressed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LayerCompression {
+    pub codec: kiln_compress::Codec,
+    pub level: i32,
+    /// Compress again even when a blob in this codec exists.
+    pub force: bool,
+}
+
+impl LayerCompression {
+    pub fn new(codec: kiln_compress::Codec) -> Self {
+        LayerCompression {
+            codec,
+            level: codec.default_level(),
+            force: false,
+        }
     }
 }
 
