@@ -389,8 +389,7 @@ impl Engine {
                         .push(
                             &target,
                             &blobs,
-                            &built.manifest,
-                            &built.manifest_media_type,
+                            (&built.manifest, &built.manifest_media_type),
                             &self.worker.content,
                             creds.as_ref(),
                             opts.insecure,
