@@ -13,9 +13,10 @@ ROUNDS=${ROUNDS:-$([ $SMOKE = 1 ] && echo 1 || echo 3)}
 SMALL_FILES=$([ $SMOKE = 1 ] && echo 500 || echo 20000)
 TRIVIAL_RUNS=$([ $SMOKE = 1 ] && echo 5 || echo 50)
 CONCURRENT=$([ $SMOKE = 1 ] && echo 3 || echo 20)
+BIG_MB=$([ $SMOKE = 1 ] && echo 16 || echo 1024)
 
 need=()
-for pkg in buildah docker.io busybox-static runc; do
+for pkg in buildah docker.io busybox-static runc docker-registry; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then
@@ -26,6 +27,9 @@ fi
 # Smoke mode reuses the debug build the tests made (it checks that the harness runs, not speed).
 PROFILE=$([ $SMOKE = 1 ] && echo debug || echo release)
 if [ $PROFILE = release ]; then cargo build --release -q -p kilnd -p kilnctl || exit 1; else cargo build -q -p kilnd -p kilnctl || exit 1; fi
+# The codec ceiling is always measured optimised: it is the reference, not kiln.
+cargo build --release -q -p kiln-compress --example codec_limit || exit 1
+CODEC_LIMIT=$REPO/target/release/examples/codec_limit
 KILND=$REPO/target/$PROFILE/kilnd
 KILNCTL=$REPO/target/$PROFILE/kilnctl
 
@@ -60,6 +64,13 @@ if [ -x /usr/sbin/dockerd ] && [ -x $DOCKER ]; then
   for _ in $(seq 100); do DOCKER_HOST="unix://$W/docker.sock" $DOCKER info >/dev/null 2>&1 && { HAVE_DOCKER=1; break; }; sleep 0.2; done
 fi
 [ $HAVE_DOCKER = 1 ] || echo "note: dockerd did not start; BuildKit columns are n/a ($W/dockerd.log)" >&2
+# A local registry for the push cases.
+REG_PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+REG=127.0.0.1:$REG_PORT
+printf 'version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: %s\nhttp:\n  addr: %s\n' "$W/registry" "$REG" > "$W/registry.yml"
+docker-registry serve "$W/registry.yml" >"$W/registry.log" 2>&1 &
+PIDS+=("$!")
+for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$REG_PORT) 2>/dev/null && break; sleep 0.1; done
 HAVE_BUILDAH=0
 command -v buildah >/dev/null && HAVE_BUILDAH=1
 BUILDAH=(buildah --root "$W/buildah/root" --runroot "$W/buildah/run" --storage-driver overlay)
@@ -114,6 +125,13 @@ COPY --from=c /c /c")
 TRIV_BODY="FROM busybox"; for i in $(seq "$TRIVIAL_RUNS"); do TRIV_BODY="$TRIV_BODY
 RUN true # $i"; done
 TRIV=$(mkctx trivial "$TRIV_BODY")
+# 5: a big context (one BIG_MB file + the small files); 7: a BIG_MB layer.
+# Base64 of random bytes: compresses about as well as typical binaries.
+head -c $(( BIG_MB * 1024 * 1024 * 3 / 4 )) /dev/urandom | base64 -w 76 > "$W/big.dat"
+BIG_BYTES=$(stat -c %s "$W/big.dat")
+HUGE=$(mkctx hugectx "$STEPS")
+cp -r "$BIG/src" "$BIG/many" "$BIG/config.txt" "$HUGE/"; cp "$W/big.dat" "$HUGE/big.dat"
+LAYER=$W/ctx/layer; mkdir -p "$LAYER"; cp "$W/big.dat" "$LAYER/big.dat"; printf 'FROM scratch\nCOPY big.dat /big.dat\n' > "$LAYER/Dockerfile"
 
 declare -A RES
 record() { RES["$1|$2"]="${RES["$1|$2"]:-} $3"; }
@@ -142,10 +160,37 @@ RUN echo $i > /n$i" >/dev/null; done
     for i in $(seq "$CONCURRENT"); do "${b}_build" "$W/ctx/conc$i" >/dev/null & jobs_+=("$!"); done
     wait "${jobs_[@]}"
     record "9 $CONCURRENT concurrent builds" $b $(( $(now_ms) - t0 ))
+    "${b}_cold"; record "5 $BIG_MB MB + $SMALL_FILES-file context, first build" $b "$("${b}_build" "$HUGE")"
+    record "5b same context unchanged, rebuild" $b "$("${b}_build" "$HUGE")"
   done
 done
 
 KILN_PEAK_RSS=$(awk '/VmHWM/{print $2}' /proc/$KILND_PID/status)
+# --- 7: export and push throughput of one BIG_MB layer (MB/s of uncompressed layer) ---
+mbps() { awk -v b="$BIG_BYTES" -v ms="$1" 'BEGIN{ if (ms > 0) printf "%.0f", b / 1e6 / (ms / 1000); }'; }
+declare -A TP
+tp() { TP["$1|$2"]="${TP["$1|$2"]:-} $3"; }
+kiln_out() { local t0; t0=$(now_ms); "$KILNCTL" --addr "unix://$W/kilnd.sock" build "$LAYER" --progress quiet -o "$1" >/dev/null 2>>"$W/kiln.err" || echo FAIL >&2; echo $(( $(now_ms) - t0 )); }
+"$KILNCTL" --addr "unix://$W/kilnd.sock" build "$LAYER" --progress quiet >/dev/null 2>>"$W/kiln.err"
+if [ $HAVE_BUILDAH = 1 ]; then "${BUILDAH[@]}" bud --layers --isolation chroot -q -t layer "$LAYER" >/dev/null 2>>"$W/buildah.err"; fi
+for round in $(seq "$ROUNDS"); do
+  echo "throughput round $round/$ROUNDS" >&2
+  for c in gzip zstd; do
+    # force-compression: compress every time (kiln otherwise reuses the blob it made before).
+    tp "export to OCI tar, $c" kiln "$(mbps "$(kiln_out "type=oci,dest=$W/k.tar,compression=$c,force-compression=true")")"
+    tp "push to local registry, $c" kiln "$(mbps "$(kiln_out "type=image,name=$REG/bench/k-$c-$round:1,push=true,compression=$c,force-compression=true")")"
+    if [ $HAVE_BUILDAH = 1 ]; then
+      t0=$(now_ms); "${BUILDAH[@]}" push -q --compression-format "$c" layer "oci-archive:$W/b.tar" >/dev/null 2>>"$W/buildah.err"
+      tp "export to OCI tar, $c" bh "$(mbps $(( $(now_ms) - t0 )))"
+      t0=$(now_ms); "${BUILDAH[@]}" push -q --tls-verify=false --compression-format "$c" layer "docker://$REG/bench/b-$c-$round:1" >/dev/null 2>>"$W/buildah.err"
+      tp "push to local registry, $c" bh "$(mbps $(( $(now_ms) - t0 )))"
+    fi
+    rm -f "$W/k.tar" "$W/b.tar"
+  done
+done
+KILN_EXPORT_RSS=$(awk '/VmHWM/{print $2}' /proc/$KILND_PID/status)
+LIMITS=$("$CODEC_LIMIT" "$W/big.dat")
+
 OUT=bench/results$([ $SMOKE = 1 ] && echo -smoke).md
 {
   echo "Measured $(date -u +%Y-%m-%dT%H:%MZ) on $(nproc) cores, $(free -g | awk '/Mem/{print $2}') GiB, $(uname -r); rounds: $ROUNDS$([ $SMOKE = 1 ] && echo ' (smoke: small sizes)')."
@@ -153,7 +198,7 @@ OUT=bench/results$([ $SMOKE = 1 ] && echo -smoke).md
   echo
   echo "| case | kiln ms | BuildKit ms | buildah ms | kiln/BuildKit | kiln/buildah |"
   echo "| --- | ---: | ---: | ---: | ---: | ---: |"
-  for c in "1 cold, 10 steps" "2 no-op rebuild" "2b no-op rebuild, $SMALL_FILES-file context" "3 incremental (one COPY'd file)" "4 3 parallel stages x 2s CPU (ideal on $(nproc) cores: $(( 2000 * 3 / $(nproc) > 2000 ? 2000 * 3 / $(nproc) : 2000 )) ms)" "6 $TRIVIAL_RUNS x RUN true, cold" "9 $CONCURRENT concurrent builds"; do
+  for c in "1 cold, 10 steps" "2 no-op rebuild" "2b no-op rebuild, $SMALL_FILES-file context" "3 incremental (one COPY'd file)" "4 3 parallel stages x 2s CPU (ideal on $(nproc) cores: $(( 2000 * 3 / $(nproc) > 2000 ? 2000 * 3 / $(nproc) : 2000 )) ms)" "5 $BIG_MB MB + $SMALL_FILES-file context, first build" "5b same context unchanged, rebuild" "6 $TRIVIAL_RUNS x RUN true, cold" "9 $CONCURRENT concurrent builds"; do
     k=$(echo "${RES["$c|kiln"]:-}" | median); bk=$(echo "${RES["$c|bk"]:-}" | median); bh=$(echo "${RES["$c|bh"]:-}" | median)
     r1=n/a; r2=n/a
     [ -n "$k" ] && [ -n "$bk" ] && [ "$bk" -gt 0 ] && r1=$(awk -v a="$k" -v b="$bk" 'BEGIN{printf "%.2f", a/b}')
@@ -161,7 +206,22 @@ OUT=bench/results$([ $SMOKE = 1 ] && echo -smoke).md
     echo "| $c | ${k:-n/a} | ${bk:-n/a} | ${bh:-n/a} | $r1 | $r2 |"
   done
   echo
-  echo "kilnd RSS: idle $((KILN_IDLE_RSS / 1024)) MB, peak $((KILN_PEAK_RSS / 1024)) MB."
+  echo "7: one $BIG_MB MB layer, MB/s of uncompressed layer (median). The codec limit is sha256 + compression + sha256 on all cores with kiln's libraries, from memory-cached input."
+  echo
+  echo "| case | kiln MB/s | buildah MB/s | kiln/buildah | codec limit MB/s | kiln/limit |"
+  echo "| --- | ---: | ---: | ---: | ---: | ---: |"
+  for c in gzip zstd; do
+    lim=$(echo "$LIMITS" | awk -v c="$c" '$1==c{print $2}')
+    for what in "export to OCI tar, $c" "push to local registry, $c"; do
+      k=$(echo "${TP["$what|kiln"]:-}" | median); bh=$(echo "${TP["$what|bh"]:-}" | median)
+      r1=n/a; r2=n/a
+      [ -n "$k" ] && [ -n "$bh" ] && [ "$bh" -gt 0 ] && r1=$(awk -v a="$k" -v b="$bh" 'BEGIN{printf "%.2f", a/b}')
+      [ -n "$k" ] && [ -n "$lim" ] && [ "$lim" -gt 0 ] && r2=$(awk -v a="$k" -v b="$lim" 'BEGIN{printf "%.2f", a/b}')
+      echo "| $what | ${k:-n/a} | ${bh:-n/a} | $r1 | ${lim:-n/a} | $r2 |"
+    done
+  done
+  echo
+  echo "kilnd RSS: idle $((KILN_IDLE_RSS / 1024)) MB, peak during builds $((KILN_PEAK_RSS / 1024)) MB, peak after the $BIG_MB MB exports and pushes $((KILN_EXPORT_RSS / 1024)) MB."
   echo "kiln keeps results in its cache (no export); BuildKit and buildah store an image."
   if grep -qv WARNING "$W/kiln.err" 2>/dev/null; then echo; echo "kiln errors:"; grep -v WARNING "$W/kiln.err" | head -5 | sed 's/^/    /'; fi
 } > "$OUT"
