@@ -505,3 +505,103 @@ fn cache_mount_seeded_from_a_stage() {
         "cache content stays out of the layer"
     );
 }
+
+/// Copies a dynamically linked host binary and the libraries `ldd` names
+/// into `ctx/root/` at the same paths (so `COPY root/ /` installs it).
+fn copy_with_libs(bin: &str, ctx: &Path) {
+    let root = ctx.join("root");
+    let mut files = vec![bin.to_string()];
+    for line in tool("ldd", &[bin]).lines() {
+        if let Some(p) = line.split_whitespace().find(|w| w.starts_with('/')) {
+            files.push(p.to_string());
+        }
+    }
+    for f in files {
+        let dest = root.join(f.trim_start_matches('/'));
+        std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
+        std::fs::copy(&f, &dest).unwrap();
+    }
+}
+
+#[test]
+fn ssh_agent_is_forwarded_from_the_client() {
+    require_root!();
+    let tmp = tempfile::tempdir().unwrap();
+    let sock = tmp.path().join("agent.sock");
+    let mut agent = Command::new("ssh-agent")
+        .args(["-D", "-a"])
+        .arg(&sock)
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("ssh-agent (openssh-client)");
+    for _ in 0..100 {
+        if sock.exists() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let key = tmp.path().join("id");
+    tool(
+        "ssh-keygen",
+        &[
+            "-q",
+            "-t",
+            "ed25519",
+            "-N",
+            "",
+            "-C",
+            "kiln-test-key",
+            "-f",
+            key.to_str().unwrap(),
+        ],
+    );
+    let added = Command::new("ssh-add")
+        .arg(&key)
+        .env("SSH_AUTH_SOCK", &sock)
+        .output()
+        .unwrap();
+    assert!(
+        added.status.success(),
+        "{}",
+        String::from_utf8_lossy(&added.stderr)
+    );
+
+    let ctx = busybox_context(
+        "FROM busybox\nCOPY root/ /\nRUN --mount=type=ssh ssh-add -l > /keys && echo \"$SSH_AUTH_SOCK\" > /sockpath\nRUN --mount=type=ssh,id=other,required=false ls /run/buildkit > /optional 2>&1 || true\n",
+        &[],
+    );
+    copy_with_libs("/usr/bin/ssh-add", ctx.path());
+    let d = Daemon::start();
+    let out = tempfile::tempdir().unwrap();
+    let root = oci(
+        &d,
+        ctx.path(),
+        out.path(),
+        &["--ssh", &format!("default={}", sock.display())],
+    );
+    let keys = std::fs::read_to_string(root.join("keys")).unwrap();
+    assert!(
+        keys.contains("kiln-test-key") && keys.contains("ED25519"),
+        "{keys}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(root.join("sockpath")).unwrap(),
+        "/run/buildkit/ssh_agent.0\n"
+    );
+    assert!(
+        !root.join("run/buildkit/ssh_agent.0").exists(),
+        "the socket is not in the layer"
+    );
+    // A required agent that was not forwarded is a clear error.
+    let ctx2 = busybox_context(
+        "FROM busybox\nRUN --mount=type=ssh,required=true true\n",
+        &[],
+    );
+    let e = d.fails(&["build", ctx2.path().to_str().unwrap()]);
+    assert!(
+        e.contains("no SSH agent was forwarded") && e.contains("--ssh default"),
+        "{e}"
+    );
+    let _ = agent.kill();
+    let _ = agent.wait();
+}

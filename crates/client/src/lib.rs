@@ -104,6 +104,8 @@ pub struct BuildRequest {
     pub exporters: Vec<ctl::Exporter>,
     pub entitlements: Vec<String>,
     pub secrets: Vec<SecretSource>,
+    /// `--ssh ID=AGENT_SOCKET`: agents forwarded for RUN --mount=type=ssh.
+    pub ssh: Vec<(String, PathBuf)>,
 }
 
 fn random_id() -> String {
@@ -197,6 +199,7 @@ impl Client {
                 msg: Some(CMsg::Hello(sp::Hello {
                     session_id: session_id.clone(),
                     contexts: infos,
+                    ssh_ids: req.ssh.iter().map(|(id, _)| id.clone()).collect(),
                 })),
             })
             .await
@@ -210,7 +213,8 @@ impl Client {
             .iter()
             .map(|s| (s.id.clone(), s.from.clone()))
             .collect();
-        let session = tokio::spawn(serve_session(inbound, out_tx, contexts, secrets));
+        let agents: HashMap<String, PathBuf> = req.ssh.iter().cloned().collect();
+        let session = tokio::spawn(serve_session(inbound, out_tx, contexts, secrets, agents));
 
         let mut status = self
             .control()
@@ -277,12 +281,59 @@ enum ExportTarget {
 }
 
 /// Answers the daemon's requests until the stream ends.
+/// Carries one daemon-side agent connection to the local agent socket.
+async fn ssh_relay(
+    id: u64,
+    agent: Option<PathBuf>,
+    ssh_id: &str,
+    mut from_daemon: mpsc::UnboundedReceiver<Vec<u8>>,
+    out: &mpsc::Sender<sp::ClientMessage>,
+) -> Result<(), String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let agent = agent.ok_or_else(|| format!("no --ssh {ssh_id} was given"))?;
+    let conn = tokio::net::UnixStream::connect(&agent)
+        .await
+        .map_err(|e| format!("ssh agent {}: {e}", agent.display()))?;
+    let (mut rd, mut wr) = conn.into_split();
+    let down = async {
+        while let Some(data) = from_daemon.recv().await {
+            if wr.write_all(&data).await.is_err() {
+                break;
+            }
+        }
+        let _ = wr.shutdown().await;
+    };
+    let up = async {
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let (data, eof) = match rd.read(&mut buf).await {
+                Ok(0) | Err(_) => (Vec::new(), true),
+                Ok(n) => (buf[..n].to_vec(), false),
+            };
+            let msg = CMsg::SshData(sp::SshData { id, data, eof });
+            if out
+                .send(sp::ClientMessage { msg: Some(msg) })
+                .await
+                .is_err()
+                || eof
+            {
+                break;
+            }
+        }
+    };
+    tokio::join!(down, up);
+    Ok(())
+}
+
 async fn serve_session(
     mut inbound: tonic::Streaming<sp::DaemonMessage>,
     out: mpsc::Sender<sp::ClientMessage>,
     contexts: Contexts,
     secrets: HashMap<String, SecretFrom>,
+    agents: HashMap<String, PathBuf>,
 ) {
+    // Open agent connections: bytes from the daemon, by connection id.
+    let mut ssh_conns: HashMap<u64, mpsc::UnboundedSender<Vec<u8>>> = HashMap::new();
     let prefetched: Prefetched = Arc::new(std::sync::Mutex::new(
         contexts
             .iter()
@@ -387,6 +438,31 @@ async fn serve_session(
                     },
                 };
                 let _ = out.send(sp::ClientMessage { msg: Some(reply) }).await;
+            }
+            DMsg::SshOpen(o) => {
+                let (tx, rx) = mpsc::unbounded_channel();
+                ssh_conns.insert(o.id, tx);
+                let out = out.clone();
+                let agent = agents.get(&o.ssh_id).cloned();
+                tasks.spawn(async move {
+                    let id = o.id;
+                    if let Err(message) = ssh_relay(id, agent, &o.ssh_id, rx, &out).await {
+                        let _ = out
+                            .send(sp::ClientMessage {
+                                msg: Some(CMsg::Error(sp::ErrorReply { id, message })),
+                            })
+                            .await;
+                    }
+                });
+            }
+            DMsg::SshData(d) => {
+                if let Some(tx) = ssh_conns.get(&d.id) {
+                    let _ = tx.send(d.data);
+                }
+                if d.eof {
+                    // Dropping the sender ends the write side of that connection.
+                    ssh_conns.remove(&d.id);
+                }
             }
             DMsg::ExportStart(s) => {
                 let (tx, rx) = mpsc::channel::<Vec<u8>>(8);

@@ -24,13 +24,16 @@ impl Write for HashSink {
 }
 
 fn main() -> std::io::Result<()> {
-    let path = std::env::args()
-        .nth(1)
-        .expect("usage: codec_limit FILE");
+    let path = std::env::args().nth(1).expect("usage: codec_limit FILE");
     for codec in [Codec::Gzip, Codec::Zstd] {
         let mut f = std::fs::File::open(&path)?;
         let t = Instant::now();
-        let mut enc = Encoder::new(HashSink(Sha256::new()), codec, codec.default_level(), cores())?;
+        let mut enc = Encoder::new(
+            HashSink(Sha256::new()),
+            codec,
+            codec.default_level(),
+            cores(),
+        )?;
         let mut diff = Sha256::new();
         let mut buf = vec![0u8; 1 << 20];
         let mut total = 0u64;

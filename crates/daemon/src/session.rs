@@ -17,6 +17,7 @@ pub type Outbound = mpsc::Sender<Result<pb::DaemonMessage, tonic::Status>>;
 pub struct Session {
     pub id: String,
     contexts: HashMap<String, String>,
+    ssh_ids: Vec<String>,
     tx: Outbound,
     waiters: Mutex<HashMap<u64, mpsc::UnboundedSender<CMsg>>>,
     next: AtomicU64,
@@ -60,6 +61,7 @@ impl Session {
             CMsg::Error(e) => e.id,
             CMsg::Secret(s) => s.id,
             CMsg::Credentials(c) => c.id,
+            CMsg::SshData(d) => d.id,
             CMsg::Hello(_) => return,
         };
         if let Some(w) = self
@@ -217,6 +219,47 @@ impl Session {
         r
     }
 
+    /// Opens a connection to the client's agent and pumps bytes both ways.
+    async fn ssh_impl(self: Arc<Self>, ssh_id: String) -> Result<kiln_worker::SshStream, String> {
+        let (id, mut rx) = self.register();
+        self.send(DMsg::SshOpen(pb::SshOpen { id, ssh_id })).await?;
+        let (to_client, mut out_rx) = mpsc::channel::<Vec<u8>>(16);
+        let (in_tx, from_client) = mpsc::unbounded_channel::<Vec<u8>>();
+        let sess = self.clone();
+        tokio::spawn(async move {
+            let mut out_open = true;
+            loop {
+                tokio::select! {
+                    data = out_rx.recv(), if out_open => {
+                        let data = data.unwrap_or_default();
+                        let eof = data.is_empty();
+                        out_open = !eof;
+                        if sess.send(DMsg::SshData(pb::SshData { id, data, eof })).await.is_err() {
+                            break;
+                        }
+                    }
+                    m = rx.recv() => match m {
+                        Some(CMsg::SshData(d)) => {
+                            if !d.data.is_empty() && in_tx.send(d.data).is_err() {
+                                break;
+                            }
+                            if d.eof {
+                                break;
+                            }
+                        }
+                        // The client could not reach its agent, or the session ended.
+                        _ => break,
+                    },
+                }
+            }
+            sess.unregister(id);
+        });
+        Ok(kiln_worker::SshStream {
+            to_client,
+            from_client,
+        })
+    }
+
     /// Starts an export to the client; returns a blocking writer and the task
     /// that forwards its bytes and waits for the client's acknowledgement.
     pub async fn export(
@@ -316,6 +359,17 @@ impl ContextProvider for SessionContexts {
     > {
         Box::pin(self.0.clone().credentials_impl(host))
     }
+    fn has_ssh(&self, id: &str) -> bool {
+        self.0.ssh_ids.iter().any(|s| s == id)
+    }
+    fn ssh_connect(
+        &self,
+        id: String,
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<kiln_worker::SshStream, String>> + Send>,
+    > {
+        Box::pin(self.0.clone().ssh_impl(id))
+    }
 }
 
 #[derive(Default)]
@@ -333,6 +387,7 @@ impl Sessions {
                 .into_iter()
                 .map(|c| (c.name, c.shared_key))
                 .collect(),
+            ssh_ids: hello.ssh_ids,
             tx,
             waiters: Mutex::new(HashMap::new()),
             next: AtomicU64::new(0),

@@ -118,6 +118,9 @@ struct BuildArgs {
     /// Secret for RUN --mount=type=secret: id=ID[,src=FILE|,env=VAR]
     #[arg(long = "secret")]
     secrets: Vec<String>,
+    /// SSH agent for RUN --mount=type=ssh: default (uses $SSH_AUTH_SOCK) or ID[=AGENT_SOCKET]
+    #[arg(long = "ssh")]
+    ssh: Vec<String>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -360,6 +363,36 @@ fn parse_build_args(args: &[String]) -> anyhow::Result<BTreeMap<String, String>>
                 }
             }
         }
+    }
+    Ok(out)
+}
+
+/// `--ssh ID[=SOCKET]`: an agent socket per id; `$SSH_AUTH_SOCK` when no path.
+fn parse_ssh(specs: &[String]) -> anyhow::Result<Vec<(String, PathBuf)>> {
+    use std::os::unix::fs::FileTypeExt;
+    let mut out = Vec::new();
+    for spec in specs {
+        let (id, path) = match spec.split_once('=') {
+            Some((id, p)) => (id.to_string(), PathBuf::from(p)),
+            None => {
+                let sock = std::env::var_os("SSH_AUTH_SOCK").ok_or_else(|| {
+                    anyhow::anyhow!("--ssh {spec}: SSH_AUTH_SOCK is not set (start ssh-agent, or give --ssh {spec}=SOCKET)")
+                })?;
+                (spec.clone(), PathBuf::from(sock))
+            }
+        };
+        if id.is_empty() || path.as_os_str().is_empty() {
+            bail!("invalid --ssh {spec:?}: expected ID[=AGENT_SOCKET]");
+        }
+        let md = std::fs::metadata(&path)
+            .with_context(|| format!("--ssh {spec}: {}", path.display()))?;
+        if !md.file_type().is_socket() {
+            bail!(
+                "--ssh {spec}: {} is not an agent socket (key files are not supported: load the key with ssh-add and pass the agent's socket)",
+                path.display()
+            );
+        }
+        out.push((id, path));
     }
     Ok(out)
 }
@@ -655,6 +688,7 @@ async fn build(addr: Option<&str>, b: BuildArgs) -> anyhow::Result<()> {
                 exporters,
                 entitlements: b.allow.clone(),
                 secrets: parse_secrets(&b.secrets)?,
+                ssh: parse_ssh(&b.ssh)?,
             },
             move |m| d2.lock().unwrap_or_else(|p| p.into_inner()).handle(&m),
         )

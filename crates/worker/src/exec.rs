@@ -280,6 +280,8 @@ impl Worker {
         let mut scratch_actives = Vec::new();
         let mut locks = Vec::new();
         let mut temp_dirs = Vec::new();
+        // Agent forwarders live exactly as long as the step.
+        let mut ssh_agents = Vec::new();
         let mut dests: Vec<String> = vec![
             "/etc/hosts".into(),
             "/etc/resolv.conf".into(),
@@ -438,9 +440,45 @@ impl Worker {
                     });
                 }
                 pb::MountType::Ssh => {
-                    return Err(WorkerError::Other(
-                        "RUN --mount=type=ssh is not supported by this daemon yet".into(),
-                    ));
+                    if !job.contexts.has_ssh(&m.secret_id) {
+                        if m.optional {
+                            dests.pop();
+                            continue;
+                        }
+                        return Err(WorkerError::Other(format!(
+                            "no SSH agent was forwarded for id {:?} (kilnctl build --ssh {})",
+                            m.secret_id, m.secret_id
+                        )));
+                    }
+                    let dir = self.secrets_dir.join(format!("{bundle_id}-ssh"));
+                    fs::create_dir_all(&dir).map_err(|err| WorkerError::Other(err.to_string()))?;
+                    fs::set_permissions(&dir, fs::Permissions::from_mode(0o711))
+                        .map_err(|err| WorkerError::Other(err.to_string()))?;
+                    temp_dirs.push(DirGuard(dir.clone()));
+                    let sock = dir.join(format!("{}.sock", ssh_agents.len()));
+                    let listener = tokio::net::UnixListener::bind(&sock)
+                        .map_err(|err| WorkerError::Other(format!("ssh agent socket: {err}")))?;
+                    fs::set_permissions(&sock, fs::Permissions::from_mode(m.mode))
+                        .map_err(|err| WorkerError::Other(err.to_string()))?;
+                    nix::unistd::chown(
+                        &sock,
+                        Some(nix::unistd::Uid::from_raw(m.uid)),
+                        Some(nix::unistd::Gid::from_raw(m.gid)),
+                    )
+                    .map_err(|err| WorkerError::Other(err.to_string()))?;
+                    ssh_agents.push(AbortOnDrop(tokio::spawn(forward_agent(
+                        listener,
+                        job.contexts.clone(),
+                        m.secret_id.clone(),
+                    ))));
+                    if !env.iter().any(|e| e.starts_with("SSH_AUTH_SOCK=")) {
+                        env.push(format!("SSH_AUTH_SOCK={dest}"));
+                    }
+                    extra.push(ExtraMount::Bind {
+                        source: sock,
+                        dest,
+                        readonly: false,
+                    });
                 }
             }
         }
@@ -482,6 +520,7 @@ impl Worker {
         drop(views);
         drop(scratch_actives);
         drop(locks);
+        drop(ssh_agents);
         drop(temp_dirs);
         let exit = exit.map_err(|err| WorkerError::Other(err.to_string()))?;
         scaffold.remove();
@@ -530,6 +569,58 @@ impl Worker {
             return Err(err.into());
         }
         Ok(Output::Snapshot(id))
+    }
+}
+
+/// A task aborted when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Serves the step's agent socket: each connection is carried over the
+/// session to the client's agent. Ends (aborted) with the step.
+async fn forward_agent(
+    listener: tokio::net::UnixListener,
+    contexts: Arc<dyn crate::ContextProvider>,
+    id: String,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conns = tokio::task::JoinSet::new();
+    while let Ok((conn, _)) = listener.accept().await {
+        let contexts = contexts.clone();
+        let id = id.clone();
+        conns.spawn(async move {
+            let Ok(mut stream) = contexts.ssh_connect(id).await else {
+                return;
+            };
+            let (mut rd, mut wr) = conn.into_split();
+            let up = async {
+                let mut buf = vec![0u8; 16 * 1024];
+                loop {
+                    match rd.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            if stream.to_client.send(buf[..n].to_vec()).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+                let _ = stream.to_client.send(Vec::new()).await;
+            };
+            let down = async {
+                while let Some(data) = stream.from_client.recv().await {
+                    if wr.write_all(&data).await.is_err() {
+                        break;
+                    }
+                }
+                let _ = wr.shutdown().await;
+            };
+            tokio::join!(up, down);
+        });
     }
 }
 

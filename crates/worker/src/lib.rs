@@ -82,6 +82,17 @@ pub trait ContextProvider: Send + Sync {
         &self,
         host: String,
     ) -> BoxFuture<Result<Option<kiln_registry::Credentials>, String>>;
+    /// Whether the client forwards an SSH agent under `id` (`--ssh id`).
+    fn has_ssh(&self, id: &str) -> bool;
+    /// Opens one connection to the client's SSH agent `id`.
+    fn ssh_connect(&self, id: String) -> BoxFuture<Result<SshStream, String>>;
+}
+
+/// One forwarded agent connection: bytes to the client (an empty Vec ends
+/// that direction) and bytes from it (the channel closes at its end).
+pub struct SshStream {
+    pub to_client: tokio::sync::mpsc::Sender<Vec<u8>>,
+    pub from_client: tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>,
 }
 
 pub struct Job {
