@@ -605,3 +605,61 @@ fn ssh_agent_is_forwarded_from_the_client() {
     let _ = agent.kill();
     let _ = agent.wait();
 }
+
+/// The slow one: a Debian rootfs made by debootstrap (network to the Debian
+/// mirror) as the base, and `apt-get install` really installing a package.
+#[test]
+fn apt_get_installs_a_package_on_a_debootstrapped_debian() {
+    require_root!();
+    let tmp = tempfile::tempdir().unwrap();
+    let rootfs = tmp.path().join("rootfs");
+    let mirror = std::env::var("KILN_DEBIAN_MIRROR")
+        .unwrap_or_else(|_| "http://deb.debian.org/debian".into());
+    let o = Command::new("debootstrap")
+        .args(["--variant=minbase", "bookworm"])
+        .arg(&rootfs)
+        .arg(&mirror)
+        .output()
+        .expect("debootstrap (scripts/test.sh installs it)");
+    assert!(
+        o.status.success(),
+        "debootstrap from {mirror} failed (it needs the Debian mirror): {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let ctx = tempfile::tempdir().unwrap();
+    std::fs::write(
+        ctx.path().join("Dockerfile"),
+        "FROM debian\nRUN apt-get update -q && apt-get install -y -q --no-install-recommends hello && rm -rf /var/lib/apt/lists/*\nRUN hello > /greeting && useradd -m builder\nUSER builder\nRUN whoami > /home/builder/me\n",
+    )
+    .unwrap();
+    let d = Daemon::start();
+    let out = tempfile::tempdir().unwrap();
+    let ctx_arg = format!("debian={}", rootfs.display());
+    let root = oci(&d, ctx.path(), out.path(), &["--build-context", &ctx_arg]);
+    assert!(root.join("usr/bin/hello").is_file());
+    assert_eq!(
+        std::fs::read_to_string(root.join("greeting")).unwrap(),
+        "Hello, world!\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(root.join("home/builder/me")).unwrap(),
+        "builder\n"
+    );
+    let status = std::fs::read_to_string(root.join("var/lib/dpkg/status")).unwrap();
+    assert!(status.contains("Package: hello\nStatus: install ok installed"));
+    // Warm: nothing runs again.
+    let o = d.ok(&[
+        "build",
+        ctx.path().to_str().unwrap(),
+        "--build-context",
+        &ctx_arg,
+        "--progress",
+        "rawjson",
+    ]);
+    assert!(
+        raw_events(&o.stdout)
+            .iter()
+            .filter(|e| e["completed"].is_number())
+            .all(|e| e["cached"] == true)
+    );
+}
