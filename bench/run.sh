@@ -53,6 +53,10 @@ now_ms() { date +%s%3N; }
 KILND_PID=$!; PIDS+=("$KILND_PID")
 for _ in $(seq 100); do [ -S "$W/kilnd.sock" ] && break; sleep 0.05; done
 KILN_IDLE_RSS=$(awk '/VmRSS/{print $2}' /proc/$KILND_PID/status)
+# The same daemon with runc as its OCI runtime, for the per-RUN case.
+"$KILND" --root "$W/kiln-runc" --addr "unix://$W/kilnd-runc.sock" --oci-runtime runc --log-level warn 2>"$W/kilnd-runc.log" &
+PIDS+=("$!")
+for _ in $(seq 100); do [ -S "$W/kilnd-runc.sock" ] && break; sleep 0.05; done
 
 HAVE_DOCKER=0
 DOCKER=/usr/bin/docker
@@ -78,6 +82,11 @@ BUILDAH=(buildah --root "$W/buildah/root" --runroot "$W/buildah/run" --storage-d
 # --- builders: build CTX [extra] -> prints ms ------------------------------------
 kiln_build() { local t0; t0=$(now_ms); "$KILNCTL" --addr "unix://$W/kilnd.sock" build "$1" --progress quiet >/dev/null 2>>"$W/kiln.err" || echo FAIL >&2; echo $(( $(now_ms) - t0 )); }
 kiln_cold() { "$KILNCTL" --addr "unix://$W/kilnd.sock" prune --all >/dev/null 2>&1; }
+kilnrunc_build() { local t0; t0=$(now_ms); "$KILNCTL" --addr "unix://$W/kilnd-runc.sock" build "$1" --progress quiet >/dev/null 2>>"$W/kiln.err" || echo FAIL >&2; echo $(( $(now_ms) - t0 )); }
+kilnrunc_cold() { "$KILNCTL" --addr "unix://$W/kilnd-runc.sock" prune --all >/dev/null 2>&1; }
+# Case 8 needs the network for apt-get: BuildKit steps get the host's.
+bk_build_net() { local t0; t0=$(now_ms); DOCKER_HOST="unix://$W/docker.sock" DOCKER_BUILDKIT=1 $DOCKER build --network=host -q "$1" >/dev/null 2>>"$W/bk.err" || echo FAIL >&2; echo $(( $(now_ms) - t0 )); }
+bh_build_net() { local t0; t0=$(now_ms); "${BUILDAH[@]}" bud --layers --jobs 3 --isolation chroot --tls-verify=false -q -t bench8 "$1" >/dev/null 2>>"$W/buildah.err" || echo FAIL >&2; echo $(( $(now_ms) - t0 )); }
 bk_build() { local t0; t0=$(now_ms); DOCKER_HOST="unix://$W/docker.sock" DOCKER_BUILDKIT=1 $DOCKER build --network=none -q "$1" >/dev/null 2>>"$W/bk.err" || echo FAIL >&2; echo $(( $(now_ms) - t0 )); }
 bk_cold() { DOCKER_HOST="unix://$W/docker.sock" $DOCKER builder prune -af >/dev/null 2>&1; DOCKER_HOST="unix://$W/docker.sock" $DOCKER image prune -af >/dev/null 2>&1; }
 bh_build() { local t0; t0=$(now_ms); "${BUILDAH[@]}" bud --layers --jobs 3 --isolation chroot -q -t bench "$1" >/dev/null 2>>"$W/buildah.err" || echo FAIL >&2; echo $(( $(now_ms) - t0 )); }
@@ -152,6 +161,7 @@ for round in $(seq "$ROUNDS"); do
     record "2b no-op rebuild, $SMALL_FILES-file context" $b "$("${b}_build" "$BIG")"
     "${b}_cold"; record "4 3 parallel stages x 2s CPU (ideal on $(nproc) cores: $(( 2000 * 3 / $(nproc) > 2000 ? 2000 * 3 / $(nproc) : 2000 )) ms)" $b "$("${b}_build" "$PAR")"
     "${b}_cold"; record "6 $TRIVIAL_RUNS x RUN true, cold" $b "$("${b}_build" "$TRIV")"
+    if [ "$b" = kiln ]; then kilnrunc_cold; record "6r $TRIVIAL_RUNS x RUN true, cold (kiln with runc)" kiln "$(kilnrunc_build "$TRIV")"; fi
     # 9: concurrent builds of different small Dockerfiles on one daemon.
     for i in $(seq "$CONCURRENT"); do [ -d "$W/ctx/conc$i" ] || mkctx "conc$i" "FROM busybox
 RUN echo $i > /n$i" >/dev/null; done
@@ -164,6 +174,28 @@ RUN echo $i > /n$i" >/dev/null; done
     record "5b same context unchanged, rebuild" $b "$("${b}_build" "$HUGE")"
   done
 done
+
+# --- 8: Debian base (debootstrap), RUN apt-get install; full mode only -------
+DEB_CASE="8 Debian: apt-get install hello"
+if [ $SMOKE = 0 ]; then
+  command -v debootstrap >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap >/dev/null
+  if debootstrap --variant=minbase bookworm "$W/debian" http://deb.debian.org/debian >"$W/debootstrap.log" 2>&1; then
+    mkdir -p "$W/ctx/debbase"; echo 'FROM debian' > "$W/ctx/debbase/Dockerfile"
+    "$KILNCTL" --addr "unix://$W/kilnd.sock" build "$W/ctx/debbase" --build-context "debian=$W/debian" \
+      -t "$REG/debian:bookworm" --push --progress quiet >/dev/null 2>>"$W/kiln.err"
+    mkdir -p "$W/ctx/apt"; printf 'FROM %s/debian:bookworm\nRUN apt-get update -q && apt-get install -y -q --no-install-recommends hello\n' "$REG" > "$W/ctx/apt/Dockerfile"
+    for round in $(seq "$ROUNDS"); do
+      echo "debian round $round/$ROUNDS" >&2
+      for b in "${builders[@]}"; do
+        build=${b}_build; [ "$b" != kiln ] && build=${b}_build_net
+        "${b}_cold"; record "$DEB_CASE, cold" $b "$("$build" "$W/ctx/apt")"
+        record "$DEB_CASE, warm" $b "$("$build" "$W/ctx/apt")"
+      done
+    done
+  else
+    echo "note: debootstrap failed, case 8 skipped ($W/debootstrap.log)" >&2
+  fi
+fi
 
 KILN_PEAK_RSS=$(awk '/VmHWM/{print $2}' /proc/$KILND_PID/status)
 # --- 7: export and push throughput of one BIG_MB layer (MB/s of uncompressed layer) ---
@@ -198,8 +230,9 @@ OUT=bench/results$([ $SMOKE = 1 ] && echo -smoke).md
   echo
   echo "| case | kiln ms | BuildKit ms | buildah ms | kiln/BuildKit | kiln/buildah |"
   echo "| --- | ---: | ---: | ---: | ---: | ---: |"
-  for c in "1 cold, 10 steps" "2 no-op rebuild" "2b no-op rebuild, $SMALL_FILES-file context" "3 incremental (one COPY'd file)" "4 3 parallel stages x 2s CPU (ideal on $(nproc) cores: $(( 2000 * 3 / $(nproc) > 2000 ? 2000 * 3 / $(nproc) : 2000 )) ms)" "5 $BIG_MB MB + $SMALL_FILES-file context, first build" "5b same context unchanged, rebuild" "6 $TRIVIAL_RUNS x RUN true, cold" "9 $CONCURRENT concurrent builds"; do
-    k=$(echo "${RES["$c|kiln"]:-}" | median); bk=$(echo "${RES["$c|bk"]:-}" | median); bh=$(echo "${RES["$c|bh"]:-}" | median)
+  for c in "1 cold, 10 steps" "2 no-op rebuild" "2b no-op rebuild, $SMALL_FILES-file context" "3 incremental (one COPY'd file)" "4 3 parallel stages x 2s CPU (ideal on $(nproc) cores: $(( 2000 * 3 / $(nproc) > 2000 ? 2000 * 3 / $(nproc) : 2000 )) ms)" "5 $BIG_MB MB + $SMALL_FILES-file context, first build" "5b same context unchanged, rebuild" "6 $TRIVIAL_RUNS x RUN true, cold" "6r $TRIVIAL_RUNS x RUN true, cold (kiln with runc)" "$DEB_CASE, cold" "$DEB_CASE, warm" "9 $CONCURRENT concurrent builds"; do
+    peer="$c"; [[ "$c" == 6r* ]] && peer="6 $TRIVIAL_RUNS x RUN true, cold"  # the peers' per-RUN case is the same build
+    k=$(echo "${RES["$c|kiln"]:-}" | median); bk=$(echo "${RES["$peer|bk"]:-}" | median); bh=$(echo "${RES["$peer|bh"]:-}" | median)
     r1=n/a; r2=n/a
     [ -n "$k" ] && [ -n "$bk" ] && [ "$bk" -gt 0 ] && r1=$(awk -v a="$k" -v b="$bk" 'BEGIN{printf "%.2f", a/b}')
     [ -n "$k" ] && [ -n "$bh" ] && [ "$bh" -gt 0 ] && r2=$(awk -v a="$k" -v b="$bh" 'BEGIN{printf "%.2f", a/b}')
