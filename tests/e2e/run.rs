@@ -59,7 +59,11 @@ RUN stat -c '%u:%g' /home/app/work/mine > /owner
 #[test]
 fn files_users_workdir_env() {
     require_root!();
-    for (name, flags) in runtimes() {
+    // Both runtimes on overlayfs, and the copy-based snapshotter.
+    let configs = runtimes()
+        .into_iter()
+        .chain([("native snapshots", vec!["--snapshotter", "native"])]);
+    for (name, flags) in configs {
         let d = Daemon::start_with(&flags);
         let ctx = busybox_context(FILES_AND_USERS, &[]);
         let out = tempfile::tempdir().unwrap();
@@ -92,6 +96,13 @@ fn files_users_workdir_env() {
                 "[{name}] /{p} leaked into the image"
             );
         }
+        let workers = String::from_utf8_lossy(&d.ok(&["debug", "workers"]).stdout).to_string();
+        let want = if name == "native snapshots" {
+            "native"
+        } else {
+            "overlayfs"
+        };
+        assert!(workers.contains(want), "[{name}] {workers}");
     }
 }
 

@@ -23,6 +23,8 @@ pub struct Config {
     pub oci_runtime: Option<String>,
     /// Network for steps without `--network`: "host" (default) or "none".
     pub network: String,
+    /// "auto" (overlayfs when it can be mounted, else copies), "overlayfs" or "native".
+    pub snapshotter: String,
     /// Entitlements builds may ask for: "network.host", "security.insecure".
     pub allow_insecure_entitlements: Vec<String>,
     /// Registries (host:port) reached over plain HTTP; loopback ones always are.
@@ -83,6 +85,7 @@ impl Default for Config {
             group: None,
             oci_runtime: None,
             network: "host".into(),
+            snapshotter: "auto".into(),
             allow_insecure_entitlements: Vec::new(),
             insecure_registries: Vec::new(),
             registry: Default::default(),

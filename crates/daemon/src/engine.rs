@@ -93,6 +93,16 @@ impl Engine {
                 )));
             }
         };
+        let snapshotter = match config.snapshotter.as_str() {
+            "auto" | "" => kiln_snapshot::ModeChoice::Auto,
+            "overlayfs" | "overlay" => kiln_snapshot::ModeChoice::Overlay,
+            "native" => kiln_snapshot::ModeChoice::Native,
+            o => {
+                return Err(EngineError::InvalidArgument(format!(
+                    "snapshotter {o:?}: use \"auto\", \"overlayfs\" or \"native\""
+                )));
+            }
+        };
         for e in &config.allow_insecure_entitlements {
             if !matches!(e.as_str(), "network.host" | "security.insecure") {
                 return Err(EngineError::InvalidArgument(format!(
@@ -106,6 +116,7 @@ impl Engine {
                 kiln_worker::WorkerOptions {
                     executor,
                     network_none_default,
+                    snapshotter,
                     registry: Arc::new(kiln_registry::RegistryClient::new(
                         config
                             .registry_config()
@@ -476,6 +487,11 @@ impl Engine {
             }
         }
         Ok(response)
+    }
+
+    /// How this daemon's snapshots are stacked.
+    pub fn snapshot_mode(&self) -> kiln_snapshot::Mode {
+        self.worker.snapshots.mode()
     }
 
     /// Cache records, snapshots and context mirrors with their sizes.

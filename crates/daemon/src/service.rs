@@ -103,8 +103,19 @@ impl Control for ControlService {
     ) -> Result<Response<ListWorkersResponse>, Status> {
         let p = kiln_dockerfile::Platform::host();
         let mut labels = std::collections::HashMap::new();
-        labels.insert("org.kiln.snapshotter".to_string(), "overlayfs".to_string());
-        labels.insert("org.kiln.executor".to_string(), "none".to_string());
+        let snapshotter = match self.0.snapshot_mode() {
+            kiln_snapshot::Mode::Overlay => "overlayfs",
+            kiln_snapshot::Mode::Native => "native",
+        };
+        labels.insert("org.kiln.snapshotter".to_string(), snapshotter.to_string());
+        labels.insert(
+            "org.kiln.executor".to_string(),
+            self.0
+                .config
+                .oci_runtime
+                .clone()
+                .unwrap_or_else(|| "sandbox".into()),
+        );
         labels.insert(
             "org.kiln.root".to_string(),
             self.0.root().display().to_string(),

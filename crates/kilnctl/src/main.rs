@@ -287,6 +287,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         w.platforms.join(","),
                         w.parallelism
                     );
+                    let mut labels: Vec<_> = w.labels.iter().collect();
+                    labels.sort();
+                    for (k, v) in labels {
+                        println!("  {k}={v}");
+                    }
                 }
                 Ok(())
             }

@@ -31,6 +31,9 @@ struct Args {
     /// Network for steps without --network: host (default) or none
     #[arg(long)]
     network: Option<String>,
+    /// Snapshots: auto (overlayfs when it mounts, else copies), overlayfs, native
+    #[arg(long)]
+    snapshotter: Option<String>,
     /// Allow builds to request an entitlement (network.host, security.insecure); repeatable
     #[arg(long = "allow-insecure-entitlement")]
     allow_insecure_entitlement: Vec<String>,
@@ -83,6 +86,9 @@ fn run(args: Args) -> anyhow::Result<()> {
     }
     if let Some(n) = args.network {
         config.network = n;
+    }
+    if let Some(s) = args.snapshotter {
+        config.snapshotter = s;
     }
     config
         .allow_insecure_entitlements

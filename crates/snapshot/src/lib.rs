@@ -5,6 +5,8 @@
 //! the step's layer diff.
 #![forbid(unsafe_code)]
 
+mod native;
+
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -33,6 +35,34 @@ fn io_at(path: &Path) -> impl FnOnce(io::Error) -> SnapshotError + '_ {
     }
 }
 
+/// Whether an overlay can be mounted here (a throwaway one under `mounts`).
+fn overlay_works(mounts: &Path) -> bool {
+    let probe = mounts.join(format!("probe-{}", std::process::id()));
+    let dirs = ["lower", "upper", "work", "merged"].map(|d| probe.join(d));
+    let ok = dirs.iter().all(|d| fs::create_dir_all(d).is_ok())
+        && mount(
+            Some("overlay"),
+            &dirs[3],
+            Some("overlay"),
+            MsFlags::empty(),
+            Some(
+                format!(
+                    "lowerdir={},upperdir={},workdir={}",
+                    dirs[0].display(),
+                    dirs[1].display(),
+                    dirs[2].display()
+                )
+                .as_str(),
+            ),
+        )
+        .is_ok();
+    if ok {
+        let _ = umount2(&dirs[3], MntFlags::MNT_DETACH);
+    }
+    let _ = fs::remove_dir_all(&probe);
+    ok
+}
+
 /// The kernel copies mount options into one page; keep room for the
 /// upperdir and workdir options.
 const MAX_LOWERDIR_OPTION: usize = 3600;
@@ -42,8 +72,28 @@ const MAX_LOWERS: usize = 400;
 /// flattened directory stays the same while the chain grows above it.
 const FLATTEN_BLOCK: usize = 64;
 
+/// How snapshots are stacked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Overlay mounts: a snapshot holds only its changes.
+    Overlay,
+    /// Copies (where overlayfs cannot be mounted): a snapshot holds its
+    /// whole tree, and its changes are computed at commit.
+    Native,
+}
+
+/// Which mode to use: `Auto` probes for overlayfs once at open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ModeChoice {
+    #[default]
+    Auto,
+    Overlay,
+    Native,
+}
+
 #[derive(Debug)]
 pub struct Snapshotter {
+    mode: Mode,
     root: PathBuf,
     mounts: PathBuf,
     /// Merged copies of the bottom of deep chains, by the id of their top layer.
@@ -57,6 +107,8 @@ pub struct Snapshotter {
 #[derive(Debug)]
 pub struct Active<'a> {
     sn: &'a Snapshotter,
+    /// The nearest parent (native mode diffs against it at commit).
+    parent: Option<String>,
     id: String,
     mountpoint: PathBuf,
     mounted: bool,
@@ -89,6 +141,10 @@ impl Snapshotter {
     /// Opens the snapshot dir; unmounts anything left mounted by a crash and
     /// removes snapshots that were never committed.
     pub fn open(root: &Path) -> Result<Self, SnapshotError> {
+        Self::open_with(root, ModeChoice::Auto)
+    }
+
+    pub fn open_with(root: &Path, choice: ModeChoice) -> Result<Self, SnapshotError> {
         let snaps = root.join("snapshots");
         let mounts = root.join("mounts");
         let flat = root.join("flat");
@@ -122,7 +178,22 @@ impl Snapshotter {
                 }
             }
         }
+        let mode = match choice {
+            ModeChoice::Overlay => Mode::Overlay,
+            ModeChoice::Native => Mode::Native,
+            ModeChoice::Auto => {
+                if overlay_works(&mounts) {
+                    Mode::Overlay
+                } else {
+                    tracing::warn!(
+                        "overlayfs cannot be mounted here: using copy-based snapshots (slower, more disk)"
+                    );
+                    Mode::Native
+                }
+            }
+        };
         Ok(Snapshotter {
+            mode,
             root: snaps,
             mounts,
             flat,
@@ -138,8 +209,20 @@ impl Snapshotter {
         )
     }
 
-    /// The directory holding a snapshot's own changes.
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    /// The directory holding a snapshot's own changes (overlay upperdir form).
     pub fn upper(&self, id: &str) -> PathBuf {
+        match self.mode {
+            Mode::Overlay => self.root.join(id).join("fs"),
+            Mode::Native => self.root.join(id).join("diff"),
+        }
+    }
+
+    /// Native mode: the directory holding a snapshot's whole tree.
+    fn full(&self, id: &str) -> PathBuf {
         self.root.join(id).join("fs")
     }
 
@@ -228,12 +311,23 @@ impl Snapshotter {
         fs::write(dir.join("active"), b"").map_err(io_at(&dir))?;
         let mut active = Active {
             sn: self,
+            parent: chain.first().cloned(),
             id: id.clone(),
             mountpoint: upper.clone(),
             mounted: false,
             done: false,
         };
         if chain.is_empty() {
+            return Ok(active);
+        }
+        if self.mode == Mode::Native {
+            native::copy_tree(&self.full(&chain[0]), &upper).map_err(|message| {
+                SnapshotError::Flatten {
+                    layers: chain.len(),
+                    path: upper.clone(),
+                    message,
+                }
+            })?;
             return Ok(active);
         }
         let work = dir.join("work");
@@ -264,6 +358,12 @@ impl Snapshotter {
 
     /// A read-only view of the full filesystem of `chain` (nearest first).
     pub fn view(&self, chain: &[String]) -> Result<View, SnapshotError> {
+        if self.mode == Mode::Native && !chain.is_empty() {
+            return Ok(View {
+                path: self.full(&chain[0]),
+                mounted: false,
+            });
+        }
         match chain.len() {
             0 => {
                 let empty = self.mounts.join(format!("empty-{}", self.new_id()));
@@ -339,7 +439,7 @@ impl Snapshotter {
             }
             n
         }
-        walk(&self.upper(id))
+        walk(&self.root.join(id))
     }
 }
 
@@ -372,6 +472,22 @@ impl Active<'_> {
     pub fn commit(mut self) -> Result<String, SnapshotError> {
         self.unmount()?;
         let dir = self.sn.root.join(&self.id);
+        if self.sn.mode == Mode::Native {
+            let diff = dir.join("diff");
+            let fs_dir = dir.join("fs");
+            let r = match &self.parent {
+                Some(p) => native::write_diff(&self.sn.full(p), &fs_dir, &diff),
+                None => fs::create_dir_all(&diff)
+                    .map_err(|e| e.to_string())
+                    .and_then(|_| native::copy_tree(&fs_dir, &diff)),
+            };
+            r.and_then(|_| fs::create_dir_all(&diff).map_err(|e| e.to_string()))
+                .map_err(|message| SnapshotError::Flatten {
+                    layers: 1,
+                    path: diff.clone(),
+                    message,
+                })?;
+        }
         let _ = fs::remove_dir_all(dir.join("work"));
         fs::remove_file(dir.join("active")).map_err(io_at(&dir))?;
         self.done = true;
@@ -398,12 +514,76 @@ mod tests {
 
     #[test]
     fn overlay_chain_and_whiteout() {
+        chain_and_whiteout(ModeChoice::Overlay);
+    }
+
+    #[test]
+    fn native_chain_and_whiteout() {
+        chain_and_whiteout(ModeChoice::Native);
+    }
+
+    /// Native diffs: modified files, replaced types, opaque dirs, metadata.
+    #[test]
+    fn native_diff_kinds() {
+        if !is_root() {
+            eprintln!("skipping: whiteouts need root");
+            return;
+        }
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let sn = Snapshotter::open_with(d.path(), ModeChoice::Native).unwrap();
+        let a = sn.prepare(&[]).unwrap();
+        fs::create_dir_all(a.path().join("dir/sub")).unwrap();
+        fs::write(a.path().join("dir/sub/x"), "x").unwrap();
+        fs::write(a.path().join("same"), "same").unwrap();
+        fs::write(a.path().join("edit"), "1").unwrap();
+        fs::write(a.path().join("becomes-dir"), "f").unwrap();
+        fs::write(a.path().join("chmod"), "c").unwrap();
+        let a = a.commit().unwrap();
+        let b = sn.prepare(std::slice::from_ref(&a)).unwrap();
+        fs::write(b.path().join("edit"), "22").unwrap();
+        fs::remove_file(b.path().join("becomes-dir")).unwrap();
+        fs::create_dir(b.path().join("becomes-dir")).unwrap();
+        fs::write(b.path().join("becomes-dir/in"), "i").unwrap();
+        fs::remove_dir_all(b.path().join("dir/sub")).unwrap();
+        fs::set_permissions(b.path().join("chmod"), fs::Permissions::from_mode(0o600)).unwrap();
+        let b = b.commit().unwrap();
+        let (t, _) = kiln_archive::write_tar(
+            &sn.upper(&b),
+            Vec::new(),
+            kiln_archive::TarOptions {
+                overlay_upper: true,
+                epoch: None,
+            },
+        )
+        .unwrap();
+        let mut ar = tar::Archive::new(t.as_slice());
+        let names: Vec<String> = ar
+            .entries()
+            .unwrap()
+            .map(|e| e.unwrap().path().unwrap().display().to_string())
+            .collect();
+        assert_eq!(
+            names,
+            vec![
+                "becomes-dir/",
+                "becomes-dir/.wh..wh..opq",
+                "becomes-dir/in",
+                "chmod",
+                "dir/",
+                "dir/.wh.sub",
+                "edit"
+            ]
+        );
+    }
+
+    fn chain_and_whiteout(mode: ModeChoice) {
         if !is_root() {
             eprintln!("skipping: overlay mounts need root");
             return;
         }
         let d = tempfile::tempdir().unwrap();
-        let sn = Snapshotter::open(d.path()).unwrap();
+        let sn = Snapshotter::open_with(d.path(), mode).unwrap();
         let a = sn.prepare(&[]).unwrap();
         fs::write(a.path().join("f"), "1").unwrap();
         fs::write(a.path().join("g"), "1").unwrap();

@@ -108,6 +108,7 @@ pub struct WorkerOptions {
     /// Steps without `--network` get no network (default: the host's).
     pub network_none_default: bool,
     pub registry: Arc<kiln_registry::RegistryClient>,
+    pub snapshotter: kiln_snapshot::ModeChoice,
 }
 
 pub struct Worker {
@@ -182,7 +183,7 @@ impl Worker {
     pub fn open(root: &Path, opts: WorkerOptions) -> Result<Self, WorkerError> {
         fs::create_dir_all(root)
             .map_err(|e| WorkerError::Other(format!("{}: {e}", root.display())))?;
-        let snapshots = Snapshotter::open(root)?;
+        let snapshots = Snapshotter::open_with(root, opts.snapshotter)?;
         let meta = MetadataStore::open(&root.join("metadata.db"))?;
         let content = ContentStore::open(root.join("content"))?;
         let canonical = fs::canonicalize(root).unwrap_or_else(|_| root.to_path_buf());
