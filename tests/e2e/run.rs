@@ -346,47 +346,55 @@ fn independent_stages_run_at_the_same_time() {
 fn no_leaks_after_many_builds_failures_and_cancels() {
     require_root!();
     let d = Daemon::start();
+    let mounts_before = mounts_under(&d.root).len();
     let ok = busybox_context("FROM busybox\nARG N\nRUN echo $N > /n\n", &[]);
-    let bad = busybox_context("FROM busybox\nRUN exit 1\n", &[]);
-    for i in 0..15 {
+    let bad = busybox_context("FROM busybox\nARG N\nRUN echo $N && exit 1\n", &[]);
+    // 94 builds, half failing, then 6 cancelled mid-step: 100 in all.
+    for i in 0..47 {
         d.ok(&[
             "build",
             ok.path().to_str().unwrap(),
             "--build-arg",
             &format!("N={i}"),
         ]);
-        d.fails(&["build", bad.path().to_str().unwrap()]);
+        d.fails(&[
+            "build",
+            bad.path().to_str().unwrap(),
+            "--build-arg",
+            &format!("N={i}"),
+        ]);
     }
-    // A client that goes away mid-step: its process is stopped.
-    let slow = busybox_context("FROM busybox\nRUN sleep 123\n", &[]);
-    let mut child = Command::new(bin("kilnctl"))
-        .args(["--addr", &d.addr, "build", slow.path().to_str().unwrap()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while processes_matching("sleep 123") == 0 && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
+    // Clients that go away mid-step: their processes are stopped.
+    for k in 0..6 {
+        let marker = format!("sleep 12{k}3");
+        let slow = busybox_context(&format!("FROM busybox\nRUN {marker}\n"), &[]);
+        let mut child = Command::new(bin("kilnctl"))
+            .args(["--addr", &d.addr, "build", slow.path().to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while processes_matching(&marker) == 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert!(processes_matching(&marker) > 0, "the step never started");
+        child.kill().unwrap();
+        let _ = child.wait();
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        while processes_matching(&marker) > 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert_eq!(
+            processes_matching(&marker),
+            0,
+            "the cancelled step kept running"
+        );
     }
-    assert!(
-        processes_matching("sleep 123") > 0,
-        "the step never started"
-    );
-    child.kill().unwrap();
-    let _ = child.wait();
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    while processes_matching("sleep 123") > 0 && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert_eq!(
-        processes_matching("sleep 123"),
-        0,
-        "the cancelled step kept running"
-    );
     std::thread::sleep(Duration::from_millis(300));
-    assert!(
-        mounts_under(&d.root).is_empty(),
+    assert_eq!(
+        mounts_under(&d.root).len(),
+        mounts_before,
         "mounts left: {:?}",
         mounts_under(&d.root)
     );
