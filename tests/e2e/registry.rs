@@ -426,3 +426,167 @@ fn pulls_go_through_configured_mirrors() {
     let e = plain.fails(&["build", ctx2.path().to_str().unwrap()]);
     assert!(e.contains(&origin.addr), "{e}");
 }
+
+/// A file with an ELF header for aarch64: the kernel refuses to run it
+/// here (exec format error) unless binfmt_misc emulation is registered.
+fn fake_arm64_elf() -> Vec<u8> {
+    let mut h = vec![0u8; 64];
+    h[..4].copy_from_slice(b"\x7fELF");
+    h[4] = 2; // 64-bit
+    h[5] = 1; // little endian
+    h[6] = 1; // version
+    h[16] = 2; // ET_EXEC
+    h[18] = 183; // EM_AARCH64
+    h[20] = 1;
+    h
+}
+
+#[test]
+fn multi_platform_builds_make_an_index() {
+    require_root!();
+    let reg = Registry::start();
+    let d = Daemon::start();
+    let ctx = tempfile::tempdir().unwrap();
+    std::fs::write(ctx.path().join("amd64.txt"), "built for amd64\n").unwrap();
+    std::fs::write(ctx.path().join("arm64.txt"), "built for arm64\n").unwrap();
+    std::fs::write(
+        ctx.path().join("Dockerfile"),
+        "FROM scratch\nARG TARGETARCH\nARG TARGETPLATFORM\nCOPY ${TARGETARCH}.txt /arch\nLABEL target=$TARGETPLATFORM\n",
+    )
+    .unwrap();
+    let c = ctx.path().to_str().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let platforms = "linux/amd64,linux/arm64";
+
+    // OCI layout: index.json -> an index with one manifest per platform.
+    let tar = out.path().join("multi.tar");
+    let meta = out.path().join("meta.json");
+    d.ok(&[
+        "build",
+        c,
+        "--platform",
+        platforms,
+        "--metadata-file",
+        meta.to_str().unwrap(),
+        "-o",
+        &format!("type=oci,dest={}", tar.display()),
+    ]);
+    let src = format!("oci-archive:{}", tar.display());
+    let raw: serde_json::Value =
+        serde_json::from_str(&tool("skopeo", &["inspect", "--raw", &src])).unwrap();
+    assert_eq!(
+        raw["mediaType"], "application/vnd.oci.image.index.v1+json",
+        "{raw}"
+    );
+    let archs: Vec<&str> = raw["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["platform"]["architecture"].as_str().unwrap())
+        .collect();
+    assert_eq!(archs, vec!["amd64", "arm64"]);
+    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(&meta).unwrap()).unwrap();
+    let index_digest = m["containerimage.digest"].as_str().unwrap().to_string();
+    let arm: serde_json::Value = serde_json::from_str(&tool(
+        "skopeo",
+        &["inspect", "--override-arch", "arm64", &src],
+    ))
+    .unwrap();
+    assert_eq!(arm["Architecture"], "arm64");
+    assert_eq!(arm["Labels"]["target"], "linux/arm64");
+
+    // Local output: one directory per platform, each with its own files.
+    let local = out.path().join("local");
+    d.ok(&[
+        "build",
+        c,
+        "--platform",
+        platforms,
+        "-o",
+        local.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        std::fs::read_to_string(local.join("linux_arm64/arch")).unwrap(),
+        "built for arm64\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(local.join("linux_amd64/arch")).unwrap(),
+        "built for amd64\n"
+    );
+
+    // Push: the manifest list under the tag; skopeo copies every platform.
+    let image = format!("{}/multi/app:1", reg.addr);
+    d.ok(&["build", c, "--platform", platforms, "-t", &image, "--push"]);
+    let raw: serde_json::Value = serde_json::from_str(&tool(
+        "skopeo",
+        &[
+            "inspect",
+            "--tls-verify=false",
+            "--raw",
+            &format!("docker://{image}"),
+        ],
+    ))
+    .unwrap();
+    assert_eq!(
+        raw["mediaType"],
+        "application/vnd.docker.distribution.manifest.list.v2+json"
+    );
+    assert_eq!(raw["manifests"].as_array().unwrap().len(), 2);
+    tool(
+        "skopeo",
+        &[
+            "copy",
+            "--all",
+            "--src-tls-verify=false",
+            &format!("docker://{image}"),
+            &format!("oci:{}:x", out.path().join("copied").display()),
+        ],
+    );
+    // The registry serves the arm64 image's own config.
+    let pulled: serde_json::Value = serde_json::from_str(&tool(
+        "skopeo",
+        &[
+            "inspect",
+            "--tls-verify=false",
+            "--override-arch",
+            "arm64",
+            &format!("docker://{image}"),
+        ],
+    ))
+    .unwrap();
+    assert_eq!(pulled["Labels"]["target"], "linux/arm64");
+    assert!(!index_digest.is_empty());
+
+    // Options that cannot hold several platforms say so.
+    let e = d.fails(&[
+        "build",
+        c,
+        "--platform",
+        platforms,
+        "-o",
+        &format!("type=docker,dest={}", out.path().join("d.tar").display()),
+    ]);
+    assert!(e.contains("type=oci for several platforms"), "{e}");
+
+    // RUN for a platform this host cannot execute: a clear error (unless
+    // binfmt_misc emulation for aarch64 is registered on this machine).
+    if !std::path::Path::new("/proc/sys/fs/binfmt_misc/qemu-aarch64").exists() {
+        let ctx2 = tempfile::tempdir().unwrap();
+        std::fs::write(ctx2.path().join("sh"), fake_arm64_elf()).unwrap();
+        std::fs::write(
+            ctx2.path().join("Dockerfile"),
+            "FROM scratch\nCOPY --chmod=755 sh /bin/sh\nRUN true\n",
+        )
+        .unwrap();
+        let e = d.fails(&[
+            "build",
+            ctx2.path().to_str().unwrap(),
+            "--platform",
+            "linux/arm64",
+        ]);
+        assert!(
+            e.contains("binfmt_misc") && e.contains("Dockerfile:3"),
+            "{e}"
+        );
+    }
+}

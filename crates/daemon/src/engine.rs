@@ -204,16 +204,26 @@ impl Engine {
                 opts.named_contexts.insert(name.to_string(), v.clone());
             }
         }
-        if let Some(p) = attrs.get("platform").filter(|p| !p.is_empty()) {
-            let p = Platform::parse(p)
+        // `--platform a,b`: one build per platform, exported as one index.
+        let mut platforms = Vec::new();
+        for p in attrs
+            .get("platform")
+            .map(|p| {
+                p.split(',')
+                    .map(str::trim)
+                    .filter(|p| !p.is_empty())
+                    .collect()
+            })
+            .unwrap_or_else(Vec::new)
+        {
+            let parsed = Platform::parse(p)
                 .ok_or_else(|| EngineError::InvalidArgument(format!("invalid platform {p:?}")))?;
-            if p != Platform::host() {
-                return Err(EngineError::InvalidArgument(format!(
-                    "building for {}/{} needs emulation, which this daemon does not support yet",
-                    p.os, p.architecture
-                )));
+            if !platforms.contains(&parsed) {
+                platforms.push(parsed);
             }
-            opts.target_platform = p;
+        }
+        if platforms.is_empty() {
+            platforms.push(Platform::host());
         }
         let epoch = match opts
             .build_args
@@ -225,63 +235,92 @@ impl Engine {
             })?),
             None => None,
         };
-        let dockerfile = dockerfile.clone();
-        let opts2 = opts.clone();
-        let resolver = RegistryImages {
-            worker: self.worker.clone(),
-            handle: tokio::runtime::Handle::current(),
-            contexts: Arc::new(SessionContexts(session.clone())),
-        };
-        let converted = tokio::task::spawn_blocking(move || {
-            kiln_dockerfile::convert(&dockerfile, &opts2, &resolver)
-        })
-        .await
-        .map_err(|e| EngineError::Build(e.to_string()))??;
-        for w in &converted.warnings {
-            progress.warning(
-                format!("{}: {}", w.rule, w.message),
-                format!("{}:{}", opts.filename, w.line),
-            );
-        }
         let job = Arc::new(Job {
             progress: progress.clone(),
             contexts: Arc::new(SessionContexts(session.clone())),
             entitlements: req.entitlements.iter().cloned().collect(),
         });
-        let result = if converted.scratch {
-            None
-        } else {
-            let graph = Graph::from_definition(&converted.definition)
-                .map_err(|e| EngineError::Build(e.to_string()))?;
-            let r = self
-                .solver
-                .solve(&graph, job, opts.no_cache)
-                .await
-                .map_err(|e| {
-                    let loc = e
-                        .vertex
-                        .as_ref()
-                        .and_then(|d| graph.vertices.get(d))
-                        .map(|v| (v.meta.location.clone(), v.name().to_string()))
-                        .unwrap_or_default();
-                    if loc.0.is_empty() {
-                        EngineError::Build(e.message.to_string())
-                    } else {
-                        EngineError::Build(format!("{}: {}: {}", loc.0, loc.1, e.message))
-                    }
-                })?;
-            Some(r)
-        };
+        let mut builds = Vec::new();
+        for (i, platform) in platforms.iter().enumerate() {
+            let mut opts2 = opts.clone();
+            opts2.target_platform = platform.clone();
+            let dockerfile = dockerfile.clone();
+            let resolver = RegistryImages {
+                worker: self.worker.clone(),
+                handle: tokio::runtime::Handle::current(),
+                contexts: Arc::new(SessionContexts(session.clone())),
+            };
+            let converted = tokio::task::spawn_blocking(move || {
+                kiln_dockerfile::convert(&dockerfile, &opts2, &resolver)
+            })
+            .await
+            .map_err(|e| EngineError::Build(e.to_string()))??;
+            // The checks are the same for every platform: report them once.
+            if i == 0 {
+                for w in &converted.warnings {
+                    progress.warning(
+                        format!("{}: {}", w.rule, w.message),
+                        format!("{}:{}", opts.filename, w.line),
+                    );
+                }
+            }
+            builds.push((platform.clone(), converted));
+        }
+        // Platforms build at the same time; identical steps run once.
+        let solved = futures::future::try_join_all(
+            builds
+                .iter()
+                .map(|(_, c)| self.solve_converted(c, job.clone(), opts.no_cache)),
+        )
+        .await?;
+        let mut results = Vec::new();
+        for ((platform, converted), result) in builds.into_iter().zip(solved) {
+            results.push(PlatformResult {
+                chain: self.chain_of(result.as_ref())?,
+                platform,
+                image: converted.image,
+            });
+        }
         let mut response = BTreeMap::new();
         for exp in &req.exporters {
-            let r = self
-                .export(exp, result.as_ref(), &converted.image, &session, epoch)
-                .await?;
+            let r = self.export(exp, &results, &session, epoch).await?;
             response.extend(r);
         }
         Ok(SolveResponse {
             exporter_response: response.into_iter().collect(),
         })
+    }
+
+    /// Solves one converted Dockerfile; None for an empty (scratch) result.
+    async fn solve_converted(
+        &self,
+        converted: &kiln_dockerfile::Converted,
+        job: Arc<Job>,
+        no_cache: bool,
+    ) -> Result<Option<Resolved<Output>>, EngineError> {
+        if converted.scratch {
+            return Ok(None);
+        }
+        let graph = Graph::from_definition(&converted.definition)
+            .map_err(|e| EngineError::Build(e.to_string()))?;
+        let r = self
+            .solver
+            .solve(&graph, job, no_cache)
+            .await
+            .map_err(|e| {
+                let loc = e
+                    .vertex
+                    .as_ref()
+                    .and_then(|d| graph.vertices.get(d))
+                    .map(|v| (v.meta.location.clone(), v.name().to_string()))
+                    .unwrap_or_default();
+                if loc.0.is_empty() {
+                    EngineError::Build(e.message.to_string())
+                } else {
+                    EngineError::Build(format!("{}: {}: {}", loc.0, loc.1, e.message))
+                }
+            })?;
+        Ok(Some(r))
     }
 
     fn chain_of(&self, result: Option<&Resolved<Output>>) -> Result<Vec<String>, EngineError> {
@@ -297,17 +336,60 @@ impl Engine {
         }
     }
 
+    /// Builds one image per platform result, with the exporter's options.
+    async fn build_images(
+        &self,
+        results: &[PlatformResult],
+        opts: &ImageExportOptions,
+        epoch: Option<i64>,
+    ) -> Result<Vec<kiln_exporter::BuiltImage>, EngineError> {
+        let mut images = Vec::new();
+        for r in results {
+            let (worker, chain, image, o) = (
+                self.worker.clone(),
+                r.chain.clone(),
+                r.image.clone(),
+                opts.clone(),
+            );
+            let built = tokio::task::spawn_blocking(
+                move || -> Result<kiln_exporter::BuiltImage, String> {
+                    let layers = chain_layers(&worker, &chain, &o.compression, epoch)?;
+                    let built = kiln_exporter::build_image(
+                        &image,
+                        &layers,
+                        &ImageOptions {
+                            oci_mediatypes: o.oci_mediatypes,
+                            created: epoch.unwrap_or_else(now),
+                            annotations: o.annotations,
+                        },
+                    )
+                    .map_err(|e| e.to_string())?;
+                    // The config travels as a blob like the layers.
+                    worker
+                        .content
+                        .put(&built.config)
+                        .map_err(|e| e.to_string())?;
+                    Ok(built)
+                },
+            )
+            .await
+            .map_err(|e| EngineError::Export(e.to_string()))?
+            .map_err(EngineError::Export)?;
+            images.push(built);
+        }
+        Ok(images)
+    }
+
     async fn export(
         &self,
         exp: &ctl::Exporter,
-        result: Option<&Resolved<Output>>,
-        image: &Image,
+        results: &[PlatformResult],
         session: &Arc<Session>,
         epoch: Option<i64>,
     ) -> Result<HashMap<String, String>, EngineError> {
-        let chain = self.chain_of(result)?;
         let attrs = &exp.attrs;
         let dest = attrs.get("dest").cloned().unwrap_or_default();
+        let multi = results.len() > 1;
         let mut response = HashMap::new();
         match exp.r#type.as_str() {
             "local" | "tar" => {
@@ -317,24 +399,41 @@ impl Engine {
                         exp.r#type
                     )));
                 }
+                if multi && exp.r#type == "tar" {
+                    return Err(EngineError::InvalidArgument(
+                        "type=tar holds one platform's files; for several platforms use type=local (one directory per platform) or type=oci".into(),
+                    ));
+                }
                 let kind = if exp.r#type == "local" { "dir" } else { "file" };
-                let worker = self.worker.clone();
-                send_to_client(session, kind, &dest, move |w| {
-                    let view = worker.snapshots.view(&chain).map_err(|e| e.to_string())?;
-                    let opts = kiln_archive::TarOptions {
-                        epoch,
-                        overlay_upper: false,
+                for r in results {
+                    // Several platforms: one directory each, named as BuildKit does.
+                    let to = if multi {
+                        format!(
+                            "{}/{}",
+                            dest.trim_end_matches('/'),
+                            r.platform.format().replace('/', "_")
+                        )
+                    } else {
+                        dest.clone()
                     };
-                    kiln_archive::write_tar(view.path(), w, opts)
-                        .map(|_| ())
-                        .map_err(|e| e.to_string())
-                })
-                .await?;
+                    let (worker, chain) = (self.worker.clone(), r.chain.clone());
+                    send_to_client(session, kind, &to, move |w| {
+                        let view = worker.snapshots.view(&chain).map_err(|e| e.to_string())?;
+                        let opts = kiln_archive::TarOptions {
+                            epoch,
+                            overlay_upper: false,
+                        };
+                        kiln_archive::write_tar(view.path(), w, opts)
+                            .map(|_| ())
+                            .map_err(|e| e.to_string())
+                    })
+                    .await?;
+                }
             }
             "image" | "registry" => {
                 let push = exp.r#type == "registry" || bool_attr(attrs.get("push"), false)?;
-                let names = name_list(attrs);
-                if names.is_empty() {
+                let opts = ImageExportOptions::parse(attrs, "image")?;
+                if opts.names.is_empty() {
                     return Err(EngineError::InvalidArgument(format!(
                         "output type={} needs name=REF (or -t)",
                         exp.r#type
@@ -345,84 +444,89 @@ impl Engine {
                         "type=image without push=true would only keep the image in the cache; this daemon has no image store yet (use push=true, type=oci or type=docker)".into(),
                     ));
                 }
-                let opts = ImageExportOptions::parse(attrs, "image")?;
-                let worker = self.worker.clone();
-                let image = image.clone();
-                let o = opts.clone();
-                let built = tokio::task::spawn_blocking(
-                    move || -> Result<kiln_exporter::BuiltImage, String> {
-                        let layers = chain_layers(&worker, &chain, &o.compression, epoch)?;
-                        let built = kiln_exporter::build_image(
-                            &image,
-                            &layers,
-                            &ImageOptions {
-                                oci_mediatypes: o.oci_mediatypes,
-                                created: epoch.unwrap_or_else(now),
-                                annotations: o.annotations,
-                            },
-                        )
-                        .map_err(|e| e.to_string())?;
-                        // The config travels as a blob like the layers.
-                        worker
-                            .content
-                            .put(&built.config)
-                            .map_err(|e| e.to_string())?;
-                        Ok(built)
-                    },
-                )
-                .await
-                .map_err(|e| EngineError::Export(e.to_string()))?
-                .map_err(EngineError::Export)?;
-                let mut blobs: Vec<(kiln_digest::Digest, u64)> = built
-                    .layers
-                    .iter()
-                    .map(|l| (l.digest.clone(), l.size))
-                    .collect();
-                blobs.push((built.config_digest.clone(), built.config.len() as u64));
+                let images = self.build_images(results, &opts, epoch).await?;
+                let index = if multi {
+                    Some(
+                        kiln_exporter::build_index(&images, opts.oci_mediatypes)
+                            .map_err(|e| EngineError::Export(e.to_string()))?,
+                    )
+                } else {
+                    None
+                };
                 let contexts = SessionContexts(session.clone());
-                for n in &names {
-                    let host = kiln_registry::parse_reference(n)
-                        .map_err(|e| EngineError::InvalidArgument(e.to_string()))?
-                        .resolve_registry()
-                        .to_string();
+                for n in &opts.names {
+                    let r = kiln_registry::parse_reference(n)
+                        .map_err(|e| EngineError::InvalidArgument(e.to_string()))?;
+                    let host = r.resolve_registry().to_string();
+                    let by_digest = |d: &kiln_digest::Digest| {
+                        format!("{}/{}@{d}", r.resolve_registry(), r.repository())
+                    };
                     let creds = kiln_worker::ContextProvider::credentials(&contexts, host)
                         .await
                         .map_err(EngineError::Export)?;
-                    // push-by-digest: the manifest goes up under its digest, no tag.
-                    let target = if opts.push_by_digest {
-                        let r = kiln_registry::parse_reference(n)
-                            .map_err(|e| EngineError::InvalidArgument(e.to_string()))?;
-                        format!(
-                            "{}/{}@{}",
-                            r.resolve_registry(),
-                            r.repository(),
-                            built.manifest_digest
-                        )
-                    } else {
-                        n.clone()
+                    let push_one = |target: String,
+                                    blobs: Vec<(kiln_digest::Digest, u64)>,
+                                    doc: Vec<u8>,
+                                    mt: String| {
+                        let (worker, creds) = (self.worker.clone(), creds.clone());
+                        async move {
+                            worker
+                                .registry
+                                .push(
+                                    &target,
+                                    &blobs,
+                                    (&doc, &mt),
+                                    &worker.content,
+                                    creds.as_ref(),
+                                    opts.insecure,
+                                )
+                                .await
+                                .map_err(|e| EngineError::Export(format!("push failed: {e}")))
+                        }
                     };
-                    self.worker
-                        .registry
-                        .push(
-                            &target,
-                            &blobs,
-                            (&built.manifest, &built.manifest_media_type),
-                            &self.worker.content,
-                            creds.as_ref(),
-                            opts.insecure,
+                    for img in &images {
+                        let mut blobs: Vec<(kiln_digest::Digest, u64)> = img
+                            .layers
+                            .iter()
+                            .map(|l| (l.digest.clone(), l.size))
+                            .collect();
+                        blobs.push((img.config_digest.clone(), img.config.len() as u64));
+                        // In a multi-platform push the manifests go up by digest;
+                        // the index (or the single manifest) gets the tag.
+                        let target = if multi || opts.push_by_digest {
+                            by_digest(&img.manifest_digest)
+                        } else {
+                            n.clone()
+                        };
+                        push_one(
+                            target,
+                            blobs,
+                            img.manifest.clone(),
+                            img.manifest_media_type.clone(),
                         )
-                        .await
-                        .map_err(|e| EngineError::Export(format!("push failed: {e}")))?;
+                        .await?;
+                    }
+                    if let Some(i) = &index {
+                        let target = if opts.push_by_digest {
+                            by_digest(&i.digest)
+                        } else {
+                            n.clone()
+                        };
+                        push_one(target, Vec::new(), i.bytes.clone(), i.media_type.clone()).await?;
+                    }
                 }
-                response.insert(
-                    "containerimage.digest".into(),
-                    built.manifest_digest.to_string(),
-                );
-                response.insert(
-                    "containerimage.config.digest".into(),
-                    built.config_digest.to_string(),
-                );
-                response.insert("image.name".into(), names.join(","));
+                let top = index
+                    .as_ref()
+                    .map(|i| i.digest.clone())
+                    .unwrap_or_else(|| images[0].manifest_digest.clone());
+                response.insert("containerimage.digest".into(), top.to_string());
+                if !multi {
+                    response.insert(
+                        "containerimage.config.digest".into(),
+                        images[0].config_digest.to_string(),
+                    );
+                }
+                response.insert("image.name".into(), opts.names.join(","));
             }
             "oci" | "docker" => {
                 let docker = exp.r#type == "docker";
@@ -432,56 +536,63 @@ impl Engine {
                         exp.r#type
                     )));
                 }
+                if docker && multi {
+                    return Err(EngineError::InvalidArgument(
+                        "type=docker holds one platform (docker load has no manifest lists); use type=oci for several platforms".into(),
+                    ));
+                }
                 let as_tar = docker || bool_attr(attrs.get("tar"), true)?;
                 let opts = ImageExportOptions::parse(attrs, &exp.r#type)?;
                 let names = opts.names.clone();
+                let images = self.build_images(results, &opts, epoch).await?;
+                let index = if multi {
+                    Some(
+                        kiln_exporter::build_index(&images, opts.oci_mediatypes)
+                            .map_err(|e| EngineError::Export(e.to_string()))?,
+                    )
+                } else {
+                    None
+                };
                 let worker = self.worker.clone();
-                let image = image.clone();
-                let built = tokio::task::spawn_blocking(
-                    move || -> Result<kiln_exporter::BuiltImage, String> {
-                        let layers = chain_layers(&worker, &chain, &opts.compression, epoch)?;
-                        kiln_exporter::build_image(
-                            &image,
-                            &layers,
-                            &ImageOptions {
-                                oci_mediatypes: opts.oci_mediatypes,
-                                created: epoch.unwrap_or_else(now),
-                                annotations: opts.annotations,
-                            },
-                        )
-                        .map_err(|e| e.to_string())
-                    },
-                )
-                .await
-                .map_err(|e| EngineError::Export(e.to_string()))?
-                .map_err(EngineError::Export)?;
-                let worker = self.worker.clone();
-                let img = built.clone();
-                let names2 = names.clone();
+                let (imgs, idx, names2) = (images.clone(), index.clone(), names.clone());
                 send_to_client(
                     session,
                     if as_tar { "file" } else { "dir" },
                     &dest,
                     move |w| {
-                        let write = if docker {
-                            kiln_exporter::write_docker_archive
+                        let r = if docker {
+                            kiln_exporter::write_docker_archive(
+                                w,
+                                &imgs[0],
+                                &names2,
+                                &worker.content,
+                                epoch.unwrap_or(0),
+                            )
                         } else {
-                            kiln_exporter::write_oci_layout
+                            kiln_exporter::write_oci_layout_multi(
+                                w,
+                                &imgs,
+                                idx.as_ref(),
+                                &names2,
+                                &worker.content,
+                                epoch.unwrap_or(0),
+                            )
                         };
-                        write(w, &img, &names2, &worker.content, epoch.unwrap_or(0))
-                            .map(|_| ())
-                            .map_err(|e| e.to_string())
+                        r.map(|_| ()).map_err(|e| e.to_string())
                     },
                 )
                 .await?;
-                response.insert(
-                    "containerimage.digest".into(),
-                    built.manifest_digest.to_string(),
-                );
-                response.insert(
-                    "containerimage.config.digest".into(),
-                    built.config_digest.to_string(),
-                );
+                let top = index
+                    .as_ref()
+                    .map(|i| i.digest.clone())
+                    .unwrap_or_else(|| images[0].manifest_digest.clone());
+                response.insert("containerimage.digest".into(), top.to_string());
+                if !multi {
+                    response.insert(
+                        "containerimage.config.digest".into(),
+                        images[0].config_digest.to_string(),
+                    );
+                }
                 if !names.is_empty() {
                     response.insert("image.name".into(), names.join(","));
                 }
@@ -572,6 +683,14 @@ impl Engine {
 }
 
 /// The comma-separated `name=` of an exporter.
+/// One platform's build result.
+struct PlatformResult {
+    platform: Platform,
+    /// The result's snapshot chain, nearest first (empty for scratch).
+    chain: Vec<String>,
+    image: Image,
+}
+
 /// Options shared by the image-producing exporters (image/registry, oci, docker).
 #[derive(Debug, Clone)]
 struct ImageExportOptions {

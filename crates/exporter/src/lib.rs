@@ -26,6 +26,7 @@ pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 pub const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
 pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
 pub const DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
+pub const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
 
 /// One layer as stored.
 #[derive(Debug, Clone)]
@@ -54,6 +55,17 @@ pub struct Descriptor {
     pub size: u64,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub annotations: BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub platform: Option<PlatformDesc>,
+}
+
+/// The platform of a manifest in an index.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct PlatformDesc {
+    pub architecture: String,
+    pub os: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub variant: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -77,6 +89,44 @@ pub struct BuiltImage {
     pub manifest_digest: Digest,
     pub manifest_media_type: String,
     pub layers: Vec<Layer>,
+    pub platform: PlatformDesc,
+}
+
+/// A multi-platform index (OCI image index or Docker manifest list).
+#[derive(Debug, Clone)]
+pub struct BuiltIndex {
+    pub bytes: Vec<u8>,
+    pub digest: Digest,
+    pub media_type: String,
+}
+
+/// The index over one image per platform, in the given order.
+pub fn build_index(images: &[BuiltImage], oci_mediatypes: bool) -> Result<BuiltIndex, ExportError> {
+    let media_type = if oci_mediatypes {
+        OCI_INDEX
+    } else {
+        DOCKER_LIST
+    };
+    let bytes = serde_json::to_vec(&Index {
+        schema_version: 2,
+        media_type,
+        manifests: images
+            .iter()
+            .map(|i| Descriptor {
+                media_type: i.manifest_media_type.clone(),
+                digest: i.manifest_digest.to_string(),
+                size: i.manifest.len() as u64,
+                annotations: BTreeMap::new(),
+                platform: Some(i.platform.clone()),
+            })
+            .collect(),
+    })
+    .map_err(|e| ExportError::Option(e.to_string()))?;
+    Ok(BuiltIndex {
+        digest: Digest::of(&bytes),
+        bytes,
+        media_type: media_type.into(),
+    })
 }
 
 fn layer_media_type(compression: &str, oci: bool) -> String {
@@ -162,6 +212,7 @@ pub fn build_image(
             digest: config_digest.to_string(),
             size: config.len() as u64,
             annotations: BTreeMap::new(),
+            platform: None,
         },
         layers: kept
             .iter()
@@ -170,6 +221,7 @@ pub fn build_image(
                 digest: l.digest.to_string(),
                 size: l.size,
                 annotations: BTreeMap::new(),
+                platform: None,
             })
             .collect(),
         annotations: opts.annotations.clone(),
@@ -182,6 +234,11 @@ pub fn build_image(
         manifest,
         manifest_media_type: mt.into(),
         layers: kept,
+        platform: PlatformDesc {
+            architecture: img.architecture.clone(),
+            os: img.os.clone(),
+            variant: img.variant.clone(),
+        },
     })
 }
 
@@ -222,14 +279,41 @@ pub fn write_oci_layout<W: Write>(
     content: &ContentStore,
     mtime: i64,
 ) -> Result<W, ExportError> {
+    write_oci_layout_multi(out, std::slice::from_ref(img), None, names, content, mtime)
+}
+
+/// An OCI layout holding several images; with `index`, index.json points
+/// at that multi-platform index (as BuildKit writes it), else at the image.
+pub fn write_oci_layout_multi<W: Write>(
+    out: W,
+    images: &[BuiltImage],
+    index: Option<&BuiltIndex>,
+    names: &[String],
+    content: &ContentStore,
+    mtime: i64,
+) -> Result<W, ExportError> {
     let mut b = tar::Builder::new(out);
     let layout = br#"{"imageLayoutVersion":"1.0.0"}"#;
     let mut manifests = Vec::new();
+    let top = match (index, images.first()) {
+        (Some(i), _) => (
+            i.media_type.clone(),
+            i.digest.to_string(),
+            i.bytes.len() as u64,
+        ),
+        (None, Some(img)) => (
+            img.manifest_media_type.clone(),
+            img.manifest_digest.to_string(),
+            img.manifest.len() as u64,
+        ),
+        (None, None) => return Err(ExportError::Option("no image to export".into())),
+    };
     let describe = |annotations: BTreeMap<String, String>| Descriptor {
-        media_type: img.manifest_media_type.clone(),
-        digest: img.manifest_digest.to_string(),
-        size: img.manifest.len() as u64,
+        media_type: top.0.clone(),
+        digest: top.1.clone(),
+        size: top.2,
         annotations,
+        platform: None,
     };
     if names.is_empty() {
         manifests.push(describe(BTreeMap::new()));
@@ -245,7 +329,7 @@ pub fn write_oci_layout<W: Write>(
         a.insert("org.opencontainers.image.ref.name".to_string(), tag);
         manifests.push(describe(a));
     }
-    let index = serde_json::to_vec(&Index {
+    let index_json = serde_json::to_vec(&Index {
         schema_version: 2,
         media_type: OCI_INDEX,
         manifests,
@@ -254,38 +338,49 @@ pub fn write_oci_layout<W: Write>(
     tar_entry(&mut b, "blobs/", 0, io::empty(), mtime)?;
     tar_entry(&mut b, "blobs/sha256/", 0, io::empty(), mtime)?;
     let mut written = std::collections::HashSet::new();
-    for l in &img.layers {
-        if !written.insert(l.digest.clone()) {
-            continue;
+    for img in images {
+        for l in &img.layers {
+            if !written.insert(l.digest.clone()) {
+                continue;
+            }
+            let f = content.open_blob(&l.digest)?;
+            tar_entry(
+                &mut b,
+                &format!("blobs/sha256/{}", l.digest.hex()),
+                l.size,
+                f,
+                mtime,
+            )?;
         }
-        let f = content.open_blob(&l.digest)?;
+        for (d, data) in [
+            (&img.config_digest, &img.config),
+            (&img.manifest_digest, &img.manifest),
+        ] {
+            if written.insert(d.clone()) {
+                tar_entry(
+                    &mut b,
+                    &format!("blobs/sha256/{}", d.hex()),
+                    data.len() as u64,
+                    data.as_slice(),
+                    mtime,
+                )?;
+            }
+        }
+    }
+    if let Some(i) = index {
         tar_entry(
             &mut b,
-            &format!("blobs/sha256/{}", l.digest.hex()),
-            l.size,
-            f,
+            &format!("blobs/sha256/{}", i.digest.hex()),
+            i.bytes.len() as u64,
+            i.bytes.as_slice(),
             mtime,
         )?;
     }
     tar_entry(
         &mut b,
-        &format!("blobs/sha256/{}", img.config_digest.hex()),
-        img.config.len() as u64,
-        img.config.as_slice(),
-        mtime,
-    )?;
-    tar_entry(
-        &mut b,
-        &format!("blobs/sha256/{}", img.manifest_digest.hex()),
-        img.manifest.len() as u64,
-        img.manifest.as_slice(),
-        mtime,
-    )?;
-    tar_entry(
-        &mut b,
         "index.json",
-        index.len() as u64,
-        index.as_slice(),
+        index_json.len() as u64,
+        index_json.as_slice(),
         mtime,
     )?;
     tar_entry(

@@ -500,6 +500,10 @@ fn exec_process(p: &oci_spec::runtime::Process) -> String {
     let argv: Vec<CString> = args.iter().map(|a| c(a)).collect();
     let envp: Vec<CString> = env.iter().map(|e| c(e)).collect();
     match nix::unistd::execve(&prog, &argv, &envp) {
+        Err(nix::errno::Errno::ENOEXEC) => format!(
+            "exec {}: exec format error: the binary is for another platform; running it needs binfmt_misc emulation on the host (e.g. qemu-user-static registered with the F flag)",
+            program.display()
+        ),
         Err(e) => format!("exec {}: {e}", program.display()),
         Ok(never) => match never {},
     }

@@ -105,7 +105,7 @@ impl Platform {
         }
     }
 
-    fn format(&self) -> String {
+    pub fn format(&self) -> String {
         if self.variant.is_empty() {
             format!("{}/{}", self.os, self.architecture)
         } else {
