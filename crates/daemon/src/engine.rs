@@ -214,7 +214,7 @@ impl Engine {
                     .filter(|p| !p.is_empty())
                     .collect()
             })
-            .unwrap_or_else(Vec::new)
+            .unwrap_or_default()
         {
             let parsed = Platform::parse(p)
                 .ok_or_else(|| EngineError::InvalidArgument(format!("invalid platform {p:?}")))?;
