@@ -212,7 +212,7 @@ impl Engine {
                 p.split(',')
                     .map(str::trim)
                     .filter(|p| !p.is_empty())
-                    .collect()
+                    .collect::<Vec<_>>()
             })
             .unwrap_or_default()
         {
