@@ -300,7 +300,77 @@ fn failures_name_the_line_and_the_cause() {
         let ctx = busybox_context("FROM scratch\nRUN true\n", &[]);
         let e = d.fails(&["build", ctx.path().to_str().unwrap()]);
         assert!(e.contains("/bin/sh"), "[{name}] missing shell: {e}");
+        // A directory mount over a file.
+        let ctx = busybox_context(
+            "FROM busybox\nRUN --mount=type=cache,target=/bin/busybox true\n",
+            &[],
+        );
+        let e = d.fails(&["build", ctx.path().to_str().unwrap()]);
+        assert!(
+            e.contains(&format!("Dockerfile:{}", base + 1)) && e.contains("/bin/busybox"),
+            "[{name}] mount over a file: {e}"
+        );
     }
+}
+
+#[test]
+fn a_full_state_dir_fails_cleanly_and_recovers() {
+    require_root!();
+    // The daemon's state on a 64 MiB tmpfs.
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("state");
+    std::fs::create_dir(&root).unwrap();
+    tool(
+        "mount",
+        &[
+            "-t",
+            "tmpfs",
+            "-o",
+            "size=64m",
+            "tmpfs",
+            root.to_str().unwrap(),
+        ],
+    );
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(root.clone());
+    let sock = dir.path().join("kilnd.sock");
+    let mut d = Daemon::start_at(tempfile::tempdir().unwrap(), root.clone(), sock, &[]);
+    let ctx = busybox_context(
+        "FROM busybox\nRUN dd if=/dev/zero of=/big bs=1M count=100\n",
+        &[],
+    );
+    let e = d.fails(&["build", ctx.path().to_str().unwrap()]);
+    assert!(e.contains("No space left on device"), "{e}");
+    assert!(
+        e.contains(&format!("Dockerfile:{}", busybox_lines() + 1)),
+        "{e}"
+    );
+    // Nothing half-done stays: no mounts, no uncommitted snapshot, no helper.
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        mounts_under(&root)
+            .iter()
+            .all(|m| m == root.to_str().unwrap()),
+        "{:?}",
+        mounts_under(&root)
+    );
+    let active = std::fs::read_dir(root.join("snapshots"))
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| e.path().join("active").exists())
+        .count();
+    assert_eq!(active, 0);
+    assert!(d.children().is_empty());
+    // The space came back: a small build works on the same daemon, and
+    // the daemon restarts on the same state dir.
+    let ok = busybox_context("FROM busybox\nRUN echo fits > /f\n", &[]);
+    d.ok(&["build", ok.path().to_str().unwrap()]);
+    assert!(d.stop());
 }
 
 #[test]

@@ -166,7 +166,7 @@ impl SessionSvc for SessionService {
         tokio::spawn(async move {
             loop {
                 match inbound.message().await {
-                    Ok(Some(ClientMessage { msg: Some(m) })) => session.dispatch(m),
+                    Ok(Some(ClientMessage { msg: Some(m) })) => session.dispatch(m).await,
                     Ok(Some(_)) => {}
                     Ok(None) | Err(_) => break,
                 }

@@ -19,18 +19,23 @@ pub struct Session {
     contexts: HashMap<String, String>,
     ssh_ids: Vec<String>,
     tx: Outbound,
-    waiters: Mutex<HashMap<u64, mpsc::UnboundedSender<CMsg>>>,
+    /// Bounded: a reader that falls behind (a slow disk under a context
+    /// upload) holds the session stream back instead of buffering in memory.
+    waiters: Mutex<HashMap<u64, mpsc::Sender<CMsg>>>,
     next: AtomicU64,
     /// Cancelled when the client's stream ends: its builds stop.
     pub closed: tokio_util::sync::CancellationToken,
 }
 
 const CHUNK: usize = 1 << 20;
+/// Messages queued per request before the session stream is held back
+/// (file chunks are up to 1 MiB each).
+const WAITER_QUEUE: usize = 16;
 
 impl Session {
-    fn register(&self) -> (u64, mpsc::UnboundedReceiver<CMsg>) {
+    fn register(&self) -> (u64, mpsc::Receiver<CMsg>) {
         let id = self.next.fetch_add(1, Ordering::Relaxed) + 1;
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel(WAITER_QUEUE);
         self.waiters
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -52,8 +57,9 @@ impl Session {
             .map_err(|_| "the client session is gone (client disconnected)".to_string())
     }
 
-    /// Routes one message from the client to whoever waits for its id.
-    pub fn dispatch(&self, m: CMsg) {
+    /// Routes one message from the client to whoever waits for its id,
+    /// waiting while that reader's queue is full.
+    pub async fn dispatch(&self, m: CMsg) {
         let id = match &m {
             CMsg::Tree(t) => t.id,
             CMsg::File(f) => f.id,
@@ -64,13 +70,15 @@ impl Session {
             CMsg::SshData(d) => d.id,
             CMsg::Hello(_) => return,
         };
-        if let Some(w) = self
+        let waiter = self
             .waiters
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(&id)
-        {
-            let _ = w.send(m);
+            .cloned();
+        if let Some(w) = waiter {
+            // A reader that went away (its build was cancelled) drops the message.
+            let _ = w.send(m).await;
         }
     }
 
