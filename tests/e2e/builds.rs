@@ -837,3 +837,59 @@ fn modern_copy_flags_heredocs_and_add_url() {
     let e = d.fails(&["build", ctx.path().to_str().unwrap()]);
     assert!(e.contains("404"), "{e}");
 }
+
+/// Files the build does not read are not sent (BuildKit's FollowPaths).
+#[test]
+fn only_the_context_paths_the_build_reads_are_sent() {
+    require_root!();
+    let d = Daemon::start();
+    let ctx = tempfile::tempdir().unwrap();
+    write_tree(
+        ctx.path(),
+        &[
+            ("used/a.txt", "a\n"),
+            ("unused/secret-ish.bin", "never sent\n"),
+            ("top.txt", "t\n"),
+        ],
+    );
+    std::fs::write(
+        ctx.path().join("Dockerfile"),
+        "FROM scratch\nCOPY used/ /u/\nCOPY top.txt /\n",
+    )
+    .unwrap();
+    let out = tempfile::tempdir().unwrap();
+    d.ok(&[
+        "build",
+        ctx.path().to_str().unwrap(),
+        "-o",
+        out.path().join("fs").to_str().unwrap(),
+    ]);
+    assert!(out.path().join("fs/u/a.txt").exists());
+    let find = |name: &str| {
+        let o = std::process::Command::new("find")
+            .arg(d.root.join("contexts"))
+            .args(["-name", name])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout).trim().to_string()
+    };
+    assert_eq!(
+        find("secret-ish.bin"),
+        "",
+        "an unread file reached the daemon"
+    );
+    assert!(!find("a.txt").is_empty());
+    // A build that copies the whole context gets all of it.
+    std::fs::write(
+        ctx.path().join("Dockerfile"),
+        "FROM scratch\nCOPY . /all/\n",
+    )
+    .unwrap();
+    d.ok(&[
+        "build",
+        ctx.path().to_str().unwrap(),
+        "-o",
+        out.path().join("fs2").to_str().unwrap(),
+    ]);
+    assert!(out.path().join("fs2/all/unused/secret-ish.bin").exists());
+}

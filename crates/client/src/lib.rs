@@ -356,11 +356,21 @@ async fn serve_session(
                             message: format!("no context named {:?}", r.context),
                         }),
                         Some((dir, m)) => {
-                            let pre = prefetched
-                                .lock()
-                                .unwrap_or_else(|p| p.into_inner())
-                                .remove(&r.context);
-                            let task = pre.unwrap_or_else(|| walk_task(dir.clone(), m.clone()));
+                            let task = if r.follow_paths.is_empty() {
+                                let pre = prefetched
+                                    .lock()
+                                    .unwrap_or_else(|p| p.into_inner())
+                                    .remove(&r.context);
+                                pre.unwrap_or_else(|| walk_task(dir.clone(), m.clone()))
+                            } else {
+                                // Only the paths the build reads: a small walk.
+                                let (dir, m, follow) =
+                                    (dir.clone(), m.clone(), r.follow_paths.clone());
+                                tokio::task::spawn_blocking(move || {
+                                    kiln_context::walk::walk_paths(&dir, &m, &follow)
+                                        .map_err(|e| e.to_string())
+                                })
+                            };
                             match task.await {
                                 Ok(Ok(entries)) => CMsg::Tree(sp::Tree { id: r.id, entries }),
                                 Ok(Err(e)) => CMsg::Error(sp::ErrorReply {

@@ -21,7 +21,42 @@ pub fn walk(root: &Path, ignore: &Matcher) -> Result<Vec<Stat>, ContextError> {
         return Err(ContextError::NotADirectory(root.to_path_buf()));
     }
     let mut out = Vec::new();
-    walk_dir(root, "", ignore, &mut out)?;
+    walk_dir(root, "", ignore, &|_| true, &mut out)?;
+    Ok(out)
+}
+
+/// Like `walk`, limited to `follow` (paths the build reads) and their parent
+/// directories, as BuildKit's FollowPaths does. A symlink among them could
+/// point anywhere in the context, so then the whole tree is walked.
+pub fn walk_paths(
+    root: &Path,
+    ignore: &Matcher,
+    follow: &[String],
+) -> Result<Vec<Stat>, ContextError> {
+    if follow.is_empty() {
+        return walk(root, ignore);
+    }
+    let keep = |rel: &str| {
+        follow.iter().any(|f| {
+            rel == f
+                || rel
+                    .strip_prefix(f.as_str())
+                    .is_some_and(|r| r.starts_with('/'))
+                || f.strip_prefix(rel).is_some_and(|r| r.starts_with('/'))
+        })
+    };
+    let md = fs::metadata(root).map_err(|e| ContextError::Io {
+        path: root.to_path_buf(),
+        source: e,
+    })?;
+    if !md.is_dir() {
+        return Err(ContextError::NotADirectory(root.to_path_buf()));
+    }
+    let mut out = Vec::new();
+    walk_dir(root, "", ignore, &keep, &mut out)?;
+    if out.iter().any(|s| s.mode & 0o170000 == 0o120000) {
+        return walk(root, ignore);
+    }
     Ok(out)
 }
 
@@ -55,6 +90,7 @@ fn walk_dir(
     dir: &Path,
     prefix: &str,
     ignore: &Matcher,
+    keep: &dyn Fn(&str) -> bool,
     out: &mut Vec<Stat>,
 ) -> Result<(), ContextError> {
     let mut entries: Vec<(String, PathBuf)> = Vec::new();
@@ -71,6 +107,9 @@ fn walk_dir(
     entries.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
     for (name, path) in entries {
         let rel = format!("{prefix}{name}");
+        if !keep(&rel) {
+            continue;
+        }
         let md = match fs::symlink_metadata(&path) {
             Ok(m) => m,
             // Vanished while walking: the tree is a snapshot in time anyway.
@@ -86,7 +125,7 @@ fn walk_dir(
             if !ignored {
                 out.push(stat_of(&path, &rel, &md)?);
             }
-            walk_dir(&path, &format!("{rel}/"), ignore, out)?;
+            walk_dir(&path, &format!("{rel}/"), ignore, keep, out)?;
             // An ignored dir with re-included children is still sent as their parent.
             if ignored && out.len() > mark {
                 out.insert(mark, stat_of(&path, &rel, &md)?);
@@ -142,5 +181,49 @@ mod tests {
             .collect();
         assert_eq!(paths, vec!["src", "src/a.rs", "src/sub", "src/sub/keep.md"]);
         assert!(open_in(d.path(), "../etc/passwd").is_err());
+    }
+}
+
+#[cfg(test)]
+mod follow_tests {
+    use super::*;
+
+    #[test]
+    fn walk_paths_keeps_only_what_is_followed() {
+        let d = tempfile::tempdir().unwrap();
+        for f in [
+            "src/a.rs",
+            "src/deep/b.rs",
+            "docs/x.md",
+            "big.bin",
+            "cfg/app.toml",
+            "cfg/other",
+        ] {
+            let p = d.path().join(f);
+            fs::create_dir_all(p.parent().unwrap()).unwrap();
+            fs::write(&p, f).unwrap();
+        }
+        let m = Matcher::new(&Vec::<String>::new()).unwrap();
+        let follow = vec!["src".to_string(), "cfg/app.toml".to_string()];
+        let got: Vec<String> = walk_paths(d.path(), &m, &follow)
+            .unwrap()
+            .into_iter()
+            .map(|s| s.path)
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                "cfg",
+                "cfg/app.toml",
+                "src",
+                "src/a.rs",
+                "src/deep",
+                "src/deep/b.rs"
+            ]
+        );
+        // A symlink on the way could lead anywhere: the whole tree then.
+        std::os::unix::fs::symlink("docs", d.path().join("src/link")).unwrap();
+        let all = walk_paths(d.path(), &m, &follow).unwrap();
+        assert!(all.iter().any(|s| s.path == "big.bin"));
     }
 }

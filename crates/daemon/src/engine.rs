@@ -235,11 +235,6 @@ impl Engine {
             })?),
             None => None,
         };
-        let job = Arc::new(Job {
-            progress: progress.clone(),
-            contexts: Arc::new(SessionContexts(session.clone())),
-            entitlements: req.entitlements.iter().cloned().collect(),
-        });
         let mut builds = Vec::new();
         for (i, platform) in platforms.iter().enumerate() {
             let mut opts2 = opts.clone();
@@ -266,6 +261,21 @@ impl Engine {
             }
             builds.push((platform.clone(), converted));
         }
+        // Only what some platform's build reads from the main context is sent.
+        let mut context_paths: Option<std::collections::BTreeSet<String>> =
+            Some(Default::default());
+        for (_, c) in &builds {
+            match (&mut context_paths, &c.context_paths) {
+                (Some(all), Some(p)) => all.extend(p.iter().cloned()),
+                _ => context_paths = None,
+            }
+        }
+        let job = Arc::new(Job {
+            progress: progress.clone(),
+            contexts: Arc::new(SessionContexts(session.clone())),
+            entitlements: req.entitlements.iter().cloned().collect(),
+            context_paths: context_paths.map(|p| p.into_iter().collect()),
+        });
         // Platforms build at the same time; identical steps run once.
         let solved = futures::future::try_join_all(
             builds

@@ -86,11 +86,13 @@ impl Session {
         self: Arc<Self>,
         name: String,
         mirror: Mirror,
+        follow: Option<Vec<String>>,
     ) -> Result<(Mirror, usize), String> {
         let (id, mut rx) = self.register();
         self.send(DMsg::TreeRequest(pb::TreeRequest {
             id,
             context: name.clone(),
+            follow_paths: follow.unwrap_or_default(),
         }))
         .await?;
         let tree = match rx.recv().await {
@@ -345,9 +347,10 @@ impl ContextProvider for SessionContexts {
         &self,
         name: String,
         mirror: Mirror,
+        follow: Option<Vec<String>>,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(Mirror, usize), String>> + Send>>
     {
-        Box::pin(self.0.clone().sync_impl(name, mirror))
+        Box::pin(self.0.clone().sync_impl(name, mirror, follow))
     }
     fn secret(
         &self,

@@ -74,7 +74,13 @@ pub trait ContextProvider: Send + Sync {
     fn shared_key(&self, name: &str) -> Option<String>;
     /// Brings `mirror` up to date with the client's tree; returns the number
     /// of files transferred and removed.
-    fn sync(&self, name: String, mirror: Mirror) -> BoxFuture<Result<(Mirror, usize), String>>;
+    /// `follow`: only these paths are needed (None: the whole context).
+    fn sync(
+        &self,
+        name: String,
+        mirror: Mirror,
+        follow: Option<Vec<String>>,
+    ) -> BoxFuture<Result<(Mirror, usize), String>>;
     /// A secret's value from the client, or None when it was not given.
     fn secret(&self, id: String) -> BoxFuture<Result<Option<Vec<u8>>, String>>;
     /// Registry credentials the client has for `host` (its docker config).
@@ -100,6 +106,8 @@ pub struct Job {
     pub contexts: Arc<dyn ContextProvider>,
     /// Entitlements this build asked for and the daemon allows.
     pub entitlements: HashSet<String>,
+    /// The main-context paths the build reads (None: all of it).
+    pub context_paths: Option<Vec<String>>,
 }
 
 /// How the worker runs steps.
@@ -302,12 +310,18 @@ impl Worker {
         self: &Arc<Self>,
         name: &str,
         contexts: &Arc<dyn ContextProvider>,
+        follow: Option<Vec<String>>,
     ) -> Result<(ContextRef, bool), SolveError> {
-        let key = contexts.shared_key(name).ok_or_else(|| {
+        let mut key = contexts.shared_key(name).ok_or_else(|| {
             SolveError::new(format!(
                 "the client did not provide a context named {name:?}"
             ))
         })?;
+        // A partial sync gets its own mirror, so it never evicts the files a
+        // build reading the whole directory keeps.
+        if let Some(f) = &follow {
+            key = format!("{key}#{}", Digest::of(f.join("\n").as_bytes()));
+        }
         let dir_name = Digest::of(key.as_bytes()).hex()[..16].to_string();
         let dir = self.root.join("contexts").join(dir_name);
         let lock = self.context_lock(&key).lock_owned().await;
@@ -322,7 +336,7 @@ impl Worker {
             None => Mirror::open(&dir).map_err(serr)?,
         };
         let (mirror, changed) = contexts
-            .sync(name.to_string(), mirror)
+            .sync(name.to_string(), mirror, follow)
             .await
             .map_err(SolveError::new)?;
         if changed > 0 {
@@ -358,6 +372,7 @@ impl Worker {
             .sync_local(
                 layout_context(spec).map_err(|e| e.message.to_string())?,
                 contexts,
+                None,
             )
             .await
             .map_err(|e| e.message.to_string())?;
@@ -434,7 +449,12 @@ impl Worker {
         };
         let id = src.identifier.as_str();
         if let Some(name) = id.strip_prefix("local://") {
-            let (ctx, unchanged) = self.sync_local(name, &job.contexts).await?;
+            let follow = if name == "context" {
+                job.context_paths.clone()
+            } else {
+                None
+            };
+            let (ctx, unchanged) = self.sync_local(name, &job.contexts, follow).await?;
             let digest = ctx.mirror.tree_digest();
             return Ok((
                 Output::Context(Arc::new(ctx)),
@@ -445,7 +465,7 @@ impl Worker {
         if let Some(spec) = id.strip_prefix("oci-layout://") {
             let platform = v.op.platform.clone().unwrap_or_default();
             let (ctx, _) = self
-                .sync_local(layout_context(spec)?, &job.contexts)
+                .sync_local(layout_context(spec)?, &job.contexts, None)
                 .await?;
             let (root, spec2) = (ctx.root.clone(), spec.to_string());
             let img = tokio::task::spawn_blocking(move || {

@@ -177,6 +177,9 @@ pub struct Converted {
     pub definition: pb::Definition,
     pub image: Image,
     pub warnings: Vec<BuildWarning>,
+    /// The main-context paths the build reads, when not all of it (the
+    /// client then sends only these; `.dockerignore` still applies).
+    pub context_paths: Option<Vec<String>>,
     /// Whether the result is an empty filesystem (no ops at all).
     pub scratch: bool,
 }
@@ -221,6 +224,8 @@ struct Ctx<'a> {
     warnings: Vec<BuildWarning>,
     lines: Vec<String>,
     context: Option<OutputRef>,
+    /// Paths of the main context the build reads (None: all of it).
+    context_paths: Option<std::collections::BTreeSet<String>>,
     /// The stage being converted.
     current: usize,
 }
@@ -310,6 +315,34 @@ impl Ctx<'_> {
         }
         v.strip_prefix("docker-image://")
             .map(|r| Err(r.to_string()))
+    }
+
+    /// Records that the build reads `path` (a COPY/ADD source or a bind
+    /// mount source) from the main context, so only what is read needs to
+    /// be transferred, as BuildKit does. A pattern keeps its literal
+    /// leading directories; the context root means everything.
+    fn note_context_path(&mut self, path: &str) {
+        let Some(paths) = self.context_paths.as_mut() else {
+            return;
+        };
+        let mut kept = Vec::new();
+        for comp in path.split('/') {
+            if comp.contains(['*', '?', '[', '\\']) {
+                break;
+            }
+            match comp {
+                "" | "." => {}
+                ".." => {
+                    kept.pop();
+                }
+                c => kept.push(c),
+            }
+        }
+        if kept.is_empty() {
+            self.context_paths = None;
+        } else {
+            paths.insert(kept.join("/"));
+        }
     }
 
     fn context(&mut self) -> OutputRef {
@@ -1221,7 +1254,12 @@ impl Ctx<'_> {
                         String::new(),
                     )
                 }
-                None => (self.context(), String::new()),
+                None => {
+                    for src in &non_heredoc {
+                        self.note_context_path(src);
+                    }
+                    (self.context(), String::new())
+                }
             };
             let base_present = st.result.state.is_some();
             let src_idx = if base_present { 1 } else { 0 };
@@ -1648,7 +1686,10 @@ impl Ctx<'_> {
                         }
                     }
                 }
-                (None, _) => Some(self.context()),
+                (None, _) => {
+                    self.note_context_path(&source);
+                    Some(self.context())
+                }
             };
             if let Some(s) = src_state {
                 inputs.push(pb::Input {
@@ -2111,6 +2152,7 @@ pub fn convert(
         warnings: Vec::new(),
         lines,
         context: None,
+        context_paths: Some(Default::default()),
         current: 0,
     };
     for w in &ast.warnings {
@@ -2238,6 +2280,7 @@ pub fn convert(
         image: result.image,
         warnings,
         scratch,
+        context_paths: ctx.context_paths.map(|p| p.into_iter().collect()),
     })
 }
 
@@ -2301,6 +2344,16 @@ mod tests {
 
     fn conv(df: &str) -> Result<Converted, FrontendError> {
         convert(df.as_bytes(), &ConvertOptions::default(), &NoImages)
+    }
+
+    struct AnyImageForTests;
+    impl ImageResolver for AnyImageForTests {
+        fn resolve(&self, r: &str, p: &Platform) -> Result<(String, Image), String> {
+            Ok((
+                r.to_string(),
+                Image::empty(&p.os, &p.architecture, &p.variant),
+            ))
+        }
     }
 
     #[test]
@@ -2469,6 +2522,25 @@ mod tests {
             ))
             .is_ok()
         );
+    }
+
+    #[test]
+    fn context_paths_are_what_the_build_reads() {
+        let c = conv("FROM scratch\nCOPY src/ /app/\nCOPY ./a/../cfg.txt /\nADD pkgs/*/x.json /p/\nCOPY <<EOF /h\nhi\nEOF\n").unwrap();
+        assert_eq!(
+            c.context_paths,
+            Some(vec!["cfg.txt".into(), "pkgs".into(), "src".into()])
+        );
+        // Anything that reads the context root needs all of it.
+        for df in [
+            "FROM scratch\nCOPY . /app\n",
+            "FROM scratch\nCOPY *.txt /\n",
+            "FROM busybox\nRUN --mount=type=bind,target=/src true\n",
+        ] {
+            let o = ConvertOptions::default();
+            let c = convert(df.as_bytes(), &o, &AnyImageForTests).unwrap();
+            assert_eq!(c.context_paths, None, "{df}");
+        }
     }
 
     #[test]
