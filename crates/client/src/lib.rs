@@ -58,6 +58,8 @@ pub async fn connect(addr: &str) -> Result<Client, ClientError> {
     let channel = Endpoint::from_static("http://[::]:0")
         .initial_stream_window_size(Some(16 << 20))
         .initial_connection_window_size(Some(32 << 20))
+        // Exports arrive in 1 MiB chunks: frames that size, not 16 KiB ones.
+        .max_frame_size(Some((1 << 20) - 1))
         .connect_with_connector(tower::service_fn(move |_: Uri| {
             let p = p.clone();
             async move {

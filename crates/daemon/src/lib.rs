@@ -129,6 +129,8 @@ pub async fn serve(
                 // default 64 KiB windows cost a round trip per window.
                 .initial_stream_window_size(Some(16 << 20))
                 .initial_connection_window_size(Some(32 << 20))
+                // Context files arrive in 1 MiB chunks.
+                .max_frame_size(Some((1 << 20) - 1))
                 .add_service(
                     ControlServer::new(service::ControlService(e.clone()))
                         .max_decoding_message_size(64 << 20),
