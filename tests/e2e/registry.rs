@@ -590,3 +590,47 @@ fn multi_platform_builds_make_an_index() {
         );
     }
 }
+
+#[test]
+fn pushes_mount_base_layers_from_the_repository_they_came_from() {
+    require_root!();
+    let reg = Registry::start();
+    let base = format!("{}/base/bb:1", reg.addr);
+    let a = Daemon::start();
+    let ctx = busybox_context("FROM busybox\n", &[]);
+    a.ok(&["build", ctx.path().to_str().unwrap(), "-t", &base, "--push"]);
+    // Another daemon builds on the pushed base and pushes to another repository.
+    let b = Daemon::start();
+    let ctx2 = tempfile::tempdir().unwrap();
+    std::fs::write(
+        ctx2.path().join("Dockerfile"),
+        format!("FROM {base}\nRUN echo app > /app\n"),
+    )
+    .unwrap();
+    let app = format!("{}/app/x:1", reg.addr);
+    b.ok(&["build", ctx2.path().to_str().unwrap(), "-t", &app, "--push"]);
+    let base_layers = serde_json::from_str::<serde_json::Value>(&tool(
+        "skopeo",
+        &["inspect", "--tls-verify=false", &format!("docker://{base}")],
+    ))
+    .unwrap()["Layers"]
+        .as_array()
+        .unwrap()
+        .len();
+    // Every base layer was mounted (named in the log), not uploaded again.
+    let mounted = b
+        .log()
+        .matches("blob mounted from another repository")
+        .count();
+    assert_eq!(mounted, base_layers, "{}", b.log());
+    // And the registry serves a complete image.
+    tool(
+        "skopeo",
+        &[
+            "copy",
+            "--src-tls-verify=false",
+            &format!("docker://{app}"),
+            &format!("oci:{}:x", ctx2.path().join("copy").display()),
+        ],
+    );
+}

@@ -42,6 +42,10 @@ pub struct BlobRef {
     pub compression: String,
     pub digest: String,
     pub size: u64,
+    /// `registry/repository` the blob was pulled from, so a push to another
+    /// repository of that registry can mount it instead of uploading it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
 }
 
 /// What the layer of a snapshot is once computed.

@@ -475,7 +475,7 @@ impl Engine {
                         .await
                         .map_err(EngineError::Export)?;
                     let push_one = |target: String,
-                                    blobs: Vec<(kiln_digest::Digest, u64)>,
+                                    blobs: Vec<kiln_registry::PushBlob>,
                                     doc: Vec<u8>,
                                     mt: String| {
                         let (worker, creds) = (self.worker.clone(), creds.clone());
@@ -495,12 +495,20 @@ impl Engine {
                         }
                     };
                     for img in &images {
-                        let mut blobs: Vec<(kiln_digest::Digest, u64)> = img
+                        let mut blobs: Vec<kiln_registry::PushBlob> = img
                             .layers
                             .iter()
-                            .map(|l| (l.digest.clone(), l.size))
+                            .map(|l| kiln_registry::PushBlob {
+                                digest: l.digest.clone(),
+                                size: l.size,
+                                mount_from: l.source.clone(),
+                            })
                             .collect();
-                        blobs.push((img.config_digest.clone(), img.config.len() as u64));
+                        blobs.push(kiln_registry::PushBlob {
+                            digest: img.config_digest.clone(),
+                            size: img.config.len() as u64,
+                            mount_from: None,
+                        });
                         // In a multi-platform push the manifests go up by digest;
                         // the index (or the single manifest) gets the tag.
                         let target = if multi || opts.push_by_digest {
@@ -850,6 +858,7 @@ fn chain_layers(
             // unless force-compression: report what the blob really is.
             compression: blob.compression.clone(),
             empty: info.empty,
+            source: blob.source.clone(),
         });
     }
     Ok(layers)

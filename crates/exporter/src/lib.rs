@@ -37,6 +37,8 @@ pub struct Layer {
     pub compression: String,
     /// The diff has no entries; such layers are left out of the image.
     pub empty: bool,
+    /// `registry/repository` the blob can be mounted from when pushing.
+    pub source: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -490,6 +492,7 @@ mod tests {
                 size: 1,
                 compression: "gzip".into(),
                 empty: false,
+                source: None,
             },
             Layer {
                 diff_id: "sha256:bb".into(),
@@ -497,6 +500,7 @@ mod tests {
                 size: 1,
                 compression: "gzip".into(),
                 empty: true,
+                source: None,
             },
         ];
         let b = build_image(

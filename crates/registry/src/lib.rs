@@ -42,6 +42,15 @@ pub const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
 
+/// A blob to push, and where the registry may already have it.
+#[derive(Debug, Clone)]
+pub struct PushBlob {
+    pub digest: Digest,
+    pub size: u64,
+    /// `registry/repository` to try a cross-repository mount from.
+    pub mount_from: Option<String>,
+}
+
 /// Credentials for one registry host.
 #[derive(Clone, Default)]
 pub struct Credentials {
@@ -427,7 +436,7 @@ impl RegistryClient {
     pub async fn push(
         &self,
         reference: &str,
-        blobs: &[(Digest, u64)],
+        blobs: &[PushBlob],
         (manifest, manifest_media_type): (&[u8], &str),
         store: &ContentStore,
         creds: Option<&Credentials>,
@@ -440,9 +449,26 @@ impl RegistryClient {
             .auth(&r, &auth, oci_client::RegistryOperation::Push)
             .await
             .map_err(|e| err(&r, e))?;
-        for (d, size) in blobs {
+        for PushBlob {
+            digest: d,
+            size,
+            mount_from,
+        } in blobs
+        {
             if client.blob_exists(&r, d.as_str()).await.unwrap_or(false) {
                 continue;
+            }
+            // Cross-repository mount: the registry links the blob it already
+            // has in the repository it was pulled from; nothing is uploaded.
+            if let Some((host, repo)) = mount_from.as_deref().and_then(|m| m.split_once('/'))
+                && host == r.resolve_registry()
+                && repo != r.repository()
+            {
+                let from = Reference::with_tag(host.to_string(), repo.to_string(), "latest".into());
+                if client.mount_blob(&r, &from, d.as_str()).await.is_ok() {
+                    tracing::info!(blob = %d, from = %repo, to = %r.repository(), "blob mounted from another repository");
+                    continue;
+                }
             }
             let path = store.path(d);
             // Network errors and 5xx/429 get retried with backoff; the last error is reported.

@@ -21,6 +21,7 @@ impl Worker {
         layer: &LayerDesc,
         key: &str,
         description: &str,
+        source: Option<String>,
     ) -> Result<String, WorkerError> {
         let chain = match &parent {
             Some(p) => self.chain(p)?,
@@ -67,6 +68,7 @@ impl Worker {
                     compression: layer.compression().to_string(),
                     digest: layer.digest.to_string(),
                     size: layer.size,
+                    source,
                 }],
             }],
         };

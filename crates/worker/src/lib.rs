@@ -389,6 +389,7 @@ impl Worker {
         self: Arc<Self>,
         img: &kiln_registry::ResolvedImage,
         name: &str,
+        source: Option<String>,
         fetch: F,
     ) -> Result<(String, usize), SolveError>
     where
@@ -407,7 +408,8 @@ impl Worker {
             fetched += 1;
             let (w, l, k, p) = (self.clone(), layer.clone(), key.clone(), parent.clone());
             let desc = format!("pulled {name} layer {}", layer.digest);
-            let id = tokio::task::spawn_blocking(move || w.unpack_layer(p, &l, &k, &desc))
+            let src = source.clone();
+            let id = tokio::task::spawn_blocking(move || w.unpack_layer(p, &l, &k, &desc, src))
                 .await
                 .map_err(serr)?
                 .map_err(serr)?;
@@ -486,7 +488,7 @@ impl Worker {
             let root = ctx.root.clone();
             let (id, fetched) = self
                 .clone()
-                .image_layers(&img, spec, move |w, layer| {
+                .image_layers(&img, spec, None, move |w, layer| {
                     let root = root.clone();
                     Box::pin(async move {
                         tokio::task::spawn_blocking(move || {
@@ -534,9 +536,12 @@ impl Worker {
                 .map_err(serr)?;
             let registry = self.registry.clone();
             let reference = r.to_string();
+            let source = kiln_registry::parse_reference(r)
+                .ok()
+                .map(|p| format!("{}/{}", p.resolve_registry(), p.repository()));
             let (id, fetched) = self
                 .clone()
-                .image_layers(&img, r, move |w, layer| {
+                .image_layers(&img, r, source, move |w, layer| {
                     let (registry, reference, creds) =
                         (registry.clone(), reference.clone(), creds.clone());
                     Box::pin(async move {
@@ -816,6 +821,7 @@ impl Worker {
             compression: codec.into(),
             digest: digest.to_string(),
             size,
+            source: None,
         };
         let info = match rec.layers.iter_mut().find(|l| l.epoch == epoch) {
             Some(l) => {
