@@ -1465,7 +1465,12 @@ impl Ctx<'_> {
                 .lex
                 .process_word(m, &env_for_expand)
                 .map_err(|e| self.err(line, e.to_string()))?;
-            let mount = self.parse_mount(&m, line, &mut inputs, st)?;
+            // Unnamed ssh sockets are numbered, as BuildKit does.
+            let ssh_index = mounts
+                .iter()
+                .filter(|m| m.r#type == pb::MountType::Ssh as i32)
+                .count();
+            let mount = self.parse_mount(&m, line, &mut inputs, st, ssh_index)?;
             mounts.push(mount);
         }
         let wd = if img.config.working_dir.is_empty() {
@@ -1523,6 +1528,7 @@ impl Ctx<'_> {
         line: usize,
         inputs: &mut Vec<pb::Input>,
         st: &StageState,
+        ssh_index: usize,
     ) -> Result<pb::Mount, FrontendError> {
         let mut m = pb::Mount {
             input: -1,
@@ -1623,7 +1629,7 @@ impl Ctx<'_> {
                         }
                     )
                 }
-                "ssh" => target = "/run/buildkit/ssh_agent.0".into(),
+                "ssh" => target = format!("/run/buildkit/ssh_agent.{ssh_index}"),
                 // BuildKit accepts a bind without target; it lands in the working directory.
                 "bind" => target = st.result.image.config.working_dir.clone(),
                 _ => return Err(self.err(line, format!("mount type {typ} requires a target"))),
@@ -2541,6 +2547,37 @@ mod tests {
             let c = convert(df.as_bytes(), &o, &AnyImageForTests).unwrap();
             assert_eq!(c.context_paths, None, "{df}");
         }
+    }
+
+    #[test]
+    fn unnamed_ssh_sockets_are_numbered() {
+        let c = convert(
+            b"FROM busybox\nRUN --mount=type=ssh --mount=type=ssh,id=b --mount=type=ssh,id=c,target=/s true\n",
+            &ConvertOptions::default(),
+            &AnyImageForTests,
+        )
+        .unwrap();
+        let g = kiln_definition::Graph::from_definition(&c.definition).unwrap();
+        let mut targets: Vec<String> = g
+            .vertices
+            .values()
+            .filter_map(|v| match &v.op.op {
+                Some(pb::op::Op::Exec(e)) => Some(e.mounts.clone()),
+                _ => None,
+            })
+            .flatten()
+            .filter(|m| m.r#type == pb::MountType::Ssh as i32)
+            .map(|m| m.dest)
+            .collect();
+        targets.sort();
+        assert_eq!(
+            targets,
+            vec![
+                "/run/buildkit/ssh_agent.0",
+                "/run/buildkit/ssh_agent.1",
+                "/s"
+            ]
+        );
     }
 
     #[test]
