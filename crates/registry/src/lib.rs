@@ -42,6 +42,9 @@ pub const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
 
+/// Blob uploads in flight per push.
+const PUSH_CONCURRENCY: usize = 4;
+
 /// A blob to push, and where the registry may already have it.
 #[derive(Debug, Clone)]
 pub struct PushBlob {
@@ -449,62 +452,86 @@ impl RegistryClient {
             .auth(&r, &auth, oci_client::RegistryOperation::Push)
             .await
             .map_err(|e| err(&r, e))?;
-        for PushBlob {
-            digest: d,
-            size,
-            mount_from,
-        } in blobs
-        {
-            if client.blob_exists(&r, d.as_str()).await.unwrap_or(false) {
-                continue;
-            }
-            // Cross-repository mount: the registry links the blob it already
-            // has in the repository it was pulled from; nothing is uploaded.
-            if let Some((host, repo)) = mount_from.as_deref().and_then(|m| m.split_once('/'))
-                && host == r.resolve_registry()
-                && repo != r.repository()
-            {
-                let from = Reference::with_tag(host.to_string(), repo.to_string(), "latest".into());
-                if client.mount_blob(&r, &from, d.as_str()).await.is_ok() {
-                    tracing::info!(blob = %d, from = %repo, to = %r.repository(), "blob mounted from another repository");
-                    continue;
-                }
-            }
-            let path = store.path(d);
-            // Network errors and 5xx/429 get retried with backoff; the last error is reported.
-            let mut last = None;
-            for attempt in 0..3u32 {
-                if attempt > 0 {
-                    tokio::time::sleep(std::time::Duration::from_millis(250 << attempt)).await;
-                }
-                let file = tokio::fs::File::open(&path)
-                    .await
-                    .map_err(|e| err(&r, format!("{}: {e}", path.display())))?;
-                let stream = tokio_util::io::ReaderStream::with_capacity(file, 1 << 20).map(|c| {
-                    c.map_err(|e| {
-                        oci_client::errors::OciDistributionError::GenericError(Some(e.to_string()))
-                    })
-                });
-                match client
-                    .push_blob_stream(&r, stream, d.as_str(), Some(*size))
-                    .await
-                {
-                    Ok(_) => {
-                        last = None;
-                        break;
-                    }
-                    Err(e) => last = Some(e),
-                }
-            }
-            if let Some(e) = last {
-                return Err(err(&r, format!("pushing blob {d}: {e}")));
-            }
+        // Blobs go up concurrently (a few at a time); the manifest only after all of them.
+        // (A loop, not a closure: a closure over the borrows is not general
+        // enough for the Send bound of the daemon's futures.)
+        let mut uploads = Vec::with_capacity(blobs.len());
+        for b in blobs {
+            uploads.push(Self::push_blob(&client, &r, b, store));
+        }
+        let results: Vec<Result<(), RegistryError>> = futures::stream::iter(uploads)
+            .buffer_unordered(PUSH_CONCURRENCY)
+            .collect()
+            .await;
+        for res in results {
+            res?;
         }
         let ct = http::HeaderValue::from_str(manifest_media_type).map_err(|e| err(&r, e))?;
         client
             .push_manifest_raw(&r, manifest.to_vec(), ct)
             .await
             .map_err(|e| err(&r, e))
+    }
+
+    /// One blob: skipped if the registry has it, mounted from the repository
+    /// it was pulled from if possible, else streamed from the content store
+    /// with retries.
+    async fn push_blob(
+        client: &oci_client::Client,
+        r: &Reference,
+        blob: &PushBlob,
+        store: &ContentStore,
+    ) -> Result<(), RegistryError> {
+        let PushBlob {
+            digest: d,
+            size,
+            mount_from,
+        } = blob;
+        if client.blob_exists(r, d.as_str()).await.unwrap_or(false) {
+            return Ok(());
+        }
+        // Cross-repository mount: the registry links the blob it already
+        // has in the repository it was pulled from; nothing is uploaded.
+        if let Some((host, repo)) = mount_from.as_deref().and_then(|m| m.split_once('/'))
+            && host == r.resolve_registry()
+            && repo != r.repository()
+        {
+            let from = Reference::with_tag(host.to_string(), repo.to_string(), "latest".into());
+            if client.mount_blob(r, &from, d.as_str()).await.is_ok() {
+                tracing::info!(blob = %d, from = %repo, to = %r.repository(), "blob mounted from another repository");
+                return Ok(());
+            }
+        }
+        let path = store.path(d);
+        // Network errors and 5xx/429 get retried with backoff; the last error is reported.
+        let mut last = None;
+        for attempt in 0..3u32 {
+            if attempt > 0 {
+                tokio::time::sleep(std::time::Duration::from_millis(250 << attempt)).await;
+            }
+            let file = tokio::fs::File::open(&path)
+                .await
+                .map_err(|e| err(r, format!("{}: {e}", path.display())))?;
+            let stream = tokio_util::io::ReaderStream::with_capacity(file, 1 << 20).map(|c| {
+                c.map_err(|e| {
+                    oci_client::errors::OciDistributionError::GenericError(Some(e.to_string()))
+                })
+            });
+            match client
+                .push_blob_stream(r, stream, d.as_str(), Some(*size))
+                .await
+            {
+                Ok(_) => {
+                    last = None;
+                    break;
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        if let Some(e) = last {
+            return Err(err(r, format!("pushing blob {d}: {e}")));
+        }
+        Ok(())
     }
 }
 
