@@ -13,6 +13,15 @@ use crate::dockerignore::Matcher;
 
 /// Walks `root`, skipping ignored paths; entries are sorted by path.
 pub fn walk(root: &Path, ignore: &Matcher) -> Result<Vec<Stat>, ContextError> {
+    walk_filtered(root, ignore, &|_| true)
+}
+
+/// The walk, descending only into entries `keep` accepts.
+fn walk_filtered(
+    root: &Path,
+    ignore: &Matcher,
+    keep: &dyn Fn(&str) -> bool,
+) -> Result<Vec<Stat>, ContextError> {
     let md = fs::metadata(root).map_err(|e| ContextError::Io {
         path: root.to_path_buf(),
         source: e,
@@ -21,7 +30,7 @@ pub fn walk(root: &Path, ignore: &Matcher) -> Result<Vec<Stat>, ContextError> {
         return Err(ContextError::NotADirectory(root.to_path_buf()));
     }
     let mut out = Vec::new();
-    walk_dir(root, "", ignore, &|_| true, &mut out)?;
+    walk_dir(root, "", ignore, keep, &mut out)?;
     Ok(out)
 }
 
@@ -45,15 +54,7 @@ pub fn walk_paths(
                 || f.strip_prefix(rel).is_some_and(|r| r.starts_with('/'))
         })
     };
-    let md = fs::metadata(root).map_err(|e| ContextError::Io {
-        path: root.to_path_buf(),
-        source: e,
-    })?;
-    if !md.is_dir() {
-        return Err(ContextError::NotADirectory(root.to_path_buf()));
-    }
-    let mut out = Vec::new();
-    walk_dir(root, "", ignore, &keep, &mut out)?;
+    let out = walk_filtered(root, ignore, &keep)?;
     if out.iter().any(|s| s.mode & 0o170000 == 0o120000) {
         return walk(root, ignore);
     }

@@ -455,14 +455,7 @@ impl Engine {
                     ));
                 }
                 let images = self.build_images(results, &opts, epoch).await?;
-                let index = if multi {
-                    Some(
-                        kiln_exporter::build_index(&images, opts.oci_mediatypes)
-                            .map_err(|e| EngineError::Export(e.to_string()))?,
-                    )
-                } else {
-                    None
-                };
+                let index = index_of(&images, opts.oci_mediatypes)?;
                 let contexts = SessionContexts(session.clone());
                 for n in &opts.names {
                     let r = kiln_registry::parse_reference(n)
@@ -533,17 +526,7 @@ impl Engine {
                         push_one(target, Vec::new(), i.bytes.clone(), i.media_type.clone()).await?;
                     }
                 }
-                let top = index
-                    .as_ref()
-                    .map(|i| i.digest.clone())
-                    .unwrap_or_else(|| images[0].manifest_digest.clone());
-                response.insert("containerimage.digest".into(), top.to_string());
-                if !multi {
-                    response.insert(
-                        "containerimage.config.digest".into(),
-                        images[0].config_digest.to_string(),
-                    );
-                }
+                image_digests(&images, index.as_ref(), &mut response);
                 response.insert("image.name".into(), opts.names.join(","));
             }
             "oci" | "docker" => {
@@ -563,14 +546,7 @@ impl Engine {
                 let opts = ImageExportOptions::parse(attrs, &exp.r#type)?;
                 let names = opts.names.clone();
                 let images = self.build_images(results, &opts, epoch).await?;
-                let index = if multi {
-                    Some(
-                        kiln_exporter::build_index(&images, opts.oci_mediatypes)
-                            .map_err(|e| EngineError::Export(e.to_string()))?,
-                    )
-                } else {
-                    None
-                };
+                let index = index_of(&images, opts.oci_mediatypes)?;
                 let worker = self.worker.clone();
                 let (imgs, idx, names2) = (images.clone(), index.clone(), names.clone());
                 send_to_client(
@@ -600,17 +576,7 @@ impl Engine {
                     },
                 )
                 .await?;
-                let top = index
-                    .as_ref()
-                    .map(|i| i.digest.clone())
-                    .unwrap_or_else(|| images[0].manifest_digest.clone());
-                response.insert("containerimage.digest".into(), top.to_string());
-                if !multi {
-                    response.insert(
-                        "containerimage.config.digest".into(),
-                        images[0].config_digest.to_string(),
-                    );
-                }
+                image_digests(&images, index.as_ref(), &mut response);
                 if !names.is_empty() {
                     response.insert("image.name".into(), names.join(","));
                 }
@@ -701,6 +667,43 @@ impl Engine {
 }
 
 /// The comma-separated `name=` of an exporter.
+/// The multi-platform index over `images`, when there is more than one.
+fn index_of(
+    images: &[kiln_exporter::BuiltImage],
+    oci_mediatypes: bool,
+) -> Result<Option<kiln_exporter::BuiltIndex>, EngineError> {
+    if images.len() < 2 {
+        return Ok(None);
+    }
+    kiln_exporter::build_index(images, oci_mediatypes)
+        .map(Some)
+        .map_err(|e| EngineError::Export(e.to_string()))
+}
+
+/// The exporter response's digests: the index's, or the single image's
+/// manifest and config.
+fn image_digests(
+    images: &[kiln_exporter::BuiltImage],
+    index: Option<&kiln_exporter::BuiltIndex>,
+    response: &mut HashMap<String, String>,
+) {
+    match index {
+        Some(i) => {
+            response.insert("containerimage.digest".into(), i.digest.to_string());
+        }
+        None => {
+            response.insert(
+                "containerimage.digest".into(),
+                images[0].manifest_digest.to_string(),
+            );
+            response.insert(
+                "containerimage.config.digest".into(),
+                images[0].config_digest.to_string(),
+            );
+        }
+    }
+}
+
 /// One platform's build result.
 struct PlatformResult {
     platform: Platform,

@@ -7,6 +7,8 @@
 
 mod native;
 
+pub use native::copy_tree;
+
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -284,17 +286,10 @@ impl Snapshotter {
             return Ok(dest);
         }
         let tmp = self.flat.join(format!("tmp-{}", self.new_id()));
-        // cp -a keeps owners, modes, times, hardlinks, xattrs and devices.
-        let out = std::process::Command::new("cp")
-            .arg("-a")
-            .arg("--")
-            .arg(view.path())
-            .arg(&tmp)
-            .output()
-            .map_err(|e| err(format!("running cp: {e}")))?;
-        if !out.status.success() {
+        fs::create_dir(&tmp).map_err(io_at(&tmp))?;
+        if let Err(e) = native::copy_tree(view.path(), &tmp) {
             let _ = fs::remove_dir_all(&tmp);
-            return Err(err(String::from_utf8_lossy(&out.stderr).trim().to_string()));
+            return Err(err(e));
         }
         drop(view);
         fs::rename(&tmp, &dest).map_err(io_at(&dest))?;

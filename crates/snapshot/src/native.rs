@@ -16,7 +16,7 @@ use nix::sys::stat::{Mode, SFlag, mknod};
 
 /// Copies `src`'s contents into the existing directory `dest`, keeping
 /// owners, modes, times, hardlinks, xattrs and devices.
-pub(crate) fn copy_tree(src: &Path, dest: &Path) -> Result<(), String> {
+pub fn copy_tree(src: &Path, dest: &Path) -> Result<(), String> {
     let mut from = src.as_os_str().to_owned();
     from.push("/.");
     let out = Command::new("cp")

@@ -173,19 +173,10 @@ impl Worker {
         // Copy next to the destination, then rename: a crash never leaves a half-seeded cache.
         let tmp = dest.with_extension("seeding");
         let _ = fs::remove_dir_all(&tmp);
-        if let Some(parent) = tmp.parent() {
-            fs::create_dir_all(parent).map_err(|e| err(e.to_string()))?;
-        }
-        let out = std::process::Command::new("cp")
-            .arg("-a")
-            .arg("--")
-            .arg(&src)
-            .arg(&tmp)
-            .output()
-            .map_err(|e| err(format!("running cp: {e}")))?;
-        if !out.status.success() {
+        fs::create_dir_all(&tmp).map_err(|e| err(e.to_string()))?;
+        if let Err(e) = kiln_snapshot::copy_tree(&src, &tmp) {
             let _ = fs::remove_dir_all(&tmp);
-            return Err(err(String::from_utf8_lossy(&out.stderr).trim().to_string()));
+            return Err(err(e));
         }
         fs::rename(&tmp, dest).map_err(|e| err(e.to_string()))
     }
