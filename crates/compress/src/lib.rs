@@ -16,6 +16,9 @@ use std::thread::JoinHandle;
 /// dictionary at each member costs well under 1% of ratio.
 pub const BLOCK: usize = 1 << 20;
 
+/// Input bytes per zstd multithreaded job.
+const ZSTD_JOB: u32 = 2 << 20;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Codec {
     Gzip,
@@ -89,6 +92,11 @@ impl<W: Write> Encoder<W> {
                 let mut enc = zstd::Encoder::new(inner, level)?;
                 if threads > 1 {
                     enc.multithread(threads as u32)?;
+                    // libzstd's default job is 4 windows (8 MiB at level 3)
+                    // with several jobs' buffers per worker: ~110 MB for one
+                    // layer. 2 MiB jobs use a third of that, were as fast
+                    // here, and cost 0.4% of size on a tar of /usr/lib.
+                    enc.set_parameter(zstd::stream::raw::CParameter::JobSize(ZSTD_JOB))?;
                 }
                 Encoder::Zstd(enc)
             }
@@ -254,6 +262,79 @@ fn gzip_member(block: &[u8], level: u32) -> io::Result<Vec<u8>> {
     enc.finish()
 }
 
+/// A `Write` that hands 1 MiB chunks to a thread owning `inner`, so whatever
+/// `inner` does (hashing, compressing, syscalls) runs beside the producer
+/// instead of after it. At most `depth` chunks wait in between.
+pub struct BackgroundWriter<W: Write + Send + 'static> {
+    buf: Vec<u8>,
+    tx: Option<SyncSender<Vec<u8>>>,
+    worker: Option<JoinHandle<io::Result<W>>>,
+}
+
+impl<W: Write + Send + 'static> BackgroundWriter<W> {
+    pub fn new(mut inner: W, depth: usize) -> Self {
+        let (tx, rx) = sync_channel::<Vec<u8>>(depth);
+        let worker = std::thread::spawn(move || {
+            for chunk in rx {
+                inner.write_all(&chunk)?;
+            }
+            Ok(inner)
+        });
+        BackgroundWriter {
+            buf: Vec::with_capacity(BLOCK),
+            tx: Some(tx),
+            worker: Some(worker),
+        }
+    }
+
+    fn send(&mut self) -> io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(BLOCK));
+        let sent = self.tx.as_ref().map(|tx| tx.send(chunk).is_ok());
+        if sent != Some(true) {
+            // The worker stopped: its error is the one to report.
+            return Err(self
+                .join()
+                .err()
+                .unwrap_or_else(|| io::Error::other("background writer stopped early")));
+        }
+        Ok(())
+    }
+
+    fn join(&mut self) -> io::Result<W> {
+        self.tx = None;
+        match self.worker.take() {
+            Some(h) => h
+                .join()
+                .map_err(|_| io::Error::other("background writer panicked"))?,
+            None => Err(io::Error::other("background writer already finished")),
+        }
+    }
+
+    /// Writes what is left, waits for the thread and returns `inner`.
+    pub fn finish(mut self) -> io::Result<W> {
+        self.send()?;
+        self.join()
+    }
+}
+
+impl<W: Write + Send + 'static> Write for BackgroundWriter<W> {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let n = data.len().min(BLOCK - self.buf.len());
+        self.buf.extend_from_slice(&data[..n]);
+        if self.buf.len() == BLOCK {
+            self.send()?;
+        }
+        Ok(n)
+    }
+    /// Hands over the partial chunk; does not wait for the thread.
+    fn flush(&mut self) -> io::Result<()> {
+        self.send()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -264,6 +345,42 @@ mod tests {
         (0..n)
             .map(|i| ((i * 7919) % 251) as u8 ^ (i / 4096) as u8)
             .collect()
+    }
+
+    #[test]
+    fn background_writer_keeps_order_and_reports_errors() {
+        let data: Vec<u8> = (0..3 * BLOCK + 12345)
+            .map(|i| (i * 7 % 251) as u8)
+            .collect();
+        let mut w = BackgroundWriter::new(Vec::new(), 2);
+        for piece in data.chunks(70_001) {
+            w.write_all(piece).unwrap();
+        }
+        assert_eq!(w.finish().unwrap(), data);
+
+        /// Fails once it has taken more than `left` bytes.
+        struct Full {
+            left: usize,
+        }
+        impl Write for Full {
+            fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+                if b.len() > self.left {
+                    return Err(io::Error::other("disk full"));
+                }
+                self.left -= b.len();
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut w = BackgroundWriter::new(Full { left: BLOCK }, 1);
+        let r = (0..16).try_for_each(|_| w.write_all(&data[..BLOCK]));
+        let err = match r {
+            Err(e) => e,
+            Ok(()) => w.finish().map(|_| ()).unwrap_err(),
+        };
+        assert!(err.to_string().contains("disk full"), "{err}");
     }
 
     #[test]

@@ -32,16 +32,38 @@ pub struct ContentStore {
     root: PathBuf,
 }
 
+/// Bytes written between two background flushes of a big blob.
+const FLUSH_EVERY: u64 = 32 << 20;
+
 /// An in-progress blob write.
 pub struct Writer {
     inner: HashingWriter<File>,
     tmp: tempfile::TempPath,
     store: ContentStore,
+    written: u64,
+    flushed_at: u64,
+    /// A background `fdatasync` of what was written so far: big blobs reach
+    /// the disk while they are still being produced, so the fsync at commit
+    /// has little left to wait for instead of a whole layer.
+    flushing: Option<std::thread::JoinHandle<io::Result<()>>>,
 }
 
 impl Write for Writer {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.inner.write(buf)
+        let n = self.inner.write(buf)?;
+        self.written += n as u64;
+        if self.written - self.flushed_at >= FLUSH_EVERY
+            && self.flushing.as_ref().is_none_or(|h| h.is_finished())
+        {
+            if let Some(h) = self.flushing.take() {
+                h.join()
+                    .map_err(|_| io::Error::other("background flush panicked"))??;
+            }
+            let file = self.inner.get_ref().try_clone()?;
+            self.flushing = Some(std::thread::spawn(move || file.sync_data()));
+            self.flushed_at = self.written;
+        }
+        Ok(n)
     }
     fn flush(&mut self) -> io::Result<()> {
         self.inner.flush()
@@ -50,7 +72,12 @@ impl Write for Writer {
 
 impl Writer {
     /// Fsyncs and moves the blob into place; checks `expected` if given.
-    pub fn commit(self, expected: Option<&Digest>) -> Result<(Digest, u64), ContentError> {
+    pub fn commit(mut self, expected: Option<&Digest>) -> Result<(Digest, u64), ContentError> {
+        if let Some(h) = self.flushing.take() {
+            h.join()
+                .map_err(|_| io_err(&self.tmp)(io::Error::other("background flush panicked")))?
+                .map_err(io_err(&self.tmp))?;
+        }
         let (file, digest, size) = self.inner.finish();
         file.sync_all().map_err(io_err(&self.tmp))?;
         drop(file);
@@ -115,6 +142,9 @@ impl ContentStore {
             inner: HashingWriter::new(file),
             tmp,
             store: self.clone(),
+            written: 0,
+            flushed_at: 0,
+            flushing: None,
         })
     }
 
@@ -186,5 +216,22 @@ mod tests {
         // Nothing half-written is left behind.
         assert_eq!(fs::read_dir(dir.path().join("ingest")).unwrap().count(), 0);
         assert_eq!(cs.list().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn big_blob_flushed_in_the_background_commits_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let cs = ContentStore::open(dir.path()).unwrap();
+        let chunk: Vec<u8> = (0..1 << 20).map(|i| (i % 253) as u8).collect();
+        let mut w = cs.writer().unwrap();
+        let mut all = Vec::new();
+        // Three background flushes' worth, written in odd pieces.
+        for _ in 0..(3 * FLUSH_EVERY as usize / chunk.len() + 1) {
+            w.write_all(&chunk[..chunk.len() - 7]).unwrap();
+            all.extend_from_slice(&chunk[..chunk.len() - 7]);
+        }
+        let (d, size) = w.commit(Some(&Digest::of(&all))).unwrap();
+        assert_eq!(size, all.len() as u64);
+        assert_eq!(cs.read(&d).unwrap(), all);
     }
 }

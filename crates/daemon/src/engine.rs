@@ -17,7 +17,7 @@ use kiln_worker::{Job, LayerCompression, Output, Worker};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::progress::{JobProgress, Jobs};
+use crate::progress::{JobProgress, Jobs, Phase};
 use crate::session::{Session, SessionContexts, Sessions};
 
 #[derive(Debug, thiserror::Error)]
@@ -293,7 +293,9 @@ impl Engine {
         }
         let mut response = BTreeMap::new();
         for exp in &req.exporters {
-            let r = self.export(exp, &results, &session, epoch).await?;
+            let r = self
+                .export(exp, &results, &session, epoch, &progress)
+                .await?;
             response.extend(r);
         }
         Ok(SolveResponse {
@@ -352,6 +354,18 @@ impl Engine {
         results: &[PlatformResult],
         opts: &ImageExportOptions,
         epoch: Option<i64>,
+        progress: &Arc<JobProgress>,
+    ) -> Result<Vec<kiln_exporter::BuiltImage>, EngineError> {
+        let phase = Phase::start(progress, "exporting layers");
+        let r = self.build_images_inner(results, opts, epoch).await;
+        phase.finish(r)
+    }
+
+    async fn build_images_inner(
+        &self,
+        results: &[PlatformResult],
+        opts: &ImageExportOptions,
+        epoch: Option<i64>,
     ) -> Result<Vec<kiln_exporter::BuiltImage>, EngineError> {
         let mut images = Vec::new();
         for r in results {
@@ -396,6 +410,7 @@ impl Engine {
         results: &[PlatformResult],
         session: &Arc<Session>,
         epoch: Option<i64>,
+        progress: &Arc<JobProgress>,
     ) -> Result<HashMap<String, String>, EngineError> {
         let attrs = &exp.attrs;
         let dest = attrs.get("dest").cloned().unwrap_or_default();
@@ -427,7 +442,8 @@ impl Engine {
                         dest.clone()
                     };
                     let (worker, chain) = (self.worker.clone(), r.chain.clone());
-                    send_to_client(session, kind, &to, move |w| {
+                    let phase = Phase::start(progress, format!("copying files to {to}"));
+                    let sent = send_to_client(session, kind, &to, move |w| {
                         let view = worker.snapshots.view(&chain).map_err(|e| e.to_string())?;
                         let opts = kiln_archive::TarOptions {
                             epoch,
@@ -437,7 +453,8 @@ impl Engine {
                             .map(|_| ())
                             .map_err(|e| e.to_string())
                     })
-                    .await?;
+                    .await;
+                    phase.finish(sent)?;
                 }
             }
             "image" | "registry" => {
@@ -454,7 +471,7 @@ impl Engine {
                         "type=image without push=true would only keep the image in the cache; this daemon has no image store yet (use push=true, type=oci or type=docker)".into(),
                     ));
                 }
-                let images = self.build_images(results, &opts, epoch).await?;
+                let images = self.build_images(results, &opts, epoch, progress).await?;
                 let index = index_of(&images, opts.oci_mediatypes)?;
                 let contexts = SessionContexts(session.clone());
                 for n in &opts.names {
@@ -487,44 +504,51 @@ impl Engine {
                                 .map_err(|e| EngineError::Export(format!("push failed: {e}")))
                         }
                     };
-                    for img in &images {
-                        let mut blobs: Vec<kiln_registry::PushBlob> = img
-                            .layers
-                            .iter()
-                            .map(|l| kiln_registry::PushBlob {
-                                digest: l.digest.clone(),
-                                size: l.size,
-                                mount_from: l.source.clone(),
-                            })
-                            .collect();
-                        blobs.push(kiln_registry::PushBlob {
-                            digest: img.config_digest.clone(),
-                            size: img.config.len() as u64,
-                            mount_from: None,
-                        });
-                        // In a multi-platform push the manifests go up by digest;
-                        // the index (or the single manifest) gets the tag.
-                        let target = if multi || opts.push_by_digest {
-                            by_digest(&img.manifest_digest)
-                        } else {
-                            n.clone()
-                        };
-                        push_one(
-                            target,
-                            blobs,
-                            img.manifest.clone(),
-                            img.manifest_media_type.clone(),
-                        )
-                        .await?;
+                    let phase = Phase::start(progress, format!("pushing {n}"));
+                    let pushed = async {
+                        for img in &images {
+                            let mut blobs: Vec<kiln_registry::PushBlob> = img
+                                .layers
+                                .iter()
+                                .map(|l| kiln_registry::PushBlob {
+                                    digest: l.digest.clone(),
+                                    size: l.size,
+                                    mount_from: l.source.clone(),
+                                })
+                                .collect();
+                            blobs.push(kiln_registry::PushBlob {
+                                digest: img.config_digest.clone(),
+                                size: img.config.len() as u64,
+                                mount_from: None,
+                            });
+                            // In a multi-platform push the manifests go up by digest;
+                            // the index (or the single manifest) gets the tag.
+                            let target = if multi || opts.push_by_digest {
+                                by_digest(&img.manifest_digest)
+                            } else {
+                                n.clone()
+                            };
+                            push_one(
+                                target,
+                                blobs,
+                                img.manifest.clone(),
+                                img.manifest_media_type.clone(),
+                            )
+                            .await?;
+                        }
+                        if let Some(i) = &index {
+                            let target = if opts.push_by_digest {
+                                by_digest(&i.digest)
+                            } else {
+                                n.clone()
+                            };
+                            push_one(target, Vec::new(), i.bytes.clone(), i.media_type.clone())
+                                .await?;
+                        }
+                        Ok::<_, EngineError>(())
                     }
-                    if let Some(i) = &index {
-                        let target = if opts.push_by_digest {
-                            by_digest(&i.digest)
-                        } else {
-                            n.clone()
-                        };
-                        push_one(target, Vec::new(), i.bytes.clone(), i.media_type.clone()).await?;
-                    }
+                    .await;
+                    phase.finish(pushed)?;
                 }
                 image_digests(&images, index.as_ref(), &mut response);
                 response.insert("image.name".into(), opts.names.join(","));
@@ -545,11 +569,12 @@ impl Engine {
                 let as_tar = docker || bool_attr(attrs.get("tar"), true)?;
                 let opts = ImageExportOptions::parse(attrs, &exp.r#type)?;
                 let names = opts.names.clone();
-                let images = self.build_images(results, &opts, epoch).await?;
+                let images = self.build_images(results, &opts, epoch, progress).await?;
                 let index = index_of(&images, opts.oci_mediatypes)?;
                 let worker = self.worker.clone();
+                let phase = Phase::start(progress, format!("sending tarball to {dest}"));
                 let (imgs, idx, names2) = (images.clone(), index.clone(), names.clone());
-                send_to_client(
+                let sent = send_to_client(
                     session,
                     if as_tar { "file" } else { "dir" },
                     &dest,
@@ -575,7 +600,8 @@ impl Engine {
                         r.map(|_| ()).map_err(|e| e.to_string())
                     },
                 )
-                .await?;
+                .await;
+                phase.finish(sent)?;
                 image_digests(&images, index.as_ref(), &mut response);
                 if !names.is_empty() {
                     response.insert("image.name".into(), names.join(","));

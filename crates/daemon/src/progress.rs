@@ -23,6 +23,7 @@ struct State {
 
 pub struct JobProgress {
     state: Mutex<State>,
+    phases: std::sync::atomic::AtomicU64,
     tx: broadcast::Sender<Option<StatusResponse>>,
 }
 
@@ -36,6 +37,7 @@ impl JobProgress {
                 closed: false,
             }),
             tx,
+            phases: Default::default(),
         }
     }
 
@@ -161,6 +163,47 @@ impl ProgressSink for JobProgress {
             },
         };
         self.push(msg);
+    }
+}
+
+/// A step shown in the progress that is not a vertex of the build graph
+/// (exporting layers, sending the tarball, pushing), as BuildKit shows its
+/// exporter's steps.
+pub struct Phase {
+    progress: Arc<JobProgress>,
+    vertex: kiln_digest::Digest,
+    name: String,
+}
+
+impl Phase {
+    pub fn start(progress: &Arc<JobProgress>, name: impl Into<String>) -> Phase {
+        let name = name.into();
+        // Unique per phase and build, so two exports of one build stay apart.
+        let n = progress
+            .phases
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let vertex = kiln_digest::Digest::of(format!("kiln-phase {n} {name}").as_bytes());
+        progress.event(Event::Started {
+            vertex: vertex.clone(),
+            name: name.clone(),
+            inputs: Vec::new(),
+        });
+        Phase {
+            progress: progress.clone(),
+            vertex,
+            name,
+        }
+    }
+
+    /// Ends the phase with the outcome of `r`, which it passes on.
+    pub fn finish<T, E: std::fmt::Display>(self, r: Result<T, E>) -> Result<T, E> {
+        self.progress.event(Event::Completed {
+            vertex: self.vertex,
+            name: self.name,
+            cached: false,
+            error: r.as_ref().err().map(|e| e.to_string()),
+        });
+        r
     }
 }
 
