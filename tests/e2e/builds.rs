@@ -677,12 +677,7 @@ fn add_git_repository() {
 
     // Unchanged refs: everything cached. A new commit on main: only that ADD reruns.
     let o = build(&out.path().join("fs2"));
-    assert!(
-        raw_events(&o.stdout)
-            .iter()
-            .filter(|e| e["completed"].is_number())
-            .all(|e| e["cached"] == true)
-    );
+    assert!(kiln_e2e::all_steps_cached(&o.stdout));
     std::fs::write(repo.join("top.txt"), "top v2\n").unwrap();
     git_in(&repo, &["commit", "-q", "-am", "two"]);
     let fs3 = out.path().join("fs3");

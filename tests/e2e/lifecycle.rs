@@ -160,13 +160,10 @@ fn embedded_engine_without_a_daemon() {
     // The second run uses the same state: fully cached.
     let o = run();
     assert!(o.status.success());
-    let events = kiln_e2e::raw_events(&o.stdout);
     assert!(
-        events
-            .iter()
-            .filter(|e| e["completed"].is_number())
-            .all(|e| e["cached"] == true),
-        "{events:?}"
+        kiln_e2e::all_steps_cached(&o.stdout),
+        "{:?}",
+        kiln_e2e::raw_events(&o.stdout)
     );
     assert!(mounts_under(state.path()).is_empty());
 }

@@ -81,6 +81,16 @@ fn push_then_build_from_the_pushed_image_in_another_state_dir() {
             .any(|e| e["name"].as_str().is_some_and(|n| n.contains(&reg.addr))),
         "{ev:?}"
     );
+    // The exporter's steps show in the progress, finished without error.
+    for phase in ["exporting layers", "sending tarball to "] {
+        assert!(
+            ev.iter().any(|e| kiln_e2e::is_export_phase(e)
+                && e["name"].as_str().is_some_and(|n| n.starts_with(phase))
+                && e["completed"].is_number()
+                && e["error"].is_null()),
+            "{phase}: {ev:?}"
+        );
+    }
     let cfg: serde_json::Value = serde_json::from_str(&tool(
         "skopeo",
         &[
@@ -134,12 +144,10 @@ fn push_then_build_from_the_pushed_image_in_another_state_dir() {
         "--progress",
         "rawjson",
     ]);
-    let ev = raw_events(&o.stdout);
     assert!(
-        ev.iter()
-            .filter(|e| e["completed"].is_number())
-            .all(|e| e["cached"] == true),
-        "{ev:?}"
+        kiln_e2e::all_steps_cached(&o.stdout),
+        "{:?}",
+        raw_events(&o.stdout)
     );
 }
 

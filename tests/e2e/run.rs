@@ -745,10 +745,5 @@ fn apt_get_installs_a_package_on_a_debootstrapped_debian() {
         "--progress",
         "rawjson",
     ]);
-    assert!(
-        raw_events(&o.stdout)
-            .iter()
-            .filter(|e| e["completed"].is_number())
-            .all(|e| e["cached"] == true)
-    );
+    assert!(kiln_e2e::all_steps_cached(&o.stdout));
 }

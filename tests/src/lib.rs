@@ -237,6 +237,31 @@ pub fn raw_events(stdout: &[u8]) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// The exporter's own steps (exporting layers, sending the tarball,
+/// pushing, copying files out): never cached, as in BuildKit.
+pub fn is_export_phase(e: &serde_json::Value) -> bool {
+    let name = e["name"].as_str().unwrap_or_default();
+    [
+        "exporting layers",
+        "sending tarball",
+        "pushing ",
+        "copying files to ",
+    ]
+    .iter()
+    .any(|p| name.starts_with(p))
+}
+
+/// Whether every build step that completed in a rawjson progress stream was
+/// a cache hit; the exporter's steps are left out.
+pub fn all_steps_cached(stdout: &[u8]) -> bool {
+    let events = raw_events(stdout);
+    let done: Vec<_> = events
+        .iter()
+        .filter(|e| e["completed"].is_number() && !is_export_phase(e))
+        .collect();
+    !done.is_empty() && done.iter().all(|e| e["cached"] == true)
+}
+
 /// The runtimes every execution test runs against: the built-in sandbox and runc.
 pub fn runtimes() -> Vec<(&'static str, Vec<&'static str>)> {
     vec![("sandbox", vec![]), ("runc", vec!["--oci-runtime", "runc"])]
