@@ -265,14 +265,50 @@ impl Client {
 type Contexts = HashMap<String, (PathBuf, Arc<Matcher>)>;
 
 type WalkResult = Result<Vec<sp::Stat>, String>;
-/// Trees walked as soon as the build starts, while the daemon parses the
-/// Dockerfile, so the first TreeRequest is answered without waiting.
-type Prefetched = Arc<std::sync::Mutex<HashMap<String, tokio::task::JoinHandle<WalkResult>>>>;
 
-fn walk_task(dir: PathBuf, m: Arc<Matcher>) -> tokio::task::JoinHandle<WalkResult> {
-    tokio::task::spawn_blocking(move || {
-        kiln_context::walk::walk(&dir, &m).map_err(|e| e.to_string())
-    })
+/// A whole walk started as soon as the build starts, while the daemon parses
+/// the Dockerfile, so the first TreeRequest is answered without waiting.
+struct Prefetch {
+    walk: tokio::task::JoinHandle<WalkResult>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+type Prefetched = Arc<std::sync::Mutex<HashMap<String, Prefetch>>>;
+
+fn prefetch(dir: PathBuf, m: Arc<Matcher>) -> Prefetch {
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let s = stop.clone();
+    Prefetch {
+        walk: tokio::task::spawn_blocking(move || {
+            kiln_context::walk::walk_until(&dir, &m, &s).map_err(|e| e.to_string())
+        }),
+        stop,
+    }
+}
+
+/// The tree for a TreeRequest: from the prefetched whole walk when it is
+/// done (selecting the followed paths from it), else by a walk of its own —
+/// then an unfinished prefetch is stopped, so the tree is never walked twice
+/// at once.
+async fn tree_for(
+    dir: PathBuf,
+    m: Arc<Matcher>,
+    follow: Vec<String>,
+    pre: Option<Prefetch>,
+) -> WalkResult {
+    let joined = |r: Result<WalkResult, tokio::task::JoinError>| r.map_err(|e| e.to_string())?;
+    if let Some(p) = pre {
+        if follow.is_empty() || p.walk.is_finished() {
+            let whole = joined(p.walk.await)?;
+            return Ok(kiln_context::walk::select_paths(whole, &follow));
+        }
+        p.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+    joined(
+        tokio::task::spawn_blocking(move || {
+            kiln_context::walk::walk_paths(&dir, &m, &follow).map_err(|e| e.to_string())
+        })
+        .await,
+    )
 }
 
 enum ExportTarget {
@@ -339,7 +375,7 @@ async fn serve_session(
     let prefetched: Prefetched = Arc::new(std::sync::Mutex::new(
         contexts
             .iter()
-            .map(|(name, (dir, m))| (name.clone(), walk_task(dir.clone(), m.clone())))
+            .map(|(name, (dir, m))| (name.clone(), prefetch(dir.clone(), m.clone())))
             .collect(),
     ));
     let contexts = Arc::new(contexts);
@@ -358,31 +394,26 @@ async fn serve_session(
                             message: format!("no context named {:?}", r.context),
                         }),
                         Some((dir, m)) => {
-                            let task = if r.follow_paths.is_empty() {
-                                let pre = prefetched
-                                    .lock()
-                                    .unwrap_or_else(|p| p.into_inner())
-                                    .remove(&r.context);
-                                pre.unwrap_or_else(|| walk_task(dir.clone(), m.clone()))
-                            } else {
-                                // Only the paths the build reads: a small walk.
-                                let (dir, m, follow) =
-                                    (dir.clone(), m.clone(), r.follow_paths.clone());
-                                tokio::task::spawn_blocking(move || {
-                                    kiln_context::walk::walk_paths(&dir, &m, &follow)
-                                        .map_err(|e| e.to_string())
-                                })
-                            };
-                            match task.await {
-                                Ok(Ok(entries)) => CMsg::Tree(sp::Tree { id: r.id, entries }),
-                                Ok(Err(e)) => CMsg::Error(sp::ErrorReply {
-                                    id: r.id,
-                                    message: e,
-                                }),
-                                Err(e) => CMsg::Error(sp::ErrorReply {
-                                    id: r.id,
-                                    message: e.to_string(),
-                                }),
+                            let pre = prefetched
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .remove(&r.context);
+                            match tree_for(dir.clone(), m.clone(), r.follow_paths.clone(), pre)
+                                .await
+                            {
+                                Ok(entries) => {
+                                    let digest = kiln_context::walk::tree_digest(&entries);
+                                    // What the daemon already has travels as its digest only.
+                                    let unchanged =
+                                        !r.known_digest.is_empty() && r.known_digest == digest;
+                                    CMsg::Tree(sp::Tree {
+                                        id: r.id,
+                                        entries: if unchanged { Vec::new() } else { entries },
+                                        digest,
+                                        unchanged,
+                                    })
+                                }
+                                Err(message) => CMsg::Error(sp::ErrorReply { id: r.id, message }),
                             }
                         }
                     };

@@ -70,6 +70,10 @@ impl Entry {
 pub struct Mirror {
     dir: PathBuf,
     index: BTreeMap<String, Entry>,
+    /// The client's digest of the tree this mirror last took in whole
+    /// (every file fetched); kept in memory only, so a restarted daemon
+    /// compares entry by entry once.
+    synced: Option<String>,
 }
 
 /// What a new tree needs: files to fetch.
@@ -119,7 +123,18 @@ impl Mirror {
         Ok(Mirror {
             dir: dir.to_path_buf(),
             index,
+            synced: None,
         })
+    }
+
+    /// The client's digest of the tree this mirror holds, if it took one whole.
+    pub fn synced_tree(&self) -> Option<&str> {
+        self.synced.as_deref()
+    }
+
+    /// Records that the mirror now holds the client tree with this digest.
+    pub fn set_synced_tree(&mut self, digest: Option<String>) {
+        self.synced = digest;
     }
 
     pub fn root(&self) -> PathBuf {
@@ -133,6 +148,8 @@ impl Mirror {
     /// Applies the new tree: removes what is gone, makes dirs and symlinks,
     /// and returns the regular files whose content must be fetched.
     pub fn plan(&mut self, tree: &[Stat]) -> Result<SyncPlan, ContextError> {
+        // Until the files are fetched, the mirror holds no client tree whole.
+        self.synced = None;
         let root = self.root();
         let mut plan = SyncPlan::default();
         let mut new: BTreeMap<String, Entry> = BTreeMap::new();
@@ -260,27 +277,9 @@ impl Mirror {
 
     /// Digest of the whole tree's metadata and content.
     pub fn tree_digest(&self) -> Digest {
-        self.checksum_where(|_| true)
-    }
-
-    fn checksum_where(&self, keep: impl Fn(&str) -> bool) -> Digest {
-        let mut d = Digester::new();
+        let (mut d, mut buf) = (Digester::new(), String::new());
         for (p, e) in &self.index {
-            if !keep(p) {
-                continue;
-            }
-            // mtime is left out, as BuildKit's content hashes do.
-            d.update(
-                format!(
-                    "{p}\0{:o}\0{}\0{}\0{}\0{}\n",
-                    e.mode,
-                    e.uid,
-                    e.gid,
-                    e.linkname,
-                    e.digest.as_deref().unwrap_or("")
-                )
-                .as_bytes(),
-            );
+            hash_entry(&mut d, &mut buf, p, e);
         }
         d.finish()
     }
@@ -323,19 +322,53 @@ impl Mirror {
             }
         }
         prefixes.extend(extra);
+        // The selected entries in path order, each once: a prefix's subtree
+        // is one range of the sorted index, not a scan of all of it.
+        prefixes.sort();
+        prefixes.dedup();
+        let mut selected: BTreeMap<&str, &Entry> = BTreeMap::new();
+        for x in &prefixes {
+            if let Some((p, e)) = self.index.get_key_value(x) {
+                selected.insert(p, e);
+            }
+            let under = format!("{x}/");
+            for (p, e) in self.index.range::<str, _>((
+                std::ops::Bound::Included(under.as_str()),
+                std::ops::Bound::Unbounded,
+            )) {
+                if !p.starts_with(&under) {
+                    break;
+                }
+                selected.insert(p, e);
+            }
+        }
+        let (mut sel, mut buf) = (Digester::new(), String::new());
+        for (p, e) in selected {
+            hash_entry(&mut sel, &mut buf, p, e);
+        }
         let mut d = Digester::new();
         d.update(pat.as_bytes());
-        d.update(
-            self.checksum_where(|p| {
-                prefixes
-                    .iter()
-                    .any(|x| p == x || p.starts_with(&format!("{x}/")))
-            })
-            .as_str()
-            .as_bytes(),
-        );
+        d.update(sel.finish().as_str().as_bytes());
         d.finish()
     }
+}
+
+/// One index entry's part of a checksum, formatted into `buf` (reused, so
+/// a 20,000-file tree costs no allocation per entry); mtime is left out, as
+/// in BuildKit's content hashes.
+fn hash_entry(d: &mut Digester, buf: &mut String, path: &str, e: &Entry) {
+    use std::fmt::Write as _;
+    buf.clear();
+    let _ = writeln!(
+        buf,
+        "{path}\0{:o}\0{}\0{}\0{}\0{}",
+        e.mode,
+        e.uid,
+        e.gid,
+        e.linkname,
+        e.digest.as_deref().unwrap_or("")
+    );
+    d.update(buf.as_bytes());
 }
 
 /// Refuses to write below a parent that is a symlink (a hostile tree could
@@ -459,9 +492,22 @@ mod tests {
         fetch(&mut m, &plan, "22");
         assert_eq!(m.checksum("src"), src_sum);
         assert_eq!(m.checksum("s*"), m.checksum("s*"));
+        // A sibling sharing the prefix ("src2", "src-x" sorts before "src/")
+        // is not part of "src"; a change below "src" is.
+        let mut tree3 = tree2.clone();
+        tree3.push(stat("src-x", S_IFREG | 0o644, 1, 3));
+        tree3.push(stat("src2", S_IFREG | 0o644, 1, 3));
+        let plan = m.plan(&tree3).unwrap();
+        fetch(&mut m, &plan, "3");
+        assert_eq!(m.checksum("src"), src_sum);
+        assert_ne!(m.checksum("src-x"), m.checksum("src2"));
+        tree3[2] = stat("src/x", S_IFREG | 0o644, 1, 4);
+        let plan = m.plan(&tree3).unwrap();
+        fetch(&mut m, &plan, "4");
+        assert_ne!(m.checksum("src"), src_sum);
         // Removal.
-        let plan = m.plan(&tree2[..1]).unwrap();
-        assert_eq!(plan.removed, 2);
+        let plan = m.plan(&tree3[..1]).unwrap();
+        assert_eq!(plan.removed, 4);
         assert!(!m.root().join("src").exists());
         assert!(m.plan(&[stat("../x", S_IFREG, 0, 0)]).is_err());
     }

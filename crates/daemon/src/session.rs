@@ -89,14 +89,21 @@ impl Session {
         follow: Option<Vec<String>>,
     ) -> Result<(Mirror, usize), String> {
         let (id, mut rx) = self.register();
+        let known = mirror.synced_tree().unwrap_or_default().to_string();
         self.send(DMsg::TreeRequest(pb::TreeRequest {
             id,
             context: name.clone(),
             follow_paths: follow.unwrap_or_default(),
+            known_digest: known.clone(),
         }))
         .await?;
-        let tree = match rx.recv().await {
-            Some(CMsg::Tree(t)) => t.entries,
+        let (tree, digest) = match rx.recv().await {
+            Some(CMsg::Tree(t)) if t.unchanged && !known.is_empty() && t.digest == known => {
+                self.unregister(id);
+                tracing::debug!(context = %name, "context unchanged since the last sync");
+                return Ok((mirror, 0));
+            }
+            Some(CMsg::Tree(t)) => (t.entries, t.digest),
             Some(CMsg::Error(e)) => {
                 return Err(format!(
                     "client could not read context {name:?}: {}",
@@ -117,7 +124,9 @@ impl Session {
         let plan = plan?;
         let changed = plan.fetch.len() + plan.removed + plan.touched;
         tracing::debug!(context = %name, fetch = plan.fetch.len(), removed = plan.removed, unchanged = plan.unchanged, "context sync");
+        let synced = (!digest.is_empty()).then_some(digest);
         if plan.fetch.is_empty() {
+            mirror.set_synced_tree(synced);
             return Ok((mirror, changed));
         }
         let (id, mut rx) = self.register();
@@ -179,8 +188,10 @@ impl Session {
         }
         self.unregister(id);
         drop(ctx);
-        let mirror = writer.await.map_err(|e| e.to_string())??;
-        result.map(|_| (mirror, changed))
+        let mut mirror = writer.await.map_err(|e| e.to_string())??;
+        result?;
+        mirror.set_synced_tree(synced);
+        Ok((mirror, changed))
     }
 
     async fn secret_impl(self: Arc<Self>, secret_id: String) -> Result<Option<Vec<u8>>, String> {
