@@ -102,7 +102,22 @@ pub struct Snapshotter {
     flat: PathBuf,
     counter: AtomicU64,
     flatten_lock: std::sync::Mutex<()>,
+    /// Empty mount points left by earlier snapshots, reused: on a filesystem
+    /// that just deleted many files (ext4 without a journal skips recently
+    /// freed inodes), every new inode costs a scan.
+    free_mountpoints: std::sync::Mutex<Vec<PathBuf>>,
+    /// A bottom layer for steps: empty /proc, /dev, /sys and /etc/hosts,
+    /// /etc/resolv.conf mount points, so a minimal image needs none made
+    /// (and removed) in its upperdir at every step.
+    stubs: PathBuf,
 }
+
+/// Mount points every step needs (directories, then files).
+const STUB_DIRS: [&str; 4] = ["proc", "dev", "sys", "etc"];
+const STUB_FILES: [&str; 2] = ["etc/hosts", "etc/resolv.conf"];
+
+/// Suffix of a snapshot directory until it is committed.
+const ACTIVE_SUFFIX: &str = ".active";
 
 /// A writable snapshot being prepared. Dropping it without `commit`
 /// unmounts and deletes it.
@@ -112,6 +127,8 @@ pub struct Active<'a> {
     /// The nearest parent (native mode diffs against it at commit).
     parent: Option<String>,
     id: String,
+    /// `snapshots/<id>.active` until commit renames it to `snapshots/<id>`.
+    dir: PathBuf,
     mountpoint: PathBuf,
     mounted: bool,
     done: bool,
@@ -150,8 +167,19 @@ impl Snapshotter {
         let snaps = root.join("snapshots");
         let mounts = root.join("mounts");
         let flat = root.join("flat");
+        let stubs = root.join("stubs");
         for d in [&snaps, &mounts, &flat] {
             fs::create_dir_all(d).map_err(io_at(d))?;
+        }
+        for d in STUB_DIRS {
+            let p = stubs.join(d);
+            fs::create_dir_all(&p).map_err(io_at(&p))?;
+        }
+        for f in STUB_FILES {
+            let p = stubs.join(f);
+            if !p.is_file() {
+                fs::write(&p, b"").map_err(io_at(&p))?;
+            }
         }
         if let Ok(entries) = fs::read_dir(&mounts) {
             for e in entries.flatten() {
@@ -161,7 +189,8 @@ impl Snapshotter {
         }
         if let Ok(entries) = fs::read_dir(&snaps) {
             for e in entries.flatten() {
-                if e.path().join("active").exists() {
+                let name = e.file_name().to_string_lossy().to_string();
+                if name.ends_with(ACTIVE_SUFFIX) || e.path().join("active").exists() {
                     tracing::info!(snapshot = %e.path().display(), "removing uncommitted snapshot");
                     let _ = fs::remove_dir_all(e.path());
                 }
@@ -201,6 +230,8 @@ impl Snapshotter {
             flat,
             counter: AtomicU64::new(seed),
             flatten_lock: std::sync::Mutex::new(()),
+            free_mountpoints: std::sync::Mutex::new(Vec::new()),
+            stubs,
         })
     }
 
@@ -299,15 +330,30 @@ impl Snapshotter {
 
     /// Starts a writable snapshot over `chain` (nearest parent first).
     pub fn prepare(&self, chain: &[String]) -> Result<Active<'_>, SnapshotError> {
+        self.prepare_with(chain, false)
+    }
+
+    /// Like `prepare`, for a step's root filesystem: below the chain lies a
+    /// layer of empty mount points (/proc, /dev, /sys, /etc/hosts, ...), so
+    /// the runtime finds them and writes nothing to the upperdir for them.
+    /// They never reach a diff (they are not in the upperdir) and any the
+    /// image has shadow them.
+    pub fn prepare_for_exec(&self, chain: &[String]) -> Result<Active<'_>, SnapshotError> {
+        self.prepare_with(chain, true)
+    }
+
+    fn prepare_with(&self, chain: &[String], stubs: bool) -> Result<Active<'_>, SnapshotError> {
         let id = self.new_id();
-        let dir = self.root.join(&id);
+        // Named as active until commit renames it: no marker file to create
+        // and delete at every step.
+        let dir = self.root.join(format!("{id}{ACTIVE_SUFFIX}"));
         let upper = dir.join("fs");
         fs::create_dir_all(&upper).map_err(io_at(&upper))?;
-        fs::write(dir.join("active"), b"").map_err(io_at(&dir))?;
         let mut active = Active {
             sn: self,
             parent: chain.first().cloned(),
             id: id.clone(),
+            dir: dir.clone(),
             mountpoint: upper.clone(),
             mounted: false,
             done: false,
@@ -327,28 +373,57 @@ impl Snapshotter {
         }
         let work = dir.join("work");
         fs::create_dir_all(&work).map_err(io_at(&work))?;
-        let mp = self.mounts.join(&id);
-        fs::create_dir_all(&mp).map_err(io_at(&mp))?;
+        let mp = self.mountpoint()?;
+        let mut lower = self.lowerdir_option(chain)?;
+        if stubs {
+            lower = format!("{lower}:{}", self.stubs.display());
+        }
         let data = format!(
-            "lowerdir={},upperdir={},workdir={}",
-            self.lowerdir_option(chain)?,
+            "lowerdir={lower},upperdir={},workdir={}",
             upper.display(),
             work.display()
         );
-        mount(
+        if let Err(source) = mount(
             Some("overlay"),
             &mp,
             Some("overlay"),
             MsFlags::empty(),
             Some(data.as_str()),
-        )
-        .map_err(|source| SnapshotError::Mount {
-            path: mp.clone(),
-            source,
-        })?;
+        ) {
+            self.release_mountpoint(mp.clone());
+            return Err(SnapshotError::Mount { path: mp, source });
+        }
         active.mountpoint = mp;
         active.mounted = true;
         Ok(active)
+    }
+
+    /// An empty directory to mount on: a reused one, or a new one.
+    fn mountpoint(&self) -> Result<PathBuf, SnapshotError> {
+        if let Some(p) = self
+            .free_mountpoints
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop()
+        {
+            return Ok(p);
+        }
+        let mp = self.mounts.join(format!("m-{}", self.new_id()));
+        fs::create_dir_all(&mp).map_err(io_at(&mp))?;
+        Ok(mp)
+    }
+
+    /// Takes back a mount point whose mount is gone.
+    fn release_mountpoint(&self, mp: PathBuf) {
+        let mut free = self
+            .free_mountpoints
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if free.len() < 64 {
+            free.push(mp);
+        } else {
+            let _ = fs::remove_dir(&mp);
+        }
     }
 
     /// A read-only view of the full filesystem of `chain` (nearest first).
@@ -410,8 +485,9 @@ impl Snapshotter {
         let mut v = Vec::new();
         for e in fs::read_dir(&self.root).map_err(io_at(&self.root))? {
             let e = e.map_err(io_at(&self.root))?;
-            if !e.path().join("active").exists() {
-                v.push(e.file_name().to_string_lossy().to_string());
+            let name = e.file_name().to_string_lossy().to_string();
+            if !name.ends_with(ACTIVE_SUFFIX) && !e.path().join("active").exists() {
+                v.push(name);
             }
         }
         Ok(v)
@@ -461,7 +537,7 @@ impl Active<'_> {
                 }
             })?;
             self.mounted = false;
-            let _ = fs::remove_dir(&self.mountpoint);
+            self.sn.release_mountpoint(self.mountpoint.clone());
         }
         Ok(())
     }
@@ -469,7 +545,7 @@ impl Active<'_> {
     /// Unmounts and makes the snapshot permanent; returns its id.
     pub fn commit(mut self) -> Result<String, SnapshotError> {
         self.unmount()?;
-        let dir = self.sn.root.join(&self.id);
+        let dir = self.dir.clone();
         if self.sn.mode == Mode::Native {
             let diff = dir.join("diff");
             let fs_dir = dir.join("fs");
@@ -487,7 +563,8 @@ impl Active<'_> {
                 })?;
         }
         let _ = fs::remove_dir_all(dir.join("work"));
-        fs::remove_file(dir.join("active")).map_err(io_at(&dir))?;
+        let committed = self.sn.root.join(&self.id);
+        fs::rename(&dir, &committed).map_err(io_at(&committed))?;
         self.done = true;
         Ok(self.id.clone())
     }
@@ -497,7 +574,7 @@ impl Drop for Active<'_> {
     fn drop(&mut self) {
         if !self.done {
             let _ = self.unmount();
-            let _ = fs::remove_dir_all(self.sn.root.join(&self.id));
+            let _ = fs::remove_dir_all(&self.dir);
         }
     }
 }
@@ -575,6 +652,43 @@ mod tests {
         );
     }
 
+    #[test]
+    fn exec_snapshots_see_mount_stubs_that_never_reach_the_diff() {
+        if !is_root() {
+            eprintln!("skipping: overlay mounts need root");
+            return;
+        }
+        let d = tempfile::tempdir().unwrap();
+        let sn = Snapshotter::open_with(d.path(), ModeChoice::Overlay).unwrap();
+        let a = sn.prepare(&[]).unwrap();
+        fs::create_dir_all(a.path().join("etc")).unwrap();
+        fs::write(a.path().join("etc/hosts"), "image's own").unwrap();
+        let a = a.commit().unwrap();
+        let b = sn.prepare_for_exec(std::slice::from_ref(&a)).unwrap();
+        for stub in ["proc", "dev", "sys"] {
+            assert!(b.path().join(stub).is_dir(), "{stub}");
+        }
+        assert!(b.path().join("etc/resolv.conf").is_file());
+        // What the image has wins over the stub.
+        assert_eq!(
+            fs::read_to_string(b.path().join("etc/hosts")).unwrap(),
+            "image's own"
+        );
+        fs::write(b.path().join("out"), "x").unwrap();
+        let b = b.commit().unwrap();
+        let names: Vec<String> = fs::read_dir(sn.upper(&b))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+            .collect();
+        assert_eq!(names, vec!["out"]);
+        // Plain snapshots and views have no stubs.
+        let v = sn.view(&[b.clone(), a.clone()]).unwrap();
+        assert!(!v.path().join("proc").exists());
+        drop(v);
+        let c = sn.prepare(&[b, a]).unwrap();
+        assert!(!c.path().join("proc").exists());
+    }
+
     fn chain_and_whiteout(mode: ModeChoice) {
         if !is_root() {
             eprintln!("skipping: overlay mounts need root");
@@ -615,7 +729,14 @@ mod tests {
         let cid = c.id().to_string();
         drop(c);
         assert!(!sn.exists(&cid));
-        assert_eq!(fs::read_dir(d.path().join("mounts")).unwrap().count(), 0);
+        // Nothing stays mounted (empty mount points are kept for reuse).
+        let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap();
+        assert!(!mounts.contains(d.path().to_str().unwrap()), "{mounts}");
+        assert!(
+            !d.path()
+                .join(format!("snapshots/{cid}{ACTIVE_SUFFIX}"))
+                .exists()
+        );
     }
 
     #[test]

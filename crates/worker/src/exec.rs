@@ -219,7 +219,7 @@ impl Worker {
             Some(id) => self.chain(id)?,
             None => Vec::new(),
         };
-        let active = self.snapshots.prepare(&chain)?;
+        let active = self.snapshots.prepare_for_exec(&chain)?;
         let rootfs = active.path().to_path_buf();
         let user = resolve_user(&rootfs, &meta.user)?;
         let mut env = meta.env.clone();
