@@ -16,7 +16,7 @@ CONCURRENT=$([ $SMOKE = 1 ] && echo 3 || echo 20)
 BIG_MB=$([ $SMOKE = 1 ] && echo 16 || echo 1024)
 
 need=()
-for pkg in buildah docker.io busybox-static runc docker-registry; do
+for pkg in buildah docker.io busybox-static runc docker-registry curl; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then
@@ -225,6 +225,19 @@ for round in $(seq "$ROUNDS"); do
 done
 KILN_EXPORT_RSS=$(awk '/VmHWM/{print $2}' /proc/$KILND_PID/status)
 LIMITS=$("$CODEC_LIMIT" "$W/big.dat")
+# What the local registry itself takes in: one monolithic PUT of the big file by curl
+# (MB/s of bytes received). A push cannot beat it; it shares the machine's 2 cores with kiln.
+REG_INGEST=""
+if command -v curl >/dev/null; then
+  big_digest=sha256:$(sha256sum "$W/big.dat" | cut -d' ' -f1)
+  loc=$(curl -s -o /dev/null -D - -X POST "http://$REG/v2/bench/ingest/blobs/uploads/" | awk 'tolower($1)=="location:"{print $2}' | tr -d '\r')
+  case "$loc" in http*) ;; *) loc="http://$REG$loc";; esac
+  sep='?'; case "$loc" in *\?*) sep='&';; esac
+  t0=$(now_ms)
+  if curl -sf -o /dev/null -H 'Content-Type: application/octet-stream' -T "$W/big.dat" "$loc${sep}digest=$big_digest"; then
+    REG_INGEST=$(mbps $(( $(now_ms) - t0 )))
+  fi
+fi
 
 OUT=bench/results$([ $SMOKE = 1 ] && echo -smoke).md
 {
@@ -256,6 +269,7 @@ OUT=bench/results$([ $SMOKE = 1 ] && echo -smoke).md
       echo "| $what | ${k:-n/a} | ${bh:-n/a} | $r1 | ${lim:-n/a} | $r2 |"
     done
   done
+  [ -n "$REG_INGEST" ] && { echo; echo "Local registry ingest (curl, one PUT of the uncompressed $BIG_MB MB file): $REG_INGEST MB/s."; }
   echo
   echo "kilnd RSS: idle $((KILN_IDLE_RSS / 1024)) MB, peak during builds $((KILN_PEAK_RSS / 1024)) MB, peak after the $BIG_MB MB exports and pushes $((KILN_EXPORT_RSS / 1024)) MB."
   echo "kiln keeps results in its cache (no export); BuildKit and buildah store an image."
