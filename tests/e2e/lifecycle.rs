@@ -167,3 +167,45 @@ fn embedded_engine_without_a_daemon() {
     );
     assert!(mounts_under(state.path()).is_empty());
 }
+
+/// Builds of one context queue for its mirror; waiting there must not hold
+/// one of the daemon's step slots, or the build holding the mirror can never
+/// run its next step (this hung with more waiting builds than slots).
+#[test]
+fn concurrent_builds_of_one_context_do_not_deadlock() {
+    require_root!();
+    let d = Daemon::start_with(&["--max-parallelism", "1"]);
+    let ctx = simple_ctx();
+    d.ok(&["build", ctx.path().to_str().unwrap(), "--progress", "quiet"]);
+    let mut builds: Vec<std::process::Child> = (0..4)
+        .map(|_| {
+            Command::new(bin("kilnctl"))
+                .args(["--addr", &d.addr, "build"])
+                .arg(ctx.path())
+                .args(["--progress", "quiet", "--no-cache"])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    for b in &mut builds {
+        let status = loop {
+            if let Some(s) = b.try_wait().unwrap() {
+                break Some(s);
+            }
+            if std::time::Instant::now() > deadline {
+                break None;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        };
+        if status.is_none() {
+            for b in &mut builds {
+                let _ = b.kill();
+            }
+            panic!("concurrent builds of one context hung\n{}", d.log());
+        }
+        assert!(status.unwrap().success());
+    }
+}

@@ -250,12 +250,10 @@ impl<W: Worker> Solver<W> {
             })
         };
         if matches!(v.op.op, Some(pb::op::Op::Source(_))) {
+            // No step slot: a source mostly waits (on the client, a registry,
+            // or a context mirror another build holds until it finishes), and
+            // a slot held while waiting for that build starves its next step.
             start(progress);
-            let _permit = self
-                .limit
-                .acquire()
-                .await
-                .map_err(|e| SolveError::new(e.to_string()))?;
             return match self.worker.clone().source(v.clone(), job.clone()).await {
                 Ok((output, key, unchanged)) => {
                     complete(progress, unchanged, None);
