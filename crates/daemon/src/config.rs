@@ -7,7 +7,7 @@ use serde::Deserialize;
 pub const DEFAULT_ROOT: &str = "/var/lib/kiln";
 pub const DEFAULT_ADDR: &str = "unix:///run/kiln/kilnd.sock";
 
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// State directory (snapshots, content, metadata, context mirrors).
@@ -31,6 +31,10 @@ pub struct Config {
     pub insecure_registries: Vec<String>,
     /// Per-registry settings, BuildKit's `[registry."host:port"]` tables.
     pub registry: std::collections::BTreeMap<String, RegistryHost>,
+    /// Run (on a blocking thread) after every build: kilnd hands the
+    /// allocator's free memory back to the system there.
+    #[serde(skip)]
+    pub after_build: Option<fn()>,
 }
 
 /// `[registry."host:port"]`: how to reach one registry.
@@ -89,6 +93,7 @@ impl Default for Config {
             allow_insecure_entitlements: Vec::new(),
             insecure_registries: Vec::new(),
             registry: Default::default(),
+            after_build: None,
         }
     }
 }

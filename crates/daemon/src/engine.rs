@@ -160,6 +160,9 @@ impl Engine {
         };
         progress.close();
         self.jobs.remove(&req.r#ref);
+        if let Some(f) = self.config.after_build {
+            tokio::task::spawn_blocking(f);
+        }
         r
     }
 

@@ -93,6 +93,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     config
         .allow_insecure_entitlements
         .extend(args.allow_insecure_entitlement);
+    config.after_build = Some(release_memory);
     let _lock = kiln_daemon::lock_root(&config.root)?;
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     rt.block_on(async move {
@@ -120,4 +121,17 @@ fn run(args: Args) -> anyhow::Result<()> {
         tracing::info!("kilnd stopped");
         r.map_err(anyhow::Error::from)
     })
+}
+
+/// Hands the allocator's free pages back to the system after a build. glibc
+/// keeps what the many threads of a build (compression stages, blocking
+/// tasks) freed in per-thread arenas, and that stayed in kilnd's RSS: 108 MB
+/// after the bench's builds, most of it free.
+#[allow(unsafe_code)]
+fn release_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only walks and trims glibc's own arenas.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
