@@ -137,6 +137,9 @@ COPY --from=c /c /c")
 TRIV_BODY="FROM busybox"; for i in $(seq "$TRIVIAL_RUNS"); do TRIV_BODY="$TRIV_BODY
 RUN true # $i"; done
 TRIV=$(mkctx trivial "$TRIV_BODY")
+# The same build with one RUN: case 6 minus this, over the extra steps, is the per-RUN cost.
+TRIV1=$(mkctx trivial1 "FROM busybox
+RUN true # 1")
 # 5: a big context (one BIG_MB file + the small files); 7: a BIG_MB layer.
 # Base64 of random bytes: compresses about as well as typical binaries.
 head -c $(( BIG_MB * 1024 * 1024 * 3 / 4 )) /dev/urandom | base64 -w 76 > "$W/big.dat"
@@ -164,7 +167,11 @@ for round in $(seq "$ROUNDS"); do
     record "2b no-op rebuild, $SMALL_FILES-file context (all read)" $b "$("${b}_build" "$BIG")"
     "${b}_cold"; record "4 3 parallel stages x 2s CPU (ideal on $(nproc) cores: $(( 2000 * 3 / $(nproc) > 2000 ? 2000 * 3 / $(nproc) : 2000 )) ms)" $b "$("${b}_build" "$PAR")"
     "${b}_cold"; record "6 $TRIVIAL_RUNS x RUN true, cold" $b "$("${b}_build" "$TRIV")"
-    if [ "$b" = kiln ]; then kilnrunc_cold; record "6r $TRIVIAL_RUNS x RUN true, cold (kiln with runc)" kiln "$(kilnrunc_build "$TRIV")"; fi
+    "${b}_cold"; record "6a 1 x RUN true, cold" $b "$("${b}_build" "$TRIV1")"
+    if [ "$b" = kiln ]; then
+      kilnrunc_cold; record "6r $TRIVIAL_RUNS x RUN true, cold (kiln with runc)" kiln "$(kilnrunc_build "$TRIV")"
+      kilnrunc_cold; record "6ra 1 x RUN true, cold (kiln with runc)" kiln "$(kilnrunc_build "$TRIV1")"
+    fi
     # 9: concurrent builds of different small Dockerfiles on one daemon.
     for i in $(seq "$CONCURRENT"); do [ -d "$W/ctx/conc$i" ] || mkctx "conc$i" "FROM busybox
 RUN echo $i > /n$i" >/dev/null; done
@@ -254,6 +261,12 @@ OUT=bench/results$([ $SMOKE = 1 ] && echo -smoke).md
     [ -n "$k" ] && [ -n "$bh" ] && [ "$bh" -gt 0 ] && r2=$(awk -v a="$k" -v b="$bh" 'BEGIN{printf "%.2f", a/b}')
     echo "| $c | ${k:-n/a} | ${bk:-n/a} | ${bh:-n/a} | $r1 | $r2 |"
   done
+  per_run() { # many-steps-case one-step-case builder
+    local m o; m=$(echo "${RES["$1|$3"]:-}" | median); o=$(echo "${RES["$2|$3"]:-}" | median)
+    [ -n "$m" ] && [ -n "$o" ] && awk -v m="$m" -v o="$o" -v n="$TRIVIAL_RUNS" 'BEGIN{printf "%.1f", (m-o)/(n-1)}' || echo n/a
+  }
+  echo
+  echo "Per-RUN overhead (case 6 minus the same build with one RUN, per extra step, ms): kiln $(per_run "6 $TRIVIAL_RUNS x RUN true, cold" "6a 1 x RUN true, cold" kiln), kiln with runc $(per_run "6r $TRIVIAL_RUNS x RUN true, cold (kiln with runc)" "6ra 1 x RUN true, cold (kiln with runc)" kiln), BuildKit $(per_run "6 $TRIVIAL_RUNS x RUN true, cold" "6a 1 x RUN true, cold" bk), buildah $(per_run "6 $TRIVIAL_RUNS x RUN true, cold" "6a 1 x RUN true, cold" bh)."
   echo
   echo "7: one $BIG_MB MB layer, MB/s of uncompressed layer (median). The codec limit is sha256 + compression + sha256 on all cores with kiln's libraries, from memory-cached input."
   echo
