@@ -402,7 +402,7 @@ async fn serve_session(
                                 .await
                             {
                                 Ok(entries) => {
-                                    let digest = kiln_context::walk::tree_digest(&entries);
+                                    let digest = kiln_context::walk::stat_digest(&entries);
                                     // What the daemon already has travels as its digest only.
                                     let unchanged =
                                         !r.known_digest.is_empty() && r.known_digest == digest;

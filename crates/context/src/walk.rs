@@ -38,7 +38,7 @@ fn walk_filtered(root: &Path, ignore: &Matcher, keep: Keep) -> Result<Vec<Stat>,
         return Err(ContextError::NotADirectory(root.to_path_buf()));
     }
     let mut out = Vec::new();
-    walk_dir(root, "", ignore, keep, &mut out)?;
+    walk_dir_with(root, "", ignore, keep, &mut out, walk_threads())?;
     Ok(out)
 }
 
@@ -92,7 +92,7 @@ pub fn select_paths(whole: Vec<Stat>, follow: &[String]) -> Vec<Stat> {
 /// A digest of walked entries (every field of each), for the daemon to
 /// remember the tree it synced: an unchanged walk then travels as this
 /// digest alone.
-pub fn tree_digest(entries: &[Stat]) -> String {
+pub fn stat_digest(entries: &[Stat]) -> String {
     let mut d = kiln_digest::Digester::new();
     for s in entries {
         d.update(s.path.as_bytes());
@@ -162,16 +162,6 @@ fn walk_threads() -> usize {
         .map(|n| n.get())
         .unwrap_or(1)
         .min(4)
-}
-
-fn walk_dir(
-    dir: &Path,
-    prefix: &str,
-    ignore: &Matcher,
-    keep: Keep,
-    out: &mut Vec<Stat>,
-) -> Result<(), ContextError> {
-    walk_dir_with(dir, prefix, ignore, keep, out, walk_threads())
 }
 
 fn walk_dir_with(
