@@ -359,9 +359,12 @@ impl Engine {
         epoch: Option<i64>,
         progress: &Arc<JobProgress>,
     ) -> Result<Vec<kiln_exporter::BuiltImage>, EngineError> {
-        let phase = Phase::start(progress, "exporting layers");
-        let r = self.build_images_inner(results, opts, epoch).await;
-        phase.finish(r)
+        Phase::run(
+            progress,
+            "exporting layers",
+            self.build_images_inner(results, opts, epoch),
+        )
+        .await
     }
 
     async fn build_images_inner(
@@ -445,8 +448,7 @@ impl Engine {
                         dest.clone()
                     };
                     let (worker, chain) = (self.worker.clone(), r.chain.clone());
-                    let phase = Phase::start(progress, format!("copying files to {to}"));
-                    let sent = send_to_client(session, kind, &to, move |w| {
+                    let send = send_to_client(session, kind, &to, move |w| {
                         let view = worker.snapshots.view(&chain).map_err(|e| e.to_string())?;
                         let opts = kiln_archive::TarOptions {
                             epoch,
@@ -455,9 +457,8 @@ impl Engine {
                         kiln_archive::write_tar(view.path(), w, opts)
                             .map(|_| ())
                             .map_err(|e| e.to_string())
-                    })
-                    .await;
-                    phase.finish(sent)?;
+                    });
+                    Phase::run(progress, format!("copying files to {to}"), send).await?;
                 }
             }
             "image" | "registry" => {
@@ -507,8 +508,7 @@ impl Engine {
                                 .map_err(|e| EngineError::Export(format!("push failed: {e}")))
                         }
                     };
-                    let phase = Phase::start(progress, format!("pushing {n}"));
-                    let pushed = async {
+                    let push = async {
                         for img in &images {
                             let mut blobs: Vec<kiln_registry::PushBlob> = img
                                 .layers
@@ -549,9 +549,8 @@ impl Engine {
                                 .await?;
                         }
                         Ok::<_, EngineError>(())
-                    }
-                    .await;
-                    phase.finish(pushed)?;
+                    };
+                    Phase::run(progress, format!("pushing {n}"), push).await?;
                 }
                 image_digests(&images, index.as_ref(), &mut response);
                 response.insert("image.name".into(), opts.names.join(","));
@@ -575,9 +574,8 @@ impl Engine {
                 let images = self.build_images(results, &opts, epoch, progress).await?;
                 let index = index_of(&images, opts.oci_mediatypes)?;
                 let worker = self.worker.clone();
-                let phase = Phase::start(progress, format!("sending tarball to {dest}"));
                 let (imgs, idx, names2) = (images.clone(), index.clone(), names.clone());
-                let sent = send_to_client(
+                let send = send_to_client(
                     session,
                     if as_tar { "file" } else { "dir" },
                     &dest,
@@ -602,9 +600,8 @@ impl Engine {
                         };
                         r.map(|_| ()).map_err(|e| e.to_string())
                     },
-                )
-                .await;
-                phase.finish(sent)?;
+                );
+                Phase::run(progress, format!("sending tarball to {dest}"), send).await?;
                 image_digests(&images, index.as_ref(), &mut response);
                 if !names.is_empty() {
                     response.insert("image.name".into(), names.join(","));

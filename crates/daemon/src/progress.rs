@@ -176,7 +176,7 @@ pub struct Phase {
 }
 
 impl Phase {
-    pub fn start(progress: &Arc<JobProgress>, name: impl Into<String>) -> Phase {
+    fn start(progress: &Arc<JobProgress>, name: impl Into<String>) -> Phase {
         let name = name.into();
         // Unique per phase and build, so two exports of one build stay apart.
         let n = progress
@@ -195,8 +195,19 @@ impl Phase {
         }
     }
 
+    /// Runs `work` as a phase named `name`, ending it with the outcome.
+    pub async fn run<T, E: std::fmt::Display>(
+        progress: &Arc<JobProgress>,
+        name: impl Into<String>,
+        work: impl std::future::Future<Output = Result<T, E>>,
+    ) -> Result<T, E> {
+        let phase = Phase::start(progress, name);
+        let r = work.await;
+        phase.finish(r)
+    }
+
     /// Ends the phase with the outcome of `r`, which it passes on.
-    pub fn finish<T, E: std::fmt::Display>(self, r: Result<T, E>) -> Result<T, E> {
+    fn finish<T, E: std::fmt::Display>(self, r: Result<T, E>) -> Result<T, E> {
         self.progress.event(Event::Completed {
             vertex: self.vertex,
             name: self.name,
