@@ -62,6 +62,59 @@ pub fn resolve_in_root(
     Ok(out)
 }
 
+/// Removes `rel` (a path inside `root`) if it is still what a mount stub
+/// is: an empty directory or an empty regular file. No symlink is followed
+/// anywhere on the way (`openat2` with `RESOLVE_NO_SYMLINKS` below a
+/// descriptor of the root), so a step that replaced a parent with a link
+/// to a host directory cannot make kiln remove anything outside its root.
+/// Returns whether something was removed.
+pub fn remove_stub_in_root(root: &Path, rel: &str) -> bool {
+    use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags};
+    let parts = components(rel);
+    let Some((name, parents)) = parts.split_last() else {
+        return false;
+    };
+    if name == ".." || parents.iter().any(|p| p == "..") {
+        return false;
+    }
+    let Ok(root_fd) = rustix::fs::open(
+        root,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    ) else {
+        return false;
+    };
+    let parent = if parents.is_empty() {
+        ".".to_string()
+    } else {
+        parents.join("/")
+    };
+    let Ok(dir) = rustix::fs::openat2(
+        &root_fd,
+        parent.as_str(),
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+        ResolveFlags::BENEATH
+            | ResolveFlags::NO_SYMLINKS
+            | ResolveFlags::NO_MAGICLINKS
+            | ResolveFlags::NO_XDEV,
+    ) else {
+        return false;
+    };
+    let Ok(st) = rustix::fs::statat(&dir, name.as_str(), AtFlags::SYMLINK_NOFOLLOW) else {
+        return false;
+    };
+    match FileType::from_raw_mode(st.st_mode) {
+        FileType::Directory => {
+            rustix::fs::unlinkat(&dir, name.as_str(), AtFlags::REMOVEDIR).is_ok()
+        }
+        FileType::RegularFile if st.st_size == 0 => {
+            rustix::fs::unlinkat(&dir, name.as_str(), AtFlags::empty()).is_ok()
+        }
+        _ => false,
+    }
+}
+
 fn components(p: &str) -> Vec<String> {
     Path::new(p)
         .components()
@@ -100,5 +153,29 @@ mod tests {
         assert_eq!(resolve_in_root(r, "bin", false).unwrap(), r.join("bin"));
         symlink("loop", r.join("loop")).unwrap();
         assert!(resolve_in_root(r, "loop/x", true).is_err());
+    }
+
+    #[test]
+    fn stub_removal_never_follows_a_link_out() {
+        let host = tempfile::tempdir().unwrap();
+        fs::write(host.path().join("f"), b"").unwrap();
+        fs::create_dir(host.path().join("d")).unwrap();
+        let d = tempfile::tempdir().unwrap();
+        let r = d.path();
+        symlink(host.path(), r.join("escape")).unwrap();
+        assert!(!remove_stub_in_root(r, "/escape/f"));
+        assert!(!remove_stub_in_root(r, "/escape/d"));
+        assert!(!remove_stub_in_root(r, "/escape/../escape/f"));
+        assert!(host.path().join("f").exists() && host.path().join("d").exists());
+        // A symlink as the stub itself is not removed either, nor a file with data.
+        fs::create_dir(r.join("m")).unwrap();
+        fs::write(r.join("m/data"), b"x").unwrap();
+        fs::write(r.join("m/stub"), b"").unwrap();
+        assert!(!remove_stub_in_root(r, "/escape"));
+        assert!(!remove_stub_in_root(r, "/m/data"));
+        assert!(remove_stub_in_root(r, "/m/stub"));
+        assert!(!remove_stub_in_root(r, "/m"));
+        fs::remove_file(r.join("m/data")).unwrap();
+        assert!(remove_stub_in_root(r, "/m"));
     }
 }

@@ -31,10 +31,77 @@ pub struct Config {
     pub insecure_registries: Vec<String>,
     /// Per-registry settings, BuildKit's `[registry."host:port"]` tables.
     pub registry: std::collections::BTreeMap<String, RegistryHost>,
+    /// `[limits]`: resources of each RUN step.
+    pub limits: StepLimits,
     /// Run (on a blocking thread) after every build: kilnd hands the
     /// allocator's free memory back to the system there.
     #[serde(skip)]
     pub after_build: Option<fn()>,
+}
+
+/// `[limits]`: what one RUN step may use; a step that goes over fails
+/// (memory: the kernel's OOM killer; pids: fork fails), the daemon and the
+/// other steps go on.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct StepLimits {
+    /// Memory, as bytes or with a unit: "512m", "4g". Empty: unlimited.
+    pub memory: String,
+    /// Processes and threads; 0 means unlimited.
+    pub pids: u64,
+    /// CPU time in cores ("1.5"); 0 means unlimited.
+    pub cpus: f64,
+}
+
+/// A step may not fork-bomb the host: this machine class has 32768 pids.
+pub const DEFAULT_STEP_PIDS: u64 = 4096;
+
+impl Default for StepLimits {
+    fn default() -> Self {
+        StepLimits {
+            memory: String::new(),
+            pids: DEFAULT_STEP_PIDS,
+            cpus: 0.0,
+        }
+    }
+}
+
+/// Parses "1073741824", "512k", "512m", "4g" (powers of 1024).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim().to_ascii_lowercase();
+    let t = t.trim_end_matches("ib").trim_end_matches('b');
+    let (num, mult) = match t.chars().last() {
+        Some('k') => (&t[..t.len() - 1], 1u64 << 10),
+        Some('m') => (&t[..t.len() - 1], 1 << 20),
+        Some('g') => (&t[..t.len() - 1], 1 << 30),
+        Some('t') => (&t[..t.len() - 1], 1 << 40),
+        _ => (t, 1),
+    };
+    let n: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("invalid size {s:?} (use bytes or 512m, 4g)"))?;
+    if !(n.is_finite() && n > 0.0) {
+        return Err(format!("invalid size {s:?}: must be positive"));
+    }
+    Ok((n * mult as f64) as u64)
+}
+
+impl StepLimits {
+    pub fn to_limits(&self) -> Result<kiln_executor::Limits, String> {
+        if !(self.cpus.is_finite() && self.cpus >= 0.0) {
+            return Err(format!("limits.cpus {}: must be 0 or more", self.cpus));
+        }
+        Ok(kiln_executor::Limits {
+            memory_bytes: if self.memory.trim().is_empty() {
+                None
+            } else {
+                Some(parse_size(&self.memory).map_err(|e| format!("limits.memory: {e}"))?)
+            },
+            pids: (self.pids > 0).then_some(self.pids),
+            cpus: (self.cpus > 0.0).then_some(self.cpus),
+        })
+    }
 }
 
 /// `[registry."host:port"]`: how to reach one registry.
@@ -93,6 +160,7 @@ impl Default for Config {
             allow_insecure_entitlements: Vec::new(),
             insecure_registries: Vec::new(),
             registry: Default::default(),
+            limits: StepLimits::default(),
             after_build: None,
         }
     }
@@ -157,6 +225,14 @@ mod tests {
         assert!(rc.hosts["r.example:443"].insecure);
         std::fs::write(&d, "[registry.\"x\"]\ncert = 1\n").unwrap();
         assert!(Config::load(&d).unwrap_err().to_string().contains("cert"));
+        std::fs::write(&d, "[limits]\nmemory = \"512m\"\ncpus = 1.5\n").unwrap();
+        let l = Config::load(&d).unwrap().limits.to_limits().unwrap();
+        assert_eq!(l.memory_bytes, Some(512 << 20));
+        assert_eq!(l.pids, Some(DEFAULT_STEP_PIDS));
+        assert_eq!(l.cpus, Some(1.5));
+        assert_eq!(parse_size("4g").unwrap(), 4 << 30);
+        assert_eq!(parse_size("100").unwrap(), 100);
+        assert!(parse_size("lots").is_err());
         std::fs::write(&d, "rot = 1\n").unwrap();
         let e = Config::load(&d).unwrap_err().to_string();
         assert!(e.contains("rot"), "{e}");

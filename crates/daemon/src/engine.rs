@@ -123,6 +123,10 @@ impl Engine {
                     executor,
                     network_none_default,
                     snapshotter,
+                    limits: config
+                        .limits
+                        .to_limits()
+                        .map_err(EngineError::InvalidArgument)?,
                     registry: Arc::new(kiln_registry::RegistryClient::new(
                         config
                             .registry_config()

@@ -4,9 +4,13 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use kiln_definition::text::{MAX_MESSAGE, bounded};
 use kiln_proto::control::{StatusResponse, Vertex, VertexLog, VertexWarning};
 use kiln_solver::{Event, ProgressSink};
 use tokio::sync::broadcast;
+
+/// A step's name (`RUN <command>`) as shown: commands can be megabytes.
+const MAX_NAME: usize = 1024;
 
 fn now_ns() -> i64 {
     std::time::SystemTime::now()
@@ -105,7 +109,7 @@ impl ProgressSink for JobProgress {
                     vertexes: vec![Vertex {
                         digest: vertex.to_string(),
                         inputs: inputs.iter().map(|d| d.to_string()).collect(),
-                        name,
+                        name: bounded(&name, MAX_NAME).into_owned(),
                         started: t,
                         ..Default::default()
                     }],
@@ -130,11 +134,11 @@ impl ProgressSink for JobProgress {
                 StatusResponse {
                     vertexes: vec![Vertex {
                         digest: vertex.to_string(),
-                        name,
+                        name: bounded(&name, MAX_NAME).into_owned(),
                         cached,
                         started,
                         completed: t,
-                        error: error.unwrap_or_default(),
+                        error: bounded(&error.unwrap_or_default(), MAX_MESSAGE).into_owned(),
                         ..Default::default()
                     }],
                     ..Default::default()

@@ -15,17 +15,21 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::engine::{Engine, EngineError};
+use kiln_definition::text::{MAX_MESSAGE, bounded};
 
 impl From<EngineError> for Status {
     fn from(e: EngineError) -> Self {
+        // Messages embed user input; an HTTP/2 trailer of megabytes would
+        // reach the client as a protocol error instead of the message.
+        let bound = |m: String| bounded(&m, MAX_MESSAGE).into_owned();
         match e {
-            EngineError::InvalidArgument(m) => Status::invalid_argument(m),
-            EngineError::Frontend(f) => Status::invalid_argument(f.to_string()),
-            EngineError::Build(m) => Status::failed_precondition(m),
-            EngineError::Export(m) => Status::aborted(format!("export failed: {m}")),
-            EngineError::Storage(m) => Status::internal(m),
+            EngineError::InvalidArgument(m) => Status::invalid_argument(bound(m)),
+            EngineError::Frontend(f) => Status::invalid_argument(bound(f.to_string())),
+            EngineError::Build(m) => Status::failed_precondition(bound(m)),
+            EngineError::Export(m) => Status::aborted(bound(format!("export failed: {m}"))),
+            EngineError::Storage(m) => Status::internal(bound(m)),
             EngineError::Cancelled(why) => {
-                Status::cancelled(format!("the build was cancelled: {why}"))
+                Status::cancelled(bound(format!("the build was cancelled: {why}")))
             }
         }
     }
@@ -44,7 +48,7 @@ impl Control for ControlService {
         match self.0.solve(req).await {
             Ok(r) => Ok(Response::new(r)),
             Err(e) => {
-                tracing::info!(error = %e, "build failed");
+                tracing::info!(error = %bounded(&e.to_string(), MAX_MESSAGE), "build failed");
                 Err(e.into())
             }
         }

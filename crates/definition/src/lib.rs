@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod image;
+pub mod text;
 
 use std::collections::{BTreeMap, HashMap};
 

@@ -10,10 +10,14 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::process::Stdio;
 
+pub use kiln_cgroup::Limits;
 use oci_spec::runtime::{
     Capability, LinuxBuilder, LinuxCapabilitiesBuilder, LinuxNamespaceBuilder, LinuxNamespaceType,
     MountBuilder, ProcessBuilder, RootBuilder, Spec, SpecBuilder, UserBuilder,
 };
+
+mod profile;
+pub use profile::{default_seccomp, device_rules, resources};
 use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
 
@@ -59,6 +63,9 @@ pub struct RunSpec {
     pub insecure: bool,
     pub hosts_file: PathBuf,
     pub resolv_file: PathBuf,
+    /// The step's cgroup, relative to the daemon's own (None: no cgroup).
+    pub cgroup: Option<String>,
+    pub limits: Limits,
 }
 
 /// Docker's default capability set.
@@ -255,11 +262,17 @@ pub fn spec(r: &RunSpec) -> Result<Spec, ExecError> {
                 .map_err(serr)
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let mut linux = LinuxBuilder::default().namespaces(namespaces);
+    let mut linux = LinuxBuilder::default()
+        .namespaces(namespaces)
+        .resources(resources(&r.limits)?);
+    if let Some(c) = &r.cgroup {
+        linux = linux.cgroups_path(PathBuf::from(c));
+    }
     if !r.insecure {
         linux = linux
             .masked_paths(MASKED.iter().map(|s| s.to_string()).collect::<Vec<_>>())
-            .readonly_paths(READONLY.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+            .readonly_paths(READONLY.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+            .seccomp(default_seccomp()?);
     }
     SpecBuilder::default()
         .version("1.0.2")
@@ -347,6 +360,12 @@ pub type RunFuture<'a> = Pin<Box<dyn Future<Output = Result<Exit, ExecError>> + 
 
 pub trait Executor: Send + Sync {
     fn name(&self) -> String;
+    /// Kills whatever steps an earlier daemon on this state left running
+    /// (it may have been killed): every cgroup under `cgroup_parent`, and
+    /// the runtime's own leftover containers. Returns processes killed.
+    fn recover(&self, cgroup_parent: Option<&str>) -> Result<usize, ExecError> {
+        sweep_cgroups(cgroup_parent)
+    }
     /// Runs the spec in `bundle` (config.json is written there first).
     /// Dropping the future kills the step and everything it started.
     fn run<'a>(
@@ -356,6 +375,34 @@ pub trait Executor: Send + Sync {
         spec: &'a Spec,
         out: OutputSender,
     ) -> RunFuture<'a>;
+}
+
+fn sweep_cgroups(parent: Option<&str>) -> Result<usize, ExecError> {
+    let Some(parent) = parent else { return Ok(0) };
+    let h = kiln_cgroup::Hierarchies::detect().map_err(|e| ExecError::Io(e.to_string()))?;
+    h.sweep(parent).map_err(|e| ExecError::Io(e.to_string()))
+}
+
+/// Kills what is left in the step's cgroup and removes it. A step's pid
+/// namespace normally takes every process with it; this catches what a
+/// runtime left and is what makes limits per step.
+async fn remove_step_cgroup(spec: &Spec) {
+    let Some(path) = spec.linux().as_ref().and_then(|l| l.cgroups_path().clone()) else {
+        return;
+    };
+    let path = path.to_string_lossy().to_string();
+    let r = tokio::task::spawn_blocking(move || {
+        kiln_cgroup::Hierarchies::detect().and_then(|h| h.remove(&path).map(|n| (n, path)))
+    })
+    .await;
+    match r {
+        Ok(Ok((n, path))) if n > 0 => {
+            tracing::warn!(cgroup = %path, killed = n, "processes outlived their step")
+        }
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => tracing::warn!("removing a step cgroup: {e}"),
+        Err(e) => tracing::warn!("removing a step cgroup: {e}"),
+    }
 }
 
 /// The built-in sandbox: re-executes `exe` (a kiln binary that calls
@@ -372,14 +419,23 @@ pub struct OciRuntime {
 
 const TAIL_LINES: usize = 20;
 
+/// Runs `cmd` to its end, streaming its output. With `hold_stdin`, its
+/// stdin is a pipe kept open until it has exited (or been killed): the
+/// sandbox helper kills the step when that pipe closes, so even a daemon
+/// killed with SIGKILL leaves no step running.
 async fn drive(
     mut cmd: tokio::process::Command,
     runtime: String,
     out: OutputSender,
+    hold_stdin: bool,
 ) -> Result<Exit, ExecError> {
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    cmd.stdin(if hold_stdin {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
     let child = cmd.spawn().map_err(|e| ExecError::Start {
         runtime: runtime.clone(),
         reason: e.to_string(),
@@ -498,8 +554,10 @@ impl Executor for Sandbox {
         Box::pin(async move {
             write_spec(bundle, spec)?;
             let mut cmd = tokio::process::Command::new(&self.exe);
-            cmd.arg(kiln_sandbox_arg()).arg(bundle);
-            drive(cmd, "the built-in sandbox".into(), out).await
+            cmd.arg(kiln_sandbox_arg()).arg(bundle).arg("--watch-stdin");
+            let r = drive(cmd, "the built-in sandbox".into(), out, true).await;
+            remove_step_cgroup(spec).await;
+            r
         })
     }
 }
@@ -512,6 +570,31 @@ pub fn kiln_sandbox_arg() -> &'static str {
 impl Executor for OciRuntime {
     fn name(&self) -> String {
         self.binary.display().to_string()
+    }
+    fn recover(&self, cgroup_parent: Option<&str>) -> Result<usize, ExecError> {
+        // Containers of a killed daemon: `runc list` knows them by state dir.
+        let mut killed = 0;
+        if let Ok(out) = std::process::Command::new(&self.binary)
+            .arg("--root")
+            .arg(&self.state_root)
+            .args(["list", "-q"])
+            .output()
+        {
+            for id in String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter(|l| !l.is_empty())
+            {
+                let _ = std::process::Command::new(&self.binary)
+                    .arg("--root")
+                    .arg(&self.state_root)
+                    .args(["delete", "--force", id])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status();
+                killed += 1;
+            }
+        }
+        Ok(killed + sweep_cgroups(cgroup_parent)?)
     }
     fn run<'a>(
         &'a self,
@@ -528,7 +611,7 @@ impl Executor for OciRuntime {
                 .args(["run", "--bundle"])
                 .arg(bundle)
                 .arg(id);
-            let r = drive(cmd, self.binary.display().to_string(), out).await;
+            let r = drive(cmd, self.binary.display().to_string(), out, false).await;
             // Leave no container state behind, even after a failure.
             let _ = tokio::process::Command::new(&self.binary)
                 .arg("--root")
@@ -538,6 +621,7 @@ impl Executor for OciRuntime {
                 .stderr(Stdio::null())
                 .status()
                 .await;
+            remove_step_cgroup(spec).await;
             let exit = r?;
             if exit.code != 0
                 && exit.tail.iter().any(|l| {
@@ -580,6 +664,8 @@ mod tests {
             insecure: false,
             hosts_file: "/h".into(),
             resolv_file: "/rc".into(),
+            cgroup: Some("kiln/t/step".into()),
+            limits: Limits::default(),
         };
         let s = spec(&r).unwrap();
         let j = serde_json::to_value(&s).unwrap();
@@ -601,12 +687,16 @@ mod tests {
         let bounding = j["process"]["capabilities"]["bounding"].as_array().unwrap();
         assert_eq!(bounding.len(), 14);
         assert!(!bounding.iter().any(|c| c == "CAP_SYS_ADMIN"));
+        assert_eq!(j["linux"]["cgroupsPath"], "kiln/t/step");
+        assert_eq!(j["linux"]["seccomp"]["defaultAction"], "SCMP_ACT_ALLOW");
+        assert_eq!(j["linux"]["resources"]["devices"][0]["allow"], false);
         let insecure = spec(&RunSpec {
             insecure: true,
             ..r
         })
         .unwrap();
         let j = serde_json::to_value(&insecure).unwrap();
+        assert!(j["linux"]["seccomp"].is_null());
         assert!(
             j["process"]["capabilities"]["bounding"]
                 .as_array()

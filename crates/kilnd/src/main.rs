@@ -37,6 +37,15 @@ struct Args {
     /// Allow builds to request an entitlement (network.host, security.insecure); repeatable
     #[arg(long = "allow-insecure-entitlement")]
     allow_insecure_entitlement: Vec<String>,
+    /// Memory one RUN step may use (512m, 4g); default: unlimited
+    #[arg(long)]
+    step_memory: Option<String>,
+    /// Processes and threads one RUN step may have; 0: unlimited [default: 4096]
+    #[arg(long)]
+    step_pids: Option<u64>,
+    /// CPU cores' worth of time one RUN step may use (1.5); 0: unlimited
+    #[arg(long)]
+    step_cpus: Option<f64>,
     /// Log filter (error, warn, info, debug, trace, or a tracing directive)
     #[arg(long, default_value = "info", env = "KILND_LOG")]
     log_level: String,
@@ -94,6 +103,15 @@ fn run(args: Args) -> anyhow::Result<()> {
     config
         .allow_insecure_entitlements
         .extend(args.allow_insecure_entitlement);
+    if let Some(m) = args.step_memory {
+        config.limits.memory = m;
+    }
+    if let Some(p) = args.step_pids {
+        config.limits.pids = p;
+    }
+    if let Some(c) = args.step_cpus {
+        config.limits.cpus = c;
+    }
     config.after_build = Some(release_memory);
     let _lock = kiln_daemon::lock_root(&config.root)?;
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;

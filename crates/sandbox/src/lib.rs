@@ -7,10 +7,23 @@
 //!
 //! Supported spec subset: root, process (args, env, cwd, user, capabilities,
 //! noNewPrivileges), hostname, mounts (proc, sysfs, tmpfs, devpts, mqueue,
-//! bind with ro), linux.namespaces, maskedPaths, readonlyPaths.
+//! bind with ro), linux.namespaces, maskedPaths, readonlyPaths,
+//! linux.cgroupsPath with resources (memory, pids, cpu, devices) and
+//! linux.seccomp (profiles whose default action is allow).
+//!
+//! Containment: every mount is made through descriptors opened inside the
+//! root ([`mounts`]), before the pivot; the helper joins the step's cgroup
+//! before anything runs; with [`WATCH_STDIN_ARG`] the helper kills the step
+//! as soon as its standard input (a pipe the daemon holds) closes, so a
+//! daemon killed with SIGKILL leaves no step running.
+
+mod cgroup;
+mod mounts;
+mod seccomp;
 
 use std::ffi::CString;
 use std::fs;
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -22,9 +35,13 @@ use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction
 use nix::sys::wait::{WaitStatus, waitpid};
 use nix::unistd::{ForkResult, Gid, Pid, Uid, fork};
 use oci_spec::runtime::{LinuxNamespaceType, Spec};
+use rustix::mount::MountAttrFlags;
 
 /// argv[1] that turns a kiln binary into the sandbox helper.
 pub const INIT_ARG: &str = "__kiln-sandbox-init";
+/// argv[3]: the helper's stdin is a pipe the daemon holds open for the
+/// step's lifetime; its end means the daemon is gone.
+pub const WATCH_STDIN_ARG: &str = "--watch-stdin";
 
 /// Exit code when the sandbox itself failed (not the process).
 pub const SETUP_FAILED: i32 = 125;
@@ -37,7 +54,8 @@ pub fn maybe_run() {
     let mut args = std::env::args_os();
     if args.nth(1).is_some_and(|a| a == INIT_ARG) {
         let bundle = args.next().map(PathBuf::from).unwrap_or_default();
-        let code = match helper(&bundle) {
+        let watch_stdin = args.next().is_some_and(|a| a == WATCH_STDIN_ARG);
+        let code = match helper(&bundle, watch_stdin) {
             Ok(code) => code,
             Err(e) => {
                 eprintln!("kiln-sandbox: {e}");
@@ -92,9 +110,60 @@ fn wait_code(pid: Pid) -> i32 {
     }
 }
 
-fn helper(bundle: &Path) -> Result<i32, String> {
+/// Waits for `child`; with `watch_stdin`, kills it when stdin closes first.
+fn supervise(child: Pid, watch_stdin: bool) -> i32 {
+    if !watch_stdin {
+        return wait_code(child);
+    }
+    // SAFETY: pidfd_open with a pid we forked and have not reaped.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, child.as_raw(), 0) } as i32;
+    if pidfd < 0 {
+        return wait_code(child);
+    }
+    loop {
+        let mut fds = [
+            libc::pollfd {
+                fd: 0,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: pidfd,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: fds is a valid array of two pollfd.
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if r < 0 {
+            continue; // EINTR (a forwarded signal)
+        }
+        if fds[1].revents != 0 {
+            return wait_code(child);
+        }
+        if fds[0].revents != 0 {
+            let mut b = [0u8; 64];
+            // SAFETY: reading into a local buffer.
+            let n = unsafe { libc::read(0, b.as_mut_ptr().cast(), b.len()) };
+            if n <= 0 {
+                // The daemon is gone: the step goes with it (init's death
+                // takes its whole pid namespace).
+                let _ = nix::sys::signal::kill(child, Signal::SIGKILL);
+                return wait_code(child);
+            }
+        }
+    }
+}
+
+fn helper(bundle: &Path, watch_stdin: bool) -> Result<i32, String> {
     let spec = Spec::load(bundle.join("config.json"))
         .map_err(|e| format!("loading {}/config.json: {e}", bundle.display()))?;
+    // Into the step's cgroup before anything of the step exists.
+    cgroup::join(&spec)?;
+    let filters = match spec.linux().as_ref().and_then(|l| l.seccomp().clone()) {
+        Some(profile) => seccomp::compile(&profile)?,
+        None => Vec::new(),
+    };
     let mut flags = CloneFlags::empty();
     let namespaces = spec
         .linux()
@@ -123,10 +192,10 @@ fn helper(bundle: &Path) -> Result<i32, String> {
     match unsafe { fork() }.map_err(|e| format!("fork: {e}"))? {
         ForkResult::Parent { child } => {
             CHILD.store(child.as_raw(), Ordering::SeqCst);
-            Ok(wait_code(child))
+            Ok(supervise(child, watch_stdin))
         }
         ForkResult::Child => {
-            let code = match init(&spec, flags.contains(CloneFlags::CLONE_NEWNET)) {
+            let code = match init(&spec, flags.contains(CloneFlags::CLONE_NEWNET), &filters) {
                 Ok(code) => code,
                 Err(e) => {
                     eprintln!("kiln-sandbox: {e}");
@@ -138,134 +207,52 @@ fn helper(bundle: &Path) -> Result<i32, String> {
     }
 }
 
-fn opt_flags(options: &[String]) -> (MsFlags, Vec<String>, bool) {
-    let mut flags = MsFlags::empty();
+/// Splits OCI mount options into mount attributes, filesystem data and ro.
+fn mount_options(options: &[String]) -> (MountAttrFlags, Vec<String>) {
+    let mut attrs = MountAttrFlags::empty();
     let mut data = Vec::new();
-    let mut ro = false;
     for o in options {
         match o.as_str() {
-            "nosuid" => flags |= MsFlags::MS_NOSUID,
-            "noexec" => flags |= MsFlags::MS_NOEXEC,
-            "nodev" => flags |= MsFlags::MS_NODEV,
-            "strictatime" => flags |= MsFlags::MS_STRICTATIME,
-            "ro" => ro = true,
+            "nosuid" => attrs |= MountAttrFlags::MOUNT_ATTR_NOSUID,
+            "noexec" => attrs |= MountAttrFlags::MOUNT_ATTR_NOEXEC,
+            "nodev" => attrs |= MountAttrFlags::MOUNT_ATTR_NODEV,
+            "ro" => attrs |= MountAttrFlags::MOUNT_ATTR_RDONLY,
+            "strictatime" => attrs |= MountAttrFlags::MOUNT_ATTR_STRICTATIME,
             "rw" | "bind" | "rbind" | "private" | "rprivate" => {}
             other => data.push(other.to_string()),
         }
     }
-    (flags, data, ro)
+    (attrs, data)
 }
 
-/// Makes the mount point (a file for file binds, else a directory).
-fn mountpoint(target: &Path, file: bool) -> Result<(), String> {
-    if fs::symlink_metadata(target).is_ok() {
-        return Ok(());
-    }
-    if let Some(p) = target.parent() {
-        fs::create_dir_all(p).map_err(|e| format!("mkdir {}: {e}", p.display()))?;
-    }
-    if file {
-        fs::write(target, b"").map_err(|e| format!("creating {}: {e}", target.display()))
-    } else {
-        fs::create_dir_all(target).map_err(|e| format!("mkdir {}: {e}", target.display()))
-    }
-}
-
-fn do_mount(rootfs: &Path, m: &oci_spec::runtime::Mount) -> Result<(), String> {
+fn do_mount(root: &OwnedFd, m: &oci_spec::runtime::Mount) -> Result<(), String> {
     let dest = m.destination().to_string_lossy().to_string();
-    let target =
-        kiln_archive::safe_path::resolve_in_root(rootfs, &dest, true).map_err(|e| e.to_string())?;
     let options = m.options().clone().unwrap_or_default();
-    let (flags, data, ro) = opt_flags(&options);
+    let (mut attrs, data) = mount_options(&options);
     let typ = m.typ().clone().unwrap_or_else(|| "bind".into());
-    let err = |e: nix::Error| format!("mounting {typ} on {dest}: {e}");
     if typ == "bind" || options.iter().any(|o| o == "bind" || o == "rbind") {
         let source = m
             .source()
             .clone()
             .ok_or_else(|| format!("bind mount on {dest} has no source"))?;
-        let is_file = fs::metadata(&source)
-            .map(|md| !md.is_dir())
-            .map_err(|e| format!("bind source {}: {e}", source.display()))?;
-        mountpoint(&target, is_file)?;
-        mount(
-            Some(&source),
-            &target,
-            None::<&str>,
-            MsFlags::MS_BIND | MsFlags::MS_REC,
-            None::<&str>,
-        )
-        .map_err(err)?;
-        if ro || !flags.is_empty() {
-            let mut f = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | flags;
-            if ro {
-                f |= MsFlags::MS_RDONLY;
-            }
-            mount(None::<&str>, &target, None::<&str>, f, None::<&str>).map_err(err)?;
-        }
-        return Ok(());
+        // No device node reached through a step's bind may be opened.
+        attrs |= MountAttrFlags::MOUNT_ATTR_NODEV;
+        return mounts::bind(root, &source, &dest, attrs);
     }
-    mountpoint(&target, false)?;
-    let mut f = flags;
-    if ro {
-        f |= MsFlags::MS_RDONLY;
+    if typ != "devpts" {
+        attrs |= MountAttrFlags::MOUNT_ATTR_NODEV;
     }
-    let data = data.join(",");
     let source = m
         .source()
         .clone()
         .map(|s| s.to_string_lossy().to_string())
         .unwrap_or_else(|| typ.clone());
-    let r = mount(
-        Some(source.as_str()),
-        &target,
-        Some(typ.as_str()),
-        f,
-        if data.is_empty() {
-            None
-        } else {
-            Some(data.as_str())
-        },
-    );
-    match r {
+    match mounts::mount_fs(root, &typ, &source, &dest, &data, attrs) {
         Ok(()) => Ok(()),
         // sysfs cannot be mounted in some setups (e.g. without a network namespace of our own); /sys is optional for builds.
         Err(_) if typ == "sysfs" => Ok(()),
-        Err(e) => Err(err(e)),
+        Err(e) => Err(e),
     }
-}
-
-/// Bind-mounts the host's basic devices into the container's /dev.
-fn setup_dev(rootfs: &Path) -> Result<(), String> {
-    let dev = rootfs.join("dev");
-    if !dev.is_dir() {
-        return Ok(());
-    }
-    for name in ["null", "zero", "full", "random", "urandom", "tty"] {
-        let target = dev.join(name);
-        mountpoint(&target, true)?;
-        mount(
-            Some(&Path::new("/dev").join(name)),
-            &target,
-            None::<&str>,
-            MsFlags::MS_BIND,
-            None::<&str>,
-        )
-        .map_err(|e| format!("binding /dev/{name}: {e}"))?;
-    }
-    for (link, to) in [
-        ("ptmx", "pts/ptmx"),
-        ("fd", "/proc/self/fd"),
-        ("stdin", "/proc/self/fd/0"),
-        ("stdout", "/proc/self/fd/1"),
-        ("stderr", "/proc/self/fd/2"),
-    ] {
-        let p = dev.join(link);
-        if fs::symlink_metadata(&p).is_err() {
-            std::os::unix::fs::symlink(to, &p).map_err(|e| format!("/dev/{link}: {e}"))?;
-        }
-    }
-    Ok(())
 }
 
 fn mask(path: &str) {
@@ -335,12 +322,16 @@ fn loopback_up() {
     }
 }
 
-fn init(spec: &Spec, new_net: bool) -> Result<i32, String> {
+fn init(spec: &Spec, new_net: bool, filters: &[seccompiler::BpfProgram]) -> Result<i32, String> {
     // Die with the helper: then this pid namespace and its mounts go too.
     // SAFETY: prctl with integer arguments.
     unsafe {
         libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
     }
+    // The step's stdin is /dev/null, never the helper's liveness pipe.
+    let null = fs::File::open("/dev/null").map_err(|e| format!("/dev/null: {e}"))?;
+    nix::unistd::dup2_stdin(&null).map_err(|e| format!("stdin: {e}"))?;
+    drop(null);
     let root = spec.root().as_ref().ok_or("spec has no root")?;
     let rootfs = root.path().clone();
     mount(
@@ -359,13 +350,26 @@ fn init(spec: &Spec, new_net: bool) -> Result<i32, String> {
         None::<&str>,
     )
     .map_err(|e| format!("binding the root {}: {e}", rootfs.display()))?;
+    // nodev: device nodes in the image (or made by mknod) cannot be opened.
+    mount(
+        None::<&str>,
+        &rootfs,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_NODEV,
+        None::<&str>,
+    )
+    .map_err(|e| format!("remounting the root nodev: {e}"))?;
+    let root_fd: OwnedFd = fs::File::open(&rootfs)
+        .map_err(|e| format!("opening the root {}: {e}", rootfs.display()))?
+        .into();
     if new_net {
         loopback_up();
     }
     for m in spec.mounts().clone().unwrap_or_default() {
-        do_mount(&rootfs, &m)?;
+        do_mount(&root_fd, &m)?;
     }
-    setup_dev(&rootfs)?;
+    mounts::populate_dev(&root_fd)?;
+    drop(root_fd);
     if let Some(h) = spec.hostname() {
         nix::unistd::sethostname(h).map_err(|e| format!("sethostname: {e}"))?;
     }
@@ -395,7 +399,7 @@ fn init(spec: &Spec, new_net: bool) -> Result<i32, String> {
     // SAFETY: init is single-threaded (forked from a single-threaded helper).
     match unsafe { fork() }.map_err(|e| format!("fork: {e}"))? {
         ForkResult::Child => {
-            let e = exec_process(process);
+            let e = exec_process(process, filters);
             eprintln!("kiln-sandbox: {e}");
             std::process::exit(EXEC_FAILED);
         }
@@ -428,10 +432,15 @@ fn to_caps(set: &Option<oci_spec::runtime::Capabilities>) -> caps::CapsHashSet {
 }
 
 /// Becomes the container process; returns only on failure.
-fn exec_process(p: &oci_spec::runtime::Process) -> String {
+fn exec_process(p: &oci_spec::runtime::Process, filters: &[seccompiler::BpfProgram]) -> String {
     let cwd = p.cwd();
     if let Err(e) = std::env::set_current_dir(cwd) {
         return format!("chdir {}: {e}", cwd.display());
+    }
+    // Before privileges drop, so no_new_privs is not required for it; the
+    // profile allows everything the rest of this function calls.
+    if let Err(e) = seccomp::install(filters) {
+        return e;
     }
     let user = p.user();
     let caps_cfg = p.capabilities().clone();

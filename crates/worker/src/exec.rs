@@ -103,9 +103,12 @@ pub fn resolve_user(root: &Path, spec: &str) -> Result<ResolvedUser, WorkerError
     })
 }
 
-/// Paths created only as mount points, removed after the run.
+/// Paths created only as mount points, removed after the run. They are
+/// recorded relative to the root and removed without following any
+/// symlink: the step may have replaced a parent with a link to the host.
 struct Scaffolding {
-    created: Vec<PathBuf>,
+    root: PathBuf,
+    created: Vec<String>,
 }
 
 impl Scaffolding {
@@ -119,27 +122,25 @@ impl Scaffolding {
                 cur.push_str(comp);
                 if let Ok(full) = resolve_in_root(root, &cur, false)
                     && fs::symlink_metadata(&full).is_err()
-                    && !created.contains(&full)
+                    && let Ok(rel) = full.strip_prefix(root)
                 {
-                    created.push(full);
+                    let rel = rel.to_string_lossy().to_string();
+                    if !created.contains(&rel) {
+                        created.push(rel);
+                    }
                 }
             }
         }
-        Scaffolding { created }
+        Scaffolding {
+            root: root.to_path_buf(),
+            created,
+        }
     }
 
     fn remove(self) {
         // Deepest first.
         for p in self.created.iter().rev() {
-            match fs::symlink_metadata(p) {
-                Ok(md) if md.is_dir() => {
-                    let _ = fs::remove_dir(p);
-                }
-                Ok(md) if md.len() == 0 => {
-                    let _ = fs::remove_file(p);
-                }
-                _ => {}
-            }
+            kiln_archive::safe_path::remove_stub_in_root(&self.root, p);
         }
     }
 }
@@ -306,7 +307,42 @@ impl Worker {
                                 p
                             }
                         }
-                        Some(Output::Context(c)) => c.root.clone(),
+                        Some(Output::Context(c)) if m.readonly => c.root.clone(),
+                        Some(Output::Context(c)) => {
+                            // The mirror is kiln's record of the client's files:
+                            // a rw bind writes to a throwaway copy, as for stages.
+                            let a = self.snapshots.prepare(&[])?;
+                            let copy = a.path().join("context");
+                            let src = resolve_in_root(&c.root, &m.selector, true)?;
+                            if !src.exists() {
+                                return Err(WorkerError::Other(format!(
+                                    "bind mount source {:?} does not exist",
+                                    m.selector
+                                )));
+                            }
+                            let copied = if src.is_dir() {
+                                fs::create_dir(&copy)
+                                    .map_err(|err| err.to_string())
+                                    .and_then(|()| kiln_snapshot::copy_tree(&src, &copy))
+                            } else {
+                                fs::copy(&src, &copy)
+                                    .map(drop)
+                                    .map_err(|err| err.to_string())
+                            };
+                            copied.map_err(|err| {
+                                WorkerError::Other(format!(
+                                    "copying the context for a read-write bind of {:?}: {err}",
+                                    m.selector
+                                ))
+                            })?;
+                            scratch_actives.push(a);
+                            extra.push(ExtraMount::Bind {
+                                source: copy,
+                                dest,
+                                readonly: false,
+                            });
+                            continue;
+                        }
                         None => {
                             let a = self.snapshots.prepare(&[])?;
                             let p = a.path().to_path_buf();
@@ -493,6 +529,11 @@ impl Worker {
             insecure,
             hosts_file: hosts,
             resolv_file: resolv,
+            cgroup: self
+                .cgroup_parent
+                .as_ref()
+                .map(|p| format!("{p}/{bundle_id}")),
+            limits: self.limits,
         };
         let spec = kiln_executor::spec(&run).map_err(|err| WorkerError::Other(err.to_string()))?;
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();

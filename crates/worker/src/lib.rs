@@ -7,6 +7,7 @@ pub mod exec;
 pub mod fileop;
 pub mod git;
 mod image;
+mod secrets;
 
 use std::collections::{HashMap, HashSet};
 use std::fs;
@@ -117,6 +118,8 @@ pub struct WorkerOptions {
     pub network_none_default: bool,
     pub registry: Arc<kiln_registry::RegistryClient>,
     pub snapshotter: kiln_snapshot::ModeChoice,
+    /// Per-step resource limits (enforced through the step's cgroup).
+    pub limits: kiln_executor::Limits,
 }
 
 pub struct Worker {
@@ -131,6 +134,10 @@ pub struct Worker {
     /// Runtime bundles and secret files: on tmpfs, so secrets never reach a disk.
     pub(crate) bundles: PathBuf,
     pub(crate) secrets_dir: PathBuf,
+    run_dir: PathBuf,
+    /// Where step cgroups go (`kiln/<state tag>`), when cgroups work here.
+    pub(crate) cgroup_parent: Option<String>,
+    pub(crate) limits: kiln_executor::Limits,
     pub registry: Arc<kiln_registry::RegistryClient>,
     /// Context mirrors kept from earlier builds, by shared key.
     mirrors: Mutex<HashMap<String, Arc<Mirror>>>,
@@ -176,6 +183,27 @@ fn httpdate_to_unix(s: &str) -> Option<i64> {
     Some(days * 86400 + hms[0] * 3600 + hms[1] * 60 + hms[2])
 }
 
+/// `kiln/<tag>` when step cgroups can be made here, else None (steps then
+/// run without limits; the log says so).
+fn step_cgroup_parent(tag: &str) -> Option<String> {
+    let parent = format!("kiln/{tag}");
+    match kiln_cgroup::Hierarchies::detect().and_then(|h| h.probe(&parent)) {
+        Ok(()) => Some(parent),
+        Err(e) => {
+            tracing::warn!("steps run without cgroups (no limits, no clean-up by cgroup): {e}");
+            None
+        }
+    }
+}
+
+impl Drop for Worker {
+    /// A clean stop leaves nothing under /run: no secrets tmpfs, no bundles.
+    fn drop(&mut self) {
+        secrets::unmount(&self.secrets_dir);
+        let _ = fs::remove_dir_all(&self.run_dir);
+    }
+}
+
 pub(crate) fn now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -197,11 +225,20 @@ impl Worker {
         let canonical = fs::canonicalize(root).unwrap_or_else(|_| root.to_path_buf());
         let tag = Digest::of(canonical.to_string_lossy().as_bytes()).hex()[..12].to_string();
         let run_dir = if Path::new("/run").is_dir() {
-            PathBuf::from("/run/kiln").join(tag)
+            PathBuf::from("/run/kiln").join(&tag)
         } else {
             root.join("run")
         };
+        // Steps a killed daemon left running go first: they still use
+        // snapshots the reconcile below may delete.
+        let cgroup_parent = step_cgroup_parent(&tag);
+        match opts.executor.recover(cgroup_parent.as_deref()) {
+            Ok(0) => {}
+            Ok(n) => tracing::warn!(killed = n, "killed steps an earlier daemon left running"),
+            Err(e) => tracing::warn!("killing steps an earlier daemon left: {e}"),
+        }
         // Whatever a crashed daemon left there is stale.
+        secrets::unmount(&run_dir.join("secrets"));
         let _ = fs::remove_dir_all(&run_dir);
         // Scratch space (git checkouts) on the snapshots' filesystem, so
         // results move into a snapshot by rename; stale after a crash.
@@ -214,6 +251,7 @@ impl Worker {
             fs::create_dir_all(&d)
                 .map_err(|e| WorkerError::Other(format!("{}: {e}", d.display())))?;
         }
+        secrets::mount(&run_dir.join("secrets"))?;
         let w = Worker {
             root: root.to_path_buf(),
             snapshots,
@@ -225,6 +263,9 @@ impl Worker {
             network_none_default: opts.network_none_default,
             bundles: run_dir.join("bundles"),
             secrets_dir: run_dir.join("secrets"),
+            run_dir,
+            cgroup_parent,
+            limits: opts.limits,
             registry: opts.registry,
             image_locks: Mutex::new(HashMap::new()),
             mirrors: Mutex::new(HashMap::new()),
@@ -262,6 +303,11 @@ impl Worker {
 
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// Where this worker's step cgroups live, if cgroups are in use.
+    pub fn cgroup_parent(&self) -> Option<&str> {
+        self.cgroup_parent.as_deref()
     }
 
     /// The snapshot chain ending at `id`, nearest first; fails if any link is missing.
