@@ -57,7 +57,7 @@ pub fn unpack<R: Read>(
         .strip_prefix(root)
         .unwrap_or(Path::new(""))
         .to_path_buf();
-    let mut archive = tar::Archive::new(reader);
+    let mut archive = tar::Archive::new(crate::header_limit::HeaderLimit::new(reader));
     let mut count = 0;
     let mut dirs: Vec<(PathBuf, u32, i64)> = Vec::new();
     for entry in archive.entries().map_err(io_at(dest))? {

@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod apply;
+pub mod header_limit;
 pub mod safe_path;
 
 use std::collections::HashMap;

@@ -4,6 +4,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use kiln_definition::image::{HealthConfig, History, Image};
+use kiln_definition::text::{MAX_MESSAGE, bounded};
 use kiln_definition::{GraphBuilder, OutputRef, pb};
 
 use crate::parser::{self, Node};
@@ -15,7 +16,7 @@ pub const HISTORY_COMMENT: &str = "buildkit.dockerfile.v0";
 pub const CONTEXT_SOURCE: &str = "local://context";
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{file}:{line}: {message}{}", snippet(*line, source_line, token.as_deref()))]
+#[error("{file}:{line}: {}{}", bounded(message, MAX_MESSAGE), snippet(*line, source_line, token.as_deref()))]
 pub struct FrontendError {
     pub file: String,
     /// 1-based; 0 when the error is about the whole file.
@@ -36,10 +37,27 @@ fn snippet(line: usize, text: &str, token: Option<&str>) -> String {
     if text.is_empty() {
         return String::new();
     }
-    let mut out = format!("\n {line:>4} | {text}");
-    if let Some(col) = token.filter(|t| !t.is_empty()).and_then(|t| {
-        text.find(t)
-            .map(|at| (text[..at].chars().count(), t.chars().count()))
+    // A window of a long line, around the token when there is one.
+    let token = token.filter(|t| !t.is_empty() && t.len() <= SNIPPET_WIDTH);
+    let at = token.and_then(|t| text.find(t)).unwrap_or(0);
+    let mut start = at.saturating_sub(SNIPPET_WIDTH / 4);
+    while !text.is_char_boundary(start) {
+        start -= 1;
+    }
+    let mut end = (start + SNIPPET_WIDTH).min(text.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    let (pre, post) = (
+        if start > 0 { "…" } else { "" },
+        if end < text.len() { "…" } else { "" },
+    );
+    let shown = format!("{pre}{}{post}", &text[start..end]);
+    let mut out = format!("\n {line:>4} | {shown}");
+    if let Some(col) = token.and_then(|t| {
+        shown
+            .find(t)
+            .map(|at| (shown[..at].chars().count(), t.chars().count()))
     }) {
         let (start, len) = col;
         out.push_str(&format!(
@@ -51,6 +69,9 @@ fn snippet(line: usize, text: &str, token: Option<&str>) -> String {
     }
     out
 }
+
+/// Characters of the offending line shown in an error.
+const SNIPPET_WIDTH: usize = 200;
 
 /// ` (did you mean X?)` when one of `known` is within two edits of `word`.
 fn did_you_mean<'a>(word: &str, known: impl IntoIterator<Item = &'a str>) -> String {
@@ -390,6 +411,16 @@ impl Ctx<'_> {
             return Ok(r.clone());
         }
         let from_line = self.stages[idx].from_node.start_line;
+        // A stage converts the stages it uses first, recursively: the
+        // Dockerfile decides how deep, so the depth is bounded.
+        if self.in_progress.len() >= MAX_STAGE_DEPTH {
+            return Err(self.err(
+                from_line,
+                format!(
+                    "stages depend on each other more than {MAX_STAGE_DEPTH} deep (FROM, COPY --from and RUN --mount from= chains)"
+                ),
+            ));
+        }
         if !self.in_progress.insert(idx) {
             let name = self.stages[idx]
                 .name
@@ -2112,8 +2143,46 @@ fn parse_flags(raw: &[String], allowed: &[&str]) -> Result<Flags, (String, Strin
     Ok(out)
 }
 
-/// Converts a parsed Dockerfile.
+/// Longest chain of stages built from one another.
+pub const MAX_STAGE_DEPTH: usize = 1000;
+/// Largest Dockerfile accepted.
+pub const MAX_DOCKERFILE_BYTES: usize = 16 << 20;
+/// Stack of the conversion thread: MAX_STAGE_DEPTH nested stage
+/// conversions fit with room to spare (only touched pages are used).
+const CONVERT_STACK: usize = 256 << 20;
+
+/// Converts a Dockerfile into a build graph. Runs on a thread of its own
+/// with a stack sized for the deepest conversion the limits allow.
 pub fn convert(
+    dockerfile: &[u8],
+    opts: &ConvertOptions,
+    images: &(dyn ImageResolver + Sync),
+) -> Result<Converted, FrontendError> {
+    let whole_file = |message: String| FrontendError {
+        file: opts.filename.clone(),
+        line: 0,
+        source_line: String::new(),
+        message,
+        token: None,
+    };
+    if dockerfile.len() > MAX_DOCKERFILE_BYTES {
+        return Err(whole_file(format!(
+            "the Dockerfile is {} bytes; at most {MAX_DOCKERFILE_BYTES} are accepted",
+            dockerfile.len()
+        )));
+    }
+    std::thread::scope(|scope| {
+        std::thread::Builder::new()
+            .name("kiln-convert".into())
+            .stack_size(CONVERT_STACK)
+            .spawn_scoped(scope, || convert_here(dockerfile, opts, images))
+            .map_err(|e| whole_file(format!("starting the conversion thread: {e}")))?
+            .join()
+            .map_err(|_| whole_file("the Dockerfile conversion panicked".into()))?
+    })
+}
+
+fn convert_here(
     dockerfile: &[u8],
     opts: &ConvertOptions,
     images: &dyn ImageResolver,
@@ -2360,6 +2429,42 @@ mod tests {
                 Image::empty(&p.os, &p.architecture, &p.variant),
             ))
         }
+    }
+
+    #[test]
+    fn hostile_depths_are_errors_not_stack_overflows() {
+        // 3,000 nested substitutions.
+        let mut word = String::from("x");
+        for _ in 0..3000 {
+            word = format!("${{a:-{word}}}");
+        }
+        let e = conv(&format!("FROM scratch\nENV B={word}\n")).unwrap_err();
+        assert!(e.to_string().contains("nested more than 64 deep"), "{e}");
+        assert!(e.to_string().len() < 2000, "the error is bounded");
+        // A chain of stages one past the limit, and one just inside it.
+        let chain = |n: usize| {
+            let mut df = String::from("FROM scratch AS s0\n");
+            for i in 1..n {
+                df.push_str(&format!("FROM s{} AS s{i}\n", i - 1));
+            }
+            df
+        };
+        let e = conv(&chain(MAX_STAGE_DEPTH + 1)).unwrap_err();
+        assert!(e.to_string().contains("more than 1000 deep"), "{e}");
+        conv(&chain(MAX_STAGE_DEPTH)).unwrap();
+    }
+
+    #[test]
+    fn errors_about_huge_lines_stay_small() {
+        let long = "x".repeat(1 << 20);
+        let e = conv(&format!("FROM scratch\nRUN --bogus={long} true\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("Dockerfile:2"), "{}", &e[..200]);
+        assert!(e.len() < 6000, "{} bytes", e.len());
+        let huge = vec![b'#'; MAX_DOCKERFILE_BYTES + 1];
+        let e = convert(&huge, &ConvertOptions::default(), &NoImages).unwrap_err();
+        assert!(e.to_string().contains("at most"), "{e}");
     }
 
     #[test]

@@ -5,7 +5,10 @@
 use std::collections::BTreeSet;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("failed to process {source_text:?}: {message}")]
+#[error(
+    "failed to process {:?}: {message}",
+    kiln_definition::text::bounded(source_text, 200)
+)]
 pub struct ShellError {
     pub source_text: String,
     pub message: String,
@@ -95,6 +98,7 @@ impl Lex {
             raw_escapes: self.raw_escapes,
             matched: BTreeSet::new(),
             unmatched: BTreeSet::new(),
+            depth: 0,
         };
         match sw.process_stop_on(None, self.raw_escapes) {
             Ok((result, words)) => Ok(Expansion {
@@ -119,7 +123,13 @@ struct ShellWord<'a> {
     raw_escapes: bool,
     matched: BTreeSet<String>,
     unmatched: BTreeSet<String>,
+    /// `${` nesting so far: expansion recurses once per level.
+    depth: usize,
 }
+
+/// Deepest `${a:-${b:-...}}` nesting expanded: the Dockerfile decides the
+/// depth of the recursion, so it is bounded (real files nest two or three).
+pub const MAX_EXPANSION_DEPTH: usize = 64;
 
 #[derive(Default)]
 struct Words {
@@ -358,6 +368,19 @@ impl ShellWord<'_> {
             });
         }
         self.next();
+        if self.depth >= MAX_EXPANSION_DEPTH {
+            return Err(format!(
+                "variable substitutions nested more than {MAX_EXPANSION_DEPTH} deep"
+            ));
+        }
+        self.depth += 1;
+        let r = self.process_braced();
+        self.depth -= 1;
+        r
+    }
+
+    /// `${...}` after the brace.
+    fn process_braced(&mut self) -> Res<String> {
         match self.peek() {
             None => return Err("syntax error: missing '}'".into()),
             Some('{' | '}' | ':') => return Err("syntax error: bad substitution".into()),
