@@ -35,6 +35,18 @@ macro_rules! require_root {
     };
 }
 
+fn spawn_kilnd(addr: &str, root: &Path, log: std::fs::File, extra: &[&str]) -> Child {
+    Command::new(bin("kilnd"))
+        .args(["--addr", addr, "--root"])
+        .arg(root)
+        .arg("--log-level=info,kiln_daemon=debug,kiln_worker=debug")
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("spawn kilnd")
+}
+
 pub struct Daemon {
     child: Option<Child>,
     pub dir: tempfile::TempDir,
@@ -64,15 +76,7 @@ impl Daemon {
     ) -> Daemon {
         let addr = format!("unix://{}", sock.display());
         let log = std::fs::File::create(dir.path().join("kilnd.log")).expect("log file");
-        let child = Command::new(bin("kilnd"))
-            .args(["--addr", &addr, "--root"])
-            .arg(&root)
-            .arg("--log-level=info,kiln_daemon=debug,kiln_worker=debug")
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn kilnd");
+        let child = spawn_kilnd(&addr, &root, log, extra);
         let d = Daemon {
             child: Some(child),
             dir,
@@ -82,6 +86,31 @@ impl Daemon {
         };
         d.wait_ready();
         d
+    }
+
+    /// Kills the daemon with SIGKILL (no clean-up of its own) and waits.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts a new daemon on the same state, socket and log (appended),
+    /// after the old one was stopped or killed.
+    pub fn restart(&mut self, extra: &[&str]) {
+        self.stop();
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .open(self.dir.path().join("kilnd.log"))
+            .expect("log file");
+        self.child = Some(spawn_kilnd(&self.addr, &self.root, log, extra));
+        self.wait_ready();
+    }
+
+    /// The daemon's pid, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
     }
 
     fn wait_ready(&self) {

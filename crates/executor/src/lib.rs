@@ -66,7 +66,13 @@ pub struct RunSpec {
     /// The step's cgroup, relative to the daemon's own (None: no cgroup).
     pub cgroup: Option<String>,
     pub limits: Limits,
+    /// Host files (secrets) the runtime may unlink once they are mounted:
+    /// the mount keeps them readable in the step and nowhere else.
+    pub unlink_after_mount: Vec<PathBuf>,
 }
+
+/// Spec annotation listing [`RunSpec::unlink_after_mount`], one per line.
+pub const UNLINK_AFTER_MOUNT: &str = "org.kiln.unlink-after-mount";
 
 /// Docker's default capability set.
 pub const DEFAULT_CAPS: [Capability; 14] = [
@@ -274,8 +280,18 @@ pub fn spec(r: &RunSpec) -> Result<Spec, ExecError> {
             .readonly_paths(READONLY.iter().map(|s| s.to_string()).collect::<Vec<_>>())
             .seccomp(default_seccomp()?);
     }
+    let mut annotations = std::collections::HashMap::new();
+    if !r.unlink_after_mount.is_empty() {
+        let list: Vec<String> = r
+            .unlink_after_mount
+            .iter()
+            .map(|p| p.to_string_lossy().to_string())
+            .collect();
+        annotations.insert(UNLINK_AFTER_MOUNT.to_string(), list.join("\n"));
+    }
     SpecBuilder::default()
         .version("1.0.2")
+        .annotations(annotations)
         .root(
             RootBuilder::default()
                 .path(&r.rootfs)
@@ -291,53 +307,69 @@ pub fn spec(r: &RunSpec) -> Result<Spec, ExecError> {
         .map_err(serr)
 }
 
+/// Capabilities by number (bit in the kernel's masks).
+const CAPS_BY_BIT: [&str; 41] = [
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_DAC_READ_SEARCH",
+    "CAP_FOWNER",
+    "CAP_FSETID",
+    "CAP_KILL",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETPCAP",
+    "CAP_LINUX_IMMUTABLE",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_NET_BROADCAST",
+    "CAP_NET_ADMIN",
+    "CAP_NET_RAW",
+    "CAP_IPC_LOCK",
+    "CAP_IPC_OWNER",
+    "CAP_SYS_MODULE",
+    "CAP_SYS_RAWIO",
+    "CAP_SYS_CHROOT",
+    "CAP_SYS_PTRACE",
+    "CAP_SYS_PACCT",
+    "CAP_SYS_ADMIN",
+    "CAP_SYS_BOOT",
+    "CAP_SYS_NICE",
+    "CAP_SYS_RESOURCE",
+    "CAP_SYS_TIME",
+    "CAP_SYS_TTY_CONFIG",
+    "CAP_MKNOD",
+    "CAP_LEASE",
+    "CAP_AUDIT_WRITE",
+    "CAP_AUDIT_CONTROL",
+    "CAP_SETFCAP",
+    "CAP_MAC_OVERRIDE",
+    "CAP_MAC_ADMIN",
+    "CAP_SYSLOG",
+    "CAP_WAKE_ALARM",
+    "CAP_BLOCK_SUSPEND",
+    "CAP_AUDIT_READ",
+    "CAP_PERFMON",
+    "CAP_BPF",
+    "CAP_CHECKPOINT_RESTORE",
+];
+
+/// Every capability the daemon itself may hold (its bounding set): an
+/// insecure step gets all of them, as Docker's privileged mode does; asking
+/// a runtime for more fails the step ("unable to apply caps").
 fn caps_all_names() -> Vec<String> {
-    [
-        "CAP_AUDIT_CONTROL",
-        "CAP_AUDIT_READ",
-        "CAP_AUDIT_WRITE",
-        "CAP_BLOCK_SUSPEND",
-        "CAP_BPF",
-        "CAP_CHECKPOINT_RESTORE",
-        "CAP_CHOWN",
-        "CAP_DAC_OVERRIDE",
-        "CAP_DAC_READ_SEARCH",
-        "CAP_FOWNER",
-        "CAP_FSETID",
-        "CAP_IPC_LOCK",
-        "CAP_IPC_OWNER",
-        "CAP_KILL",
-        "CAP_LEASE",
-        "CAP_LINUX_IMMUTABLE",
-        "CAP_MAC_ADMIN",
-        "CAP_MAC_OVERRIDE",
-        "CAP_MKNOD",
-        "CAP_NET_ADMIN",
-        "CAP_NET_BIND_SERVICE",
-        "CAP_NET_BROADCAST",
-        "CAP_NET_RAW",
-        "CAP_PERFMON",
-        "CAP_SETGID",
-        "CAP_SETFCAP",
-        "CAP_SETPCAP",
-        "CAP_SETUID",
-        "CAP_SYS_ADMIN",
-        "CAP_SYS_BOOT",
-        "CAP_SYS_CHROOT",
-        "CAP_SYS_MODULE",
-        "CAP_SYS_NICE",
-        "CAP_SYS_PACCT",
-        "CAP_SYS_PTRACE",
-        "CAP_SYS_RAWIO",
-        "CAP_SYS_RESOURCE",
-        "CAP_SYS_TIME",
-        "CAP_SYS_TTY_CONFIG",
-        "CAP_SYSLOG",
-        "CAP_WAKE_ALARM",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
+    let bounding = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapBnd:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .unwrap_or(u64::MAX);
+    CAPS_BY_BIT
+        .iter()
+        .enumerate()
+        .filter(|(bit, _)| bounding & (1 << bit) != 0)
+        .map(|(_, name)| name.to_string())
+        .collect()
 }
 
 /// Exit code of the sandbox helper when it failed before the process ran.
@@ -365,6 +397,12 @@ pub trait Executor: Send + Sync {
     /// the runtime's own leftover containers. Returns processes killed.
     fn recover(&self, cgroup_parent: Option<&str>) -> Result<usize, ExecError> {
         sweep_cgroups(cgroup_parent)
+    }
+    /// Whether every mount target is resolved inside the root, whatever
+    /// symlinks the image holds. runc 1.1 follows a symlinked /dev on the
+    /// host when it makes /dev/fd, /dev/ptmx and the like.
+    fn confines_mount_targets(&self) -> bool {
+        false
     }
     /// Runs the spec in `bundle` (config.json is written there first).
     /// Dropping the future kills the step and everything it started.
@@ -544,6 +582,9 @@ impl Executor for Sandbox {
     fn name(&self) -> String {
         "sandbox".into()
     }
+    fn confines_mount_targets(&self) -> bool {
+        true
+    }
     fn run<'a>(
         &'a self,
         bundle: &'a Path,
@@ -666,6 +707,7 @@ mod tests {
             resolv_file: "/rc".into(),
             cgroup: Some("kiln/t/step".into()),
             limits: Limits::default(),
+            unlink_after_mount: vec![],
         };
         let s = spec(&r).unwrap();
         let j = serde_json::to_value(&s).unwrap();

@@ -58,12 +58,19 @@ pub fn maybe_run() {
         let code = match helper(&bundle, watch_stdin) {
             Ok(code) => code,
             Err(e) => {
-                eprintln!("kiln-sandbox: {e}");
+                report(&e);
                 SETUP_FAILED
             }
         };
         std::process::exit(code);
     }
+}
+
+/// Writes `kiln-sandbox: <e>` to stderr in one write: stderr is
+/// unbuffered, and the daemon shows each chunk it reads as output.
+fn report(e: &str) {
+    use std::io::Write;
+    let _ = std::io::stderr().write_all(format!("kiln-sandbox: {e}\n").as_bytes());
 }
 
 static CHILD: AtomicI32 = AtomicI32::new(0);
@@ -158,6 +165,8 @@ fn supervise(child: Pid, watch_stdin: bool) -> i32 {
 fn helper(bundle: &Path, watch_stdin: bool) -> Result<i32, String> {
     let spec = Spec::load(bundle.join("config.json"))
         .map_err(|e| format!("loading {}/config.json: {e}", bundle.display()))?;
+    // It may hold secret env values; nothing reads it again.
+    let _ = fs::remove_file(bundle.join("config.json"));
     // Into the step's cgroup before anything of the step exists.
     cgroup::join(&spec)?;
     let filters = match spec.linux().as_ref().and_then(|l| l.seccomp().clone()) {
@@ -198,7 +207,7 @@ fn helper(bundle: &Path, watch_stdin: bool) -> Result<i32, String> {
             let code = match init(&spec, flags.contains(CloneFlags::CLONE_NEWNET), &filters) {
                 Ok(code) => code,
                 Err(e) => {
-                    eprintln!("kiln-sandbox: {e}");
+                    report(&e);
                     SETUP_FAILED
                 }
             };
@@ -370,6 +379,17 @@ fn init(spec: &Spec, new_net: bool, filters: &[seccompiler::BpfProgram]) -> Resu
     }
     mounts::populate_dev(&root_fd)?;
     drop(root_fd);
+    // Secrets: now that the step's mounts hold them, the host copies go,
+    // so a secret exists only inside this mount namespace (and dies with it).
+    if let Some(list) = spec
+        .annotations()
+        .as_ref()
+        .and_then(|a| a.get("org.kiln.unlink-after-mount"))
+    {
+        for p in list.lines().filter(|l| !l.is_empty()) {
+            let _ = fs::remove_file(p);
+        }
+    }
     if let Some(h) = spec.hostname() {
         nix::unistd::sethostname(h).map_err(|e| format!("sethostname: {e}"))?;
     }
@@ -400,7 +420,7 @@ fn init(spec: &Spec, new_net: bool, filters: &[seccompiler::BpfProgram]) -> Resu
     match unsafe { fork() }.map_err(|e| format!("fork: {e}"))? {
         ForkResult::Child => {
             let e = exec_process(process, filters);
-            eprintln!("kiln-sandbox: {e}");
+            report(&e);
             std::process::exit(EXEC_FAILED);
         }
         ForkResult::Parent { child } => {

@@ -222,6 +222,17 @@ impl Worker {
         };
         let active = self.snapshots.prepare_for_exec(&chain)?;
         let rootfs = active.path().to_path_buf();
+        if !self.executor.confines_mount_targets() {
+            for dir in ["dev", "proc", "sys"] {
+                if fs::symlink_metadata(rootfs.join(dir)).is_ok_and(|m| m.file_type().is_symlink())
+                {
+                    return Err(WorkerError::Other(format!(
+                        "the step's /{dir} is a symbolic link; {} would follow it outside the root, so the step is refused (the built-in sandbox runs it)",
+                        self.executor.name()
+                    )));
+                }
+            }
+        }
         let user = resolve_user(&rootfs, &meta.user)?;
         let mut env = meta.env.clone();
         if !env.iter().any(|e| e.starts_with("PATH=")) {
@@ -274,6 +285,7 @@ impl Worker {
         let mut temp_dirs = Vec::new();
         // Agent forwarders live exactly as long as the step.
         let mut ssh_agents = Vec::new();
+        let mut unlink_after_mount = Vec::new();
         let mut dests: Vec<String> = vec![
             "/etc/hosts".into(),
             "/etc/resolv.conf".into(),
@@ -460,6 +472,7 @@ impl Worker {
                         Some(nix::unistd::Gid::from_raw(m.gid)),
                     )
                     .map_err(|err| WorkerError::Other(err.to_string()))?;
+                    unlink_after_mount.push(f.clone());
                     extra.push(ExtraMount::Bind {
                         source: f,
                         dest,
@@ -534,6 +547,7 @@ impl Worker {
                 .as_ref()
                 .map(|p| format!("{p}/{bundle_id}")),
             limits: self.limits,
+            unlink_after_mount,
         };
         let spec = kiln_executor::spec(&run).map_err(|err| WorkerError::Other(err.to_string()))?;
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
@@ -559,7 +573,7 @@ impl Worker {
         if exit.code != 0 {
             let mut msg = format!(
                 "process {} did not complete successfully: exit code: {}",
-                shell_words(&meta.args),
+                kiln_definition::text::bounded(&shell_words(&meta.args), 1024),
                 exit.code
             );
             let helper_line = exit

@@ -199,7 +199,7 @@ fn step_cgroup_parent(tag: &str) -> Option<String> {
 impl Drop for Worker {
     /// A clean stop leaves nothing under /run: no secrets tmpfs, no bundles.
     fn drop(&mut self) {
-        secrets::unmount(&self.secrets_dir);
+        secrets::unmount(&self.run_dir);
         let _ = fs::remove_dir_all(&self.run_dir);
     }
 }
@@ -238,11 +238,15 @@ impl Worker {
             Err(e) => tracing::warn!("killing steps an earlier daemon left: {e}"),
         }
         // Whatever a crashed daemon left there is stale.
-        secrets::unmount(&run_dir.join("secrets"));
+        secrets::unmount(&run_dir);
         let _ = fs::remove_dir_all(&run_dir);
         // Scratch space (git checkouts) on the snapshots' filesystem, so
         // results move into a snapshot by rename; stale after a crash.
         let _ = fs::remove_dir_all(root.join("tmp"));
+        fs::create_dir_all(&run_dir)
+            .map_err(|e| WorkerError::Other(format!("{}: {e}", run_dir.display())))?;
+        // Bundles (a spec holds secret env values) and secret files.
+        secrets::mount(&run_dir)?;
         for d in [
             run_dir.join("bundles"),
             run_dir.join("secrets"),
@@ -251,7 +255,6 @@ impl Worker {
             fs::create_dir_all(&d)
                 .map_err(|e| WorkerError::Other(format!("{}: {e}", d.display())))?;
         }
-        secrets::mount(&run_dir.join("secrets"))?;
         let w = Worker {
             root: root.to_path_buf(),
             snapshots,

@@ -1,5 +1,5 @@
-//! The directory secret files live in while their step runs: a tmpfs kiln
-//! mounts itself, so a secret never reaches a disk even where /run is not
+//! The directory runtime bundles (a spec holds secret env values) and
+//! secret files live in while their step runs: a tmpfs kiln mounts itself, so a secret never reaches a disk even where /run is not
 //! a tmpfs, and whatever a killed daemon left there is gone at the next
 //! start (unmounted) rather than kept on a filesystem someone else owns.
 
