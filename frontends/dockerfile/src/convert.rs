@@ -2145,6 +2145,8 @@ fn parse_flags(raw: &[String], allowed: &[&str]) -> Result<Flags, (String, Strin
 
 /// Longest chain of stages built from one another.
 pub const MAX_STAGE_DEPTH: usize = 1000;
+/// Most stages (FROM instructions) in one Dockerfile.
+pub const MAX_STAGES: usize = 10_000;
 /// Largest Dockerfile accepted.
 pub const MAX_DOCKERFILE_BYTES: usize = 16 << 20;
 /// Stack of the conversion thread: MAX_STAGE_DEPTH nested stage
@@ -2276,6 +2278,12 @@ fn convert_here(
                     ));
                 }
             };
+            if ctx.stages.len() >= MAX_STAGES {
+                return Err(ctx.err(
+                    node.start_line,
+                    format!("more than {MAX_STAGES} stages in one Dockerfile"),
+                ));
+            }
             ctx.stages.push(StageDef {
                 name,
                 base,
@@ -2452,6 +2460,9 @@ mod tests {
         let e = conv(&chain(MAX_STAGE_DEPTH + 1)).unwrap_err();
         assert!(e.to_string().contains("more than 1000 deep"), "{e}");
         conv(&chain(MAX_STAGE_DEPTH)).unwrap();
+        let many = "FROM scratch\n".repeat(MAX_STAGES + 1);
+        let e = conv(&many).unwrap_err();
+        assert!(e.to_string().contains("more than 10000 stages"), "{e}");
     }
 
     #[test]
