@@ -2,15 +2,32 @@
 //! kilnd on a private socket and state dir, run kilnctl against it.
 #![forbid(unsafe_code)]
 
+pub mod hostile;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+/// The OCI name of this machine's architecture.
+pub fn host_arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => other,
+    }
+}
+
 /// A built binary of this workspace (target/<profile>/NAME).
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    // target/<profile>/deps/e2e-<hash> -> target/<profile>/NAME
-    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    // target/<profile>/deps/e2e-<hash> -> target/<profile>/NAME; a binary
+    // of this package (kiln-fault-run) sits in target/<profile> itself.
+    let parent = exe.parent().expect("target dir");
+    let dir = if parent.ends_with("deps") {
+        parent.parent().expect("target dir")
+    } else {
+        parent
+    };
     let p = dir.join(name);
     assert!(
         p.exists(),

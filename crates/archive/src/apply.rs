@@ -38,7 +38,7 @@ fn clean_entry(name: &Path) -> Option<PathBuf> {
 
 fn remove_all(p: &Path) -> Result<(), ArchiveError> {
     match fs::symlink_metadata(p) {
-        Ok(md) if md.is_dir() => fs::remove_dir_all(p).map_err(io_at(p)),
+        Ok(md) if md.is_dir() => crate::remove::remove_tree(p).map_err(io_at(p)),
         Ok(_) => fs::remove_file(p).map_err(io_at(p)),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(io_at(p)(e)),
@@ -59,7 +59,7 @@ pub fn unpack<R: Read>(
         .to_path_buf();
     let mut archive = tar::Archive::new(crate::header_limit::HeaderLimit::new(reader));
     let mut count = 0;
-    let mut dirs: Vec<(PathBuf, u32, i64)> = Vec::new();
+    let mut dirs: std::collections::BTreeMap<PathBuf, (u32, i64)> = Default::default();
     for entry in archive.entries().map_err(io_at(dest))? {
         let mut entry = entry.map_err(io_at(dest))?;
         let raw = entry.path().map_err(io_at(dest))?.into_owned();
@@ -97,6 +97,17 @@ pub fn unpack<R: Read>(
         let mode = header.mode().unwrap_or(0o644);
         let mtime = header.mtime().unwrap_or(0) as i64;
         let kind = header.entry_type();
+        // Metadata entries the tar crate passed through (a global PAX header,
+        // or one without ustar magic) describe nothing to create.
+        if matches!(
+            kind,
+            tar::EntryType::XGlobalHeader
+                | tar::EntryType::XHeader
+                | tar::EntryType::GNULongName
+                | tar::EntryType::GNULongLink
+        ) {
+            continue;
+        }
         // Anything already at the path gives way to a non-directory entry.
         if !kind.is_dir() && fs::symlink_metadata(&target).is_ok() {
             remove_all(&target)?;
@@ -109,7 +120,8 @@ pub fn unpack<R: Read>(
                     remove_all(&target)?;
                 }
                 fs::create_dir_all(&target).map_err(io_at(&target))?;
-                dirs.push((target.clone(), mode, mtime));
+                // Once per directory however often a layer lists it.
+                dirs.insert(target.clone(), (mode, mtime));
             }
             tar::EntryType::Regular | tar::EntryType::Continuous => {
                 let mut f = fs::File::create(&target).map_err(io_at(&target))?;
@@ -202,7 +214,8 @@ pub fn unpack<R: Read>(
         count += 1;
     }
     // Directory modes and times last, so writing into them above worked.
-    for (d, mode, mtime) in dirs.into_iter().rev() {
+    // Children sort after their parents: reversed, they come first.
+    for (d, (mode, mtime)) in dirs.into_iter().rev() {
         fs::set_permissions(&d, fs::Permissions::from_mode(mode)).map_err(io_at(&d))?;
         let t = filetime::FileTime::from_unix_time(mtime, 0);
         let _ = filetime::set_file_times(&d, t, t);

@@ -59,12 +59,15 @@ impl<R: Read> HeaderLimit<R> {
         }
         let typ = h[156];
         let header_size = parse_size(&h[124..136])?;
-        let size = match typ {
-            // PAX size records apply to the next real entry only.
-            b'x' | b'g' | b'L' | b'K' => header_size,
-            _ => self.next_size.take().unwrap_or(header_size),
+        let extension = matches!(typ, b'x' | b'g' | b'L' | b'K');
+        // As the tar crate: a PAX size applies to the next entry that is
+        // not itself an extension header.
+        let size = if extension {
+            header_size
+        } else {
+            self.next_size.take().unwrap_or(header_size)
         };
-        if matches!(typ, b'x' | b'g' | b'L' | b'K') && size > MAX_META_ENTRY {
+        if extension && size > MAX_META_ENTRY {
             let what = match typ {
                 b'L' => "GNU long name",
                 b'K' => "GNU long link name",
@@ -77,7 +80,10 @@ impl<R: Read> HeaderLimit<R> {
                 ),
             ));
         }
-        self.pax = (typ == b'x').then(Vec::new);
+        // The tar crate reads a local PAX header only under ustar or GNU magic.
+        let recognized = &h[257..263] == b"ustar\0" && &h[263..265] == b"00"
+            || &h[257..263] == b"ustar " && &h[263..265] == b" \0";
+        self.pax = (typ == b'x' && recognized).then(Vec::new);
         let padded = size.div_ceil(BLOCK as u64) * BLOCK as u64;
         // GNU sparse: byte 482 says extension blocks follow the header.
         if typ == b'S' && h[482] != 0 {
@@ -92,19 +98,33 @@ impl<R: Read> HeaderLimit<R> {
         Ok(())
     }
 
-    /// A PAX header's data is complete: its `size` applies to the next entry.
+    /// A PAX header's data is complete: its `size` applies to the next
+    /// entry. Parsed exactly as the tar crate does (records split at
+    /// newlines, the first malformed record ends the search, the first
+    /// `size` wins), so both see the same entry boundaries.
     fn finish_pax(&mut self) {
         let Some(data) = self.pax.take() else { return };
-        for rec in String::from_utf8_lossy(&data).split('\n') {
-            // "<len> size=<n>"
-            if let Some((_, kv)) = rec.split_once(' ')
-                && let Some(v) = kv.strip_prefix("size=")
-                && let Ok(n) = v.trim().parse::<u64>()
-            {
-                self.next_size = Some(n);
-            }
+        self.next_size = pax_size(&data);
+    }
+}
+
+fn pax_size(data: &[u8]) -> Option<u64> {
+    for line in data.split(|b| *b == b'\n') {
+        if line.is_empty() {
+            return None;
+        }
+        let space = line.iter().position(|b| *b == b' ')?;
+        let len: usize = std::str::from_utf8(&line[..space]).ok()?.parse().ok()?;
+        if line.len() + 1 != len {
+            return None;
+        }
+        let kv = &line[space + 1..];
+        let eq = kv.iter().position(|b| *b == b'=')?;
+        if &kv[..eq] == b"size" {
+            return std::str::from_utf8(&kv[eq + 1..]).ok()?.parse().ok();
         }
     }
+    None
 }
 
 /// A tar numeric field: octal text, or base-256 when the top bit is set.
@@ -201,6 +221,43 @@ mod tests {
             names,
             vec!["a.txt".to_string(), long, "p.txt".into(), "z".into()]
         );
+    }
+
+    /// A PAX header (with or without ustar magic) saying `records`, then a
+    /// GNU long name header claiming 300 MiB.
+    fn desync_attempt(magic: bool, records: &str) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut h = if magic {
+            tar::Header::new_ustar()
+        } else {
+            tar::Header::new_old()
+        };
+        h.set_size(records.len() as u64);
+        h.set_entry_type(tar::EntryType::XHeader);
+        h.set_cksum();
+        out.extend_from_slice(h.as_bytes());
+        out.extend_from_slice(records.as_bytes());
+        out.resize(out.len().div_ceil(512) * 512, 0);
+        let mut l = tar::Header::new_gnu();
+        l.set_size(300 << 20);
+        l.set_entry_type(tar::EntryType::GNULongName);
+        l.set_cksum();
+        out.extend_from_slice(l.as_bytes());
+        out.extend(vec![b'a'; 8192]);
+        out
+    }
+
+    #[test]
+    fn agrees_with_the_tar_crate_on_pax_sizes() {
+        // No magic: the tar crate ignores the record; so must the guard.
+        let e = read_all(&desync_attempt(false, "12 size=512\n")).unwrap_err();
+        assert!(e.to_string().contains("GNU long name"), "{e}");
+        // Two size records: the first counts for both.
+        let e = read_all(&desync_attempt(true, "12 size=512\n13 size=1024\n")).unwrap_err();
+        assert!(!e.to_string().is_empty());
+        assert_eq!(pax_size(b"12 size=512\n13 size=1024\n"), Some(512));
+        assert_eq!(pax_size(b"13 size= 512\n"), None);
+        assert_eq!(pax_size(b"99 size=512\n"), None);
     }
 
     #[test]

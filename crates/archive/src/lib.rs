@@ -6,6 +6,7 @@
 
 pub mod apply;
 pub mod header_limit;
+pub mod remove;
 pub mod safe_path;
 
 use std::collections::HashMap;
@@ -150,8 +151,17 @@ impl<W: Write> Walker<'_, W> {
         Ok(())
     }
 
+    /// Writes `dir`'s tree depth-first in sorted order. The stack is
+    /// explicit: how deep a tree goes is up to a step or an image.
     fn dir(&mut self, dir: &Path, prefix: &str) -> Result<(), ArchiveError> {
-        for (name, path) in sorted_entries(dir)? {
+        type Frame = (std::vec::IntoIter<(String, PathBuf)>, String);
+        let mut stack: Vec<Frame> = vec![(sorted_entries(dir)?.into_iter(), prefix.to_string())];
+        while let Some((entries, prefix)) = stack.last_mut() {
+            let Some((name, path)) = entries.next() else {
+                stack.pop();
+                continue;
+            };
+            let prefix = prefix.clone();
             let md = fs::symlink_metadata(&path).map_err(io_at(&path))?;
             let ft = md.file_type();
             let rel = format!("{prefix}{name}");
@@ -176,7 +186,7 @@ impl<W: Write> Walker<'_, W> {
                 {
                     self.empty_file(&format!("{h_path}{OPAQUE_MARKER}"), &md)?;
                 }
-                self.dir(&path, &h_path)?;
+                stack.push((sorted_entries(&path)?.into_iter(), h_path));
                 continue;
             }
             if !ft.is_dir() && md.nlink() > 1 {

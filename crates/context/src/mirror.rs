@@ -171,7 +171,9 @@ impl Mirror {
         for p in gone {
             let full = root.join(&p);
             match fs::symlink_metadata(&full) {
-                Ok(md) if md.is_dir() => fs::remove_dir_all(&full).map_err(io_at(&full))?,
+                Ok(md) if md.is_dir() => {
+                    kiln_archive::remove::remove_tree(&full).map_err(io_at(&full))?
+                }
                 Ok(_) => fs::remove_file(&full).map_err(io_at(&full))?,
                 Err(_) => {}
             }
@@ -257,7 +259,7 @@ impl Mirror {
         if let Ok(md) = fs::symlink_metadata(&full)
             && md.is_dir()
         {
-            fs::remove_dir_all(&full).map_err(io_at(&full))?;
+            kiln_archive::remove::remove_tree(&full).map_err(io_at(&full))?;
         }
         fs::rename(&tmp, &full).map_err(io_at(&full))?;
         Ok(())
@@ -393,53 +395,85 @@ fn ensure_parent_safe(root: &Path, rel: &str) -> Result<(), ContextError> {
     Ok(())
 }
 
-/// Go's `path.Match` for one path component.
+/// Go's `path.Match` for one path component. Iterative, with one
+/// backtracking point per `*` run (the classic wildcard algorithm): time
+/// is at most pattern length × name length, and no recursion, whatever
+/// pattern a Dockerfile holds.
 pub fn glob_match(pattern: &str, name: &str) -> bool {
-    fn go(p: &[char], n: &[char]) -> bool {
-        match p.first() {
-            None => n.is_empty(),
-            Some('*') => (0..=n.len()).any(|i| go(&p[1..], &n[i..])),
-            Some('?') => !n.is_empty() && go(&p[1..], &n[1..]),
-            Some('[') => {
-                let Some(c) = n.first() else { return false };
-                let mut i = 1;
-                let negate = matches!(p.get(1), Some('^' | '!'));
-                if negate {
-                    i += 1;
-                }
-                let mut matched = false;
-                let start = i;
-                while i < p.len() && (p[i] != ']' || i == start) {
-                    let lo = if p[i] == '\\' && i + 1 < p.len() {
-                        i += 1;
-                        p[i]
-                    } else {
-                        p[i]
-                    };
-                    if i + 2 < p.len() && p[i + 1] == '-' && p[i + 2] != ']' {
-                        if lo <= *c && *c <= p[i + 2] {
-                            matched = true;
-                        }
-                        i += 3;
-                    } else {
-                        if lo == *c {
-                            matched = true;
-                        }
-                        i += 1;
-                    }
-                }
-                if i >= p.len() {
-                    return false;
-                }
-                matched != negate && go(&p[i + 1..], &n[1..])
-            }
-            Some('\\') if p.len() > 1 => n.first() == Some(&p[1]) && go(&p[2..], &n[1..]),
-            Some(c) => n.first() == Some(c) && go(&p[1..], &n[1..]),
-        }
-    }
     let p: Vec<char> = pattern.chars().collect();
     let n: Vec<char> = name.chars().collect();
-    go(&p, &n)
+    let (mut pi, mut ni) = (0, 0);
+    // Where the last `*` was and how much of the name it has taken.
+    let mut star: Option<(usize, usize)> = None;
+    while ni < n.len() {
+        if pi < p.len() {
+            if p[pi] == '*' {
+                star = Some((pi, ni));
+                pi += 1;
+                continue;
+            }
+            if let Some(next) = match_one(&p, pi, n[ni]) {
+                pi = next;
+                ni += 1;
+                continue;
+            }
+        }
+        match star {
+            Some((sp, sn)) => {
+                pi = sp + 1;
+                ni = sn + 1;
+                star = Some((sp, sn + 1));
+            }
+            None => return false,
+        }
+    }
+    while pi < p.len() && p[pi] == '*' {
+        pi += 1;
+    }
+    pi == p.len()
+}
+
+/// Matches the single-character pattern at `p[pi]` (a literal, `?`, an
+/// escape or a `[...]` class) against `c`; the index after it on success.
+fn match_one(p: &[char], pi: usize, c: char) -> Option<usize> {
+    match p[pi] {
+        '?' => Some(pi + 1),
+        '\\' if pi + 1 < p.len() => (p[pi + 1] == c).then_some(pi + 2),
+        '[' => {
+            let mut i = pi + 1;
+            let negate = matches!(p.get(i), Some('^' | '!'));
+            if negate {
+                i += 1;
+            }
+            let mut matched = false;
+            let start = i;
+            while i < p.len() && (p[i] != ']' || i == start) {
+                let lo = if p[i] == '\\' && i + 1 < p.len() {
+                    i += 1;
+                    p[i]
+                } else {
+                    p[i]
+                };
+                if i + 2 < p.len() && p[i + 1] == '-' && p[i + 2] != ']' {
+                    if lo <= c && c <= p[i + 2] {
+                        matched = true;
+                    }
+                    i += 3;
+                } else {
+                    if lo == c {
+                        matched = true;
+                    }
+                    i += 1;
+                }
+            }
+            // A class without its `]` is a bad pattern: it matches nothing.
+            if i >= p.len() || matched == negate {
+                return None;
+            }
+            Some(i + 1)
+        }
+        lit => (lit == c).then_some(pi + 1),
+    }
 }
 
 #[cfg(test)]
@@ -518,5 +552,15 @@ mod tests {
         assert!(!glob_match("*.rs", "a.go"));
         assert!(glob_match("[a-c]?", "bz"));
         assert!(!glob_match("[!a-c]?", "bz"));
+        assert!(glob_match("a*b*c", "axxbyyc"));
+        assert!(!glob_match("a*b*c", "axxbyy"));
+        assert!(glob_match("*", ""));
+        assert!(glob_match("\\*x", "*x"));
+        assert!(!glob_match("[a-", "a"));
+        // Patterns built to backtrack exponentially stay fast.
+        let p = "*a".repeat(10) + "b";
+        assert!(!glob_match(&p, &"a".repeat(40)));
+        let stars = "*".repeat(200_000);
+        assert!(glob_match(&stars, "name"));
     }
 }

@@ -1066,7 +1066,7 @@ fn prune_blocking(
         if let Ok(rd) = std::fs::read_dir(&ctx_dir) {
             for e in rd.flatten() {
                 let size = dir_size(&e.path());
-                std::fs::remove_dir_all(e.path()).map_err(|e| st(&e))?;
+                kiln_archive::remove::remove_tree(e.path()).map_err(|e| st(&e))?;
                 removed.push(UsageRecord {
                     id: e.file_name().to_string_lossy().to_string(),
                     kind: "source.local".into(),

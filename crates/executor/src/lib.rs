@@ -456,6 +456,11 @@ pub struct OciRuntime {
 }
 
 const TAIL_LINES: usize = 20;
+/// Output of one step kept and shown, as BuildKit's default step log limit.
+pub const MAX_LOG_BYTES: usize = 2 << 20;
+const LOG_CLIPPED: &[u8] = b"\n[output clipped, log limit 2MiB reached]\n";
+/// Longest line kept for the error message's tail.
+const MAX_TAIL_LINE: usize = 16 << 10;
 
 /// Runs `cmd` to its end, streaming its output. With `hold_stdin`, its
 /// stdin is a pipe kept open until it has exited (or been killed): the
@@ -497,8 +502,22 @@ async fn drive(
     let mut b1 = vec![0u8; 32 * 1024];
     let mut b2 = vec![0u8; 32 * 1024];
     let (mut done1, mut done2) = (false, false);
+    let mut sent = 0usize;
     let mut push = |stream: usize, data: &[u8], tail: &mut VecDeque<String>| {
-        let _ = out.send((stream as i64 + 1, data.to_vec()));
+        // Output past the limit is read (so the step never blocks) and dropped.
+        if sent < MAX_LOG_BYTES {
+            let n = data.len().min(MAX_LOG_BYTES - sent);
+            let _ = out.send((stream as i64 + 1, data[..n].to_vec()));
+            sent += n;
+            if sent == MAX_LOG_BYTES {
+                let _ = out.send((2, LOG_CLIPPED.to_vec()));
+            }
+        }
+        if partial[stream].len() > MAX_TAIL_LINE {
+            // A line without end: keep its start only.
+            partial[stream].truncate(MAX_TAIL_LINE);
+            partial[stream].push(b'\n');
+        }
         partial[stream].extend_from_slice(data);
         while let Some(pos) = partial[stream].iter().position(|b| *b == b'\n') {
             let line: Vec<u8> = partial[stream].drain(..=pos).collect();

@@ -127,7 +127,7 @@ fn main() -> std::process::ExitCode {
     // Must come first: the embedded engine re-executes this binary as its sandbox helper.
     kiln_sandbox::maybe_run();
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Runtime::new() {
+    let rt = match kiln_daemon::runtime() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("ERROR: starting the async runtime: {e}");

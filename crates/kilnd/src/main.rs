@@ -114,7 +114,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     }
     config.after_build = Some(release_memory);
     let _lock = kiln_daemon::lock_root(&config.root)?;
-    let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    let rt = kiln_daemon::runtime().context("starting the async runtime")?;
     rt.block_on(async move {
         let engine = Arc::new(Engine::open(config.clone())?);
         let mut listeners = Vec::new();

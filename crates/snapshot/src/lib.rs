@@ -61,7 +61,7 @@ fn overlay_works(mounts: &Path) -> bool {
     if ok {
         let _ = umount2(&dirs[3], MntFlags::MNT_DETACH);
     }
-    let _ = fs::remove_dir_all(&probe);
+    let _ = kiln_archive::remove::remove_tree(&probe);
     ok
 }
 
@@ -184,7 +184,7 @@ impl Snapshotter {
         if let Ok(entries) = fs::read_dir(&mounts) {
             for e in entries.flatten() {
                 let _ = umount2(&e.path(), MntFlags::MNT_DETACH);
-                let _ = fs::remove_dir_all(e.path());
+                let _ = kiln_archive::remove::remove_tree(e.path());
             }
         }
         if let Ok(entries) = fs::read_dir(&snaps) {
@@ -192,7 +192,7 @@ impl Snapshotter {
                 let name = e.file_name().to_string_lossy().to_string();
                 if name.ends_with(ACTIVE_SUFFIX) || e.path().join("active").exists() {
                     tracing::info!(snapshot = %e.path().display(), "removing uncommitted snapshot");
-                    let _ = fs::remove_dir_all(e.path());
+                    let _ = kiln_archive::remove::remove_tree(e.path());
                 }
             }
         }
@@ -205,7 +205,7 @@ impl Snapshotter {
                 // Half-copied flattenings, or ones whose layer is gone.
                 let name = e.file_name().to_string_lossy().to_string();
                 if name.starts_with("tmp-") || !snaps.join(&name).join("fs").is_dir() {
-                    let _ = fs::remove_dir_all(e.path());
+                    let _ = kiln_archive::remove::remove_tree(e.path());
                 }
             }
         }
@@ -319,7 +319,7 @@ impl Snapshotter {
         let tmp = self.flat.join(format!("tmp-{}", self.new_id()));
         fs::create_dir(&tmp).map_err(io_at(&tmp))?;
         if let Err(e) = native::copy_tree(view.path(), &tmp) {
-            let _ = fs::remove_dir_all(&tmp);
+            let _ = kiln_archive::remove::remove_tree(&tmp);
             return Err(err(e));
         }
         drop(view);
@@ -471,9 +471,9 @@ impl Snapshotter {
 
     /// Deletes a committed snapshot (and any flattening topped by it).
     pub fn remove(&self, id: &str) -> Result<(), SnapshotError> {
-        let _ = fs::remove_dir_all(self.flat.join(id));
+        let _ = kiln_archive::remove::remove_tree(self.flat.join(id));
         let dir = self.root.join(id);
-        match fs::remove_dir_all(&dir) {
+        match kiln_archive::remove::remove_tree(&dir) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(io_at(&dir)(e)),
@@ -562,7 +562,7 @@ impl Active<'_> {
                     message,
                 })?;
         }
-        let _ = fs::remove_dir_all(dir.join("work"));
+        let _ = kiln_archive::remove::remove_tree(dir.join("work"));
         let committed = self.sn.root.join(&self.id);
         fs::rename(&dir, &committed).map_err(io_at(&committed))?;
         self.done = true;
@@ -574,7 +574,7 @@ impl Drop for Active<'_> {
     fn drop(&mut self) {
         if !self.done {
             let _ = self.unmount();
-            let _ = fs::remove_dir_all(&self.dir);
+            let _ = kiln_archive::remove::remove_tree(&self.dir);
         }
     }
 }

@@ -25,10 +25,32 @@ pub struct ResolvedUser {
     pub home: String,
 }
 
+/// Largest /etc/passwd or /etc/group read from an image.
+const MAX_ACCOUNT_DB: u64 = 4 << 20;
+
+/// A small text file of an image (/etc/passwd, /etc/group): only a regular
+/// file (a FIFO there would block the daemon, a device would be read on
+/// the host), at most [`MAX_ACCOUNT_DB`] bytes of it (a sparse 64 GB file
+/// costs a step nothing to make).
+pub(crate) fn read_image_text(root: &Path, file: &str) -> Option<String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let p = resolve_in_root(root, file, true).ok()?;
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NONBLOCK | nix::libc::O_NOFOLLOW)
+        .open(p)
+        .ok()?;
+    if !f.metadata().ok()?.is_file() {
+        return None;
+    }
+    let mut buf = Vec::new();
+    f.take(MAX_ACCOUNT_DB).read_to_end(&mut buf).ok()?;
+    Some(String::from_utf8_lossy(&buf).into_owned())
+}
+
 fn read_db(root: &Path, file: &str) -> Vec<Vec<String>> {
-    resolve_in_root(root, file, true)
-        .ok()
-        .and_then(|p| fs::read_to_string(p).ok())
+    read_image_text(root, file)
         .map(|t| {
             t.lines()
                 .filter(|l| !l.starts_with('#'))
@@ -173,10 +195,10 @@ impl Worker {
         }
         // Copy next to the destination, then rename: a crash never leaves a half-seeded cache.
         let tmp = dest.with_extension("seeding");
-        let _ = fs::remove_dir_all(&tmp);
+        let _ = kiln_archive::remove::remove_tree(&tmp);
         fs::create_dir_all(&tmp).map_err(|e| err(e.to_string()))?;
         if let Err(e) = kiln_snapshot::copy_tree(&src, &tmp) {
-            let _ = fs::remove_dir_all(&tmp);
+            let _ = kiln_archive::remove::remove_tree(&tmp);
             return Err(err(e));
         }
         fs::rename(&tmp, dest).map_err(|e| err(e.to_string()))
@@ -674,7 +696,7 @@ async fn forward_agent(
 struct DirGuard(PathBuf);
 impl Drop for DirGuard {
     fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
+        let _ = kiln_archive::remove::remove_tree(&self.0);
     }
 }
 

@@ -38,8 +38,7 @@ pub struct CopySource<'a> {
 /// Resolves `user[:group]` names or ids against the destination's passwd/group.
 pub fn resolve_owner(root: &Path, chown: &pb::ChownOpt) -> Result<(u32, u32), FileOpError> {
     let lookup = |file: &str, name: &str| -> Option<(u32, u32)> {
-        let p = resolve_in_root(root, file, true).ok()?;
-        let text = fs::read_to_string(p).ok()?;
+        let text = crate::exec::read_image_text(root, file)?;
         text.lines().find_map(|l| {
             let f: Vec<&str> = l.split(':').collect();
             if f.len() >= 4 && f[0] == name {
@@ -199,7 +198,7 @@ impl CopyCtx<'_> {
             && !(existing.is_dir() && ft.is_dir())
         {
             if existing.is_dir() {
-                fs::remove_dir_all(dst).map_err(ioe(dst.display()))?;
+                kiln_archive::remove::remove_tree(dst).map_err(ioe(dst.display()))?;
             } else {
                 fs::remove_file(dst).map_err(ioe(dst.display()))?;
             }
@@ -520,7 +519,7 @@ pub fn mkfile(root: &Path, a: &pb::FileActionMkFile) -> Result<(), FileOpError> 
 pub fn rm(root: &Path, a: &pb::FileActionRm) -> Result<(), FileOpError> {
     let p = resolve_in_root(root, &a.path, false)?;
     match fs::symlink_metadata(&p) {
-        Ok(md) if md.is_dir() => fs::remove_dir_all(&p).map_err(ioe(p.display())),
+        Ok(md) if md.is_dir() => kiln_archive::remove::remove_tree(&p).map_err(ioe(p.display())),
         Ok(_) => fs::remove_file(&p).map_err(ioe(p.display())),
         Err(_) if a.allow_not_found => Ok(()),
         Err(e) => Err(FileOpError(format!("rm {}: {e}", a.path))),

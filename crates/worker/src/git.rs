@@ -204,7 +204,8 @@ impl Worker {
             let commit = commit2;
             let remote = &src.remote;
             if !src.keep_git_dir {
-                std::fs::remove_dir_all(dir.join(".git")).map_err(|e| git_err(remote, e))?;
+                kiln_archive::remove::remove_tree(dir.join(".git"))
+                    .map_err(|e| git_err(remote, e))?;
             }
             let sub = src.subdir.trim_matches('/');
             let from = if sub.is_empty() {

@@ -200,7 +200,7 @@ impl Drop for Worker {
     /// A clean stop leaves nothing under /run: no secrets tmpfs, no bundles.
     fn drop(&mut self) {
         secrets::unmount(&self.run_dir);
-        let _ = fs::remove_dir_all(&self.run_dir);
+        let _ = kiln_archive::remove::remove_tree(&self.run_dir);
     }
 }
 
@@ -239,10 +239,10 @@ impl Worker {
         }
         // Whatever a crashed daemon left there is stale.
         secrets::unmount(&run_dir);
-        let _ = fs::remove_dir_all(&run_dir);
+        let _ = kiln_archive::remove::remove_tree(&run_dir);
         // Scratch space (git checkouts) on the snapshots' filesystem, so
         // results move into a snapshot by rename; stale after a crash.
-        let _ = fs::remove_dir_all(root.join("tmp"));
+        let _ = kiln_archive::remove::remove_tree(root.join("tmp"));
         fs::create_dir_all(&run_dir)
             .map_err(|e| WorkerError::Other(format!("{}: {e}", run_dir.display())))?;
         // Bundles (a spec holds secret env values) and secret files.

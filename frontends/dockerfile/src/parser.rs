@@ -347,8 +347,16 @@ fn can_contain_heredoc(node: &Node) -> bool {
     matches!(node.keyword.as_str(), "run" | "copy" | "add") && !node.json
 }
 
+/// `ONBUILD ONBUILD ...` nesting the parser accepts (building refuses any
+/// chaining, as BuildKit does); each level copies the rest of the line.
+const MAX_ONBUILD_NESTING: usize = 8;
+
 /// Builds one instruction node from a joined logical line.
 pub(crate) fn node_from_line(line: &str, escape: char) -> Result<Node, String> {
+    node_at_depth(line, escape, 0)
+}
+
+fn node_at_depth(line: &str, escape: char, depth: usize) -> Result<Node, String> {
     let trimmed = line.trim();
     let (cmd, rest) = split_ws_once(trimmed);
     let keyword = cmd.to_lowercase();
@@ -397,8 +405,13 @@ pub(crate) fn node_from_line(line: &str, escape: char) -> Result<Node, String> {
             }
         }
         "onbuild" => {
+            if depth >= MAX_ONBUILD_NESTING {
+                return Err(format!(
+                    "ONBUILD nested more than {MAX_ONBUILD_NESTING} deep"
+                ));
+            }
             if !rest.is_empty() {
-                node.sub = Some(Box::new(node_from_line(&rest, escape)?));
+                node.sub = Some(Box::new(node_at_depth(&rest, escape, depth + 1)?));
             }
         }
         _ => node.args = vec![String::new()],
@@ -800,6 +813,20 @@ impl Ast {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn onbuild_nesting_is_bounded() {
+        let two = parse(b"FROM a\nONBUILD ONBUILD RUN x\n").unwrap();
+        assert!(two.children[1].sub.as_ref().unwrap().sub.is_some());
+        // 20,000 levels through continuations: an error, not gigabytes.
+        let deep = format!("FROM a\n{}RUN x\n", "ONBUILD \\\n".repeat(20_000));
+        let e = parse(deep.as_bytes()).unwrap_err();
+        assert!(
+            e.message.contains("nested more than 8 deep"),
+            "{}",
+            e.message
+        );
+    }
 
     #[test]
     fn simple_dump() {
