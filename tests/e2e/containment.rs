@@ -65,26 +65,7 @@ fn an_image_whose_dev_is_a_symlink_out_cannot_write_host_files() {
             format!("../../../../../../../../../../..{}", host.path().display()),
             host.path().display().to_string(),
         ] {
-            let ctx = tempfile::tempdir().unwrap();
-            let rootfs = ctx.path().join("rootfs");
-            std::fs::create_dir_all(rootfs.join("bin")).unwrap();
-            std::fs::copy("/bin/busybox", rootfs.join("bin/busybox")).unwrap();
-            std::os::unix::fs::symlink(&link, rootfs.join("dev")).unwrap();
-            tool(
-                "tar",
-                &[
-                    "-C",
-                    rootfs.to_str().unwrap(),
-                    "-cf",
-                    ctx.path().join("root.tar").to_str().unwrap(),
-                    ".",
-                ],
-            );
-            std::fs::write(
-                ctx.path().join("Dockerfile"),
-                "FROM scratch\nADD root.tar /\nRUN [\"/bin/busybox\", \"sh\", \"-c\", \"/bin/busybox echo x > /dev/null; /bin/busybox ls -la /dev/ > /dev/null\"]\n",
-            )
-            .unwrap();
+            let ctx = hostile::symlinked_root_context(&link, "dev");
             let out = tempfile::tempdir().unwrap();
             // Whether the step runs is the runtime's business; the host is ours.
             let _ = build_fs(&d, ctx.path(), out.path());
@@ -265,26 +246,7 @@ fn a_huge_long_name_in_a_tar_is_refused_without_the_memory() {
     let ctx = busybox_context("FROM busybox\nADD evil.tar.gz /x/\n", &[]);
     // A GNU long-name header claiming 100 MiB, its name, then one file.
     let tar = ctx.path().join("evil.tar");
-    {
-        use std::io::Write;
-        let mut f = std::io::BufWriter::new(std::fs::File::create(&tar).unwrap());
-        let mut h = tar::Header::new_gnu();
-        h.set_path("././@LongLink").unwrap();
-        h.set_size(100 << 20);
-        h.set_entry_type(tar::EntryType::GNULongName);
-        h.set_cksum();
-        f.write_all(h.as_bytes()).unwrap();
-        let chunk = vec![b'a'; 1 << 20];
-        for _ in 0..100 {
-            f.write_all(&chunk).unwrap();
-        }
-        let mut h = tar::Header::new_gnu();
-        h.set_path("short").unwrap();
-        h.set_size(0);
-        h.set_cksum();
-        f.write_all(h.as_bytes()).unwrap();
-        f.write_all(&[0u8; 1024]).unwrap();
-    }
+    hostile::huge_meta_tar(&tar, b'L', 100 << 20);
     tool("gzip", &["-1", tar.to_str().unwrap()]);
     let before = peak_rss_kb(d.pid().unwrap());
     let o = d.kilnctl(&["build", ctx.path().to_str().unwrap(), "--progress", "plain"]);

@@ -197,6 +197,34 @@ pub fn escaping_layer(canary: &Path) -> Vec<u8> {
     finish_tar(t)
 }
 
+/// A context whose image (`ADD root.tar /` of a busybox root) has `dir`
+/// as a symlink to `link`, and a RUN that uses /dev and /proc.
+pub fn symlinked_root_context(link: &str, dir: &str) -> tempfile::TempDir {
+    let ctx = tempfile::tempdir().unwrap();
+    let rootfs = ctx.path().join("rootfs");
+    std::fs::create_dir_all(rootfs.join("bin")).unwrap();
+    std::fs::copy("/bin/busybox", rootfs.join("bin/busybox")).unwrap();
+    std::os::unix::fs::symlink(link, rootfs.join(dir)).unwrap();
+    let tar = ctx.path().join("root.tar");
+    tool(
+        "tar",
+        &[
+            "-C",
+            rootfs.to_str().unwrap(),
+            "-cf",
+            tar.to_str().unwrap(),
+            ".",
+        ],
+    );
+    std::fs::remove_dir_all(&rootfs).unwrap();
+    std::fs::write(
+        ctx.path().join("Dockerfile"),
+        "FROM scratch\nADD root.tar /\nRUN [\"/bin/busybox\", \"sh\", \"-c\", \"/bin/busybox echo x > /dev/null; /bin/busybox ls /proc /dev > /dev/null\"]\n",
+    )
+    .unwrap();
+    ctx
+}
+
 fn case(name: &str, ctx: tempfile::TempDir, args: &[&str], fail: Option<&str>) -> Case {
     Case {
         name: name.to_string(),
@@ -225,28 +253,7 @@ pub fn corpus(canary: &Path) -> Vec<Case> {
         .enumerate()
     {
         for dir in ["dev", "proc"] {
-            let ctx = tempfile::tempdir().unwrap();
-            let rootfs = ctx.path().join("rootfs");
-            std::fs::create_dir_all(rootfs.join("bin")).unwrap();
-            std::fs::copy("/bin/busybox", rootfs.join("bin/busybox")).unwrap();
-            std::os::unix::fs::symlink(&link, rootfs.join(dir)).unwrap();
-            let tar = ctx.path().join("root.tar");
-            tool(
-                "tar",
-                &[
-                    "-C",
-                    rootfs.to_str().unwrap(),
-                    "-cf",
-                    tar.to_str().unwrap(),
-                    ".",
-                ],
-            );
-            std::fs::remove_dir_all(&rootfs).unwrap();
-            std::fs::write(
-                ctx.path().join("Dockerfile"),
-                "FROM scratch\nADD root.tar /\nRUN [\"/bin/busybox\", \"sh\", \"-c\", \"/bin/busybox echo x > /dev/null; /bin/busybox ls /proc /dev > /dev/null\"]\n",
-            )
-            .unwrap();
+            let ctx = symlinked_root_context(&link, dir);
             out.push(case(&format!("{dir}-symlink-{i}"), ctx, &[], None));
         }
     }

@@ -44,6 +44,40 @@ pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.
 
 /// Blob uploads in flight per push.
 const PUSH_CONCURRENCY: usize = 4;
+/// Largest image config accepted from a registry.
+const MAX_CONFIG: u64 = 8 << 20;
+
+/// A buffer that refuses to grow past [`MAX_CONFIG`].
+#[derive(Default)]
+struct CappedBuffer(Vec<u8>);
+
+impl tokio::io::AsyncWrite for CappedBuffer {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        if (self.0.len() + buf.len()) as u64 > MAX_CONFIG {
+            return std::task::Poll::Ready(Err(std::io::Error::other(format!(
+                "image config larger than {MAX_CONFIG} bytes"
+            ))));
+        }
+        self.0.extend_from_slice(buf);
+        std::task::Poll::Ready(Ok(buf.len()))
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}
 
 /// A blob to push, and where the registry may already have it.
 #[derive(Debug, Clone)]
@@ -371,11 +405,21 @@ impl RegistryClient {
             manifest_digest.to_string(),
         );
         let config_digest = doc["config"]["digest"].as_str().unwrap_or("").to_string();
-        let mut config = Vec::new();
+        // An image config is kilobytes; a registry that says (or sends)
+        // more is not believed: it would all be held in memory.
+        let config_size = doc["config"]["size"].as_u64().unwrap_or(0);
+        if config_size > MAX_CONFIG {
+            return Err(err(
+                &r,
+                format!("image config of {config_size} bytes: more than the {MAX_CONFIG} allowed"),
+            ));
+        }
+        let mut config = CappedBuffer::default();
         client
             .pull_blob(&pinned, config_digest.as_str(), &mut config)
             .await
             .map_err(|e| err(&r, e))?;
+        let config = config.0;
         let layers = manifest_layers(&doc).map_err(|e| err(&r, e))?;
         Ok(ResolvedImage {
             pinned: pinned.whole(),
