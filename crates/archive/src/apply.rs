@@ -45,6 +45,51 @@ fn remove_all(p: &Path) -> Result<(), ArchiveError> {
     }
 }
 
+/// Resolved parent directories of an archive's entries, by their path
+/// relative to the root: resolving every entry's parent from the root
+/// costs a deep tree (4,000 nested directories) time cubic in its depth.
+/// A parent is its own parent's resolution plus one component that is not
+/// a symlink. Cleared whenever an entry makes a symlink or removes
+/// anything, since either can change how a cached path resolves.
+#[derive(Default)]
+struct Parents {
+    map: std::collections::HashMap<String, PathBuf>,
+    bytes: usize,
+}
+
+impl Parents {
+    /// Bytes of paths kept before starting over.
+    const MAX_BYTES: usize = 16 << 20;
+
+    fn clear(&mut self) {
+        self.map.clear();
+        self.bytes = 0;
+    }
+
+    fn resolve(&mut self, root: &Path, rel: &str) -> Result<PathBuf, ArchiveError> {
+        if let Some(p) = self.map.get(rel) {
+            return Ok(p.clone());
+        }
+        let from_parent = rel.rsplit_once('/').and_then(|(up, last)| {
+            let base = self.map.get(up)?;
+            let candidate = base.join(last);
+            let is_link =
+                fs::symlink_metadata(&candidate).is_ok_and(|m| m.file_type().is_symlink());
+            (!is_link && last != ".." && last != ".").then_some(candidate)
+        });
+        let resolved = match from_parent {
+            Some(p) => p,
+            None => resolve_in_root(root, rel, true)?,
+        };
+        if self.bytes > Self::MAX_BYTES {
+            self.clear();
+        }
+        self.bytes += rel.len() + resolved.as_os_str().len();
+        self.map.insert(rel.to_string(), resolved.clone());
+        Ok(resolved)
+    }
+}
+
 /// Unpacks `reader` into `dest`, which lies inside `root` (symlinks in the
 /// archive's paths are resolved relative to `root`).
 pub fn unpack<R: Read>(
@@ -60,6 +105,7 @@ pub fn unpack<R: Read>(
     let mut archive = tar::Archive::new(crate::header_limit::HeaderLimit::new(reader));
     let mut count = 0;
     let mut dirs: std::collections::BTreeMap<PathBuf, (u32, i64)> = Default::default();
+    let mut parents = Parents::default();
     for entry in archive.entries().map_err(io_at(dest))? {
         let mut entry = entry.map_err(io_at(dest))?;
         let raw = entry.path().map_err(io_at(dest))?.into_owned();
@@ -73,7 +119,7 @@ pub fn unpack<R: Read>(
             .parent()
             .map(|p| p.to_string_lossy().to_string())
             .unwrap_or_default();
-        let parent = resolve_in_root(root, &parent_rel, true)?;
+        let parent = parents.resolve(root, &parent_rel)?;
         fs::create_dir_all(&parent).map_err(io_at(&parent))?;
         let name = rel
             .file_name()
@@ -81,6 +127,7 @@ pub fn unpack<R: Read>(
             .unwrap_or_default();
         if opts.whiteouts {
             if name == ".wh..wh..opq" {
+                parents.clear();
                 for e in fs::read_dir(&parent).map_err(io_at(&parent))? {
                     let e = e.map_err(io_at(&parent))?;
                     remove_all(&e.path())?;
@@ -88,6 +135,7 @@ pub fn unpack<R: Read>(
                 continue;
             }
             if let Some(victim) = name.strip_prefix(".wh.") {
+                parents.clear();
                 remove_all(&parent.join(victim))?;
                 continue;
             }
@@ -110,6 +158,7 @@ pub fn unpack<R: Read>(
         }
         // Anything already at the path gives way to a non-directory entry.
         if !kind.is_dir() && fs::symlink_metadata(&target).is_ok() {
+            parents.clear();
             remove_all(&target)?;
         }
         match kind {
@@ -117,6 +166,7 @@ pub fn unpack<R: Read>(
                 if let Ok(md) = fs::symlink_metadata(&target)
                     && !md.is_dir()
                 {
+                    parents.clear();
                     remove_all(&target)?;
                 }
                 fs::create_dir_all(&target).map_err(io_at(&target))?;
@@ -134,6 +184,7 @@ pub fn unpack<R: Read>(
                     .link_name()
                     .map_err(io_at(&target))?
                     .unwrap_or_default();
+                parents.clear();
                 symlink(&link, &target).map_err(io_at(&target))?;
             }
             tar::EntryType::Link => {
@@ -268,6 +319,35 @@ mod tests {
         .unwrap();
         assert!(!root.join("etc/gone").exists());
         assert_eq!(fs::read(root.join("etc/new")).unwrap(), b"y");
+    }
+
+    #[test]
+    fn a_parent_replaced_by_a_symlink_is_resolved_again() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("root");
+        fs::create_dir_all(root.join("b")).unwrap();
+        let mut b = tar::Builder::new(Vec::new());
+        let mut file = |b: &mut tar::Builder<Vec<u8>>, p: &str| {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(1);
+            h.set_mode(0o644);
+            b.append_data(&mut h, p, b"z".as_slice()).unwrap();
+        };
+        file(&mut b, "a/deep/f");
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Symlink);
+        h.set_size(0);
+        b.append_link(&mut h, "a", "/b").unwrap();
+        file(&mut b, "a/deep/g");
+        let t = b.into_inner().unwrap();
+        unpack(t.as_slice(), &root, &root, ApplyOptions::default()).unwrap();
+        assert!(root.join("b/deep/g").exists());
+        assert!(
+            fs::symlink_metadata(root.join("a"))
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
     }
 
     #[test]
