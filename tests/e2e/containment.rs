@@ -441,3 +441,35 @@ fn the_default_seccomp_profile_refuses_what_docker_refuses() {
         );
     }
 }
+
+#[test]
+fn exporting_to_a_device_writes_into_it_and_never_replaces_it() {
+    require_root!();
+    use std::os::unix::fs::FileTypeExt;
+    // The client used to write DEST.kiln-partial and rename it over DEST:
+    // `-o type=tar,dest=/dev/null` replaced the host's /dev/null.
+    let d = Daemon::start();
+    let dir = tempfile::tempdir().unwrap();
+    let null = dir.path().join("null");
+    nix::sys::stat::mknod(
+        &null,
+        nix::sys::stat::SFlag::S_IFCHR,
+        nix::sys::stat::Mode::from_bits_truncate(0o666),
+        nix::sys::stat::makedev(1, 3),
+    )
+    .unwrap();
+    let ctx = busybox_context("FROM busybox\nRUN echo x > /x\n", &[]);
+    for kind in ["tar", "oci", "docker"] {
+        d.ok(&[
+            "build",
+            ctx.path().to_str().unwrap(),
+            "-t",
+            "x:latest",
+            "-o",
+            &format!("type={kind},dest={}", null.display()),
+        ]);
+        let ft = std::fs::symlink_metadata(&null).unwrap().file_type();
+        assert!(ft.is_char_device(), "type={kind}: the device was replaced");
+    }
+    assert_eq!(entries(dir.path()), vec!["null".to_string()]);
+}

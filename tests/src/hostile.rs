@@ -330,7 +330,7 @@ pub fn corpus(canary: &Path) -> Vec<Case> {
         out.push(case(
             &format!("deep-tar-{depth}"),
             ctx,
-            &["-o", "type=tar,dest=/dev/null"],
+            &["-o", "type=tar,dest=out.tar"],
             None,
         ));
     }
@@ -344,7 +344,7 @@ pub fn corpus(canary: &Path) -> Vec<Case> {
     out.push(case(
         "deep-context",
         ctx,
-        &["-o", "type=tar,dest=/dev/null"],
+        &["-o", "type=tar,dest=out.tar"],
         None,
     ));
 

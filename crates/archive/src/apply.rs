@@ -327,7 +327,7 @@ mod tests {
         let root = d.path().join("root");
         fs::create_dir_all(root.join("b")).unwrap();
         let mut b = tar::Builder::new(Vec::new());
-        let mut file = |b: &mut tar::Builder<Vec<u8>>, p: &str| {
+        let file = |b: &mut tar::Builder<Vec<u8>>, p: &str| {
             let mut h = tar::Header::new_gnu();
             h.set_size(1);
             h.set_mode(0o644);

@@ -658,6 +658,23 @@ fn receive_export(kind: &str, dest: &str, rx: mpsc::Receiver<Vec<u8>>) -> Result
             if let Some(p) = dest.parent().filter(|p| !p.as_os_str().is_empty()) {
                 std::fs::create_dir_all(p).map_err(|e| format!("{}: {e}", p.display()))?;
             }
+            // Something that is not a regular file (/dev/null, a FIFO, a
+            // terminal) is written into, never replaced: a rename over
+            // /dev/null turned the host's into a regular file.
+            if let Ok(md) = std::fs::metadata(dest)
+                && !md.is_file()
+            {
+                if md.is_dir() {
+                    return Err(format!("{} is a directory", dest.display()));
+                }
+                let mut f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(dest)
+                    .map_err(|e| format!("{}: {e}", dest.display()))?;
+                return reader
+                    .copy_to(&mut f)
+                    .map_err(|e| format!("{}: {e}", dest.display()));
+            }
             // Write next to the destination and rename, so a failed export
             // never leaves a truncated file under the final name.
             let tmp = dest.with_extension("kiln-partial");

@@ -17,6 +17,7 @@ struct Options {
     kills: usize,
     concurrent: usize,
     runtimes: Vec<String>,
+    only: Option<String>,
 }
 
 fn parse_args() -> Result<Options, String> {
@@ -24,6 +25,7 @@ fn parse_args() -> Result<Options, String> {
         kills: 40,
         concurrent: 50,
         runtimes: vec!["sandbox".into(), "runc".into()],
+        only: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -34,9 +36,10 @@ fn parse_args() -> Result<Options, String> {
                 o.concurrent = val()?.parse().map_err(|e| format!("--concurrent: {e}"))?
             }
             "--runtime" => o.runtimes = vec![val()?],
+            "--only" => o.only = Some(val()?),
             "-h" | "--help" => {
                 return Err(
-                    "usage: kiln-fault-run [--kills N] [--concurrent N] [--runtime sandbox|runc]"
+                    "usage: kiln-fault-run [--kills N] [--concurrent N] [--runtime sandbox|runc] [--only CASE-NAME-PART]"
                         .into(),
                 );
             }
@@ -93,7 +96,8 @@ fn flags_for(runtime: &str) -> Vec<&'static str> {
     f
 }
 
-fn run_case(d: &Daemon, case: &kiln_e2e::hostile::Case) -> Result<(), String> {
+/// Runs one case; Ok holds how it ended ("built" or the error's last line).
+fn run_case(d: &Daemon, case: &kiln_e2e::hostile::Case) -> Result<String, String> {
     let mut args = vec!["build".to_string(), case.ctx.path().display().to_string()];
     args.extend(["--progress".into(), "plain".into()]);
     args.extend(case.args.iter().cloned());
@@ -117,7 +121,15 @@ fn run_case(d: &Daemon, case: &kiln_e2e::hostile::Case) -> Result<(), String> {
             &err[err.len().saturating_sub(400)..]
         ));
     }
-    Ok(())
+    if o.status.success() {
+        return Ok("built".into());
+    }
+    let last = err
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("");
+    Ok(format!("refused: {}", &last[..last.len().min(160)]))
 }
 
 fn simple_build(d: &Daemon, rest: &str) -> bool {
@@ -365,13 +377,24 @@ fn main() -> ExitCode {
         eprintln!("== {runtime}: {} hostile cases", cases.len());
         let mut d = Daemon::start_with(&flags_for(runtime));
         for case in &cases {
+            if opts
+                .only
+                .as_ref()
+                .is_some_and(|o| !case.name.contains(o.as_str()))
+            {
+                continue;
+            }
             report.cases += 1;
             let t = Instant::now();
-            if let Err(e) = run_case(&d, case) {
-                report
-                    .cases_wrong
-                    .push(format!("[{runtime}] {}: {e}", case.name));
-            }
+            let outcome = match run_case(&d, case) {
+                Ok(how) => how,
+                Err(e) => {
+                    report
+                        .cases_wrong
+                        .push(format!("[{runtime}] {}: {e}", case.name));
+                    "WRONG".into()
+                }
+            };
             if !simple_build(&d, "FROM busybox\nRUN true\n") {
                 report.cases_wrong.push(format!(
                     "[{runtime}] {}: the daemon stopped building",
@@ -379,7 +402,11 @@ fn main() -> ExitCode {
                 ));
                 d.restart(&flags_for(runtime));
             }
-            eprintln!("   {} ({:.1}s)", case.name, t.elapsed().as_secs_f64());
+            eprintln!(
+                "   {:<26} {:>6.1}s  {outcome}",
+                case.name,
+                t.elapsed().as_secs_f64()
+            );
             report.peak_rss_kb = report.peak_rss_kb.max(peak_rss_kb(d.pid().unwrap_or(0)));
         }
         eprintln!("== {runtime}: {} concurrent builds", opts.concurrent);
