@@ -283,6 +283,29 @@ fn state_tag(root: &Path) -> String {
     String::from_utf8_lossy(&out.stdout)[..12].to_string()
 }
 
+/// This process's cgroup directories (pids, memory and the v2 tree).
+fn own_cgroup_dirs() -> Vec<std::path::PathBuf> {
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    let mut out = Vec::new();
+    for line in own.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (Some(_), Some(ctrl), Some(path)) = (parts.next(), parts.next(), parts.next()) else {
+            continue;
+        };
+        let rel = path.trim_start_matches('/');
+        let base = match ctrl {
+            "" if Path::new("/sys/fs/cgroup/unified/cgroup.procs").exists() => {
+                "/sys/fs/cgroup/unified".to_string()
+            }
+            "" => "/sys/fs/cgroup".to_string(),
+            "pids" | "memory" => format!("/sys/fs/cgroup/{ctrl}"),
+            _ => continue,
+        };
+        out.push(Path::new(&base).join(rel));
+    }
+    out
+}
+
 fn files_under(dir: &Path) -> Vec<String> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
@@ -359,6 +382,10 @@ fn a_killed_daemon_leaves_no_step_running_and_no_secret_behind() {
         );
         let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
         assert!(!mounts.contains(&tag), "[{name}] a mount is left: {mounts}");
+        for cg in own_cgroup_dirs() {
+            let left = cg.join("kiln").join(&tag);
+            assert!(!left.exists(), "[{name}] {} is left", left.display());
+        }
     }
 }
 

@@ -327,12 +327,8 @@ pub fn corpus(canary: &Path) -> Vec<Case> {
     for depth in [1500, 4000] {
         let ctx = with_dockerfile("FROM busybox\nADD deep.tar /x/\nRUN find /x | wc -l\n", &[]);
         std::fs::write(ctx.path().join("deep.tar"), deep_tar(depth)).unwrap();
-        out.push(case(
-            &format!("deep-tar-{depth}"),
-            ctx,
-            &["-o", "type=tar,dest=out.tar"],
-            None,
-        ));
+        let o = format!("type=tar,dest={}", ctx.path().join("out.tar").display());
+        out.push(case(&format!("deep-tar-{depth}"), ctx, &["-o", &o], None));
     }
     let ctx = with_dockerfile("FROM scratch\nCOPY deep/ /x/\n", &[]);
     let mut p = ctx.path().join("deep");
@@ -341,12 +337,8 @@ pub fn corpus(canary: &Path) -> Vec<Case> {
     }
     std::fs::create_dir_all(&p).unwrap();
     std::fs::write(p.join("leaf"), "leaf").unwrap();
-    out.push(case(
-        "deep-context",
-        ctx,
-        &["-o", "type=tar,dest=out.tar"],
-        None,
-    ));
+    let o = format!("type=tar,dest={}", ctx.path().join("out.tar").display());
+    out.push(case("deep-context", ctx, &["-o", &o], None));
 
     // Huge tar metadata.
     for (kind, want) in [(b'L', "GNU long name"), (b'x', "PAX extended header")] {

@@ -421,26 +421,22 @@ fn sweep_cgroups(parent: Option<&str>) -> Result<usize, ExecError> {
     h.sweep(parent).map_err(|e| ExecError::Io(e.to_string()))
 }
 
-/// Kills what is left in the step's cgroup and removes it. A step's pid
-/// namespace normally takes every process with it; this catches what a
-/// runtime left and is what makes limits per step.
-async fn remove_step_cgroup(spec: &Spec) {
+/// Kills what is left in the step's cgroup and removes it, off the
+/// step's critical path (the step's result does not wait for it). A
+/// step's pid namespace normally takes every process with it; this catches
+/// what a runtime left, and is what makes limits per step.
+fn remove_step_cgroup(spec: &Spec) {
     let Some(path) = spec.linux().as_ref().and_then(|l| l.cgroups_path().clone()) else {
         return;
     };
     let path = path.to_string_lossy().to_string();
-    let r = tokio::task::spawn_blocking(move || {
-        kiln_cgroup::Hierarchies::detect().and_then(|h| h.remove(&path).map(|n| (n, path)))
-    })
-    .await;
-    match r {
-        Ok(Ok((n, path))) if n > 0 => {
-            tracing::warn!(cgroup = %path, killed = n, "processes outlived their step")
+    tokio::task::spawn_blocking(move || {
+        match kiln_cgroup::Hierarchies::detect().and_then(|h| h.remove(&path)) {
+            Ok(0) => {}
+            Ok(n) => tracing::warn!(cgroup = %path, killed = n, "processes outlived their step"),
+            Err(e) => tracing::warn!("removing a step cgroup: {e}"),
         }
-        Ok(Ok(_)) => {}
-        Ok(Err(e)) => tracing::warn!("removing a step cgroup: {e}"),
-        Err(e) => tracing::warn!("removing a step cgroup: {e}"),
-    }
+    });
 }
 
 /// The built-in sandbox: re-executes `exe` (a kiln binary that calls
@@ -519,12 +515,21 @@ async fn drive(
             partial[stream].push(b'\n');
         }
         partial[stream].extend_from_slice(data);
-        while let Some(pos) = partial[stream].iter().position(|b| *b == b'\n') {
-            let line: Vec<u8> = partial[stream].drain(..=pos).collect();
-            tail.push_back(String::from_utf8_lossy(&line[..line.len() - 1]).to_string());
-            if tail.len() > TAIL_LINES {
-                tail.pop_front();
+        // Only the last lines matter: take them from the end, drain once
+        // (a flood of short lines must not cost a copy per line).
+        if let Some(end) = partial[stream].iter().rposition(|b| *b == b'\n') {
+            let last: Vec<String> = partial[stream][..end]
+                .rsplit(|b| *b == b'\n')
+                .take(TAIL_LINES)
+                .map(|l| String::from_utf8_lossy(l).into_owned())
+                .collect();
+            for line in last.into_iter().rev() {
+                tail.push_back(line);
+                if tail.len() > TAIL_LINES {
+                    tail.pop_front();
+                }
             }
+            partial[stream].drain(..=end);
         }
     };
     while !(done1 && done2) {
@@ -616,7 +621,7 @@ impl Executor for Sandbox {
             let mut cmd = tokio::process::Command::new(&self.exe);
             cmd.arg(kiln_sandbox_arg()).arg(bundle).arg("--watch-stdin");
             let r = drive(cmd, "the built-in sandbox".into(), out, true).await;
-            remove_step_cgroup(spec).await;
+            remove_step_cgroup(spec);
             r
         })
     }
@@ -681,7 +686,7 @@ impl Executor for OciRuntime {
                 .stderr(Stdio::null())
                 .status()
                 .await;
-            remove_step_cgroup(spec).await;
+            remove_step_cgroup(spec);
             let exit = r?;
             if exit.code != 0
                 && exit.tail.iter().any(|l| {
@@ -704,6 +709,23 @@ impl Executor for OciRuntime {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn output_floods_are_clipped_and_drained() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let mut cmd = tokio::process::Command::new("sh");
+        cmd.args(["-c", "yes flood | head -c 50000000; echo; echo last"]);
+        let exit = drive(cmd, "sh".into(), tx, false).await.unwrap();
+        let (mut total, mut clipped) = (0, false);
+        while let Ok((_, d)) = rx.try_recv() {
+            clipped |= d == LOG_CLIPPED;
+            total += d.len();
+        }
+        assert!(clipped);
+        assert!(total <= MAX_LOG_BYTES + LOG_CLIPPED.len(), "{total}");
+        assert_eq!(exit.tail.last().map(String::as_str), Some("last"));
+        assert_eq!(exit.tail.len(), TAIL_LINES);
+    }
 
     #[test]
     fn spec_has_the_isolation_we_promise() {

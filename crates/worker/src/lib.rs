@@ -197,10 +197,17 @@ fn step_cgroup_parent(tag: &str) -> Option<String> {
 }
 
 impl Drop for Worker {
-    /// A clean stop leaves nothing under /run: no secrets tmpfs, no bundles.
+    /// A clean stop leaves nothing under /run (no secrets tmpfs, no
+    /// bundles) and no cgroup.
     fn drop(&mut self) {
         secrets::unmount(&self.run_dir);
         let _ = kiln_archive::remove::remove_tree(&self.run_dir);
+        // And no cgroup: the parent of this daemon's step cgroups goes too.
+        if let Some(parent) = &self.cgroup_parent
+            && let Err(e) = kiln_cgroup::Hierarchies::detect().and_then(|h| h.sweep(parent))
+        {
+            tracing::warn!("removing the step cgroups' parent {parent}: {e}");
+        }
     }
 }
 
