@@ -500,3 +500,20 @@ fn exporting_to_a_device_writes_into_it_and_never_replaces_it() {
     }
     assert_eq!(entries(dir.path()), vec!["null".to_string()]);
 }
+
+#[test]
+fn steps_start_with_default_signal_handling() {
+    require_root!();
+    // The sandbox is a Rust program, which ignores SIGPIPE; an ignored
+    // signal survives exec, and `yes | head` then spun forever.
+    for (name, flags) in runtimes() {
+        let d = Daemon::start_with(&flags);
+        let ctx = busybox_context(
+            // SigIgn bit 12 is SIGPIPE (13).
+            "FROM busybox\nRUN test $(( 0x$(grep SigIgn /proc/self/status | cut -f2) & 0x1000 )) -eq 0\nRUN timeout 30 sh -c 'yes | head -c 100000 > /dev/null'\n",
+            &[],
+        );
+        let o = build_fs(&d, ctx.path(), tempfile::tempdir().unwrap().path());
+        assert!(o.status.success(), "[{name}] {}", stderr(&o));
+    }
+}

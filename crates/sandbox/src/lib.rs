@@ -234,7 +234,7 @@ fn mount_options(options: &[String]) -> (MountAttrFlags, Vec<String>) {
     (attrs, data)
 }
 
-fn do_mount(root: &OwnedFd, m: &oci_spec::runtime::Mount) -> Result<(), String> {
+fn do_mount(root: &OwnedFd, rootfs: &Path, m: &oci_spec::runtime::Mount) -> Result<(), String> {
     let dest = m.destination().to_string_lossy().to_string();
     let options = m.options().clone().unwrap_or_default();
     let (mut attrs, data) = mount_options(&options);
@@ -246,7 +246,7 @@ fn do_mount(root: &OwnedFd, m: &oci_spec::runtime::Mount) -> Result<(), String> 
             .ok_or_else(|| format!("bind mount on {dest} has no source"))?;
         // No device node reached through a step's bind may be opened.
         attrs |= MountAttrFlags::MOUNT_ATTR_NODEV;
-        return mounts::bind(root, &source, &dest, attrs);
+        return mounts::bind(root, rootfs, &source, &dest, attrs);
     }
     if typ != "devpts" {
         attrs |= MountAttrFlags::MOUNT_ATTR_NODEV;
@@ -256,7 +256,7 @@ fn do_mount(root: &OwnedFd, m: &oci_spec::runtime::Mount) -> Result<(), String> 
         .clone()
         .map(|s| s.to_string_lossy().to_string())
         .unwrap_or_else(|| typ.clone());
-    match mounts::mount_fs(root, &typ, &source, &dest, &data, attrs) {
+    match mounts::mount_fs(root, rootfs, &typ, &source, &dest, &data, attrs) {
         Ok(()) => Ok(()),
         // sysfs cannot be mounted in some setups (e.g. without a network namespace of our own); /sys is optional for builds.
         Err(_) if typ == "sysfs" => Ok(()),
@@ -375,9 +375,9 @@ fn init(spec: &Spec, new_net: bool, filters: &[seccompiler::BpfProgram]) -> Resu
         loopback_up();
     }
     for m in spec.mounts().clone().unwrap_or_default() {
-        do_mount(&root_fd, &m)?;
+        do_mount(&root_fd, &rootfs, &m)?;
     }
-    mounts::populate_dev(&root_fd)?;
+    mounts::populate_dev(&root_fd, &rootfs)?;
     drop(root_fd);
     // Secrets: now that the step's mounts hold them, the host copies go,
     // so a secret exists only inside this mount namespace (and dies with it).
@@ -439,6 +439,45 @@ fn init(spec: &Spec, new_net: bool, filters: &[seccompiler::BpfProgram]) -> Resu
     }
 }
 
+/// Every signal to its default action, none blocked. Raw rt_sigaction:
+/// glibc's wrapper refuses its internal signals (32, 33), which arrive
+/// here ignored too.
+fn reset_signals() {
+    #[repr(C)]
+    struct KernelSigaction {
+        handler: usize,
+        flags: u64,
+        restorer: usize,
+        mask: u64,
+    }
+    let dfl = KernelSigaction {
+        handler: 0, // SIG_DFL
+        flags: 0,
+        restorer: 0,
+        mask: 0,
+    };
+    for sig in 1..=64 {
+        if sig == libc::SIGKILL || sig == libc::SIGSTOP {
+            continue;
+        }
+        // SAFETY: a valid struct for the kernel's rt_sigaction; no handler code.
+        unsafe {
+            libc::syscall(
+                libc::SYS_rt_sigaction,
+                sig,
+                &dfl as *const KernelSigaction,
+                std::ptr::null_mut::<KernelSigaction>(),
+                8usize,
+            );
+        }
+    }
+    let _ = nix::sys::signal::sigprocmask(
+        nix::sys::signal::SigmaskHow::SIG_SETMASK,
+        Some(&SigSet::empty()),
+        None,
+    );
+}
+
 fn to_caps(set: &Option<oci_spec::runtime::Capabilities>) -> caps::CapsHashSet {
     let mut out = caps::CapsHashSet::new();
     for c in set.iter().flatten() {
@@ -457,6 +496,11 @@ fn exec_process(p: &oci_spec::runtime::Process, filters: &[seccompiler::BpfProgr
     if let Err(e) = std::env::set_current_dir(cwd) {
         return format!("chdir {}: {e}", cwd.display());
     }
+    // The process starts with default signal handling, as under runc: Rust
+    // ignores SIGPIPE in this helper, and an ignored signal survives exec
+    // (`yes | head` then never ends); the forwarding handlers are reset by
+    // exec anyway, the mask is not.
+    reset_signals();
     // Before privileges drop, so no_new_privs is not required for it; the
     // profile allows everything the rest of this function calls.
     if let Err(e) = seccomp::install(filters) {

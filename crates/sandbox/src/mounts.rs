@@ -53,12 +53,29 @@ fn rel(path: &str) -> String {
 
 /// Opens the mount target `dest` inside `root`, making it (a directory, or
 /// an empty file when `file`) and its missing parents first.
-pub(crate) fn open_target(root: &OwnedFd, dest: &str, file: bool) -> Result<OwnedFd, String> {
+/// A symlink on the way that points at a missing path is followed (inside
+/// the root) and the missing part made there, as runc does.
+pub(crate) fn open_target(
+    root: &OwnedFd,
+    rootfs: &Path,
+    dest: &str,
+    file: bool,
+) -> Result<OwnedFd, String> {
     match open_in_root(root, dest) {
         Ok(fd) => return Ok(fd),
         Err(Errno::NOENT) => {}
         Err(e) => return Err(format!("mount target {dest}: {e}")),
     }
+    // Where the path leads with its symlinks resolved inside the root (no
+    // step runs yet, so nothing changes under this; the opens below are
+    // confined to the root whatever happens).
+    let resolved = kiln_archive::safe_path::resolve_in_root(rootfs, dest, true)
+        .map_err(|e| format!("mount target {dest}: {e}"))?;
+    let within = resolved
+        .strip_prefix(rootfs)
+        .map_err(|_| format!("mount target {dest}: resolves outside the root"))?;
+    let dest_resolved = format!("/{}", within.to_string_lossy());
+    let dest = dest_resolved.as_str();
     let parts: Vec<String> = Path::new(dest)
         .components()
         .filter_map(|c| match c {
@@ -169,6 +186,7 @@ pub(crate) fn clone_tree(source: &Path) -> Result<OwnedFd, String> {
 /// Binds the host path `source` on `dest` inside the root.
 pub(crate) fn bind(
     root: &OwnedFd,
+    rootfs: &Path,
     source: &Path,
     dest: &str,
     attrs: MountAttrFlags,
@@ -180,7 +198,7 @@ pub(crate) fn bind(
     if !attrs.is_empty() {
         set_attrs(&tree, attrs).map_err(|e| format!("mount options on {dest}: {e}"))?;
     }
-    let target = open_target(root, dest, is_file)?;
+    let target = open_target(root, rootfs, dest, is_file)?;
     attach(&tree, &target).map_err(|e| format!("binding {} on {dest}: {e}", source.display()))
 }
 
@@ -188,6 +206,7 @@ pub(crate) fn bind(
 /// `data` are the filesystem's own options (`mode=755`, `newinstance`).
 pub(crate) fn mount_fs(
     root: &OwnedFd,
+    rootfs: &Path,
     typ: &str,
     source: &str,
     dest: &str,
@@ -206,13 +225,13 @@ pub(crate) fn mount_fs(
     }
     fsconfig_create(&fs).map_err(|e| err("create", e))?;
     let mnt = fsmount(&fs, FsMountFlags::FSMOUNT_CLOEXEC, attrs).map_err(|e| err("fsmount", e))?;
-    let target = open_target(root, dest, false)?;
+    let target = open_target(root, rootfs, dest, false)?;
     attach(&mnt, &target).map_err(|e| err("attach", e))
 }
 
 /// Fills /dev inside the root: the host's basic devices bound on files in
 /// it and the usual symlinks. Nothing is done when /dev is not a directory.
-pub(crate) fn populate_dev(root: &OwnedFd) -> Result<(), String> {
+pub(crate) fn populate_dev(root: &OwnedFd, rootfs: &Path) -> Result<(), String> {
     let Ok(dev) = rustix::fs::openat2(
         root,
         "dev",
@@ -226,6 +245,7 @@ pub(crate) fn populate_dev(root: &OwnedFd) -> Result<(), String> {
     for name in DEVICES {
         bind(
             root,
+            rootfs,
             &Path::new("/dev").join(name),
             &format!("/dev/{name}"),
             MountAttrFlags::MOUNT_ATTR_NOSUID | MountAttrFlags::MOUNT_ATTR_NOEXEC,
