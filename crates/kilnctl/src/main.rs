@@ -504,7 +504,15 @@ async fn build(addr: Option<&str>, b: BuildArgs) -> anyhow::Result<()> {
         .unwrap_or_else(|| b.context.join("Dockerfile"));
     let dockerfile = std::fs::read(&df_path)
         .with_context(|| format!("reading Dockerfile {}", df_path.display()))?;
-    let build_args = parse_build_args(&b.build_args)?;
+    let mut build_args = parse_build_args(&b.build_args)?;
+    // As buildx: SOURCE_DATE_EPOCH in the environment is a build argument.
+    if let Ok(epoch) = std::env::var("SOURCE_DATE_EPOCH")
+        && !epoch.is_empty()
+    {
+        build_args
+            .entry("SOURCE_DATE_EPOCH".into())
+            .or_insert(epoch);
+    }
     let df_name = df_path
         .file_name()
         .map(|n| n.to_string_lossy().to_string())
