@@ -186,14 +186,8 @@ fn hostile_dockerfiles_get_clear_bounded_errors_and_the_daemon_survives() {
     let ctx = busybox_context("", &[]);
     let df = ctx.path().join("Dockerfile");
     let busybox = std::fs::read_to_string(&df).unwrap();
-    let mut nested = String::from("x");
-    for _ in 0..3000 {
-        nested = format!("${{a:-{nested}}}");
-    }
-    let mut chain = String::from("FROM scratch AS s0\n");
-    for i in 1..1200 {
-        chain.push_str(&format!("FROM s{} AS s{i}\n", i - 1));
-    }
+    let nested = hostile::nested_substitutions(3000);
+    let chain = hostile::stage_chain(1200);
     // 1.2 MB of command: more than exec(2) takes in one argument.
     let long_run = format!(
         "{busybox}\nFROM busybox\nRUN echo \\\n{}x\n",
@@ -229,16 +223,6 @@ fn hostile_dockerfiles_get_clear_bounded_errors_and_the_daemon_survives() {
     assert!(longest < 64 << 10, "a daemon log line of {longest} bytes");
 }
 
-/// Peak resident memory of a process, from /proc (kB).
-fn peak_rss_kb(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
-        .unwrap_or(0)
-}
-
 #[test]
 fn a_huge_long_name_in_a_tar_is_refused_without_the_memory() {
     require_root!();
@@ -270,17 +254,6 @@ fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
         std::thread::sleep(Duration::from_millis(50));
     }
     panic!("timed out waiting for {what}");
-}
-
-/// The state tag kilnd uses for /run/kiln/<tag> and its cgroups.
-fn state_tag(root: &Path) -> String {
-    let canon = std::fs::canonicalize(root).unwrap();
-    let out = Command::new("sh")
-        .arg("-c")
-        .arg(format!("printf %s '{}' | sha256sum", canon.display()))
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout)[..12].to_string()
 }
 
 /// This process's cgroup directories (pids, memory and the v2 tree).

@@ -225,6 +225,24 @@ pub fn symlinked_root_context(link: &str, dir: &str) -> tempfile::TempDir {
     ctx
 }
 
+/// `${a:-${a:-...x}}`, `depth` levels.
+pub fn nested_substitutions(depth: usize) -> String {
+    let mut nested = String::from("x");
+    for _ in 0..depth {
+        nested = format!("${{a:-{nested}}}");
+    }
+    nested
+}
+
+/// `FROM s0`, `FROM s0 AS s1`, ... `n` stages, each built from the last.
+pub fn stage_chain(n: usize) -> String {
+    let mut chain = String::from("FROM scratch AS s0\n");
+    for i in 1..n {
+        chain.push_str(&format!("FROM s{} AS s{i}\n", i - 1));
+    }
+    chain
+}
+
 fn case(name: &str, ctx: tempfile::TempDir, args: &[&str], fail: Option<&str>) -> Case {
     Case {
         name: name.to_string(),
@@ -359,14 +377,8 @@ pub fn corpus(canary: &Path) -> Vec<Case> {
     out.push(case("context-symlinks-out", ctx, &[], None));
 
     // Dockerfiles that drive recursion, memory or huge messages.
-    let mut nested = String::from("x");
-    for _ in 0..3000 {
-        nested = format!("${{a:-{nested}}}");
-    }
-    let mut chain = String::from("FROM scratch AS s0\n");
-    for i in 1..1200 {
-        chain.push_str(&format!("FROM s{} AS s{i}\n", i - 1));
-    }
+    let nested = nested_substitutions(3000);
+    let chain = stage_chain(1200);
     let json_deep = format!(
         "FROM scratch\nRUN {}\"x\"{}\n",
         "[".repeat(100_000),

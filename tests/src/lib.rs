@@ -345,6 +345,28 @@ pub fn busybox_lines() -> usize {
         + 2
 }
 
+/// Peak resident memory of a process, from /proc (kB).
+pub fn peak_rss_kb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// The tag kilnd names a state directory by (`/run/kiln/<tag>`, its
+/// cgroups): the first 12 hex digits of the sha256 of its canonical path.
+pub fn state_tag(root: &Path) -> String {
+    let canon = std::fs::canonicalize(root).unwrap_or_else(|_| root.to_path_buf());
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!("printf %s '{}' | sha256sum", canon.display()))
+        .output()
+        .expect("sha256sum");
+    String::from_utf8_lossy(&out.stdout)[..12].to_string()
+}
+
 /// Processes whose command line mentions `needle`.
 pub fn processes_matching(needle: &str) -> usize {
     let mut n = 0;

@@ -11,7 +11,7 @@ use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use kiln_e2e::hostile::{Canary, corpus};
-use kiln_e2e::{Daemon, bin, busybox_context, processes_matching};
+use kiln_e2e::{Daemon, bin, busybox_context, peak_rss_kb, processes_matching, state_tag};
 
 struct Options {
     kills: usize,
@@ -72,15 +72,6 @@ impl Rng {
         self.0 ^= self.0 << 17;
         self.0
     }
-}
-
-fn peak_rss_kb(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
-        .unwrap_or(0)
 }
 
 fn flags_for(runtime: &str) -> Vec<&'static str> {
@@ -201,16 +192,6 @@ fn cgroups_with_processes(tag: &str) -> Vec<String> {
         }
     }
     out
-}
-
-fn state_tag(root: &Path) -> String {
-    let canon = std::fs::canonicalize(root).unwrap_or_else(|_| root.to_path_buf());
-    let out = Command::new("sh")
-        .arg("-c")
-        .arg(format!("printf %s '{}' | sha256sum", canon.display()))
-        .output()
-        .expect("sha256sum");
-    String::from_utf8_lossy(&out.stdout)[..12].to_string()
 }
 
 /// Every blob in the content store hashes to its name.
