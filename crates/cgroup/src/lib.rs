@@ -18,14 +18,14 @@ use std::time::{Duration, Instant};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CgroupError {
-    #[error("cgroup {path}: {source}")]
+    #[error("cgroup {}: {source}", path.display())]
     Io {
         path: PathBuf,
         source: std::io::Error,
     },
     #[error("no cgroup hierarchy is mounted under /sys/fs/cgroup")]
     NotMounted,
-    #[error("cgroup {path}: {count} processes still running after SIGKILL")]
+    #[error("cgroup {}: {count} processes still running after SIGKILL", path.display())]
     Stuck { path: PathBuf, count: usize },
 }
 
@@ -103,8 +103,9 @@ pub fn default_devices() -> Vec<DeviceRule> {
     ]
 }
 
-/// The v1 controllers a step cgroup is made in (when mounted).
-const V1_CONTROLLERS: [&str; 5] = ["pids", "memory", "cpu", "devices", "freezer"];
+/// The v1 controllers a sandbox step's cgroup may be made in (when mounted
+/// and needed).
+const STEP_CONTROLLERS: [&str; 4] = ["pids", "memory", "cpu", "devices"];
 
 /// One mounted hierarchy and where this process sits in it.
 #[derive(Debug, Clone)]
@@ -152,8 +153,10 @@ impl Hierarchies {
                 }
                 continue;
             }
+            // Every v1 controller is swept (runc makes a step cgroup in each);
+            // steps of the built-in sandbox only join the ones they need.
             for c in ctrls.split(',') {
-                if V1_CONTROLLERS.contains(&c) && base.join(c).join("cgroup.procs").exists() {
+                if !c.contains('=') && base.join(c).join("cgroup.procs").exists() {
                     trees.push(Tree {
                         controller: c.to_string(),
                         own: base.join(c).join(rel),
@@ -216,10 +219,26 @@ impl Hierarchies {
                 }
             }
         }
-        for c in V1_CONTROLLERS {
+        let has_v2 = self.v2().is_some();
+        let mut joined = Vec::new();
+        for c in STEP_CONTROLLERS {
             let Some(t) = self.v1(c) else { continue };
+            // A controller's cgroup only where it does something: each one
+            // costs a mkdir now and an rmdir later (memory's the most).
+            let needed = match c {
+                "memory" => limits.memory_bytes.is_some(),
+                "cpu" => limits.cpus.is_some(),
+                // pids also tracks the step's processes where there is no v2 tree.
+                "pids" => limits.pids.is_some() || !has_v2,
+                "devices" => !devices.is_empty(),
+                _ => false,
+            };
+            if !needed {
+                continue;
+            }
             let dir = t.own.join(rel);
             mkdir_all(&dir)?;
+            joined.push(dir.clone());
             match c {
                 "memory" => {
                     if let Some(m) = limits.memory_bytes {
@@ -255,8 +274,11 @@ impl Hierarchies {
                 _ => {}
             }
         }
-        for t in &self.trees {
-            write(&t.own.join(rel).join("cgroup.procs"), &pid.to_string())?;
+        if let Some(t) = self.v2() {
+            joined.push(t.own.join(rel));
+        }
+        for dir in joined {
+            write(&dir.join("cgroup.procs"), &pid.to_string())?;
         }
         Ok(())
     }
@@ -403,7 +425,7 @@ mod tests {
         let h = Hierarchies::from_parts(d.path(), own).unwrap();
         assert_eq!(h.v2().unwrap().own, d.path().join("unified"));
         assert_eq!(h.v1("memory").unwrap().own, d.path().join("memory/job/x"));
-        assert!(h.v1("freezer").is_none());
+        assert!(h.v1("freezer").is_none(), "not mounted in the fake");
     }
 
     #[test]
