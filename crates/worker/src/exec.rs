@@ -274,7 +274,16 @@ impl Worker {
                 WorkerError::Other(format!("creating working directory {cwd}: {err}"))
             })?;
         }
-        let bundle_id = Digest::of(format!("{key}{}", now()).as_bytes()).hex()[..16].to_string();
+        // Unique per step run: it names the bundle, the secrets and the
+        // step's cgroup, and the same step can run twice in one second
+        // (--no-cache builds back to back, or at once), while the last
+        // run's cgroup may still be being removed.
+        static RUNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let run = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let bundle_id =
+            Digest::of(format!("{key}\n{}\n{}\n{run}", std::process::id(), now_nanos()).as_bytes())
+                .hex()[..16]
+                .to_string();
         let bundle = self.bundles.join(&bundle_id);
         let _bundle_guard = DirGuard(bundle.clone());
         fs::create_dir_all(&bundle)
@@ -638,6 +647,13 @@ impl Worker {
         }
         Ok(Output::Snapshot(id))
     }
+}
+
+fn now_nanos() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
 }
 
 /// A task aborted when dropped.
