@@ -326,13 +326,14 @@ fn a_killed_daemon_leaves_no_step_running_and_no_secret_behind() {
         d.kill9();
         let _ = client.kill();
         let _ = client.wait();
+        // The helper (or runc's supervisor) sees the daemon's pipe close
+        // and takes the step down.
+        wait_for(
+            &format!("[{name}] the step to die with the daemon"),
+            Duration::from_secs(10),
+            || processes_matching(&needle) == 0,
+        );
         if name == "sandbox" {
-            // The helper sees the daemon's pipe close and takes the step down.
-            wait_for(
-                "[sandbox] the step to die with the daemon",
-                Duration::from_secs(10),
-                || processes_matching(&needle) == 0,
-            );
             let left: Vec<String> = files_under(&run_dir)
                 .into_iter()
                 .filter(|f| f.contains("/secrets/"))

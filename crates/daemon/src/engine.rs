@@ -68,18 +68,14 @@ fn bool_attr(v: Option<&String>, default: bool) -> Result<bool, EngineError> {
 
 impl Engine {
     pub fn open(config: Config) -> Result<Self, EngineError> {
+        let me = std::env::current_exe()
+            .map_err(|e| EngineError::Storage(format!("locating the sandbox helper: {e}")))?;
+        // The small helper next to this binary starts faster; this binary
+        // itself can serve as the helper (and runtime supervisor) when absent.
+        let small = me.with_file_name("kiln-sandbox-init");
+        let helper = if small.is_file() { small } else { me };
         let executor: Arc<dyn kiln_executor::Executor> = match &config.oci_runtime {
-            None => {
-                let me = std::env::current_exe().map_err(|e| {
-                    EngineError::Storage(format!("locating the sandbox helper: {e}"))
-                })?;
-                // The small helper next to this binary starts faster; this
-                // binary itself can serve as the helper when it is absent.
-                let small = me.with_file_name("kiln-sandbox-init");
-                Arc::new(kiln_executor::Sandbox {
-                    exe: if small.is_file() { small } else { me },
-                })
-            }
+            None => Arc::new(kiln_executor::Sandbox { exe: helper }),
             Some(r) => {
                 let binary = which(r).ok_or_else(|| {
                     EngineError::InvalidArgument(format!("OCI runtime {r:?} not found in PATH"))
@@ -87,6 +83,7 @@ impl Engine {
                 Arc::new(kiln_executor::OciRuntime {
                     binary,
                     state_root: config.root.join("runtime"),
+                    supervisor: Some(helper),
                 })
             }
         };

@@ -449,6 +449,9 @@ pub struct Sandbox {
 pub struct OciRuntime {
     pub binary: PathBuf,
     pub state_root: PathBuf,
+    /// A kiln binary that supervises `run` (`kiln_sandbox::SUPERVISE_ARG`):
+    /// it kills and deletes the container when the daemon goes away.
+    pub supervisor: Option<PathBuf>,
 }
 
 const TAIL_LINES: usize = 20;
@@ -670,13 +673,26 @@ impl Executor for OciRuntime {
     ) -> RunFuture<'a> {
         Box::pin(async move {
             write_spec(bundle, spec)?;
-            let mut cmd = tokio::process::Command::new(&self.binary);
-            cmd.arg("--root")
-                .arg(&self.state_root)
-                .args(["run", "--bundle"])
-                .arg(bundle)
-                .arg(id);
-            let r = drive(cmd, self.binary.display().to_string(), out, false).await;
+            let r = match &self.supervisor {
+                Some(exe) => {
+                    let mut cmd = tokio::process::Command::new(exe);
+                    cmd.arg("__kiln-supervise")
+                        .arg(&self.binary)
+                        .arg(&self.state_root)
+                        .arg(id)
+                        .arg(bundle);
+                    drive(cmd, self.binary.display().to_string(), out, true).await
+                }
+                None => {
+                    let mut cmd = tokio::process::Command::new(&self.binary);
+                    cmd.arg("--root")
+                        .arg(&self.state_root)
+                        .args(["run", "--bundle"])
+                        .arg(bundle)
+                        .arg(id);
+                    drive(cmd, self.binary.display().to_string(), out, false).await
+                }
+            };
             // Leave no container state behind, even after a failure.
             let _ = tokio::process::Command::new(&self.binary)
                 .arg("--root")

@@ -39,6 +39,11 @@ use rustix::mount::MountAttrFlags;
 
 /// argv[1] that turns a kiln binary into the sandbox helper.
 pub const INIT_ARG: &str = "__kiln-sandbox-init";
+/// argv[1] that makes a kiln binary supervise an OCI runtime's `run`:
+/// `SUPERVISE_ARG RUNTIME STATE_ROOT ID BUNDLE`. Its stdin is the daemon's
+/// liveness pipe; when that closes, the container is killed and deleted
+/// (runc does not die with its parent).
+pub const SUPERVISE_ARG: &str = "__kiln-supervise";
 /// argv[3]: the helper's stdin is a pipe the daemon holds open for the
 /// step's lifetime; its end means the daemon is gone.
 pub const WATCH_STDIN_ARG: &str = "--watch-stdin";
@@ -52,7 +57,12 @@ pub const EXEC_FAILED: i32 = 127;
 /// first in `main`, before any thread is started.
 pub fn maybe_run() {
     let mut args = std::env::args_os();
-    if args.nth(1).is_some_and(|a| a == INIT_ARG) {
+    let first = args.nth(1);
+    if first.as_ref().is_some_and(|a| a == SUPERVISE_ARG) {
+        let rest: Vec<std::ffi::OsString> = args.collect();
+        std::process::exit(supervise_runtime(&rest));
+    }
+    if first.is_some_and(|a| a == INIT_ARG) {
         let bundle = args.next().map(PathBuf::from).unwrap_or_default();
         let watch_stdin = args.next().is_some_and(|a| a == WATCH_STDIN_ARG);
         let code = match helper(&bundle, watch_stdin) {
@@ -117,8 +127,9 @@ fn wait_code(pid: Pid) -> i32 {
     }
 }
 
-/// Waits for `child`; with `watch_stdin`, kills it when stdin closes first.
-fn supervise(child: Pid, watch_stdin: bool) -> i32 {
+/// Waits for `child`; with `watch_stdin`, calls `orphaned` (which must end
+/// the child) when stdin closes first.
+fn supervise(child: Pid, watch_stdin: bool, orphaned: &dyn Fn(Pid)) -> i32 {
     if !watch_stdin {
         return wait_code(child);
     }
@@ -153,11 +164,70 @@ fn supervise(child: Pid, watch_stdin: bool) -> i32 {
             // SAFETY: reading into a local buffer.
             let n = unsafe { libc::read(0, b.as_mut_ptr().cast(), b.len()) };
             if n <= 0 {
-                // The daemon is gone: the step goes with it (init's death
-                // takes its whole pid namespace).
-                let _ = nix::sys::signal::kill(child, Signal::SIGKILL);
+                // The daemon is gone: the step goes with it.
+                orphaned(child);
                 return wait_code(child);
             }
+        }
+    }
+}
+
+/// Runs `RUNTIME --root STATE_ROOT run --bundle BUNDLE ID` as a child and
+/// supervises it (see [`SUPERVISE_ARG`]).
+fn supervise_runtime(args: &[std::ffi::OsString]) -> i32 {
+    let [runtime, root, id, bundle] = args else {
+        report("supervisor: expected RUNTIME STATE_ROOT ID BUNDLE");
+        return SETUP_FAILED;
+    };
+    // `RUNTIME --root ROOT <before> ID <after>`
+    let runtime_cmd = |before: &[&str], after: &[&str]| {
+        std::process::Command::new(runtime)
+            .arg("--root")
+            .arg(root)
+            .args(before)
+            .arg(id)
+            .args(after)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+    };
+    if let Err(e) = install_forwarding() {
+        report(&e);
+        return SETUP_FAILED;
+    }
+    let c = |s: &std::ffi::OsString| CString::new(s.as_encoded_bytes()).unwrap_or_default();
+    let argv = [
+        c(runtime),
+        c(&"--root".into()),
+        c(root),
+        c(&"run".into()),
+        c(&"--bundle".into()),
+        c(bundle),
+        c(id),
+    ];
+    // SAFETY: the supervisor is single-threaded (maybe_run runs first in main).
+    match unsafe { fork() } {
+        Err(e) => {
+            report(&format!("fork: {e}"));
+            SETUP_FAILED
+        }
+        Ok(ForkResult::Child) => {
+            // The runtime's stdin is /dev/null, never the liveness pipe.
+            if let Ok(null) = fs::File::open("/dev/null") {
+                let _ = nix::unistd::dup2_stdin(&null);
+            }
+            let e = nix::unistd::execvp(&argv[0], &argv).err();
+            report(&format!("exec {}: {e:?}", runtime.to_string_lossy()));
+            std::process::exit(EXEC_FAILED);
+        }
+        Ok(ForkResult::Parent { child }) => {
+            CHILD.store(child.as_raw(), Ordering::SeqCst);
+            supervise(child, true, &|run| {
+                let _ = runtime_cmd(&["kill", "--all"], &["KILL"]);
+                let _ = nix::sys::signal::kill(run, Signal::SIGKILL);
+                let _ = runtime_cmd(&["delete", "--force"], &[]);
+            })
         }
     }
 }
@@ -201,7 +271,10 @@ fn helper(bundle: &Path, watch_stdin: bool) -> Result<i32, String> {
     match unsafe { fork() }.map_err(|e| format!("fork: {e}"))? {
         ForkResult::Parent { child } => {
             CHILD.store(child.as_raw(), Ordering::SeqCst);
-            Ok(supervise(child, watch_stdin))
+            // init's death takes the step's whole pid namespace.
+            Ok(supervise(child, watch_stdin, &|c| {
+                let _ = nix::sys::signal::kill(c, Signal::SIGKILL);
+            }))
         }
         ForkResult::Child => {
             let code = match init(&spec, flags.contains(CloneFlags::CLONE_NEWNET), &filters) {
