@@ -483,7 +483,8 @@ fn init(spec: &Spec, new_net: bool, filters: &[seccompiler::BpfProgram]) -> Resu
             None::<&str>,
             "/",
             None::<&str>,
-            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+            // A remount replaces the mount's flags: keep nodev.
+            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_NODEV,
             None::<&str>,
         )
         .map_err(|e| format!("read-only root: {e}"))?;
