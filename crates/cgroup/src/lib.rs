@@ -3,7 +3,7 @@
 //! reads a relative `cgroupsPath`), so that:
 //!
 //! - whatever a step leaves running can be found and killed, after the step
-//!   and when a daemon restarts after a crash ([`Hierarchies::sweep`]);
+//!   and when a daemon restarts after a crash ([`Hierarchies::remove`]);
 //! - memory, pids and CPU limits fail that step only;
 //! - on cgroup v1 the devices controller enforces Docker's default device
 //!   allow-list (mknod of nodes stays possible, opening them does not).
@@ -25,6 +25,8 @@ pub enum CgroupError {
     },
     #[error("no cgroup hierarchy is mounted under /sys/fs/cgroup")]
     NotMounted,
+    #[error("{0}")]
+    Detect(String),
     #[error("cgroup {}: {count} processes still running after SIGKILL", path.display())]
     Stuck { path: PathBuf, count: usize },
 }
@@ -123,6 +125,17 @@ pub struct Hierarchies {
 }
 
 impl Hierarchies {
+    /// This process's hierarchies, detected once: a daemon's own cgroup
+    /// does not change while it runs, and every step asks.
+    pub fn current() -> Result<&'static Self, CgroupError> {
+        static CURRENT: std::sync::OnceLock<Result<Hierarchies, String>> =
+            std::sync::OnceLock::new();
+        CURRENT
+            .get_or_init(|| Self::detect().map_err(|e| e.to_string()))
+            .as_ref()
+            .map_err(|e| CgroupError::Detect(e.clone()))
+    }
+
     /// Reads `/proc/self/cgroup` and the mounts under `/sys/fs/cgroup`.
     pub fn detect() -> Result<Self, CgroupError> {
         let own = fs::read_to_string("/proc/self/cgroup")
@@ -283,7 +296,8 @@ impl Hierarchies {
         Ok(())
     }
 
-    /// Kills every process in `rel` and removes it (in every hierarchy).
+    /// Kills every process in `rel` and its children (a step's, or every
+    /// step under a daemon's parent) and removes them, in every hierarchy.
     /// Returns how many processes were killed. Missing cgroups are fine.
     pub fn remove(&self, rel: &str) -> Result<usize, CgroupError> {
         let rel = rel.trim_start_matches('/');
@@ -297,19 +311,24 @@ impl Hierarchies {
         Ok(killed)
     }
 
-    /// Kills and removes every child cgroup of `parent` (steps a crashed
-    /// daemon left), then `parent` itself. Returns processes killed.
-    pub fn sweep(&self, parent: &str) -> Result<usize, CgroupError> {
-        self.remove(parent)
-    }
-
-    /// Checks that a cgroup can be made here (and removes it again).
+    /// Checks that a step cgroup can be made under `rel` by making and
+    /// removing an empty one; nothing else under `rel` is touched (the
+    /// leftovers of a killed daemon are [`Hierarchies::remove`]'s work).
     pub fn probe(&self, rel: &str) -> Result<(), CgroupError> {
-        let rel = rel.trim_start_matches('/');
-        for t in &self.trees {
-            mkdir_all(&t.own.join(rel))?;
+        let dir = format!(
+            "{}/probe-{}",
+            rel.trim_start_matches('/'),
+            std::process::id()
+        );
+        let trees = self.trees.iter().filter(|t| {
+            t.controller.is_empty() || STEP_CONTROLLERS.contains(&t.controller.as_str())
+        });
+        for t in trees {
+            let d = t.own.join(&dir);
+            mkdir_all(&d)?;
+            fs::remove_dir(&d).map_err(io_at(&d))?;
         }
-        self.remove(rel).map(|_| ())
+        Ok(())
     }
 }
 

@@ -417,8 +417,8 @@ pub trait Executor: Send + Sync {
 
 fn sweep_cgroups(parent: Option<&str>) -> Result<usize, ExecError> {
     let Some(parent) = parent else { return Ok(0) };
-    let h = kiln_cgroup::Hierarchies::detect().map_err(|e| ExecError::Io(e.to_string()))?;
-    h.sweep(parent).map_err(|e| ExecError::Io(e.to_string()))
+    let h = kiln_cgroup::Hierarchies::current().map_err(|e| ExecError::Io(e.to_string()))?;
+    h.remove(parent).map_err(|e| ExecError::Io(e.to_string()))
 }
 
 /// Kills what is left in the step's cgroup and removes it, off the
@@ -431,7 +431,7 @@ fn remove_step_cgroup(spec: &Spec) {
     };
     let path = path.to_string_lossy().to_string();
     tokio::task::spawn_blocking(move || {
-        match kiln_cgroup::Hierarchies::detect().and_then(|h| h.remove(&path)) {
+        match kiln_cgroup::Hierarchies::current().and_then(|h| h.remove(&path)) {
             Ok(0) => {}
             Ok(n) => tracing::warn!(cgroup = %path, killed = n, "processes outlived their step"),
             Err(e) => tracing::warn!("removing a step cgroup: {e}"),
@@ -622,13 +622,18 @@ impl Executor for Sandbox {
         Box::pin(async move {
             write_spec(bundle, spec)?;
             let mut cmd = tokio::process::Command::new(&self.exe);
-            cmd.arg(kiln_sandbox_arg()).arg(bundle).arg("--watch-stdin");
+            cmd.arg(kiln_sandbox_arg()).arg(bundle).arg(WATCH_STDIN_ARG);
             let r = drive(cmd, "the built-in sandbox".into(), out, true).await;
             remove_step_cgroup(spec);
             r
         })
     }
 }
+
+/// kiln_sandbox::WATCH_STDIN_ARG: the helper watches its stdin pipe.
+const WATCH_STDIN_ARG: &str = "--watch-stdin";
+/// kiln_sandbox::SUPERVISE_ARG: the helper supervises an OCI runtime's run.
+const SUPERVISE_ARG: &str = "__kiln-supervise";
 
 /// The helper argument (kept in sync with kiln_sandbox::INIT_ARG).
 pub fn kiln_sandbox_arg() -> &'static str {
@@ -676,7 +681,7 @@ impl Executor for OciRuntime {
             let r = match &self.supervisor {
                 Some(exe) => {
                     let mut cmd = tokio::process::Command::new(exe);
-                    cmd.arg("__kiln-supervise")
+                    cmd.arg(SUPERVISE_ARG)
                         .arg(&self.binary)
                         .arg(&self.state_root)
                         .arg(id)

@@ -84,8 +84,17 @@ fn serr(e: impl std::fmt::Display) -> ExecError {
     ExecError::Spec(e.to_string())
 }
 
-/// kiln's default seccomp profile (lifted by `--security=insecure`).
+/// kiln's default seccomp profile (lifted by `--security=insecure`). Built
+/// once: every step's spec carries it.
 pub fn default_seccomp() -> Result<LinuxSeccomp, ExecError> {
+    static PROFILE: std::sync::OnceLock<Result<LinuxSeccomp, String>> = std::sync::OnceLock::new();
+    PROFILE
+        .get_or_init(|| build_default_seccomp().map_err(|e| e.to_string()))
+        .clone()
+        .map_err(ExecError::Spec)
+}
+
+fn build_default_seccomp() -> Result<LinuxSeccomp, ExecError> {
     let mut syscalls = vec![json!({
         "names": DENIED,
         "action": "SCMP_ACT_ERRNO",

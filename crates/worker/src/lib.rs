@@ -187,7 +187,7 @@ fn httpdate_to_unix(s: &str) -> Option<i64> {
 /// run without limits; the log says so).
 fn step_cgroup_parent(tag: &str) -> Option<String> {
     let parent = format!("kiln/{tag}");
-    match kiln_cgroup::Hierarchies::detect().and_then(|h| h.probe(&parent)) {
+    match kiln_cgroup::Hierarchies::current().and_then(|h| h.probe(&parent)) {
         Ok(()) => Some(parent),
         Err(e) => {
             tracing::warn!("steps run without cgroups (no limits, no clean-up by cgroup): {e}");
@@ -204,7 +204,7 @@ impl Drop for Worker {
         let _ = kiln_archive::remove::remove_tree(&self.run_dir);
         // And no cgroup: the parent of this daemon's step cgroups goes too.
         if let Some(parent) = &self.cgroup_parent
-            && let Err(e) = kiln_cgroup::Hierarchies::detect().and_then(|h| h.sweep(parent))
+            && let Err(e) = kiln_cgroup::Hierarchies::current().and_then(|h| h.remove(parent))
         {
             tracing::warn!("removing the step cgroups' parent {parent}: {e}");
         }
