@@ -4,5 +4,6 @@ mod builds;
 mod containment;
 mod errors;
 mod lifecycle;
+mod parity;
 mod registry;
 mod run;

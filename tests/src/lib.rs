@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod hostile;
+pub mod parity;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};

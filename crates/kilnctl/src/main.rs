@@ -597,12 +597,25 @@ async fn build(addr: Option<&str>, b: BuildArgs) -> anyhow::Result<()> {
     for (k, v) in &build_args {
         attrs.insert(format!("build-arg:{k}"), v.clone());
     }
+    // A context's transfer name must not carry `:` or `@` (a name such as
+    // `alpine:3.18` would read as a tag of the layout) nor `/`.
+    fn local_context_suffix(name: &str) -> String {
+        name.chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' {
+                    c
+                } else {
+                    '-'
+                }
+            })
+            .collect()
+    }
     let mut contexts = vec![LocalContext {
         name: "context".into(),
         dir: b.context.clone(),
         ignore,
     }];
-    for spec in &b.build_contexts {
+    for (index, spec) in b.build_contexts.iter().enumerate() {
         let (name, value) = spec.split_once('=').ok_or_else(|| {
             anyhow::anyhow!("invalid --build-context {spec:?}: expected NAME=VALUE")
         })?;
@@ -626,7 +639,7 @@ async fn build(addr: Option<&str>, b: BuildArgs) -> anyhow::Result<()> {
             if !dir.join("index.json").is_file() {
                 bail!("--build-context {spec:?}: {path} is not an OCI layout (no index.json)");
             }
-            let local = format!("oci-layout-{name}");
+            let local = format!("oci-layout-{index}-{}", local_context_suffix(name));
             let mut source = format!("oci-layout://{local}");
             if let Some(t) = tag {
                 source.push(':');
@@ -651,7 +664,7 @@ async fn build(addr: Option<&str>, b: BuildArgs) -> anyhow::Result<()> {
             if !dir.is_dir() {
                 bail!("--build-context {spec:?}: {value} is not a directory");
             }
-            let local = format!("named-{name}");
+            let local = format!("named-{index}-{}", local_context_suffix(name));
             let ignore = std::fs::read(dir.join(".dockerignore"))
                 .map(|d| kiln_context::dockerignore::read_patterns(&d))
                 .unwrap_or_default();
