@@ -1,0 +1,44 @@
+//! ARG and ENV: built-in and meta args, the variables expansion sees.
+
+use super::*;
+
+impl Ctx<'_> {
+    pub(super) fn builtin_args(&self) -> Vec<(String, String)> {
+        let t = &self.opts.target_platform;
+        let b = &self.opts.build_platform;
+        vec![
+            ("TARGETPLATFORM".into(), t.format()),
+            ("TARGETOS".into(), t.os.clone()),
+            ("TARGETARCH".into(), t.architecture.clone()),
+            ("TARGETVARIANT".into(), t.variant.clone()),
+            ("BUILDPLATFORM".into(), b.format()),
+            ("BUILDOS".into(), b.os.clone()),
+            ("BUILDARCH".into(), b.architecture.clone()),
+            ("BUILDVARIANT".into(), b.variant.clone()),
+        ]
+    }
+
+    /// Values of the global ARGs (for FROM and for stage re-declaration).
+    pub(super) fn meta_env(&self) -> Vec<(String, String)> {
+        let mut env = self.builtin_args();
+        for (k, v) in &self.meta_args {
+            if let Some(v) = self.opts.build_args.get(k) {
+                env.push((k.clone(), v.clone()));
+            } else if let Some(v) = v {
+                env.push((k.clone(), v.clone()));
+            }
+        }
+        env
+    }
+}
+
+pub(super) fn set_env(env: &mut Vec<String>, key: &str, value: &str) {
+    let entry = format!("{key}={value}");
+    for e in env.iter_mut() {
+        if e.split_once('=').map(|x| x.0).unwrap_or(e) == key {
+            *e = entry;
+            return;
+        }
+    }
+    env.push(entry);
+}

@@ -1,0 +1,644 @@
+//! Dockerfile → build graph and image config, with Docker's semantics for
+//! stages, ARG scoping, expansion and config-changing instructions.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use kiln_definition::image::{HealthConfig, History, Image};
+use kiln_definition::text::{MAX_MESSAGE, bounded};
+use kiln_definition::{GraphBuilder, OutputRef, pb};
+
+use crate::parser::{self, Node};
+use crate::shell::Lex;
+
+mod args;
+mod checks;
+mod diagnostics;
+mod files;
+mod flags;
+mod instructions;
+mod run;
+mod stage;
+
+use args::*;
+use checks::*;
+use diagnostics::*;
+use files::*;
+pub use files::{clean_path, validate_symbolic_mode};
+use flags::*;
+use instructions::*;
+
+pub const HISTORY_COMMENT: &str = "buildkit.dockerfile.v0";
+
+/// The identifier of the build context source.
+pub const CONTEXT_SOURCE: &str = "local://context";
+
+/// Longest chain of stages built from one another.
+pub const MAX_STAGE_DEPTH: usize = 1000;
+/// Most stages (FROM instructions) in one Dockerfile.
+pub const MAX_STAGES: usize = 10_000;
+/// Largest Dockerfile accepted.
+pub const MAX_DOCKERFILE_BYTES: usize = 16 << 20;
+/// Stack of the conversion thread: MAX_STAGE_DEPTH nested stage
+/// conversions fit with room to spare (only touched pages are used).
+const CONVERT_STACK: usize = 256 << 20;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{file}:{line}: {}{}", bounded(message, MAX_MESSAGE), snippet(*line, source_line, token.as_deref()))]
+pub struct FrontendError {
+    pub file: String,
+    /// 1-based; 0 when the error is about the whole file.
+    pub line: usize,
+    pub source_line: String,
+    pub message: String,
+    /// The word on the line the error is about; shown with a caret under it.
+    pub token: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Platform {
+    pub os: String,
+    pub architecture: String,
+    pub variant: String,
+}
+
+impl Platform {
+    /// The platform of the machine running this code.
+    pub fn host() -> Self {
+        let architecture = match std::env::consts::ARCH {
+            "x86_64" => "amd64",
+            "aarch64" => "arm64",
+            "x86" => "386",
+            "powerpc64" => "ppc64le",
+            other => other,
+        };
+        Platform {
+            os: "linux".into(),
+            architecture: architecture.into(),
+            variant: String::new(),
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        let parts: Vec<&str> = s.split('/').collect();
+        match parts.as_slice() {
+            [os, arch] => Some(Platform {
+                os: os.to_string(),
+                architecture: arch.to_string(),
+                variant: String::new(),
+            }),
+            [os, arch, variant] => Some(Platform {
+                os: os.to_string(),
+                architecture: arch.to_string(),
+                variant: variant.to_string(),
+            }),
+            _ => None,
+        }
+    }
+
+    pub fn format(&self) -> String {
+        if self.variant.is_empty() {
+            format!("{}/{}", self.os, self.architecture)
+        } else {
+            format!("{}/{}/{}", self.os, self.architecture, self.variant)
+        }
+    }
+
+    fn to_pb(&self) -> pb::Platform {
+        pb::Platform {
+            os: self.os.clone(),
+            architecture: self.architecture.clone(),
+            variant: self.variant.clone(),
+        }
+    }
+}
+
+/// Resolves an image reference to its config (FROM an image).
+pub trait ImageResolver {
+    /// Returns the canonical reference (pinned by digest where possible) and config.
+    fn resolve(&self, reference: &str, platform: &Platform) -> Result<(String, Image), String>;
+}
+
+/// A resolver for builds that use no registry images.
+pub struct NoImages;
+impl ImageResolver for NoImages {
+    fn resolve(&self, reference: &str, _: &Platform) -> Result<(String, Image), String> {
+        Err(format!(
+            "cannot use image {reference:?}: this daemon has no registry access configured"
+        ))
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ConvertOptions {
+    pub filename: String,
+    pub target: Option<String>,
+    pub build_args: BTreeMap<String, String>,
+    pub target_platform: Platform,
+    pub build_platform: Platform,
+    pub no_cache: bool,
+    /// Named build contexts: name -> `local:NAME` (a directory the client
+    /// serves as context NAME) or `docker-image://REF`.
+    pub named_contexts: BTreeMap<String, String>,
+}
+
+impl Default for ConvertOptions {
+    fn default() -> Self {
+        ConvertOptions {
+            filename: "Dockerfile".into(),
+            target: None,
+            build_args: BTreeMap::new(),
+            target_platform: Platform::host(),
+            build_platform: Platform::host(),
+            no_cache: false,
+            named_contexts: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuildWarning {
+    pub rule: String,
+    pub message: String,
+    pub line: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct Converted {
+    pub definition: pb::Definition,
+    pub image: Image,
+    pub warnings: Vec<BuildWarning>,
+    /// The main-context paths the build reads, when not all of it (the
+    /// client then sends only these; `.dockerignore` still applies).
+    pub context_paths: Option<Vec<String>>,
+    /// Whether the result is an empty filesystem (no ops at all).
+    pub scratch: bool,
+}
+
+const DEFAULT_SHELL: [&str; 2] = ["/bin/sh", "-c"];
+
+/// Args Docker passes through without declaration and keeps out of history.
+const PROXY_ARGS: [&str; 8] = [
+    "HTTP_PROXY",
+    "http_proxy",
+    "HTTPS_PROXY",
+    "https_proxy",
+    "FTP_PROXY",
+    "ftp_proxy",
+    "NO_PROXY",
+    "no_proxy",
+];
+
+struct StageDef {
+    name: Option<String>,
+    base: String,
+    platform: Option<String>,
+    from_node: Node,
+    commands: Vec<Node>,
+}
+
+#[derive(Clone)]
+struct StageResult {
+    state: Option<OutputRef>,
+    image: Image,
+}
+
+struct Ctx<'a> {
+    opts: &'a ConvertOptions,
+    images: &'a dyn ImageResolver,
+    builder: GraphBuilder,
+    lex: Lex,
+    stages: Vec<StageDef>,
+    meta_args: Vec<(String, Option<String>)>,
+    done: HashMap<usize, StageResult>,
+    in_progress: HashSet<usize>,
+    warnings: Vec<BuildWarning>,
+    lines: Vec<String>,
+    context: Option<OutputRef>,
+    /// Paths of the main context the build reads (None: all of it).
+    context_paths: Option<std::collections::BTreeSet<String>>,
+    /// The stage being converted.
+    current: usize,
+}
+
+struct StageState {
+    result: StageResult,
+    args: Vec<(String, Option<String>)>,
+    cmd_set: bool,
+    platform: Platform,
+}
+
+impl StageState {
+    /// Variables visible to expansion: declared args, then ENV (ENV wins).
+    fn expansion_env(&self) -> Vec<(String, String)> {
+        let mut env: Vec<(String, String)> = self
+            .args
+            .iter()
+            .filter_map(|(k, v)| v.as_ref().map(|v| (k.clone(), v.clone())))
+            .collect();
+        for e in &self.result.image.config.env {
+            if let Some((k, v)) = e.split_once('=') {
+                env.push((k.into(), v.into()));
+            }
+        }
+        env
+    }
+}
+
+impl Ctx<'_> {
+    fn err(&self, line: usize, message: impl Into<String>) -> FrontendError {
+        FrontendError {
+            file: self.opts.filename.clone(),
+            line,
+            source_line: line
+                .checked_sub(1)
+                .and_then(|i| self.lines.get(i))
+                .map(|s| s.trim_end().to_string())
+                .unwrap_or_default(),
+            message: message.into(),
+            token: None,
+        }
+    }
+
+    /// An error about one word of the line: the rendering puts a caret under it.
+    fn err_at(&self, line: usize, token: &str, message: impl Into<String>) -> FrontendError {
+        FrontendError {
+            token: Some(token.to_string()),
+            ..self.err(line, message)
+        }
+    }
+
+    fn loc(&self, node: &Node) -> String {
+        format!("{}:{}", self.opts.filename, node.start_line)
+    }
+
+    /// A local source served by the client under `name`.
+    fn local_source(&mut self, name: &str) -> OutputRef {
+        let op = pb::Op {
+            op: Some(pb::op::Op::Source(pb::SourceOp {
+                identifier: format!("local://{name}"),
+                attrs: vec![],
+            })),
+            ..Default::default()
+        };
+        self.builder
+            .add(&op, &format!("[internal] load build context {name}"), "")
+    }
+
+    /// A named context's replacement for `name`, if one was given:
+    /// Ok(Some(Left(local name))) or Ok(Some(Right(image ref))).
+    fn named_context(&self, name: &str) -> Option<Result<String, String>> {
+        let v = self
+            .opts
+            .named_contexts
+            .get(name)
+            .or_else(|| self.opts.named_contexts.get(&name.to_lowercase()))?;
+        if let Some(local) = v.strip_prefix("local:") {
+            return Some(Ok(local.to_string()));
+        }
+        if v.starts_with("oci-layout://") {
+            // Resolved like an image; the resolver reads the client's layout.
+            return Some(Err(v.clone()));
+        }
+        v.strip_prefix("docker-image://")
+            .map(|r| Err(r.to_string()))
+    }
+
+    /// Records that the build reads `path` (a COPY/ADD source or a bind
+    /// mount source) from the main context, so only what is read needs to
+    /// be transferred, as BuildKit does. A pattern keeps its literal
+    /// leading directories; the context root means everything.
+    fn note_context_path(&mut self, path: &str) {
+        let Some(paths) = self.context_paths.as_mut() else {
+            return;
+        };
+        let mut kept = Vec::new();
+        for comp in path.split('/') {
+            if comp.contains(['*', '?', '[', '\\']) {
+                break;
+            }
+            match comp {
+                "" | "." => {}
+                ".." => {
+                    kept.pop();
+                }
+                c => kept.push(c),
+            }
+        }
+        if kept.is_empty() {
+            self.context_paths = None;
+        } else {
+            paths.insert(kept.join("/"));
+        }
+    }
+
+    fn context(&mut self) -> OutputRef {
+        if let Some(c) = &self.context {
+            return c.clone();
+        }
+        let op = pb::Op {
+            op: Some(pb::op::Op::Source(pb::SourceOp {
+                identifier: CONTEXT_SOURCE.into(),
+                attrs: vec![],
+            })),
+            ..Default::default()
+        };
+        let r = self.builder.add(&op, "[internal] load build context", "");
+        self.context = Some(r.clone());
+        r
+    }
+
+    /// A stage by name among the first `before` stages. `FROM` only sees the
+    /// stages above it (BuildKit registers stages in order); `--from=`,
+    /// `RUN --mount from=` and `--target` see them all. Names only: a bare
+    /// number is an image name here, as in BuildKit's `findStateByName`.
+    fn stage_named(&self, name: &str, before: usize) -> Option<usize> {
+        let lower = name.to_lowercase();
+        let limit = before.min(self.stages.len());
+        self.stages[..limit]
+            .iter()
+            .position(|s| s.name.as_deref() == Some(lower.as_str()))
+    }
+
+    /// The stage `COPY --from=` names: a stage name (any stage, before or
+    /// after; a reference back to itself is a cycle) or a stage index.
+    fn copy_from_stage(&self, name: &str, line: usize) -> Result<Option<usize>, FrontendError> {
+        if let Ok(i) = name.parse::<i64>() {
+            if i < 0 || i as usize >= self.stages.len() {
+                return Err(self.err_at(line, name, format!("invalid stage index {i}")));
+            }
+            return Ok(Some(i as usize));
+        }
+        Ok(self.stage_named(name, usize::MAX))
+    }
+}
+
+/// Converts a Dockerfile into a build graph. Runs on a thread of its own
+/// with a stack sized for the deepest conversion the limits allow.
+pub fn convert(
+    dockerfile: &[u8],
+    opts: &ConvertOptions,
+    images: &(dyn ImageResolver + Sync),
+) -> Result<Converted, FrontendError> {
+    let whole_file = |message: String| FrontendError {
+        file: opts.filename.clone(),
+        line: 0,
+        source_line: String::new(),
+        message,
+        token: None,
+    };
+    if dockerfile.len() > MAX_DOCKERFILE_BYTES {
+        return Err(whole_file(format!(
+            "the Dockerfile is {} bytes; at most {MAX_DOCKERFILE_BYTES} are accepted",
+            dockerfile.len()
+        )));
+    }
+    std::thread::scope(|scope| {
+        std::thread::Builder::new()
+            .name("kiln-convert".into())
+            .stack_size(CONVERT_STACK)
+            .spawn_scoped(scope, || convert_here(dockerfile, opts, images))
+            .map_err(|e| whole_file(format!("starting the conversion thread: {e}")))?
+            .join()
+            .map_err(|_| whole_file("the Dockerfile conversion panicked".into()))?
+    })
+}
+
+fn convert_here(
+    dockerfile: &[u8],
+    opts: &ConvertOptions,
+    images: &dyn ImageResolver,
+) -> Result<Converted, FrontendError> {
+    let lines: Vec<String> = String::from_utf8_lossy(dockerfile)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    let ast = parser::parse(dockerfile).map_err(|e| FrontendError {
+        file: opts.filename.clone(),
+        line: e.start_line,
+        source_line: e
+            .start_line
+            .checked_sub(1)
+            .and_then(|i| lines.get(i))
+            .cloned()
+            .unwrap_or_default(),
+        message: e.message.clone(),
+        token: None,
+    })?;
+    if let Some(syntax) = &ast.directives.syntax {
+        check_syntax(syntax).map_err(|m| FrontendError {
+            file: opts.filename.clone(),
+            line: ast.directives.syntax_line,
+            source_line: lines
+                .get(ast.directives.syntax_line.saturating_sub(1))
+                .cloned()
+                .unwrap_or_default(),
+            message: m,
+            token: None,
+        })?;
+    }
+    let mut ctx = Ctx {
+        opts,
+        images,
+        builder: GraphBuilder::new(),
+        lex: Lex::new(ast.escape),
+        stages: Vec::new(),
+        meta_args: Vec::new(),
+        done: HashMap::new(),
+        in_progress: HashSet::new(),
+        warnings: Vec::new(),
+        lines,
+        context: None,
+        context_paths: Some(Default::default()),
+        current: 0,
+    };
+    for w in &ast.warnings {
+        ctx.warn("NoEmptyContinuation", &w.short, w.start_line);
+    }
+    for node in &ast.children {
+        if node.keyword == "from" {
+            let flags = parse_flags(&node.flags, &["platform"])
+                .map_err(|(flag, e)| ctx.err_at(node.start_line, &flag, format!("FROM: {e}")))?;
+            let (base, name) = match node.args.as_slice() {
+                [b] => (b.clone(), None),
+                [b, kw, n] if kw.eq_ignore_ascii_case("as") => {
+                    if kw != "AS" && kw != "as"
+                        || (kw == "as") != (node.original.trim_start().starts_with("from"))
+                    {
+                        ctx.warn(
+                            "FromAsCasing",
+                            "'as' and 'FROM' keywords' casing do not match",
+                            node.start_line,
+                        );
+                    }
+                    if n.to_lowercase() != *n {
+                        ctx.warn(
+                            "StageNameCasing",
+                            &format!("Stage name '{n}' should be lowercase"),
+                            node.start_line,
+                        );
+                    }
+                    let n = n.to_lowercase();
+                    if !valid_stage_name(&n) {
+                        return Err(ctx.err(node.start_line, format!("invalid name for build stage: {n:?}, name can't start with a number or contain symbols")));
+                    }
+                    if ctx
+                        .stages
+                        .iter()
+                        .any(|s| s.name.as_deref() == Some(n.as_str()))
+                    {
+                        return Err(ctx.err(node.start_line, format!("duplicate stage name {n:?}")));
+                    }
+                    (b.clone(), Some(n))
+                }
+                _ => {
+                    return Err(ctx.err(
+                        node.start_line,
+                        "FROM requires either one or three arguments",
+                    ));
+                }
+            };
+            if ctx.stages.len() >= MAX_STAGES {
+                return Err(ctx.err(
+                    node.start_line,
+                    format!("more than {MAX_STAGES} stages in one Dockerfile"),
+                ));
+            }
+            ctx.stages.push(StageDef {
+                name,
+                base,
+                platform: flags.get("platform").cloned(),
+                from_node: node.clone(),
+                commands: Vec::new(),
+            });
+        } else if let Some(stage) = ctx.stages.last_mut() {
+            stage.commands.push(node.clone());
+        } else if node.keyword == "arg" {
+            for w in &node.args {
+                let (k, v) = match w.split_once('=') {
+                    Some((k, v)) => {
+                        let env = ctx.meta_env();
+                        let v = ctx
+                            .lex
+                            .process_word(v, &env)
+                            .map_err(|e| ctx.err(node.start_line, e.to_string()))?;
+                        (k.to_string(), Some(v))
+                    }
+                    None => (w.clone(), None),
+                };
+                ctx.meta_args.push((k, v));
+            }
+        } else {
+            return Err(ctx.err(
+                node.start_line,
+                format!(
+                    "no build stage in current context: {} must come after FROM",
+                    node.keyword.to_uppercase()
+                ),
+            ));
+        }
+    }
+    if ctx.stages.is_empty() {
+        return Err(ctx.err(0, "the Dockerfile has no FROM instruction"));
+    }
+    let target = match &opts.target {
+        Some(t) => ctx.stage_named(t, usize::MAX).ok_or_else(|| {
+            let names: Vec<String> = ctx.stages.iter().filter_map(|s| s.name.clone()).collect();
+            ctx.err(
+                0,
+                format!(
+                    "target stage {t:?} could not be found{} (stages: {})",
+                    did_you_mean(t, names.iter().map(String::as_str)),
+                    names.join(", ")
+                ),
+            )
+        })?,
+        None => ctx.stages.len() - 1,
+    };
+    let result = ctx.convert_stage(target)?;
+    let mut warnings = std::mem::take(&mut ctx.warnings);
+    if let Some(check) = &ast.directives.check {
+        let (skip, error) = parse_check_directive(check);
+        warnings.retain(|w| {
+            !skip
+                .iter()
+                .any(|s| s == "all" || s.eq_ignore_ascii_case(&w.rule))
+        });
+        if error && let Some(w) = warnings.first() {
+            return Err(ctx.err(
+                w.line,
+                format!(
+                    "lint violation: {}: {} (# check=error=true)",
+                    w.rule, w.message
+                ),
+            ));
+        }
+    }
+    let (definition, scratch) = match &result.state {
+        Some(s) => (ctx.builder.finish(s), false),
+        None => (Default::default(), true),
+    };
+    Ok(Converted {
+        definition,
+        image: result.image,
+        warnings,
+        scratch,
+        context_paths: ctx.context_paths.map(|p| p.into_iter().collect()),
+    })
+}
+
+/// `# check=skip=RuleA,RuleB;error=true`
+fn parse_check_directive(v: &str) -> (Vec<String>, bool) {
+    let mut skip = Vec::new();
+    let mut error = false;
+    for part in v.split(';') {
+        match part.trim().split_once('=') {
+            Some(("skip", list)) => skip.extend(
+                list.split(',')
+                    .map(|s| s.trim().to_string())
+                    .filter(|s| !s.is_empty()),
+            ),
+            Some(("error", b)) => error = b.trim() == "true",
+            _ => {}
+        }
+    }
+    (skip, error)
+}
+
+fn valid_stage_name(n: &str) -> bool {
+    let mut chars = n.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_lowercase())
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "-_.".contains(c))
+}
+
+/// The source identifier of a resolved image: a registry image, or an image
+/// in a client's OCI layout (already `oci-layout://...`).
+fn image_source(pinned: &str) -> String {
+    if pinned.starts_with("oci-layout://") {
+        pinned.to_string()
+    } else {
+        format!("docker-image://{pinned}")
+    }
+}
+
+/// `# syntax=` must name the built-in frontend (docker/dockerfile:1.x).
+fn check_syntax(syntax: &str) -> Result<(), String> {
+    let image = syntax.split('@').next().unwrap_or(syntax);
+    let (name, tag) = match image.rsplit_once(':') {
+        Some((n, t)) if !t.contains('/') => (n, t),
+        _ => (image, "latest"),
+    };
+    let name = name.trim_start_matches("docker.io/");
+    // Every channel of Docker's own frontend (1.x, labs, master, experimental)
+    // is served by the built-in one; an explicit major version other than 1 is not.
+    let major = tag.split(['.', '-']).next().unwrap_or("");
+    let tag_ok = !major.chars().all(|c| c.is_ascii_digit()) || major == "1";
+    if (name == "docker/dockerfile" || name == "docker/dockerfile-upstream") && tag_ok {
+        return Ok(());
+    }
+    Err(format!(
+        "unsupported syntax {syntax:?}: kiln has a built-in Dockerfile 1.x frontend and does not run external frontend images"
+    ))
+}
+
+#[cfg(test)]
+mod tests;

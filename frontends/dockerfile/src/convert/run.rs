@@ -1,0 +1,393 @@
+//! RUN: the command, its mounts, network and security mode.
+
+use super::*;
+
+impl Ctx<'_> {
+    pub(super) fn run(
+        &mut self,
+        st: &mut StageState,
+        node: &Node,
+        flags: &Flags,
+    ) -> Result<(), FrontendError> {
+        let line = node.start_line;
+        let img = &st.result.image;
+        let env_for_expand = st.expansion_env();
+        let mut args: Vec<String> = if node.json {
+            node.args.clone()
+        } else if let Some(h) = node.heredocs.first().filter(|h| {
+            node.args.first().map(|a| a.trim()) == Some(&format!("<<{}", h.name))
+                || node
+                    .args
+                    .first()
+                    .is_some_and(|a| a.trim_start().starts_with("<<"))
+        }) {
+            // A heredoc as the whole command: its body is the script.
+            // The shell expands (or not) the script at run time, as in BuildKit.
+            let body = h.content.clone();
+            if body.starts_with("#!") {
+                // A shebang script runs as its own file through the interpreter.
+                vec![
+                    "/bin/sh".into(),
+                    "-c".into(),
+                    format!(
+                        "cat > /dev/shm/.kiln-heredoc <<'KILN_EOF'\n{body}KILN_EOF\nchmod +x /dev/shm/.kiln-heredoc && exec /dev/shm/.kiln-heredoc"
+                    ),
+                ]
+            } else {
+                let mut v = shell_of(img);
+                v.push(body);
+                v
+            }
+        } else {
+            let mut v = shell_of(img);
+            let mut cmd = node.args.join(" ");
+            for h in &node.heredocs {
+                // Other heredocs feed the command's stdin/fds: pass them to the shell as-is.
+                cmd.push('\n');
+                cmd.push_str(&h.content);
+                cmd.push_str(&h.name);
+            }
+            v.push(cmd);
+            v
+        };
+        if args.is_empty() {
+            return Err(self.err(line, "RUN requires at least one argument"));
+        }
+        let _ = &env_for_expand;
+        // Env: image env plus args in scope (as BuildKit passes them to RUN).
+        let mut env: Vec<String> = Vec::new();
+        let mut arg_env: Vec<String> = Vec::new();
+        for (k, v) in &st.args {
+            if let Some(v) = v
+                && !img
+                    .config
+                    .env
+                    .iter()
+                    .any(|e| e.split_once('=').map(|x| x.0) == Some(k.as_str()))
+            {
+                arg_env.push(format!("{k}={v}"));
+            }
+        }
+        for (k, v) in &self.opts.build_args {
+            if PROXY_ARGS.contains(&k.as_str()) && !st.args.iter().any(|(n, _)| n == k) {
+                env.push(format!("{k}={v}"));
+            }
+        }
+        env.extend(img.config.env.iter().cloned());
+        env.extend(arg_env.iter().cloned());
+        let network = match flags.get("network").map(String::as_str) {
+            None | Some("default") => pb::NetMode::NetUnset,
+            Some("none") => pb::NetMode::NetNone,
+            Some("host") => pb::NetMode::NetHost,
+            Some(o) => {
+                return Err(self.err(
+                    line,
+                    format!("unsupported network mode {o:?} (use default, none or host)"),
+                ));
+            }
+        };
+        let security = match flags.get("security").map(String::as_str) {
+            None | Some("sandbox") => pb::SecurityMode::Sandbox,
+            Some("insecure") => pb::SecurityMode::Insecure,
+            Some(o) => return Err(self.err(line, format!("unsupported security mode {o:?}"))),
+        };
+        let mut inputs = Vec::new();
+        let mut mounts = Vec::new();
+        if let Some(s) = &st.result.state {
+            inputs.push(pb::Input {
+                digest: s.digest.to_string(),
+                index: s.index,
+            });
+        }
+        mounts.push(pb::Mount {
+            input: if st.result.state.is_some() { 0 } else { -1 },
+            dest: "/".into(),
+            output: 0,
+            ..Default::default()
+        });
+        for m in flags.all("mount") {
+            let m = self
+                .lex
+                .process_word(m, &env_for_expand)
+                .map_err(|e| self.err(line, e.to_string()))?;
+            // Unnamed ssh sockets are numbered, as BuildKit does.
+            let ssh_index = mounts
+                .iter()
+                .filter(|m| m.r#type == pb::MountType::Ssh as i32)
+                .count();
+            let mount = self.parse_mount(&m, line, &mut inputs, st, ssh_index)?;
+            mounts.push(mount);
+        }
+        let wd = if img.config.working_dir.is_empty() {
+            "/".to_string()
+        } else {
+            img.config.working_dir.clone()
+        };
+        let op = pb::Op {
+            inputs,
+            op: Some(pb::op::Op::Exec(pb::ExecOp {
+                meta: Some(pb::Meta {
+                    args: std::mem::take(&mut args),
+                    env,
+                    cwd: wd,
+                    user: img.config.user.clone(),
+                    hostname: String::new(),
+                }),
+                mounts,
+                network: network as i32,
+                security: security as i32,
+            })),
+            platform: Some(st.platform.to_pb()),
+        };
+        let shown = node.original.trim();
+        let r = self.builder.add(&op, shown, &self.loc(node));
+        if self.opts.no_cache {
+            self.builder.set_ignore_cache(&r.digest);
+        }
+        st.result.state = Some(r);
+        let mut created_by = String::from("RUN ");
+        if !arg_env.is_empty() {
+            created_by.push_str(&format!("|{} {} ", arg_env.len(), arg_env.join(" ")));
+        }
+        let cmd = if node.json {
+            json_list(&node.args)
+        } else {
+            format!(
+                "{} {}",
+                shell_of(&st.result.image).join(" "),
+                node.args.join(" ")
+            )
+        };
+        created_by.push_str(&cmd);
+        commit(
+            &mut st.result.image,
+            format!("{created_by} # buildkit"),
+            true,
+        );
+        Ok(())
+    }
+
+    pub(super) fn parse_mount(
+        &mut self,
+        spec: &str,
+        line: usize,
+        inputs: &mut Vec<pb::Input>,
+        st: &StageState,
+        ssh_index: usize,
+    ) -> Result<pb::Mount, FrontendError> {
+        let mut m = pb::Mount {
+            input: -1,
+            output: -1,
+            ..Default::default()
+        };
+        let mut typ = "bind".to_string();
+        let mut from = None;
+        let mut source = String::new();
+        let mut readonly: Option<bool> = None;
+        let mut id = String::new();
+        let mut required = false;
+        let mut target = String::new();
+        let mut fields = Vec::new();
+        for f in spec.split(',') {
+            let (k, v) = match f.split_once('=') {
+                Some((k, v)) => (k.trim().to_lowercase(), Some(v.trim().to_string())),
+                None => (f.trim().to_lowercase(), None),
+            };
+            fields.push((k, v));
+        }
+        for (k, v) in &fields {
+            if k == "type" {
+                typ = v.clone().unwrap_or_default();
+            }
+        }
+        let bool_of = |v: &Option<String>| v.as_deref().is_none_or(|s| s == "true" || s == "1");
+        for (k, v) in fields {
+            let val = v.clone().unwrap_or_default();
+            match k.as_str() {
+                "type" => {}
+                "target" | "dst" | "destination" => target = val,
+                "source" | "src" => source = val,
+                "from" => from = Some(val),
+                "ro" | "readonly" => readonly = Some(bool_of(&v)),
+                "rw" | "readwrite" => readonly = Some(!bool_of(&v)),
+                "id" => id = val,
+                "sharing" => {
+                    m.sharing = match val.as_str() {
+                        "shared" => pb::CacheSharing::Shared,
+                        "private" => pb::CacheSharing::Private,
+                        "locked" => pb::CacheSharing::Locked,
+                        o => return Err(self.err(line, format!("unsupported sharing value {o:?}"))),
+                    } as i32
+                }
+                "mode" => {
+                    m.mode = u32::from_str_radix(&val, 8)
+                        .map_err(|_| self.err(line, format!("invalid mount mode {val:?}")))?
+                }
+                "uid" => {
+                    m.uid = val
+                        .parse()
+                        .map_err(|_| self.err(line, format!("invalid uid {val:?}")))?
+                }
+                "gid" => {
+                    m.gid = val
+                        .parse()
+                        .map_err(|_| self.err(line, format!("invalid gid {val:?}")))?
+                }
+                "size" => {
+                    m.tmpfs_size = parse_size(&val)
+                        .ok_or_else(|| self.err(line, format!("invalid size {val:?}")))?
+                }
+                "required" => required = bool_of(&v),
+                "env" => {
+                    m.secret_env = true;
+                    target = val;
+                }
+                o => {
+                    return Err(self.err_at(
+                        line,
+                        o,
+                        format!(
+                            "unexpected key '{o}' in '{spec}'{}",
+                            did_you_mean(o, MOUNT_KEYS.iter().copied())
+                        ),
+                    ));
+                }
+            }
+        }
+        m.r#type = match typ.as_str() {
+            "bind" => pb::MountType::Bind,
+            "cache" => pb::MountType::Cache,
+            "tmpfs" => pb::MountType::Tmpfs,
+            "secret" => pb::MountType::Secret,
+            "ssh" => pb::MountType::Ssh,
+            o => return Err(self.err(line, format!("unsupported mount type {o:?}"))),
+        } as i32;
+        if target.is_empty() {
+            match typ.as_str() {
+                "secret" => {
+                    target = format!(
+                        "/run/secrets/{}",
+                        if id.is_empty() {
+                            source.rsplit('/').next().unwrap_or("")
+                        } else {
+                            &id
+                        }
+                    )
+                }
+                "ssh" => target = format!("/run/buildkit/ssh_agent.{ssh_index}"),
+                // BuildKit accepts a bind without target; it lands in the working directory.
+                "bind" => target = st.result.image.config.working_dir.clone(),
+                _ => return Err(self.err(line, format!("mount type {typ} requires a target"))),
+            }
+        }
+        m.dest = target;
+        m.readonly = readonly.unwrap_or(typ == "bind");
+        m.optional = !required;
+        match typ.as_str() {
+            "cache" => {
+                m.cache_id = if id.is_empty() { m.dest.clone() } else { id };
+                if m.mode == 0 {
+                    m.mode = 0o755;
+                }
+            }
+            "secret" | "ssh" => {
+                m.secret_id = if id.is_empty() {
+                    if typ == "ssh" {
+                        "default".into()
+                    } else {
+                        source.rsplit('/').next().unwrap_or("").to_string()
+                    }
+                } else {
+                    id
+                };
+                if m.mode == 0 {
+                    m.mode = if typ == "ssh" { 0o600 } else { 0o400 };
+                }
+            }
+            _ => {}
+        }
+        if typ == "bind" || (typ == "cache" && from.is_some()) {
+            let named = from.as_deref().and_then(|f| self.named_context(f));
+            let src_state = match (&from, named) {
+                (Some(_), Some(Ok(local))) => Some(self.local_source(&local)),
+                (Some(f), named) => {
+                    match self.stage_named(f, usize::MAX).filter(|_| named.is_none()) {
+                        Some(i) => self.convert_stage(i)?.state,
+                        None => {
+                            let f = match named {
+                                Some(Err(image)) => image,
+                                _ => f.clone(),
+                            };
+                            let (pinned, _) = self
+                                .images
+                                .resolve(&f, &st.platform)
+                                .map_err(|e| self.err_at(line, &f, e))?;
+                            let op = pb::Op {
+                                op: Some(pb::op::Op::Source(pb::SourceOp {
+                                    identifier: image_source(&pinned),
+                                    attrs: vec![],
+                                })),
+                                platform: Some(st.platform.to_pb()),
+                                ..Default::default()
+                            };
+                            Some(
+                                self.builder
+                                    .add(&op, &format!("[internal] load {pinned}"), ""),
+                            )
+                        }
+                    }
+                }
+                (None, _) => {
+                    self.note_context_path(&source);
+                    Some(self.context())
+                }
+            };
+            if let Some(s) = src_state {
+                inputs.push(pb::Input {
+                    digest: s.digest.to_string(),
+                    index: s.index,
+                });
+                m.input = inputs.len() as i64 - 1;
+            }
+            m.selector = clean_path(&format!("/{source}"));
+        }
+        Ok(m)
+    }
+}
+
+pub(super) fn parse_size(s: &str) -> Option<i64> {
+    let l = s.to_lowercase();
+    let (n, mult) = if let Some(x) = l.strip_suffix("gb").or(l.strip_suffix('g')) {
+        (x, 1i64 << 30)
+    } else if let Some(x) = l.strip_suffix("mb").or(l.strip_suffix('m')) {
+        (x, 1 << 20)
+    } else if let Some(x) = l.strip_suffix("kb").or(l.strip_suffix('k')) {
+        (x, 1 << 10)
+    } else {
+        (l.strip_suffix('b').unwrap_or(&l), 1)
+    };
+    n.trim().parse::<i64>().ok().map(|v| v * mult)
+}
+
+/// Every key `RUN --mount` accepts (for "did you mean" hints).
+pub(super) const MOUNT_KEYS: &[&str] = &[
+    "type",
+    "target",
+    "dst",
+    "destination",
+    "source",
+    "src",
+    "from",
+    "ro",
+    "readonly",
+    "rw",
+    "readwrite",
+    "id",
+    "sharing",
+    "mode",
+    "uid",
+    "gid",
+    "size",
+    "required",
+    "env",
+];

@@ -1,0 +1,183 @@
+//! One stage: its base (image, stage, named context or scratch) and its instructions.
+
+use super::*;
+
+impl Ctx<'_> {
+    pub(super) fn convert_stage(&mut self, idx: usize) -> Result<StageResult, FrontendError> {
+        if let Some(r) = self.done.get(&idx) {
+            return Ok(r.clone());
+        }
+        let from_line = self.stages[idx].from_node.start_line;
+        // A stage converts the stages it uses first, recursively: the
+        // Dockerfile decides how deep, so the depth is bounded.
+        if self.in_progress.len() >= MAX_STAGE_DEPTH {
+            return Err(self.err(
+                from_line,
+                format!(
+                    "stages depend on each other more than {MAX_STAGE_DEPTH} deep (FROM, COPY --from and RUN --mount from= chains)"
+                ),
+            ));
+        }
+        if !self.in_progress.insert(idx) {
+            let name = self.stages[idx]
+                .name
+                .clone()
+                .unwrap_or_else(|| format!("stage-{idx}"));
+            return Err(self.err(
+                from_line,
+                format!("circular dependency detected on stage: {name}"),
+            ));
+        }
+        let meta = self.meta_env();
+        let expansion = self
+            .lex
+            .process(&self.stages[idx].base, &meta)
+            .map_err(|e| self.err(from_line, e.to_string()))?;
+        for name in &expansion.unmatched {
+            if !self.meta_args.iter().any(|(k, _)| k == name) {
+                self.warn(
+                    "UndefinedArgInFrom",
+                    &format!("FROM argument '{name}' is not declared"),
+                    from_line,
+                );
+            }
+        }
+        if expansion.unmatched.is_empty()
+            && expansion
+                .matched
+                .iter()
+                .any(|n| self.meta_args.iter().any(|(k, _)| k == n))
+        {
+            // With defaults only (no build args), is the name still valid?
+            let defaults: Vec<(String, String)> = self
+                .builtin_args()
+                .into_iter()
+                .chain(
+                    self.meta_args
+                        .iter()
+                        .filter_map(|(k, v)| v.clone().map(|v| (k.clone(), v))),
+                )
+                .collect();
+            let plain = self
+                .lex
+                .process_word(&self.stages[idx].base, &defaults)
+                .unwrap_or_default();
+            if plain.is_empty()
+                || plain.ends_with(':')
+                || plain.starts_with(':')
+                || plain.contains("::")
+            {
+                self.warn(
+                    "InvalidDefaultArgInFrom",
+                    &format!(
+                        "Default value for ARG {} results in empty or invalid base image name",
+                        self.stages[idx].base
+                    ),
+                    from_line,
+                );
+            }
+        }
+        let base = expansion.result;
+        let platform = match &self.stages[idx].platform {
+            Some(p) => {
+                let p = self
+                    .lex
+                    .process_word(p, &meta)
+                    .map_err(|e| self.err(from_line, e.to_string()))?;
+                Platform::parse(&p)
+                    .ok_or_else(|| self.err(from_line, format!("invalid platform {p:?}")))?
+            }
+            None => self.opts.target_platform.clone(),
+        };
+        // A named build context replaces the name (a stage or an image), as in BuildKit.
+        let named = self.named_context(&base);
+        let base = match &named {
+            Some(Err(image)) => image.clone(),
+            _ => base,
+        };
+        let mut result = if let Some(Ok(local)) = named {
+            // A directory as a base: its files become the root filesystem.
+            let src = self.local_source(&local);
+            let copy = pb::FileAction {
+                action: Some(pb::file_action::Action::Copy(pb::FileActionCopy {
+                    source_input: 0,
+                    src: vec!["/".into()],
+                    dest: "/".into(),
+                    dir_copy_contents: true,
+                    follow_symlinks: true,
+                    create_dest_path: true,
+                    timestamp: -1,
+                    ..Default::default()
+                })),
+            };
+            let node = self.stages[idx].from_node.clone();
+            let state = self.file_op(
+                None,
+                vec![src],
+                vec![copy],
+                &format!("[context {local}] FROM {}", self.stages[idx].base),
+                &node,
+                &platform,
+            );
+            StageResult {
+                state: Some(state),
+                image: Image::empty(&platform.os, &platform.architecture, &platform.variant),
+            }
+        } else if base == "scratch" {
+            StageResult {
+                state: None,
+                image: Image::empty(&platform.os, &platform.architecture, &platform.variant),
+            }
+        } else if let Some(dep) = self.stage_named(&base, idx).filter(|_| named.is_none()) {
+            self.convert_stage(dep)?
+        } else {
+            let (pinned, image) = self
+                .images
+                .resolve(&base, &platform)
+                .map_err(|e| self.err(from_line, e))?;
+            let op = pb::Op {
+                op: Some(pb::op::Op::Source(pb::SourceOp {
+                    identifier: image_source(&pinned),
+                    attrs: vec![],
+                })),
+                platform: Some(platform.to_pb()),
+                ..Default::default()
+            };
+            let r = self.builder.add(
+                &op,
+                &format!("[internal] load {pinned}"),
+                &self.loc(&self.stages[idx].from_node),
+            );
+            StageResult {
+                state: Some(r),
+                image,
+            }
+        };
+        // ONBUILD triggers of the base run first, then are cleared.
+        let mut commands = Vec::new();
+        for trigger in std::mem::take(&mut result.image.config.on_build) {
+            let node = parser::node_from_line(&trigger, '\\')
+                .map_err(|e| self.err(from_line, format!("ONBUILD trigger {trigger:?}: {e}")))?;
+            commands.push(Node {
+                start_line: from_line,
+                end_line: from_line,
+                ..node
+            });
+        }
+        commands.extend(self.stages[idx].commands.clone());
+        let outer = std::mem::replace(&mut self.current, idx);
+        let mut st = StageState {
+            result,
+            args: Vec::new(),
+            cmd_set: false,
+            platform,
+        };
+        for node in &commands {
+            self.dispatch(&mut st, node)?;
+        }
+        self.current = outer;
+        self.in_progress.remove(&idx);
+        self.done.insert(idx, st.result.clone());
+        Ok(st.result)
+    }
+}

@@ -1,0 +1,312 @@
+use super::*;
+
+fn conv(df: &str) -> Result<Converted, FrontendError> {
+    convert(df.as_bytes(), &ConvertOptions::default(), &NoImages)
+}
+
+struct AnyImageForTests;
+impl ImageResolver for AnyImageForTests {
+    fn resolve(&self, r: &str, p: &Platform) -> Result<(String, Image), String> {
+        Ok((
+            r.to_string(),
+            Image::empty(&p.os, &p.architecture, &p.variant),
+        ))
+    }
+}
+
+#[test]
+fn hostile_depths_are_errors_not_stack_overflows() {
+    // 3,000 nested substitutions.
+    let mut word = String::from("x");
+    for _ in 0..3000 {
+        word = format!("${{a:-{word}}}");
+    }
+    let e = conv(&format!("FROM scratch\nENV B={word}\n")).unwrap_err();
+    assert!(e.to_string().contains("nested more than 64 deep"), "{e}");
+    assert!(e.to_string().len() < 2000, "the error is bounded");
+    // A chain of stages one past the limit, and one just inside it.
+    let chain = |n: usize| {
+        let mut df = String::from("FROM scratch AS s0\n");
+        for i in 1..n {
+            df.push_str(&format!("FROM s{} AS s{i}\n", i - 1));
+        }
+        df
+    };
+    let e = conv(&chain(MAX_STAGE_DEPTH + 1)).unwrap_err();
+    assert!(e.to_string().contains("more than 1000 deep"), "{e}");
+    conv(&chain(MAX_STAGE_DEPTH)).unwrap();
+    let many = "FROM scratch\n".repeat(MAX_STAGES + 1);
+    let e = conv(&many).unwrap_err();
+    assert!(e.to_string().contains("more than 10000 stages"), "{e}");
+}
+
+#[test]
+fn errors_about_huge_lines_stay_small() {
+    let long = "x".repeat(1 << 20);
+    let e = conv(&format!("FROM scratch\nRUN --bogus={long} true\n"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("Dockerfile:2"), "{}", &e[..200]);
+    assert!(e.len() < 6000, "{} bytes", e.len());
+    let huge = vec![b'#'; MAX_DOCKERFILE_BYTES + 1];
+    let e = convert(&huge, &ConvertOptions::default(), &NoImages).unwrap_err();
+    assert!(e.to_string().contains("at most"), "{e}");
+}
+
+#[test]
+fn config_instructions() {
+    let c = conv(
+        "FROM scratch\nENV A=1 B=$A\nENV C=${A}x\nLABEL l=v\nUSER 1000:1000\nEXPOSE 80 53/udp\nVOLUME /data\nSTOPSIGNAL SIGINT\nCMD [\"a\"]\nENTRYPOINT [\"e\"]\nHEALTHCHECK --interval=5s CMD true\n",
+    )
+    .unwrap();
+    let cfg = &c.image.config;
+    assert_eq!(
+        cfg.env,
+        vec![
+            format!("PATH={}", kiln_definition::image::DEFAULT_PATH),
+            "A=1".into(),
+            "B=".into(),
+            "C=1x".into()
+        ]
+    );
+    assert_eq!(cfg.user, "1000:1000");
+    assert!(cfg.exposed_ports.contains_key("80/tcp") && cfg.exposed_ports.contains_key("53/udp"));
+    // ENTRYPOINT after CMD in the same stage keeps CMD.
+    assert_eq!(cfg.cmd, Some(vec!["a".to_string()]));
+    assert_eq!(cfg.healthcheck.as_ref().unwrap().interval, 5_000_000_000);
+    assert_eq!(
+        cfg.healthcheck.as_ref().unwrap().test,
+        vec!["CMD-SHELL", "true"]
+    );
+    assert!(c.scratch);
+}
+
+#[test]
+fn multi_stage_and_target() {
+    let df = "FROM scratch AS a\nCOPY x /x\nFROM scratch AS b\nCOPY y /y\nFROM scratch\nCOPY --from=a /x /x\n";
+    let c = conv(df).unwrap();
+    let g = kiln_definition::Graph::from_definition(&c.definition).unwrap();
+    // context, copy x (stage a), final copy: stage b is not needed.
+    assert_eq!(g.vertices.len(), 3);
+    let mut o = ConvertOptions {
+        target: Some("b".into()),
+        ..Default::default()
+    };
+    let c = convert(df.as_bytes(), &o, &NoImages).unwrap();
+    assert_eq!(c.image.history.len(), 1);
+    o.target = Some("nope".into());
+    assert!(
+        convert(df.as_bytes(), &o, &NoImages)
+            .unwrap_err()
+            .message
+            .contains("could not be found")
+    );
+}
+
+#[test]
+fn errors_have_lines() {
+    let e = conv("FROM scratch\nCOPY ../x /x\n").unwrap_err();
+    assert_eq!(e.line, 2);
+    assert!(e.to_string().contains("Dockerfile:2"));
+    let e = conv("FROM scratch\nCOPPY a b\n").unwrap_err();
+    assert!(e.message.contains("did you mean COPY"), "{e}");
+    let e = conv("# syntax=example.com/frontend:1\nFROM scratch\n").unwrap_err();
+    assert!(e.message.contains("unsupported syntax"));
+    assert!(conv("# syntax=docker/dockerfile:1.7-labs\nFROM scratch\n").is_ok());
+}
+
+#[test]
+fn errors_point_at_the_word() {
+    let e = conv("FROM scratch\nCOPY --chmoud=755 a /b\n").unwrap_err();
+    let text = e.to_string();
+    assert!(text.contains("did you mean --chmod?"), "{text}");
+    assert!(
+        text.ends_with("    2 | COPY --chmoud=755 a /b\n      |      ^^^^^^^^"),
+        "{text}"
+    );
+    let e = conv("FROM scratch\n  coppy a b\n").unwrap_err();
+    assert!(e.to_string().ends_with("|   ^^^^^"), "{e}");
+    let e = conv("FROM scratch\nRUN --mount=type=cache,targt=/x true\n").unwrap_err();
+    assert!(e.message.contains("did you mean target?"), "{e}");
+    assert_eq!(e.token.as_deref(), Some("targt"));
+    let o = ConvertOptions {
+        target: Some("buidl".into()),
+        ..Default::default()
+    };
+    let e = convert(b"FROM scratch AS build\n", &o, &NoImages).unwrap_err();
+    assert!(e.message.contains("did you mean build?"), "{e}");
+}
+
+#[test]
+fn copy_from_sees_later_stages_and_finds_cycles() {
+    // BuildKit resolves --from against every stage, not just earlier ones.
+    let df = "FROM scratch AS a\nCOPY --from=b /y /y\nFROM scratch AS b\nCOPY y /y\n";
+    let o = ConvertOptions {
+        target: Some("a".into()),
+        ..Default::default()
+    };
+    let c = convert(df.as_bytes(), &o, &NoImages).unwrap();
+    let g = kiln_definition::Graph::from_definition(&c.definition).unwrap();
+    assert_eq!(g.vertices.len(), 3, "context, copy in b, copy in a");
+    let e = conv("FROM scratch AS s0\nCOPY --from=s0 /a /b\n").unwrap_err();
+    assert!(
+        e.message
+            .contains("circular dependency detected on stage: s0"),
+        "{e}"
+    );
+    let df = "FROM scratch AS s0\nCOPY --from=s2 f /\nFROM scratch AS s1\nCOPY --from=s0 f /\nFROM scratch AS s2\nCOPY --from=s1 f /\n";
+    assert!(
+        conv(df)
+            .unwrap_err()
+            .message
+            .contains("circular dependency")
+    );
+    let e = conv("FROM scratch\nCOPY --from=3 /a /b\n").unwrap_err();
+    assert!(e.message.contains("invalid stage index 3"), "{e}");
+    // FROM only sees stages above it: a later name is an image.
+    let o = ConvertOptions {
+        target: Some("a".into()),
+        ..Default::default()
+    };
+    let e = convert(b"FROM b AS a\nFROM scratch AS b\n", &o, &NoImages).unwrap_err();
+    assert!(e.message.contains("b"), "the image b is resolved: {e}");
+}
+
+#[test]
+fn git_refs() {
+    let g = parse_git_ref("https://github.com/moby/buildkit.git#v0.10.1:docs").unwrap();
+    assert_eq!(
+        (g.remote.as_str(), g.reference.as_str(), g.subdir.as_str()),
+        ("https://github.com/moby/buildkit.git", "v0.10.1", "docs")
+    );
+    let g = parse_git_ref("git@github.com:moby/buildkit.git#main").unwrap();
+    assert_eq!(
+        (g.remote.as_str(), g.reference.as_str()),
+        ("git@github.com:moby/buildkit.git", "main")
+    );
+    let g = parse_git_ref("github.com/moby/buildkit").unwrap();
+    assert_eq!(g.remote, "https://github.com/moby/buildkit");
+    let g = parse_git_ref("git://127.0.0.1:9418/r.git?ref=v1&subdir=a/b").unwrap();
+    assert_eq!((g.reference.as_str(), g.subdir.as_str()), ("v1", "a/b"));
+    // Plain downloads stay downloads.
+    assert!(parse_git_ref("https://example.com/file.tar.gz").is_none());
+    assert!(parse_git_ref("./local.git").is_none());
+    // The graph has a git source whose copy takes the whole checkout.
+    let c = conv("FROM scratch\nADD git://h/r.git#v1:sub /src\n").unwrap();
+    let g = kiln_definition::Graph::from_definition(&c.definition).unwrap();
+    let src = g
+        .vertices
+        .values()
+        .find_map(|v| match &v.op.op {
+            Some(pb::op::Op::Source(s)) if s.identifier.starts_with("git:") => Some(s.clone()),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(src.identifier, "git:git://h/r.git");
+    assert!(src.attrs.iter().any(|a| a.key == "ref" && a.value == "v1"));
+    assert!(
+        src.attrs
+            .iter()
+            .any(|a| a.key == "subdir" && a.value == "sub")
+    );
+    assert!(conv("FROM scratch\nADD --checksum=sha256:00 git://h/r.git#main /src\n").is_err());
+    let sha = "a".repeat(40);
+    assert!(
+        conv(&format!(
+            "FROM scratch\nADD --checksum={sha} git://h/r.git#main /src\n"
+        ))
+        .is_ok()
+    );
+}
+
+#[test]
+fn context_paths_are_what_the_build_reads() {
+    let c = conv("FROM scratch\nCOPY src/ /app/\nCOPY ./a/../cfg.txt /\nADD pkgs/*/x.json /p/\nCOPY <<EOF /h\nhi\nEOF\n").unwrap();
+    assert_eq!(
+        c.context_paths,
+        Some(vec!["cfg.txt".into(), "pkgs".into(), "src".into()])
+    );
+    // Anything that reads the context root needs all of it.
+    for df in [
+        "FROM scratch\nCOPY . /app\n",
+        "FROM scratch\nCOPY *.txt /\n",
+        "FROM busybox\nRUN --mount=type=bind,target=/src true\n",
+    ] {
+        let o = ConvertOptions::default();
+        let c = convert(df.as_bytes(), &o, &AnyImageForTests).unwrap();
+        assert_eq!(c.context_paths, None, "{df}");
+    }
+}
+
+#[test]
+fn unnamed_ssh_sockets_are_numbered() {
+    let c = convert(
+        b"FROM busybox\nRUN --mount=type=ssh --mount=type=ssh,id=b --mount=type=ssh,id=c,target=/s true\n",
+        &ConvertOptions::default(),
+        &AnyImageForTests,
+    )
+    .unwrap();
+    let g = kiln_definition::Graph::from_definition(&c.definition).unwrap();
+    let mut targets: Vec<String> = g
+        .vertices
+        .values()
+        .filter_map(|v| match &v.op.op {
+            Some(pb::op::Op::Exec(e)) => Some(e.mounts.clone()),
+            _ => None,
+        })
+        .flatten()
+        .filter(|m| m.r#type == pb::MountType::Ssh as i32)
+        .map(|m| m.dest)
+        .collect();
+    targets.sort();
+    assert_eq!(
+        targets,
+        vec![
+            "/run/buildkit/ssh_agent.0",
+            "/run/buildkit/ssh_agent.1",
+            "/s"
+        ]
+    );
+}
+
+#[test]
+fn build_checks() {
+    let c = conv("FROM scratch AS Base\nENV A b\nEXPOSE 80/TCP 127.0.0.1:8080:80\nENV B=$NOPE\nMAINTAINER me\n").unwrap();
+    let rules: Vec<&str> = c.warnings.iter().map(|w| w.rule.as_str()).collect();
+    for r in [
+        "StageNameCasing",
+        "LegacyKeyValueFormat",
+        "ExposeProtoCasing",
+        "ExposeInvalidFormat",
+        "UndefinedVar",
+        "MaintainerDeprecated",
+    ] {
+        assert!(rules.contains(&r), "{r} missing from {rules:?}");
+    }
+    let c = conv("ARG TAG\nFROM scratch${TAG}\n").unwrap();
+    assert!(c.warnings.iter().all(|w| w.rule != "UndefinedArgInFrom"));
+    let c = conv("FROM scratch${UNDECLARED}\n").unwrap();
+    assert!(c.warnings.iter().any(|w| w.rule == "UndefinedArgInFrom"));
+    // The check directive skips rules, or turns warnings into errors.
+    let c = conv("# check=skip=LegacyKeyValueFormat\nFROM scratch\nENV A b\n").unwrap();
+    assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+    let e = conv("# check=error=true\nFROM scratch\nENV A b\n").unwrap_err();
+    assert!(
+        e.message.contains("LegacyKeyValueFormat") && e.line == 3,
+        "{e}"
+    );
+}
+
+#[test]
+fn args_scope() {
+    let df = "ARG V=1\nFROM scratch\nARG V\nENV X=$V\nARG W=2\nENV Y=$W\n";
+    let c = conv(df).unwrap();
+    assert!(c.image.config.env.contains(&"X=1".to_string()));
+    assert!(c.image.config.env.contains(&"Y=2".to_string()));
+    let o = ConvertOptions {
+        build_args: [("W".to_string(), "9".to_string())].into_iter().collect(),
+        ..Default::default()
+    };
+    let c = convert(df.as_bytes(), &o, &NoImages).unwrap();
+    assert!(c.image.config.env.contains(&"Y=9".to_string()));
+}
