@@ -63,12 +63,12 @@ pub fn resolve_in_root(
 }
 
 /// Removes `rel` (a path inside `root`) if it is still what a mount stub
-/// is: an empty directory or an empty regular file. No symlink is followed
+/// is: an empty regular file, or (with `dirs`) an empty directory. No symlink is followed
 /// anywhere on the way (`openat2` with `RESOLVE_NO_SYMLINKS` below a
 /// descriptor of the root), so a step that replaced a parent with a link
 /// to a host directory cannot make kiln remove anything outside its root.
 /// Returns whether something was removed.
-pub fn remove_stub_in_root(root: &Path, rel: &str) -> bool {
+pub fn remove_stub_in_root(root: &Path, rel: &str, dirs: bool) -> bool {
     use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags};
     let parts = components(rel);
     let Some((name, parents)) = parts.split_last() else {
@@ -105,7 +105,7 @@ pub fn remove_stub_in_root(root: &Path, rel: &str) -> bool {
         return false;
     };
     match FileType::from_raw_mode(st.st_mode) {
-        FileType::Directory => {
+        FileType::Directory if dirs => {
             rustix::fs::unlinkat(&dir, name.as_str(), AtFlags::REMOVEDIR).is_ok()
         }
         FileType::RegularFile if st.st_size == 0 => {
@@ -163,19 +163,23 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let r = d.path();
         symlink(host.path(), r.join("escape")).unwrap();
-        assert!(!remove_stub_in_root(r, "/escape/f"));
-        assert!(!remove_stub_in_root(r, "/escape/d"));
-        assert!(!remove_stub_in_root(r, "/escape/../escape/f"));
+        assert!(!remove_stub_in_root(r, "/escape/f", true));
+        assert!(!remove_stub_in_root(r, "/escape/d", true));
+        assert!(!remove_stub_in_root(r, "/escape/../escape/f", true));
         assert!(host.path().join("f").exists() && host.path().join("d").exists());
         // A symlink as the stub itself is not removed either, nor a file with data.
         fs::create_dir(r.join("m")).unwrap();
         fs::write(r.join("m/data"), b"x").unwrap();
         fs::write(r.join("m/stub"), b"").unwrap();
-        assert!(!remove_stub_in_root(r, "/escape"));
-        assert!(!remove_stub_in_root(r, "/m/data"));
-        assert!(remove_stub_in_root(r, "/m/stub"));
-        assert!(!remove_stub_in_root(r, "/m"));
+        assert!(!remove_stub_in_root(r, "/escape", true));
+        assert!(!remove_stub_in_root(r, "/m/data", true));
+        assert!(remove_stub_in_root(r, "/m/stub", true));
+        assert!(!remove_stub_in_root(r, "/m", true));
         fs::remove_file(r.join("m/data")).unwrap();
-        assert!(remove_stub_in_root(r, "/m"));
+        assert!(
+            !remove_stub_in_root(r, "/m", false),
+            "directories stay unless asked"
+        );
+        assert!(remove_stub_in_root(r, "/m", true));
     }
 }

@@ -11,6 +11,7 @@ pub use native::copy_tree;
 
 use std::fs;
 use std::io;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -263,6 +264,20 @@ impl Snapshotter {
         self.upper(id).is_dir()
     }
 
+    /// Whether the top-level entry `name` exists in the image `chain`
+    /// (nearest layer first) makes: the first layer that has it or a
+    /// whiteout of it decides.
+    fn chain_has(&self, chain: &[String], name: &str) -> bool {
+        use std::os::unix::fs::FileTypeExt;
+        for id in chain {
+            if let Ok(md) = fs::symlink_metadata(self.upper(id).join(name)) {
+                let whiteout = md.file_type().is_char_device() && md.rdev() == 0;
+                return !whiteout;
+            }
+        }
+        false
+    }
+
     /// The `lowerdir=` value for `chain` (nearest first). A chain too long
     /// for one mount option (or for overlayfs' stacking limit) keeps its top
     /// layers and has the rest flattened into one merged directory.
@@ -377,6 +392,17 @@ impl Snapshotter {
         let mut lower = self.lowerdir_option(chain)?;
         if stubs {
             lower = format!("{lower}:{}", self.stubs.display());
+            // The stub layer hides mount points from the diff; BuildKit's
+            // steps leave the directories (/dev, /proc, /sys, /etc) they had
+            // to create, so those the image lacks are made in the upper dir.
+            for name in STUB_DIRS {
+                if !self.chain_has(chain, name) {
+                    let p = upper.join(name);
+                    fs::create_dir(&p).map_err(io_at(&p))?;
+                    fs::set_permissions(&p, fs::Permissions::from_mode(0o755))
+                        .map_err(io_at(&p))?;
+                }
+            }
         }
         let data = format!(
             "lowerdir={lower},upperdir={},workdir={}",
@@ -653,7 +679,7 @@ mod tests {
     }
 
     #[test]
-    fn exec_snapshots_see_mount_stubs_that_never_reach_the_diff() {
+    fn exec_snapshots_see_mount_stubs_and_keep_the_directories_they_lack() {
         if !is_root() {
             eprintln!("skipping: overlay mounts need root");
             return;
@@ -676,17 +702,29 @@ mod tests {
         );
         fs::write(b.path().join("out"), "x").unwrap();
         let b = b.commit().unwrap();
-        let names: Vec<String> = fs::read_dir(sn.upper(&b))
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
-            .collect();
-        assert_eq!(names, vec!["out"]);
+        let names = |id: &str| {
+            let mut n: Vec<String> = fs::read_dir(sn.upper(id))
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+                .collect();
+            n.sort();
+            n
+        };
+        // The directories the image lacked stay, empty, as BuildKit leaves
+        // them; the file stubs never reach the diff.
+        assert_eq!(names(&b), ["dev", "out", "proc", "sys"]);
+        assert_eq!(fs::read_dir(sn.upper(&b).join("proc")).unwrap().count(), 0);
+        // The next step finds them in the image and adds nothing.
+        let c = sn.prepare_for_exec(&[b.clone(), a.clone()]).unwrap();
+        fs::write(c.path().join("out2"), "y").unwrap();
+        let c = c.commit().unwrap();
+        assert_eq!(names(&c), ["out2"]);
         // Plain snapshots and views have no stubs.
-        let v = sn.view(&[b.clone(), a.clone()]).unwrap();
+        let v = sn.view(std::slice::from_ref(&a)).unwrap();
         assert!(!v.path().join("proc").exists());
         drop(v);
-        let c = sn.prepare(&[b, a]).unwrap();
-        assert!(!c.path().join("proc").exists());
+        let e = sn.prepare(std::slice::from_ref(&a)).unwrap();
+        assert!(!e.path().join("proc").exists());
     }
 
     fn chain_and_whiteout(mode: ModeChoice) {

@@ -79,7 +79,8 @@ pub fn resolve_user(root: &Path, spec: &str) -> Result<ResolvedUser, WorkerError
             f[0].clone(),
             f[5].clone(),
         ),
-        (None, Ok(id)) => (id, id, String::new(), String::new()),
+        // A uid with no passwd entry runs with gid 0, as runc and BuildKit do.
+        (None, Ok(id)) => (id, 0, String::new(), String::new()),
         (None, Err(_)) => {
             return Err(WorkerError::Other(format!(
                 "unable to find user {u}: no matching entries in passwd file"
@@ -125,8 +126,10 @@ pub fn resolve_user(root: &Path, spec: &str) -> Result<ResolvedUser, WorkerError
     })
 }
 
-/// Paths created only as mount points, removed after the run. They are
-/// recorded relative to the root and removed without following any
+/// Paths created only as mount points. File stubs (/etc/hosts, a secret's
+/// file) are removed after the run; directories stay in the layer, empty,
+/// as BuildKit leaves them (/dev, /proc, /sys, a cache mount's target). They
+/// are recorded relative to the root and removed without following any
 /// symlink: the step may have replaced a parent with a link to the host.
 struct Scaffolding {
     root: PathBuf,
@@ -162,7 +165,7 @@ impl Scaffolding {
     fn remove(self) {
         // Deepest first.
         for p in self.created.iter().rev() {
-            kiln_archive::safe_path::remove_stub_in_root(&self.root, p);
+            kiln_archive::safe_path::remove_stub_in_root(&self.root, p, false);
         }
     }
 }

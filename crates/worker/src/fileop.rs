@@ -152,6 +152,9 @@ struct CopyCtx<'a> {
     action: &'a pb::FileActionCopy,
     from_context: bool,
     exclude: Matcher,
+    /// Files with several links seen in this copy, by (device, inode): a
+    /// later name becomes a hardlink to the first copy, as in BuildKit.
+    links: std::cell::RefCell<std::collections::HashMap<(u64, u64), PathBuf>>,
 }
 
 impl CopyCtx<'_> {
@@ -171,8 +174,8 @@ impl CopyCtx<'_> {
         if !is_link {
             let mode = if !self.action.chmod_symbolic.is_empty() {
                 apply_symbolic(src_md.mode(), &self.action.chmod_symbolic, is_dir)
-            } else if self.action.mode != 0 {
-                self.action.mode
+            } else if let Some(mode) = self.action.mode {
+                mode
             } else {
                 src_md.mode() & 0o7777
             };
@@ -227,8 +230,20 @@ impl CopyCtx<'_> {
             symlink(&target, dst).map_err(ioe(dst.display()))?;
             self.finish(&md, dst, false, true)?;
         } else if ft.is_file() {
+            let key = (md.dev(), md.ino());
+            if md.nlink() > 1 {
+                let first = self.links.borrow().get(&key).cloned();
+                if let Some(first) = first
+                    && fs::hard_link(&first, dst).is_ok()
+                {
+                    return Ok(());
+                }
+            }
             fs::copy(src, dst).map_err(ioe(format!("copying {}", src.display())))?;
             self.finish(&md, dst, false, false)?;
+            if md.nlink() > 1 {
+                self.links.borrow_mut().insert(key, dst.to_path_buf());
+            }
         } else {
             // Devices and fifos keep their kind.
             let kind = nix::sys::stat::SFlag::from_bits_truncate(md.mode() & 0o170000);
@@ -301,28 +316,62 @@ fn expand_source(
         .collect()
 }
 
-/// Tells whether a file is a tar archive (plain, gzip, bzip2, xz, zstd).
+/// Tells whether a file is a tar archive (plain, gzip, zstd) by its
+/// content, as BuildKit does: the (decompressed) start must be a tar header
+/// with a valid checksum. A gzip file that is not a tar is copied as is.
 fn archive_kind(path: &Path) -> Option<&'static str> {
     let mut f = fs::File::open(path).ok()?;
-    let mut head = [0u8; 512];
-    let n = f.read(&mut head).ok()?;
-    let h = &head[..n];
-    if h.starts_with(&[0x1f, 0x8b]) {
-        return Some("gzip");
-    }
-    if h.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
-        return Some("zstd");
-    }
-    if h.starts_with(b"BZh") {
-        return Some("bzip2");
-    }
-    if h.starts_with(&[0xfd, b'7', b'z', b'X', b'Z', 0]) {
+    let mut magic = [0u8; 6];
+    let n = f.read(&mut magic).ok()?;
+    f.rewind().ok()?;
+    let m = &magic[..n];
+    let (kind, mut reader): (&'static str, Box<dyn Read>) = if m.starts_with(&[0x1f, 0x8b]) {
+        ("gzip", Box::new(flate2::read::MultiGzDecoder::new(f)))
+    } else if m.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+        ("zstd", Box::new(zstd::Decoder::new(f).ok()?))
+    } else if m.starts_with(b"BZh") {
+        return Some("bzip2"); // refused by unpack_archive: not supported yet
+    } else if m.starts_with(&[0xfd, b'7', b'z', b'X', b'Z', 0]) {
         return Some("xz");
+    } else {
+        ("tar", Box::new(f))
+    };
+    let mut header = [0u8; 512];
+    let mut got = 0;
+    while got < header.len() {
+        match reader.read(&mut header[got..]) {
+            Ok(0) => break,
+            Ok(k) => got += k,
+            Err(_) => return None,
+        }
     }
-    if n >= 262 && &h[257..262] == b"ustar" {
-        return Some("tar");
-    }
-    None
+    (got == header.len() && is_tar_header(&header)).then_some(kind)
+}
+
+/// A tar header block: its checksum field matches the sum of its bytes
+/// (with the field itself counted as spaces).
+fn is_tar_header(block: &[u8; 512]) -> bool {
+    let field = &block[148..156];
+    let text: String = field
+        .iter()
+        .take_while(|b| **b != 0)
+        .map(|b| *b as char)
+        .collect();
+    let Ok(stored) = u32::from_str_radix(text.trim(), 8) else {
+        return false;
+    };
+    let sum: u32 = block
+        .iter()
+        .enumerate()
+        .map(|(i, b)| {
+            if (148..156).contains(&i) {
+                32
+            } else {
+                *b as u32
+            }
+        })
+        .sum();
+    stored == sum && block.iter().any(|b| *b != 0)
 }
 
 fn unpack_archive(path: &Path, kind: &str, root: &Path, dest: &Path) -> Result<(), FileOpError> {
@@ -367,6 +416,7 @@ pub fn copy(
         from_context: source.from_context,
         exclude: Matcher::new(&a.exclude_patterns)
             .map_err(|e| FileOpError(format!("--exclude: {e}")))?,
+        links: Default::default(),
     };
     let mut matched = Vec::new();
     for s in &a.src {
@@ -402,17 +452,34 @@ pub fn copy(
             a.dest
         )));
     }
+    // Every directory made on the way belongs to the --chown owner (BuildKit's
+    // MkdirAll with the copy's chown); existing ones are left alone.
     let make_dest_dir = |p: &Path| -> Result<(), FileOpError> {
-        if !p.exists() {
-            fs::create_dir_all(p).map_err(ioe(p.display()))?;
+        let mut missing = Vec::new();
+        let mut cur = p;
+        while fs::symlink_metadata(cur).is_err() {
+            missing.push(cur);
+            match cur.parent() {
+                Some(parent) if parent.starts_with(dest_root) => cur = parent,
+                _ => break,
+            }
+        }
+        for dir in missing.into_iter().rev() {
+            fs::create_dir(dir).map_err(ioe(dir.display()))?;
             if let Some((u, g)) = owner {
-                lchown(p, u, g)?;
+                lchown(dir, u, g)?;
             }
         }
         Ok(())
     };
     for (src, rel) in matched {
         let md = fs::metadata(&src).map_err(ioe(src.display()))?;
+        // A source is named after the path written (or matched), not after
+        // what a symlink there points to.
+        let name = match rel.rsplit('/').next() {
+            Some(n) if !n.is_empty() => std::ffi::OsString::from(n),
+            _ => src.file_name().unwrap_or_default().to_os_string(),
+        };
         if a.parents {
             let target = resolve_in_root(
                 dest_root,
@@ -438,8 +505,7 @@ pub fn copy(
                     ctx.copy_entry(&src.join(&n), &dest_path.join(&n), &n.to_string_lossy())?;
                 }
             } else {
-                let name = src.file_name().unwrap_or_default();
-                ctx.copy_entry(&src, &dest_path.join(name), "")?;
+                ctx.copy_entry(&src, &dest_path.join(&name), "")?;
             }
             continue;
         }
@@ -456,7 +522,7 @@ pub fn copy(
                 .unwrap_or(false);
         let target = if into_dir {
             make_dest_dir(&dest_path)?;
-            dest_path.join(src.file_name().unwrap_or_default())
+            dest_path.join(&name)
         } else {
             if let Some(parent) = dest_path.parent() {
                 make_dest_dir(parent)?;

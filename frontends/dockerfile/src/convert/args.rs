@@ -42,3 +42,10 @@ pub(super) fn set_env(env: &mut Vec<String>, key: &str, value: &str) {
     }
     env.push(entry);
 }
+
+/// Sets a variable in an ordered environment the way BuildKit's LLB state
+/// does: an existing entry is removed and the new one appended.
+pub(super) fn add_or_replace(env: &mut Vec<(String, String)>, key: &str, value: &str) {
+    env.retain(|(k, _)| k != key);
+    env.push((key.to_string(), value.to_string()));
+}

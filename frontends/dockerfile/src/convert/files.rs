@@ -114,7 +114,7 @@ impl Ctx<'_> {
             Some(m) => {
                 let m = ex(self, m)?;
                 match u32::from_str_radix(&m, 8) {
-                    Ok(v) if v <= 0o7777 => (v, String::new()),
+                    Ok(v) if v <= 0o7777 => (Some(v), String::new()),
                     Ok(_) => {
                         return Err(
                             self.err(line, format!("invalid chmod {m:?}: mode out of range"))
@@ -123,11 +123,11 @@ impl Ctx<'_> {
                     Err(_) => {
                         validate_symbolic_mode(&m)
                             .map_err(|e| self.err(line, format!("invalid chmod {m:?}: {e}")))?;
-                        (0, m)
+                        (None, m)
                     }
                 }
             }
-            None => (0, String::new()),
+            None => (None, String::new()),
         };
         let mut excludes = Vec::new();
         for e in flags.all("exclude") {
@@ -154,7 +154,7 @@ impl Ctx<'_> {
             actions.push(pb::FileAction {
                 action: Some(pb::file_action::Action::Mkfile(pb::FileActionMkFile {
                     path,
-                    mode: if mode != 0 { mode } else { 0o644 },
+                    mode: mode.unwrap_or(0o644),
                     data: data.into_bytes(),
                     chown: chown.clone(),
                 })),
@@ -293,12 +293,6 @@ impl Ctx<'_> {
                 if is_remote(s) && !is_add {
                     return Err(self.err(line, format!("COPY {s}: source can't be a URL for COPY")));
                 }
-                if from.is_none() && escapes_root(s) {
-                    return Err(self.err(
-                        line,
-                        format!("{name} {s}: forbidden path outside the build context"),
-                    ));
-                }
             }
             actions.push(pb::FileAction {
                 action: Some(pb::file_action::Action::Copy(pb::FileActionCopy {
@@ -324,7 +318,9 @@ impl Ctx<'_> {
                     follow_symlinks: true,
                     dir_copy_contents: true,
                     allow_wildcard: true,
-                    allow_empty_wildcard: false,
+                    // BuildKit's Dockerfile frontend: a wildcard matching
+                    // nothing is not an error.
+                    allow_empty_wildcard: true,
                     create_dest_path: true,
                     exclude_patterns: excludes,
                     // Downloads are not unpacked unless asked (ADD --unpack=true), as in BuildKit.
@@ -494,10 +490,6 @@ pub(super) fn parse_git_ref(s: &str) -> Option<GitRef> {
         reference,
         subdir,
     })
-}
-
-pub(super) fn escapes_root(src: &str) -> bool {
-    clean_path(src.trim_start_matches('/')).starts_with("..") && !src.starts_with('/')
 }
 
 /// Checks `u+x,g-w,o=r` style modes.

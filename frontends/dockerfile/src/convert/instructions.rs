@@ -54,6 +54,7 @@ impl Ctx<'_> {
                 }
                 for (k, v) in updates {
                     set_env(&mut img.config.env, &k, &v);
+                    add_or_replace(&mut st.result.run_env, &k, &v);
                 }
                 commit(img, format!("ENV {}", parts.join(" ")), false);
             }
@@ -134,12 +135,15 @@ impl Ctx<'_> {
                     v
                 };
                 let text = json_list(&args);
+                // An empty list is no value at all in BuildKit's config (Go's
+                // omitempty), though it still clears CMD below.
+                let args = Some(args).filter(|a| !a.is_empty());
                 if node.keyword == "cmd" {
-                    img.config.cmd = Some(args);
+                    img.config.cmd = args;
                     st.cmd_set = true;
                     commit(img, format!("CMD {text}"), false);
                 } else {
-                    img.config.entrypoint = Some(args);
+                    img.config.entrypoint = args;
                     if !st.cmd_set {
                         img.config.cmd = None;
                     }
@@ -148,10 +152,17 @@ impl Ctx<'_> {
             }
             "expose" => {
                 let mut ports = Vec::new();
+                // The expanded words are split again: `EXPOSE $PORTS` with
+                // PORTS="80 443/udp" exposes two ports, as in BuildKit.
                 for a in &node.args {
-                    let p = expand(self, a)?;
-                    for port in expose_ports(&p).map_err(|e| self.err(line, e))? {
-                        ports.push(port);
+                    let words = self
+                        .lex
+                        .process_words(a, &env)
+                        .map_err(|e| self.err(line, e.to_string()))?;
+                    for p in words {
+                        for port in expose_ports(&p).map_err(|e| self.err(line, e))? {
+                            ports.push(port);
+                        }
                     }
                 }
                 for p in &ports {
@@ -248,6 +259,9 @@ impl Ctx<'_> {
                         });
                     if is_secret_name(&name) {
                         self.warn("SecretsUsedInArgOrEnv", &format!("Do not use ARG or ENV instructions for sensitive data (ARG {name:?})"), line);
+                    }
+                    if let Some(v) = &value {
+                        add_or_replace(&mut st.result.run_env, &name, v);
                     }
                     st.args.push((name.clone(), value.clone()));
                     let img = &mut st.result.image;

@@ -200,6 +200,11 @@ struct StageDef {
 struct StageResult {
     state: Option<OutputRef>,
     image: Image,
+    /// The variables RUN and expansion see, in the order they were set:
+    /// the image's ENV plus the ARGs with a value, the last set winning
+    /// (BuildKit keeps both in its LLB state; a stage built FROM this one
+    /// inherits them).
+    run_env: Vec<(String, String)>,
 }
 
 struct Ctx<'a> {
@@ -228,19 +233,9 @@ struct StageState {
 }
 
 impl StageState {
-    /// Variables visible to expansion: declared args, then ENV (ENV wins).
+    /// Variables visible to expansion and to RUN.
     fn expansion_env(&self) -> Vec<(String, String)> {
-        let mut env: Vec<(String, String)> = self
-            .args
-            .iter()
-            .filter_map(|(k, v)| v.as_ref().map(|v| (k.clone(), v.clone())))
-            .collect();
-        for e in &self.result.image.config.env {
-            if let Some((k, v)) = e.split_once('=') {
-                env.push((k.into(), v.into()));
-            }
-        }
-        env
+        self.result.run_env.clone()
     }
 }
 

@@ -53,28 +53,32 @@ impl Ctx<'_> {
         if args.is_empty() {
             return Err(self.err(line, "RUN requires at least one argument"));
         }
-        let _ = &env_for_expand;
-        // Env: image env plus args in scope (as BuildKit passes them to RUN).
-        let mut env: Vec<String> = Vec::new();
-        let mut arg_env: Vec<String> = Vec::new();
-        for (k, v) in &st.args {
-            if let Some(v) = v
-                && !img
-                    .config
-                    .env
-                    .iter()
-                    .any(|e| e.split_once('=').map(|x| x.0) == Some(k.as_str()))
-            {
-                arg_env.push(format!("{k}={v}"));
+        // Env: the stage's ordered environment (ENV and ARG values, the last
+        // set winning), then the proxy build args under both spellings as
+        // BuildKit's ProxyEnv passes them, whether declared or not (never
+        // ALL_PROXY, which that BuildKit does not predefine).
+        let mut env: Vec<String> = st
+            .result
+            .run_env
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        for proxy in ["HTTP_PROXY", "HTTPS_PROXY", "FTP_PROXY", "NO_PROXY"] {
+            let Some(value) = self
+                .opts
+                .build_args
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(proxy))
+                .map(|(_, v)| v)
+            else {
+                continue;
+            };
+            // They win over an ENV or ARG of the same name.
+            for name in [proxy.to_string(), proxy.to_lowercase()] {
+                env.retain(|e| e.split_once('=').map(|(k, _)| k) != Some(name.as_str()));
+                env.push(format!("{name}={value}"));
             }
         }
-        for (k, v) in &self.opts.build_args {
-            if PROXY_ARGS.contains(&k.as_str()) && !st.args.iter().any(|(n, _)| n == k) {
-                env.push(format!("{k}={v}"));
-            }
-        }
-        env.extend(img.config.env.iter().cloned());
-        env.extend(arg_env.iter().cloned());
         let network = match flags.get("network").map(String::as_str) {
             None | Some("default") => pb::NetMode::NetUnset,
             Some("none") => pb::NetMode::NetNone,
@@ -146,6 +150,22 @@ impl Ctx<'_> {
         }
         st.result.state = Some(r);
         let mut created_by = String::from("RUN ");
+        // History names the stage's declared ARGs with their values, as BuildKit's.
+        let arg_env: Vec<String> = st
+            .args
+            .iter()
+            .map(|(k, v)| {
+                let value = st
+                    .result
+                    .run_env
+                    .iter()
+                    .find(|(n, _)| n == k)
+                    .map(|(_, v)| v.clone())
+                    .or_else(|| v.clone())
+                    .unwrap_or_default();
+                format!("{k}={value}")
+            })
+            .collect();
         if !arg_env.is_empty() {
             created_by.push_str(&format!("|{} {} ", arg_env.len(), arg_env.join(" ")));
         }

@@ -122,11 +122,13 @@ impl Ctx<'_> {
             StageResult {
                 state: Some(state),
                 image: Image::empty(&platform.os, &platform.architecture, &platform.variant),
+                run_env: Vec::new(),
             }
         } else if base == "scratch" {
             StageResult {
                 state: None,
                 image: Image::empty(&platform.os, &platform.architecture, &platform.variant),
+                run_env: Vec::new(),
             }
         } else if let Some(dep) = self.stage_named(&base, idx).filter(|_| named.is_none()) {
             self.convert_stage(dep)?
@@ -151,8 +153,28 @@ impl Ctx<'_> {
             StageResult {
                 state: Some(r),
                 image,
+                run_env: Vec::new(),
             }
         };
+        // As BuildKit: the config always has a PATH, and the image's ENV is
+        // set again over what a base stage's ARGs left in the environment.
+        if !result
+            .image
+            .config
+            .env
+            .iter()
+            .any(|e| e.starts_with("PATH="))
+        {
+            result
+                .image
+                .config
+                .env
+                .push(format!("PATH={}", kiln_definition::image::DEFAULT_PATH));
+        }
+        for e in result.image.config.env.clone() {
+            let (k, v) = e.split_once('=').unwrap_or((&e, ""));
+            add_or_replace(&mut result.run_env, k, v);
+        }
         // ONBUILD triggers of the base run first, then are cleared.
         let mut commands = Vec::new();
         for trigger in std::mem::take(&mut result.image.config.on_build) {
