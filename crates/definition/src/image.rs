@@ -121,6 +121,9 @@ impl Default for RootFs {
 pub struct Image {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub created: Option<String>,
+    /// MAINTAINER's value (Docker's `author`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub author: String,
     pub architecture: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub variant: String,

@@ -539,8 +539,10 @@ pub fn mkdir(root: &Path, a: &pb::FileActionMkDir) -> Result<(), FileOpError> {
     if p.is_dir() {
         return Ok(());
     }
+    // WORKDIR's directories belong to the current USER; a user the image
+    // does not know leaves them root's rather than failing, as in BuildKit.
     let owner = match &a.chown {
-        Some(c) => Some(resolve_owner(root, c)?),
+        Some(c) => Some(resolve_owner(root, c).unwrap_or((0, 0))),
         None => None,
     };
     if a.make_parents {

@@ -102,8 +102,17 @@ impl Ctx<'_> {
         let chown = match flags.get("chown") {
             Some(c) => {
                 let c = ex(self, c)?;
+                // An empty side of `user:group` is id 0 (`--chown=1000:` is
+                // 1000:0 in BuildKit); no group at all means the user's.
+                let or_root = |s: &str| {
+                    if s.is_empty() {
+                        "0".to_string()
+                    } else {
+                        s.to_string()
+                    }
+                };
                 let (u, g) = match c.split_once(':') {
-                    Some((u, g)) => (u.to_string(), g.to_string()),
+                    Some((u, g)) => (or_root(u), or_root(g)),
                     None => (c.clone(), String::new()),
                 };
                 Some(pb::ChownOpt { user: u, group: g })

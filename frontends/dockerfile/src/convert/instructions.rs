@@ -75,7 +75,8 @@ impl Ctx<'_> {
                     "Maintainer instruction is deprecated in favor of using label",
                     line,
                 );
-                img.config.labels.insert("maintainer".into(), m.clone());
+                // BuildKit records it as the image's author, not as a label.
+                img.author = m.clone();
                 commit(img, format!("MAINTAINER {m}"), false);
             }
             "workdir" => {
@@ -83,14 +84,17 @@ impl Ctx<'_> {
                     .args
                     .first()
                     .ok_or_else(|| self.err(line, "WORKDIR requires exactly one argument"))?;
-                let wd = expand(self, arg)?;
-                let wd = if wd.starts_with('/') {
-                    clean_path(&wd)
+                let written = expand(self, arg)?;
+                // The config keeps an absolute path as written (BuildKit's
+                // dispatchWorkdir); a relative one is joined and cleaned.
+                let (stored, wd) = if written.starts_with('/') {
+                    (written.clone(), clean_path(&written))
                 } else {
-                    self.warn("WorkdirRelativePath", &format!("Relative workdir {wd:?} can have unexpected results if the base image changes"), line);
-                    clean_path(&format!("{}/{}", img.config.working_dir, wd))
+                    self.warn("WorkdirRelativePath", &format!("Relative workdir {written:?} can have unexpected results if the base image changes"), line);
+                    let joined = clean_path(&format!("/{}/{}", img.config.working_dir, written));
+                    (joined.clone(), joined)
                 };
-                img.config.working_dir = wd.clone();
+                img.config.working_dir = stored;
                 let mut with_layer = false;
                 if wd != "/" {
                     let chown = user_chown(&img.config.user);
@@ -191,6 +195,9 @@ impl Ctx<'_> {
                     .first()
                     .ok_or_else(|| self.err(line, "STOPSIGNAL requires exactly one argument"))?;
                 let s = expand(self, arg)?;
+                if !valid_stop_signal(&s) {
+                    return Err(self.err(line, format!("Invalid signal: {s}")));
+                }
                 img.config.stop_signal = s.clone();
                 commit(img, format!("STOPSIGNAL {s}"), false);
             }
@@ -240,10 +247,14 @@ impl Ctx<'_> {
             }
             "arg" => {
                 for word in &node.args {
+                    // The name is expanded too (`ARG ${P}_VAR=x`), as in BuildKit.
                     let (name, default) = match word.split_once('=') {
-                        Some((k, v)) => (k.to_string(), Some(expand(self, v)?)),
-                        None => (word.clone(), None),
+                        Some((k, v)) => (expand(self, k)?, Some(expand(self, v)?)),
+                        None => (expand(self, word)?, None),
                     };
+                    if name.is_empty() {
+                        return Err(self.err(line, "ARG names can not be blank"));
+                    }
                     let value = self
                         .opts
                         .build_args
@@ -456,4 +467,32 @@ pub(super) fn parse_duration(s: &str) -> Option<i64> {
         rest = &rest[u..];
     }
     Some(total as i64)
+}
+
+/// Signals Docker accepts for STOPSIGNAL: a number, or a name with or
+/// without SIG (any case), as moby's signal.ParseSignal.
+pub(super) fn valid_stop_signal(s: &str) -> bool {
+    const NAMES: &[&str] = &[
+        "ABRT", "ALRM", "BUS", "CHLD", "CLD", "CONT", "FPE", "HUP", "ILL", "INT", "IO", "IOT",
+        "KILL", "PIPE", "POLL", "PROF", "PWR", "QUIT", "SEGV", "STKFLT", "STOP", "SYS", "TERM",
+        "TRAP", "TSTP", "TTIN", "TTOU", "UNUSED", "URG", "USR1", "USR2", "VTALRM", "WINCH", "XCPU",
+        "XFSZ",
+    ];
+    if let Ok(n) = s.parse::<u32>() {
+        return n != 0;
+    }
+    let upper = s.to_ascii_uppercase();
+    let name = upper.strip_prefix("SIG").unwrap_or(&upper);
+    if NAMES.contains(&name) {
+        return true;
+    }
+    // RTMIN, RTMIN+n, RTMAX-n
+    let rt = |base: &str| -> bool {
+        name == base
+            || name
+                .strip_prefix(base)
+                .and_then(|r| r.strip_prefix(['+', '-']))
+                .is_some_and(|n| n.parse::<u32>().is_ok_and(|n| n <= 15))
+    };
+    rt("RTMIN") || rt("RTMAX")
 }

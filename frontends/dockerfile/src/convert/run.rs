@@ -125,7 +125,7 @@ impl Ctx<'_> {
         let wd = if img.config.working_dir.is_empty() {
             "/".to_string()
         } else {
-            img.config.working_dir.clone()
+            clean_path(&img.config.working_dir)
         };
         let op = pb::Op {
             inputs,
@@ -296,7 +296,7 @@ impl Ctx<'_> {
                 }
                 "ssh" => target = format!("/run/buildkit/ssh_agent.{ssh_index}"),
                 // BuildKit accepts a bind without target; it lands in the working directory.
-                "bind" => target = st.result.image.config.working_dir.clone(),
+                "bind" => target = clean_path(&st.result.image.config.working_dir),
                 _ => return Err(self.err(line, format!("mount type {typ} requires a target"))),
             }
         }
