@@ -105,7 +105,7 @@ fn multi_stage_and_target() {
 
 #[test]
 fn errors_have_lines() {
-    let e = conv("FROM scratch\nCOPY ../x /x\n").unwrap_err();
+    let e = conv("FROM scratch\nSTOPSIGNAL SIGNOPE\n").unwrap_err();
     assert_eq!(e.line, 2);
     assert!(e.to_string().contains("Dockerfile:2"));
     let e = conv("FROM scratch\nCOPPY a b\n").unwrap_err();
