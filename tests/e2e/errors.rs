@@ -42,12 +42,10 @@ fn bad_input_is_reported_clearly() {
         "{e}"
     );
 
+    // `../x` is cleaned inside the context (BuildKit), so it is just missing.
     let c = ctx("FROM scratch\nCOPY ../x /x\n", &[]);
     let e = d.fails(&["build", c.path().to_str().unwrap(), "-o", &dest]);
-    assert!(
-        e.contains("Dockerfile:2") && e.contains("outside the build context"),
-        "{e}"
-    );
+    assert!(e.contains("Dockerfile:2") && e.contains("not found"), "{e}");
 
     // A symlink that leads out of the context resolves inside it, so the host file is never read.
     let c = ctx("FROM scratch\nCOPY link /x\n", &[]);

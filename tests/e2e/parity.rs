@@ -2,7 +2,8 @@
 //! by a real kilnd and compared with the snapshot BuildKit produced
 //! (tests/parity/expected, recorded by scripts/parity-record.sh).
 //!
-//! `PARITY_CASES=a,b` runs only the named cases.
+//! `PARITY_CASES=a,b` runs only the named cases; `PARITY_DUMP=DIR` writes
+//! kiln's snapshots there (to review before writing a hand expectation).
 
 use std::path::Path;
 use std::sync::Mutex;
@@ -62,16 +63,12 @@ fn build_base(d: &Daemon, work: &Path) -> (String, Image) {
 /// Builds one case with kiln and returns its differences from BuildKit.
 fn run_case(d: &Daemon, work: &Path, base_ctx: &str, base: &Image, case: &Case) -> Vec<String> {
     let expected_path = parity::expected_path(&case.name);
-    let Ok(text) = std::fs::read_to_string(&expected_path) else {
-        return vec![format!(
-            "no expected snapshot {} (record it: scripts/parity-record.sh {})",
-            expected_path.display(),
-            case.name
-        )];
-    };
-    let expected: serde_json::Value = match serde_json::from_str(&text) {
-        Ok(v) => v,
-        Err(e) => return vec![format!("{}: {e}", expected_path.display())],
+    let expected: Option<serde_json::Value> = match std::fs::read_to_string(&expected_path) {
+        Ok(text) => match serde_json::from_str(&text) {
+            Ok(v) => Some(v),
+            Err(e) => return vec![format!("{}: {e}", expected_path.display())],
+        },
+        Err(_) => None,
     };
     let dir = work.join(&case.name);
     let (ctx, secrets) = (dir.join("context"), dir.join("secrets"));
@@ -102,7 +99,14 @@ fn run_case(d: &Daemon, work: &Path, base_ctx: &str, base: &Image, case: &Case) 
             .rev()
             .collect::<String>()
     };
-    if expected["error"] == true {
+    let missing = || {
+        vec![format!(
+            "no expected snapshot {} (record it: scripts/parity-record.sh {})",
+            expected_path.display(),
+            case.name
+        )]
+    };
+    if expected.as_ref().is_some_and(|e| e["error"] == true) {
         if out.status.success() {
             return vec!["BuildKit refused this build; kiln built it".into()];
         }
@@ -119,7 +123,18 @@ fn run_case(d: &Daemon, work: &Path, base_ctx: &str, base: &Image, case: &Case) 
         Err(e) => return vec![format!("reading kiln's image: {e}")],
     };
     let _ = std::fs::remove_dir_all(&dir);
-    parity::compare(&expected, &actual)
+    // For writing a hand expectation: PARITY_DUMP=DIR keeps kiln's snapshots.
+    if let Ok(dump) = std::env::var("PARITY_DUMP") {
+        let _ = std::fs::create_dir_all(&dump);
+        let _ = std::fs::write(
+            Path::new(&dump).join(format!("{}.json", case.name)),
+            serde_json::to_string_pretty(&actual).unwrap_or_default(),
+        );
+    }
+    match expected {
+        Some(expected) => parity::compare(&expected, &actual),
+        None => missing(),
+    }
 }
 
 #[test]

@@ -523,3 +523,12 @@ impl Drop for Registry {
         let _ = self.child.wait();
     }
 }
+
+/// Whether `p` is absent or an empty directory: what a step's mount point
+/// leaves in the image (BuildKit keeps the directories it had to make).
+pub fn absent_or_empty_dir(p: &Path) -> bool {
+    match std::fs::symlink_metadata(p) {
+        Err(_) => true,
+        Ok(m) => m.is_dir() && std::fs::read_dir(p).is_ok_and(|mut d| d.next().is_none()),
+    }
+}

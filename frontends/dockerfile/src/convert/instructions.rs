@@ -247,10 +247,11 @@ impl Ctx<'_> {
             }
             "arg" => {
                 for word in &node.args {
-                    // The name is expanded too (`ARG ${P}_VAR=x`), as in BuildKit.
+                    // Only the value is expanded: current BuildKit (dockerfile
+                    // 1.8) stopped expanding the name, which v0.8 did.
                     let (name, default) = match word.split_once('=') {
-                        Some((k, v)) => (expand(self, k)?, Some(expand(self, v)?)),
-                        None => (expand(self, word)?, None),
+                        Some((k, v)) => (k.to_string(), Some(expand(self, v)?)),
+                        None => (word.clone(), None),
                     };
                     if name.is_empty() {
                         return Err(self.err(line, "ARG names can not be blank"));

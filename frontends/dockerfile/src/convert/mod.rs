@@ -346,24 +346,58 @@ impl Ctx<'_> {
     /// stages above it (BuildKit registers stages in order); `--from=`,
     /// `RUN --mount from=` and `--target` see them all. Names only: a bare
     /// number is an image name here, as in BuildKit's `findStateByName`.
+    /// The stage a name refers to among the first `before` stages: the last
+    /// one so named (a later duplicate replaces an earlier one, as in
+    /// BuildKit). Stage names are stored lower-case; `COPY --from`, mounts
+    /// and `--target` match in any case.
     fn stage_named(&self, name: &str, before: usize) -> Option<usize> {
-        let lower = name.to_lowercase();
+        self.stage_named_exactly(&name.to_lowercase(), before)
+    }
+
+    /// As `stage_named`, but with the name as written: `FROM Base` does not
+    /// find `AS Base` (stored as `base`) in BuildKit and is an image name.
+    fn stage_named_exactly(&self, name: &str, before: usize) -> Option<usize> {
         let limit = before.min(self.stages.len());
         self.stages[..limit]
             .iter()
-            .position(|s| s.name.as_deref() == Some(lower.as_str()))
+            .rposition(|s| s.name.as_deref() == Some(name))
     }
 
-    /// The stage `COPY --from=` names: a stage name (any stage, before or
-    /// after; a reference back to itself is a cycle) or a stage index.
+    /// The stage `COPY --from=` or `--mount from=` names: a stage name or
+    /// index, which must come before the current stage (current BuildKit;
+    /// v0.8 silently used that stage's base image instead).
     fn copy_from_stage(&self, name: &str, line: usize) -> Result<Option<usize>, FrontendError> {
-        if let Ok(i) = name.parse::<i64>() {
-            if i < 0 || i as usize >= self.stages.len() {
+        let idx = match name.parse::<i64>() {
+            Ok(i) if i < 0 || i as usize >= self.stages.len() => {
                 return Err(self.err_at(line, name, format!("invalid stage index {i}")));
             }
-            return Ok(Some(i as usize));
+            Ok(i) => i as usize,
+            Err(_) => match self.stage_named(name, usize::MAX) {
+                Some(i) => i,
+                None => return Ok(None),
+            },
+        };
+        let current = self.stages[self.current]
+            .name
+            .clone()
+            .unwrap_or_else(|| self.current.to_string());
+        if idx == self.current {
+            return Err(self.err_at(
+                line,
+                name,
+                format!("circular dependency detected on stage: {current}"),
+            ));
         }
-        Ok(self.stage_named(name, usize::MAX))
+        if idx > self.current {
+            return Err(self.err_at(
+                line,
+                name,
+                format!(
+                    "cannot copy from stage {name:?}, it needs to be defined before current stage {current:?}"
+                ),
+            ));
+        }
+        Ok(Some(idx))
     }
 }
 
@@ -481,7 +515,12 @@ fn convert_here(
                         .iter()
                         .any(|s| s.name.as_deref() == Some(n.as_str()))
                     {
-                        return Err(ctx.err(node.start_line, format!("duplicate stage name {n:?}")));
+                        // Allowed (the later one wins), as in BuildKit.
+                        ctx.warn(
+                            "DuplicateStageName",
+                            &format!("Duplicate stage name {n:?}, stage names should be unique"),
+                            node.start_line,
+                        );
                     }
                     (b.clone(), Some(n))
                 }

@@ -331,7 +331,11 @@ impl Ctx<'_> {
             let src_state = match (&from, named) {
                 (Some(_), Some(Ok(local))) => Some(self.local_source(&local)),
                 (Some(f), named) => {
-                    match self.stage_named(f, usize::MAX).filter(|_| named.is_none()) {
+                    let stage = match named {
+                        Some(_) => None,
+                        None => self.copy_from_stage(f, line)?,
+                    };
+                    match stage {
                         Some(i) => self.convert_stage(i)?.state,
                         None => {
                             let f = match named {

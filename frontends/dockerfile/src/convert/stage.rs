@@ -130,7 +130,10 @@ impl Ctx<'_> {
                 image: Image::empty(&platform.os, &platform.architecture, &platform.variant),
                 run_env: Vec::new(),
             }
-        } else if let Some(dep) = self.stage_named(&base, idx).filter(|_| named.is_none()) {
+        } else if let Some(dep) = self
+            .stage_named_exactly(&base, idx)
+            .filter(|_| named.is_none())
+        {
             self.convert_stage(dep)?
         } else {
             let (pinned, image) = self

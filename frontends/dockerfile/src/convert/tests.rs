@@ -138,31 +138,37 @@ fn errors_point_at_the_word() {
 }
 
 #[test]
-fn copy_from_sees_later_stages_and_finds_cycles() {
-    // BuildKit resolves --from against every stage, not just earlier ones.
+fn copy_from_needs_an_earlier_stage() {
+    // Current BuildKit: --from and mount sources must be defined before.
     let df = "FROM scratch AS a\nCOPY --from=b /y /y\nFROM scratch AS b\nCOPY y /y\n";
     let o = ConvertOptions {
         target: Some("a".into()),
         ..Default::default()
     };
-    let c = convert(df.as_bytes(), &o, &NoImages).unwrap();
-    let g = kiln_definition::Graph::from_definition(&c.definition).unwrap();
-    assert_eq!(g.vertices.len(), 3, "context, copy in b, copy in a");
+    let e = convert(df.as_bytes(), &o, &NoImages).unwrap_err();
+    assert!(
+        e.message.contains(
+            "cannot copy from stage \"b\", it needs to be defined before current stage \"a\""
+        ),
+        "{e}"
+    );
     let e = conv("FROM scratch AS s0\nCOPY --from=s0 /a /b\n").unwrap_err();
     assert!(
         e.message
             .contains("circular dependency detected on stage: s0"),
         "{e}"
     );
-    let df = "FROM scratch AS s0\nCOPY --from=s2 f /\nFROM scratch AS s1\nCOPY --from=s0 f /\nFROM scratch AS s2\nCOPY --from=s1 f /\n";
-    assert!(
-        conv(df)
-            .unwrap_err()
-            .message
-            .contains("circular dependency")
-    );
+    let e =
+        conv("FROM scratch AS a\nRUN --mount=from=b,target=/x true\nFROM scratch AS b\nFROM a\n")
+            .unwrap_err();
+    assert!(e.message.contains("needs to be defined before"), "{e}");
     let e = conv("FROM scratch\nCOPY --from=3 /a /b\n").unwrap_err();
     assert!(e.message.contains("invalid stage index 3"), "{e}");
+    // An earlier stage by name (any case) or index is fine.
+    assert!(
+        conv("FROM scratch AS One\nFROM scratch\nCOPY --from=ONE /a /b\nCOPY --from=0 /a /c\n")
+            .is_ok()
+    );
     // FROM only sees stages above it: a later name is an image.
     let o = ConvertOptions {
         target: Some("a".into()),
@@ -170,6 +176,13 @@ fn copy_from_sees_later_stages_and_finds_cycles() {
     };
     let e = convert(b"FROM b AS a\nFROM scratch AS b\n", &o, &NoImages).unwrap_err();
     assert!(e.message.contains("b"), "the image b is resolved: {e}");
+    // A duplicate name is allowed; the later stage wins.
+    let c = conv("FROM scratch AS d\nFROM scratch AS d\nLABEL x=2\nFROM d\n").unwrap();
+    assert_eq!(
+        c.image.config.labels.get("x").map(String::as_str),
+        Some("2")
+    );
+    assert!(c.warnings.iter().any(|w| w.rule == "DuplicateStageName"));
 }
 
 #[test]
