@@ -146,26 +146,34 @@ fn kiln_builds_what_buildkit_builds() {
         let only: Vec<&str> = only.split(',').collect();
         cases.retain(|c| only.contains(&c.name.as_str()));
     }
-    let d = Daemon::start();
-    let work = tempfile::tempdir().unwrap();
-    let (base_ctx, base) = build_base(&d, work.path());
+    // Every configuration must build what BuildKit builds: both executors,
+    // both snapshotters (the native one diffs by walking trees).
+    let configs: Vec<(&str, Vec<&str>)> = vec![
+        ("sandbox+overlayfs", vec![]),
+        ("runc", vec!["--oci-runtime", "runc"]),
+        ("native snapshots", vec!["--snapshotter", "native"]),
+    ];
     let failures = Mutex::new(Vec::new());
-    let next = Mutex::new(cases.iter());
-    std::thread::scope(|s| {
-        for _ in 0..3 {
-            s.spawn(|| {
-                loop {
-                    let Some(case) = next.lock().unwrap().next() else {
-                        break;
-                    };
+    for (config, flags) in &configs {
+        let d = Daemon::start_with(flags);
+        let work = tempfile::tempdir().unwrap();
+        let (base_ctx, base) = build_base(&d, work.path());
+        let next = Mutex::new(cases.iter());
+        std::thread::scope(|s| {
+            for _ in 0..3 {
+                s.spawn(|| loop {
+                    let Some(case) = next.lock().unwrap().next() else { break };
                     let diffs = run_case(&d, work.path(), &base_ctx, &base, case);
                     if !diffs.is_empty() {
-                        failures.lock().unwrap().push((case.name.clone(), diffs));
+                        failures
+                            .lock()
+                            .unwrap()
+                            .push((format!("{} [{config}]", case.name), diffs));
                     }
-                }
-            });
-        }
-    });
+                });
+            }
+        });
+    }
     let mut failures = failures.into_inner().unwrap();
     failures.sort();
     let report: String = failures
@@ -174,9 +182,13 @@ fn kiln_builds_what_buildkit_builds() {
         .collect();
     assert!(
         failures.is_empty(),
-        "{} of {} parity cases differ from BuildKit:{report}",
+        "{} of {} parity case builds differ from BuildKit:{report}",
         failures.len(),
-        cases.len()
+        cases.len() * configs.len()
     );
-    eprintln!("{} parity cases match BuildKit", cases.len());
+    eprintln!(
+        "{} parity cases match BuildKit in {} configurations",
+        cases.len(),
+        configs.len()
+    );
 }

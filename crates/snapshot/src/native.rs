@@ -51,7 +51,10 @@ fn same(a: &fs::Metadata, b: &fs::Metadata, pa: &Path, pb: &Path) -> bool {
     if a.file_type().is_symlink() {
         return fs::read_link(pa).ok() == fs::read_link(pb).ok();
     }
+    // A new link to a file changes it too: overlayfs copies it up, and the
+    // layer then holds both names as one hardlink group.
     a.size() == b.size()
+        && a.nlink() == b.nlink()
         && a.mtime() == b.mtime()
         && a.mtime_nsec() == b.mtime_nsec()
         && xattrs(pa) == xattrs(pb)
@@ -75,10 +78,30 @@ fn xattrs(p: &Path) -> Vec<(std::ffi::OsString, Option<Vec<u8>>)> {
 
 /// Writes into `diff` what changed from `parent` to `child`.
 pub(crate) fn write_diff(parent: &Path, child: &Path, diff: &Path) -> Result<(), String> {
-    diff_dir(parent, child, diff).map_err(|e| format!("computing the layer diff: {e}"))
+    let mut links = Links::new();
+    diff_dir(parent, child, diff, &mut links).map_err(|e| format!("computing the layer diff: {e}"))
 }
 
-fn diff_dir(parent: &Path, child: &Path, diff: &Path) -> std::io::Result<()> {
+/// Files with several names already written to the diff, by the child's
+/// (device, inode): their other names become links to the same copy.
+type Links = std::collections::HashMap<(u64, u64), std::path::PathBuf>;
+
+/// Copies a changed or new entry into the diff, keeping hardlinks between
+/// the entries of one diff.
+fn copy_changed(c: &Path, d: &Path, cm: &fs::Metadata, links: &mut Links) -> std::io::Result<()> {
+    if cm.is_file() && cm.nlink() > 1 {
+        let key = (cm.dev(), cm.ino());
+        if let Some(first) = links.get(&key) {
+            return fs::hard_link(first, d);
+        }
+        copy_entry(c, d)?;
+        links.insert(key, d.to_path_buf());
+        return Ok(());
+    }
+    copy_entry(c, d)
+}
+
+fn diff_dir(parent: &Path, child: &Path, diff: &Path, links: &mut Links) -> std::io::Result<()> {
     let names = |d: &Path| -> std::io::Result<BTreeSet<std::ffi::OsString>> {
         fs::read_dir(d)?.map(|e| e.map(|e| e.file_name())).collect()
     };
@@ -102,7 +125,7 @@ fn diff_dir(parent: &Path, child: &Path, diff: &Path) -> std::io::Result<()> {
             Ok(pm) if pm.is_dir() && cm.is_dir() => {
                 let changed_meta = !same(&pm, &cm, &p, &c);
                 let before = count_entries(&d);
-                diff_dir(&p, &c, &d)?;
+                diff_dir(&p, &c, &d, links)?;
                 if changed_meta && !d.exists() {
                     copy_entry_shallow(&c, &d)?;
                 } else if d.exists() && before.is_none() {
@@ -115,14 +138,14 @@ fn diff_dir(parent: &Path, child: &Path, diff: &Path) -> std::io::Result<()> {
                 // Replaced or modified: copy it whole; a directory that
                 // replaced something else hides what was below.
                 fs::create_dir_all(diff)?;
-                copy_entry(&c, &d)?;
+                copy_changed(&c, &d, &cm, links)?;
                 if cm.is_dir() && !pm.is_dir() {
                     set_opaque(&d)?;
                 }
             }
             Err(_) => {
                 fs::create_dir_all(diff)?;
-                copy_entry(&c, &d)?;
+                copy_changed(&c, &d, &cm, links)?;
             }
         }
     }
