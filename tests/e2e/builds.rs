@@ -888,3 +888,75 @@ fn only_the_context_paths_the_build_reads_are_sent() {
     ]);
     assert!(out.path().join("fs2/all/unused/secret-ish.bin").exists());
 }
+
+/// The layer digests of the one image in an OCI layout directory.
+fn layout_layers(dir: &Path) -> Vec<String> {
+    let read = |p: std::path::PathBuf| -> serde_json::Value {
+        serde_json::from_slice(
+            &std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())),
+        )
+        .unwrap()
+    };
+    let index = read(dir.join("index.json"));
+    let blob = |d: &str| {
+        dir.join("blobs/sha256")
+            .join(d.trim_start_matches("sha256:"))
+    };
+    let manifest = read(blob(index["manifests"][0]["digest"].as_str().unwrap()));
+    manifest["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["digest"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn copy_link_is_independent_of_the_layers_below() {
+    require_root!();
+    let d = Daemon::start();
+    let ctx = kiln_e2e::busybox_context(
+        "ARG V=1\nFROM busybox AS base\nARG V\nRUN echo $V > /v\nFROM base\nCOPY --link a.txt sub /dst/\nCOPY --link --chmod=0600 a.txt /dst2/b.txt\nRUN cat /dst/a.txt /dst/s.txt /v > /seen\n",
+        &[("a.txt", "hello\n"), ("sub/s.txt", "s\n")],
+    );
+    let out = tempfile::tempdir().unwrap();
+    let mut layers = Vec::new();
+    for v in ["1", "2"] {
+        let dest = out.path().join(v);
+        let events = build_raw(
+            &d,
+            ctx.path(),
+            &[
+                "--build-arg",
+                &format!("V={v}"),
+                "-o",
+                &format!("type=oci,dest={},tar=false", dest.display()),
+            ],
+        );
+        let steps = completed(&events);
+        if v == "2" {
+            // The base changed, the linked copies did not: they are not run again.
+            let copies: Vec<_> = steps
+                .iter()
+                .filter(|(n, _)| {
+                    n.starts_with("COPY") && n.contains("/dst") && !n.ends_with("(link)")
+                })
+                .collect();
+            assert_eq!(copies.len(), 2, "{steps:?}");
+            assert!(copies.iter().all(|(_, cached)| *cached), "{steps:?}");
+        }
+        layers.push(layout_layers(&dest));
+    }
+    // Same layers for the linked copies on two different bases (rebased,
+    // not recomputed against the new base), different base and last layers.
+    let (a, b) = (&layers[0], &layers[1]);
+    assert_eq!(a.len(), b.len());
+    let n = a.len();
+    assert_ne!(a[n - 4], b[n - 4], "the RUN echo $V layers differ");
+    assert_eq!(
+        a[n - 3..n - 1],
+        b[n - 3..n - 1],
+        "linked copy layers are the same blobs"
+    );
+    assert_ne!(a[n - 1], b[n - 1], "the last RUN saw a different /v");
+}

@@ -161,14 +161,18 @@ fn kiln_builds_what_buildkit_builds() {
         let next = Mutex::new(cases.iter());
         std::thread::scope(|s| {
             for _ in 0..3 {
-                s.spawn(|| loop {
-                    let Some(case) = next.lock().unwrap().next() else { break };
-                    let diffs = run_case(&d, work.path(), &base_ctx, &base, case);
-                    if !diffs.is_empty() {
-                        failures
-                            .lock()
-                            .unwrap()
-                            .push((format!("{} [{config}]", case.name), diffs));
+                s.spawn(|| {
+                    loop {
+                        let Some(case) = next.lock().unwrap().next() else {
+                            break;
+                        };
+                        let diffs = run_case(&d, work.path(), &base_ctx, &base, case);
+                        if !diffs.is_empty() {
+                            failures
+                                .lock()
+                                .unwrap()
+                                .push((format!("{} [{config}]", case.name), diffs));
+                        }
                     }
                 });
             }

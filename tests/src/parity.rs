@@ -259,16 +259,14 @@ fn short_hash(data: &[u8]) -> String {
 fn describe_content(data: &[u8]) -> String {
     let mut s = format!("size={} sha256:{}", data.len(), short_hash(data));
     // Small text stays readable in the snapshot and in a failing diff.
-    if data.len() <= 80 {
-        if let Ok(text) = std::str::from_utf8(data) {
-            if text
-                .chars()
-                .all(|c| !c.is_control() || c == '\n' || c == '\t')
-            {
-                s.push(' ');
-                s.push_str(&serde_json::to_string(text).expect("string"));
-            }
-        }
+    if data.len() <= 80
+        && let Ok(text) = std::str::from_utf8(data)
+        && text
+            .chars()
+            .all(|c| !c.is_control() || c == '\n' || c == '\t')
+    {
+        s.push(' ');
+        s.push_str(&serde_json::to_string(text).expect("string"));
     }
     s
 }

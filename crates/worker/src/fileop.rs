@@ -541,10 +541,10 @@ pub fn mkdir(root: &Path, a: &pb::FileActionMkDir) -> Result<(), FileOpError> {
     }
     // WORKDIR's directories belong to the current USER; a user the image
     // does not know leaves them root's rather than failing, as in BuildKit.
-    let owner = match &a.chown {
-        Some(c) => Some(resolve_owner(root, c).unwrap_or((0, 0))),
-        None => None,
-    };
+    let owner = a
+        .chown
+        .as_ref()
+        .map(|c| resolve_owner(root, c).unwrap_or((0, 0)));
     if a.make_parents {
         // Create one level at a time so each new directory gets mode and owner.
         let rel = p.strip_prefix(root).unwrap_or(&p).to_path_buf();

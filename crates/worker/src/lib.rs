@@ -738,9 +738,10 @@ impl Worker {
             Some(pb::op::Op::Exec(_)) => {
                 Err(WorkerError::Other("exec ops run asynchronously".into()))
             }
-            Some(pb::op::Op::Merge(_)) | Some(pb::op::Op::Diff(_)) => Err(WorkerError::Other(
-                "merge and diff ops are not supported yet".into(),
-            )),
+            Some(pb::op::Op::Merge(m)) => self.merge_op(v, m, inputs, key),
+            Some(pb::op::Op::Diff(_)) => {
+                Err(WorkerError::Other("diff ops are not supported yet".into()))
+            }
             _ => Err(WorkerError::Other("unexpected op".into())),
         }
     }
@@ -834,6 +835,100 @@ impl Worker {
             return Err(e.into());
         }
         Ok(Output::Snapshot(id))
+    }
+
+    /// Stacks the layers of every input after the first onto the first
+    /// (`COPY --link`): each layer is applied as it is, whiteouts included,
+    /// so the result's top layers hold exactly what those inputs made and
+    /// export to the same blobs whatever they are stacked on.
+    fn merge_op(
+        &self,
+        v: &Vertex,
+        m: &pb::MergeOp,
+        inputs: &[Resolved<Output>],
+        key: &str,
+    ) -> Result<Output, WorkerError> {
+        let mut parent: Option<String> = None;
+        let mut layers = Vec::new();
+        for (i, idx) in m.inputs.iter().enumerate() {
+            let Some(id) = Self::input_snapshot(inputs, *idx)? else {
+                continue;
+            };
+            if i == 0 {
+                parent = Some(id);
+                continue;
+            }
+            let mut chain = self.chain(&id)?;
+            chain.reverse();
+            layers.extend(chain);
+        }
+        if layers.is_empty() {
+            return parent
+                .map(Output::Snapshot)
+                .ok_or_else(|| WorkerError::Other("merge of nothing".into()));
+        }
+        let last = layers.len() - 1;
+        for (n, layer) in layers.iter().enumerate() {
+            let chain = match &parent {
+                Some(p) => self.chain(p)?,
+                None => Vec::new(),
+            };
+            let active = self.snapshots.prepare(&chain)?;
+            let upper = self.snapshots.upper(layer);
+            let (reader, writer) =
+                std::io::pipe().map_err(|e| WorkerError::Other(e.to_string()))?;
+            let tar = std::thread::spawn(move || {
+                kiln_archive::write_tar(
+                    &upper,
+                    writer,
+                    kiln_archive::TarOptions {
+                        epoch: None,
+                        overlay_upper: true,
+                    },
+                )
+                .map(drop)
+            });
+            let root = active.path().to_path_buf();
+            let applied = kiln_archive::apply::unpack(
+                reader,
+                &root,
+                &root,
+                kiln_archive::apply::ApplyOptions {
+                    whiteouts: true,
+                    same_owner: true,
+                },
+            );
+            let written = tar
+                .join()
+                .map_err(|_| WorkerError::Other("layer writer panicked".into()))?;
+            applied?;
+            written?;
+            let id = active.commit()?;
+            let t = now();
+            let rec = SnapshotRecord {
+                parent: parent.clone(),
+                created: t,
+                size: self.snapshots.disk_usage(&id),
+                description: v.name().to_string(),
+                layers: vec![],
+            };
+            let cache = CacheRecord {
+                snapshot: id.clone(),
+                description: v.name().to_string(),
+                created: t,
+                last_used: t,
+                usage_count: 1,
+            };
+            let cache = (n == last).then_some((key, &cache));
+            if let Err(e) = self.meta.add_snapshot(&id, &rec, cache) {
+                let _ = self.snapshots.remove(&id);
+                return Err(e.into());
+            }
+            parent = Some(id);
+        }
+        parent
+            .map(Output::Snapshot)
+            .ok_or_else(|| WorkerError::Other("merge of nothing".into()))
     }
 
     /// The layer of one snapshot in a compression, computed once and reused

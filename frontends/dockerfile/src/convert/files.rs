@@ -143,6 +143,11 @@ impl Ctx<'_> {
             excludes.push(ex(self, e)?);
         }
         let parents = flags.get("parents").is_some_and(|v| v != "false");
+        // --link: the copy is made on an empty tree, independent of the
+        // stage so far, then stacked onto it (a merge), as in BuildKit: its
+        // cache key and layer do not depend on the layers below.
+        let link = flags.get("link").is_some_and(|v| v != "false");
+        let below = if link { None } else { st.result.state.clone() };
         let from = flags.get("from").map(|f| ex(self, f)).transpose()?;
         let mut actions = Vec::new();
         let mut extra = Vec::new();
@@ -295,7 +300,7 @@ impl Ctx<'_> {
                     (self.context(), String::new())
                 }
             };
-            let base_present = st.result.state.is_some();
+            let base_present = below.is_some();
             let src_idx = if base_present { 1 } else { 0 };
             extra.push(source);
             for s in &non_heredoc {
@@ -352,15 +357,8 @@ impl Ctx<'_> {
                     .collect::<String>(),
                 dest_raw
             );
-            let state = self.file_op(
-                st.result.state.clone(),
-                extra,
-                actions,
-                &desc,
-                node,
-                &st.platform,
-            );
-            st.result.state = Some(state);
+            let state = self.file_op(below, extra, actions, &desc, node, &st.platform);
+            st.result.state = Some(self.stack_link(st, state, link, &desc, node));
             commit(
                 &mut st.result.image,
                 format!(
@@ -375,17 +373,39 @@ impl Ctx<'_> {
             return Ok(());
         }
         let desc = format!("{name} {} {}", srcs.join(" "), dest_raw);
-        let state = self.file_op(
-            st.result.state.clone(),
-            extra,
-            actions,
-            &desc,
-            node,
-            &st.platform,
-        );
-        st.result.state = Some(state);
+        let state = self.file_op(below, extra, actions, &desc, node, &st.platform);
+        st.result.state = Some(self.stack_link(st, state, link, &desc, node));
         commit(&mut st.result.image, format!("{desc} # buildkit"), true);
         Ok(())
+    }
+
+    /// Stacks a `--link` copy (made on an empty tree) onto the stage: a
+    /// merge op; on an empty stage the copy is the stage. A copy made
+    /// without --link is already on the stage and returned as is.
+    fn stack_link(
+        &mut self,
+        st: &StageState,
+        copy: OutputRef,
+        link: bool,
+        desc: &str,
+        node: &Node,
+    ) -> OutputRef {
+        let Some(base) = st.result.state.clone().filter(|_| link) else {
+            return copy;
+        };
+        let op = pb::Op {
+            inputs: [&base, &copy]
+                .iter()
+                .map(|r| pb::Input {
+                    digest: r.digest.to_string(),
+                    index: r.index,
+                })
+                .collect(),
+            op: Some(pb::op::Op::Merge(pb::MergeOp { inputs: vec![0, 1] })),
+            platform: Some(st.platform.to_pb()),
+        };
+        self.builder
+            .add(&op, &format!("{desc} (link)"), &self.loc(node))
     }
 }
 
