@@ -12,6 +12,7 @@ impl Ctx<'_> {
         let line = node.start_line;
         let img = &st.result.image;
         let env_for_expand = st.expansion_env();
+        let mut script: Option<(String, String)> = None;
         let mut args: Vec<String> = if node.json {
             node.args.clone()
         } else if let Some(h) = node.heredocs.first().filter(|h| {
@@ -25,14 +26,11 @@ impl Ctx<'_> {
             // The shell expands (or not) the script at run time, as in BuildKit.
             let body = h.content.clone();
             if body.starts_with("#!") {
-                // A shebang script runs as its own file through the interpreter.
-                vec![
-                    "/bin/sh".into(),
-                    "-c".into(),
-                    format!(
-                        "cat > /dev/shm/.kiln-heredoc <<'KILN_EOF'\n{body}KILN_EOF\nchmod +x /dev/shm/.kiln-heredoc && exec /dev/shm/.kiln-heredoc"
-                    ),
-                ]
+                // A shebang script is a file of its own (mode 0755, made on an
+                // empty tree) mounted read-only at /dev/pipes/ and run
+                // directly, as BuildKit's dispatchRun does.
+                script = Some((h.name.clone(), body));
+                vec![format!("/dev/pipes/{}", h.name)]
             } else {
                 let mut v = shell_of(img);
                 v.push(body);
@@ -109,6 +107,37 @@ impl Ctx<'_> {
             output: 0,
             ..Default::default()
         });
+        if let Some((name, body)) = script.take() {
+            let file = pb::FileAction {
+                action: Some(pb::file_action::Action::Mkfile(pb::FileActionMkFile {
+                    path: format!("/{name}"),
+                    mode: 0o755,
+                    data: body.into_bytes(),
+                    chown: None,
+                })),
+            };
+            let platform = st.platform.clone();
+            let state = self.file_op(
+                None,
+                vec![],
+                vec![file],
+                &format!("heredoc {name}"),
+                node,
+                &platform,
+            );
+            inputs.push(pb::Input {
+                digest: state.digest.to_string(),
+                index: state.index,
+            });
+            mounts.push(pb::Mount {
+                input: inputs.len() as i64 - 1,
+                selector: "/".into(),
+                dest: "/dev/pipes/".into(),
+                output: -1,
+                readonly: true,
+                ..Default::default()
+            });
+        }
         for m in flags.all("mount") {
             let m = self
                 .lex
