@@ -16,17 +16,21 @@ pub struct ApplyOptions {
     pub whiteouts: bool,
     /// Set ownership from the archive (needs root); otherwise keep the caller's.
     pub same_owner: bool,
+    /// Clamp `..` that would climb above the destination to it (as Docker's
+    /// chrooted untar does for `ADD archive`), instead of refusing the entry.
+    pub clamp_parents: bool,
 }
 
-/// Cleans an entry name; `None` if it would leave the root.
-fn clean_entry(name: &Path) -> Option<PathBuf> {
+/// Cleans an entry name; `None` if it would leave the root (unless
+/// `clamp`: then the climb stops at the root, like Go's `path.Join("/", name)`).
+fn clean_entry(name: &Path, clamp: bool) -> Option<PathBuf> {
     let mut out = PathBuf::new();
     for c in name.components() {
         match c {
             Component::Normal(s) => out.push(s),
             Component::CurDir | Component::RootDir => {}
             Component::ParentDir => {
-                if !out.pop() {
+                if !out.pop() && !clamp {
                     return None;
                 }
             }
@@ -110,7 +114,8 @@ pub fn unpack<R: Read>(
         let mut entry = entry.map_err(io_at(dest))?;
         let raw = entry.path().map_err(io_at(dest))?.into_owned();
         let raw_s = raw.to_string_lossy().to_string();
-        let rel = clean_entry(&raw).ok_or_else(|| ArchiveError::Escape(raw_s.clone()))?;
+        let rel = clean_entry(&raw, opts.clamp_parents)
+            .ok_or_else(|| ArchiveError::Escape(raw_s.clone()))?;
         if rel.as_os_str().is_empty() {
             continue;
         }
@@ -192,7 +197,7 @@ pub fn unpack<R: Read>(
                     .link_name()
                     .map_err(io_at(&target))?
                     .unwrap_or_default();
-                let link_rel = clean_entry(&link)
+                let link_rel = clean_entry(&link, opts.clamp_parents)
                     .ok_or_else(|| ArchiveError::Escape(link.to_string_lossy().to_string()))?;
                 let src = resolve_in_root(root, &rel_dest.join(link_rel).to_string_lossy(), false)?;
                 fs::hard_link(&src, &target).map_err(io_at(&target))?;

@@ -441,7 +441,8 @@ fn match_one(p: &[char], pi: usize, c: char) -> Option<usize> {
         '\\' if pi + 1 < p.len() => (p[pi + 1] == c).then_some(pi + 2),
         '[' => {
             let mut i = pi + 1;
-            let negate = matches!(p.get(i), Some('^' | '!'));
+            // Go's path.Match: only `^` negates a class; `!` is itself.
+            let negate = matches!(p.get(i), Some('^'));
             if negate {
                 i += 1;
             }
@@ -551,7 +552,10 @@ mod tests {
         assert!(glob_match("*.rs", "a.rs"));
         assert!(!glob_match("*.rs", "a.go"));
         assert!(glob_match("[a-c]?", "bz"));
-        assert!(!glob_match("[!a-c]?", "bz"));
+        assert!(!glob_match("[^a-c]?", "bz"));
+        assert!(
+            glob_match("[!a]*", "!x") && glob_match("[!a]*", "ab") && !glob_match("[!a]*", "b")
+        );
         assert!(glob_match("a*b*c", "axxbyyc"));
         assert!(!glob_match("a*b*c", "axxbyy"));
         assert!(glob_match("*", ""));

@@ -54,33 +54,22 @@ pub fn resolve_owner(root: &Path, chown: &pb::ChownOpt) -> Result<(u32, u32), Fi
             }
         })
     };
+    // Names the image does not know fall back as BuildKit's readUser does:
+    // an unknown user is uid 0 (gid 0), an unknown group keeps the user's
+    // primary gid. Numeric ids are taken as they are.
     let (uid, primary) = match chown.user.parse::<u32>() {
         Ok(u) => (u, u),
         Err(_) if chown.user.is_empty() => (0, 0),
-        Err(_) => lookup("/etc/passwd", &chown.user).ok_or_else(|| {
-            FileOpError(format!(
-                "unable to find user {}: no matching entries in passwd file",
-                chown.user
-            ))
-        })?,
+        Err(_) => lookup("/etc/passwd", &chown.user).unwrap_or((0, 0)),
     };
     let gid = if chown.group.is_empty() {
-        if chown.user.parse::<u32>().is_ok() {
-            uid
-        } else {
-            primary
-        }
+        primary
     } else {
         match chown.group.parse::<u32>() {
             Ok(g) => g,
             Err(_) => lookup("/etc/group", &chown.group)
                 .map(|x| x.0)
-                .ok_or_else(|| {
-                    FileOpError(format!(
-                        "unable to find group {}: no matching entries in group file",
-                        chown.group
-                    ))
-                })?,
+                .unwrap_or(primary),
         }
     };
     Ok((uid, gid))
@@ -260,6 +249,20 @@ impl CopyCtx<'_> {
     }
 }
 
+/// Whether a path has a wildcard character not escaped by a backslash
+/// (BuildKit's containsWildcards): `a\\*.txt` names a file literally.
+fn has_wildcard(s: &str) -> bool {
+    let mut escaped = false;
+    for c in s.chars() {
+        match c {
+            '\\' if !escaped => escaped = true,
+            '*' | '?' | '[' if !escaped => return true,
+            _ => escaped = false,
+        }
+    }
+    false
+}
+
 /// Expands one source (maybe a wildcard) to paths inside `root`.
 fn expand_source(
     root: &Path,
@@ -267,7 +270,7 @@ fn expand_source(
     allow_wildcard: bool,
 ) -> Result<Vec<(PathBuf, String)>, FileOpError> {
     let clean = kiln_context::dockerignore::clean(&format!("/{src}"));
-    let has_glob = allow_wildcard && clean.contains(['*', '?', '[']);
+    let has_glob = allow_wildcard && has_wildcard(&clean);
     if !has_glob {
         let p = resolve_in_root(root, &clean, true)?;
         if fs::symlink_metadata(&p).is_err() {
@@ -280,7 +283,7 @@ fn expand_source(
         let mut next = Vec::new();
         for (dir, rel) in &current {
             let dir = resolve_in_root(root, &format!("/{rel}"), true).unwrap_or(dir.clone());
-            if comp.contains(['*', '?', '[']) {
+            if has_wildcard(comp) {
                 let Ok(rd) = fs::read_dir(&dir) else { continue };
                 let mut names: Vec<String> = rd
                     .filter_map(Result::ok)
@@ -380,6 +383,7 @@ fn unpack_archive(path: &Path, kind: &str, root: &Path, dest: &Path) -> Result<(
     let opts = ApplyOptions {
         whiteouts: false,
         same_owner: true,
+        clamp_parents: true,
     };
     match kind {
         "gzip" => unpack(flate2::read::MultiGzDecoder::new(f), root, dest, opts)?,
@@ -427,7 +431,7 @@ pub fn copy(
             } else {
                 "source stage"
             };
-            if s.contains(['*', '?', '[']) && a.allow_empty_wildcard {
+            if has_wildcard(s) && a.allow_empty_wildcard {
                 continue;
             }
             return Err(FileOpError(format!(
@@ -443,15 +447,6 @@ pub fn copy(
     }
     let dest_is_dir_syntax = a.dest.ends_with('/');
     let dest_path = resolve_in_root(dest_root, &a.dest, true)?;
-    let dest_exists_dir = fs::metadata(&dest_path)
-        .map(|m| m.is_dir())
-        .unwrap_or(false);
-    if matched.len() > 1 && !dest_is_dir_syntax && !dest_exists_dir {
-        return Err(FileOpError(format!(
-            "when copying more than one source, the destination {:?} must be a directory and end with a /",
-            a.dest
-        )));
-    }
     // Every directory made on the way belongs to the --chown owner (BuildKit's
     // MkdirAll with the copy's chown); existing ones are left alone.
     let make_dest_dir = |p: &Path| -> Result<(), FileOpError> {

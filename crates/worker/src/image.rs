@@ -47,6 +47,7 @@ impl Worker {
             ApplyOptions {
                 whiteouts: true,
                 same_owner: true,
+                clamp_parents: false,
             },
         )
         .map_err(|e| WorkerError::Other(format!("layer {}: {e}", layer.digest)))?;

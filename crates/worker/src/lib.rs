@@ -896,6 +896,7 @@ impl Worker {
                 kiln_archive::apply::ApplyOptions {
                     whiteouts: true,
                     same_owner: true,
+                    clamp_parents: false,
                 },
             );
             let written = tar

@@ -96,9 +96,9 @@ impl Ctx<'_> {
             .iter()
             .filter(|s| !heredoc_names.contains(parse_heredoc_src(s).as_str()))
             .collect();
-        if srcs.len() > 1 && !dest_is_dir {
-            return Err(self.err(line, format!("When using {name} with more than one source file, the destination must be a directory and end with a /")));
-        }
+        // Several sources to a destination without a trailing slash are
+        // copied to it one after another (BuildKit: one copy per source; the
+        // last file wins, directories merge), not refused as the docs say.
         let chown = match flags.get("chown") {
             Some(c) => {
                 let c = ex(self, c)?;
