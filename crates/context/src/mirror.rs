@@ -84,12 +84,16 @@ pub struct SyncPlan {
     pub unchanged: usize,
     /// Directories or symlinks created or changed (no content to fetch).
     pub touched: usize,
+    /// Files that are hardlinks of an earlier file of the tree (path, first
+    /// path): made with `link_files` once the first ones are in place, so a
+    /// copied directory keeps them linked, as BuildKit's context does.
+    pub links: Vec<(String, String)>,
 }
 
 impl SyncPlan {
     /// Whether the mirror differs from the last build's.
     pub fn changed(&self) -> bool {
-        !self.fetch.is_empty() || self.removed > 0 || self.touched > 0
+        !self.fetch.is_empty() || self.removed > 0 || self.touched > 0 || !self.links.is_empty()
     }
 }
 
@@ -153,9 +157,26 @@ impl Mirror {
         let root = self.root();
         let mut plan = SyncPlan::default();
         let mut new: BTreeMap<String, Entry> = BTreeMap::new();
-        for s in tree {
+        let mut by_inode: std::collections::HashMap<u64, String> = Default::default();
+        let mut sorted: Vec<&Stat> = tree.iter().collect();
+        sorted.sort_by(|a, b| a.path.cmp(&b.path));
+        for s in sorted {
             check_rel(&s.path)?;
-            new.insert(s.path.clone(), Entry::from_stat(s));
+            let mut e = Entry::from_stat(s);
+            // A regular file sharing an inode (and so all metadata) with an
+            // earlier one is a hardlink of it: named in `linkname`.
+            if e.is_file() && s.ino != 0 {
+                match by_inode.get(&s.ino) {
+                    Some(first) if new.get(first).is_some_and(|f| f.same_meta(&e)) => {
+                        e.linkname = first.clone();
+                    }
+                    Some(_) => {}
+                    None => {
+                        by_inode.insert(s.ino, s.path.clone());
+                    }
+                }
+            }
+            new.insert(s.path.clone(), e);
         }
         // Deepest first so directories empty out before they go.
         let gone: Vec<String> = self
@@ -206,6 +227,9 @@ impl Mirror {
                 } else {
                     plan.unchanged += 1;
                 }
+                self.index.insert(p, e);
+            } else if e.is_file() && !e.linkname.is_empty() {
+                plan.links.push((p.clone(), e.linkname.clone()));
                 self.index.insert(p, e);
             } else if e.is_file() {
                 match old {
@@ -262,6 +286,32 @@ impl Mirror {
             kiln_archive::remove::remove_tree(&full).map_err(io_at(&full))?;
         }
         fs::rename(&tmp, &full).map_err(io_at(&full))?;
+        Ok(())
+    }
+
+    /// Makes the hardlinks of a plan, after the files they link to are in
+    /// place (fetched or unchanged); each takes its first file's digest.
+    pub fn link_files(&mut self, links: &[(String, String)]) -> Result<(), ContextError> {
+        let root = self.root();
+        for (path, first) in links {
+            check_rel(path)?;
+            check_rel(first)?;
+            ensure_parent_safe(&root, path)?;
+            ensure_parent_safe(&root, first)?;
+            let (full, target) = (root.join(path), root.join(first));
+            match fs::symlink_metadata(&full) {
+                Ok(md) if md.is_dir() => {
+                    kiln_archive::remove::remove_tree(&full).map_err(io_at(&full))?
+                }
+                Ok(_) => fs::remove_file(&full).map_err(io_at(&full))?,
+                Err(_) => {}
+            }
+            fs::hard_link(&target, &full).map_err(io_at(&full))?;
+            let digest = self.index.get(first).and_then(|e| e.digest.clone());
+            if let Some(e) = self.index.get_mut(path) {
+                e.digest = digest;
+            }
+        }
         Ok(())
     }
 

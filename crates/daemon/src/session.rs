@@ -125,7 +125,14 @@ impl Session {
         let changed = plan.fetch.len() + plan.removed + plan.touched;
         tracing::debug!(context = %name, fetch = plan.fetch.len(), removed = plan.removed, unchanged = plan.unchanged, "context sync");
         let synced = (!digest.is_empty()).then_some(digest);
+        let changed = changed + plan.links.len();
         if plan.fetch.is_empty() {
+            let links = plan.links;
+            let mut mirror =
+                tokio::task::spawn_blocking(move || mirror.link_files(&links).map(|()| mirror))
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| e.to_string())?;
             mirror.set_synced_tree(synced);
             return Ok((mirror, changed));
         }
@@ -188,8 +195,16 @@ impl Session {
         }
         self.unregister(id);
         drop(ctx);
-        let mut mirror = writer.await.map_err(|e| e.to_string())??;
+        let mirror = writer.await.map_err(|e| e.to_string())??;
         result?;
+        let links = plan.links;
+        let mut mirror = tokio::task::spawn_blocking(move || {
+            let mut mirror = mirror;
+            mirror.link_files(&links).map(|()| mirror)
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
         mirror.set_synced_tree(synced);
         Ok((mirror, changed))
     }

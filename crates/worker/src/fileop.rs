@@ -468,6 +468,9 @@ pub fn copy(
         Ok(())
     };
     for (src, rel) in matched {
+        // Hardlinks are kept within one source (a copied directory), not
+        // across sources: BuildKit copies each source or match on its own.
+        ctx.links.borrow_mut().clear();
         let md = fs::metadata(&src).map_err(ioe(src.display()))?;
         // A source is named after the path written (or matched), not after
         // what a symlink there points to.
