@@ -598,6 +598,40 @@ mod tests {
     }
 
     #[test]
+    fn hardlinks_are_mirrored_as_hardlinks() {
+        let d = tempfile::tempdir().unwrap();
+        let mut m = Mirror::open(d.path()).unwrap();
+        let linked = |path: &str, ino: u64| Stat {
+            ino,
+            ..stat(path, S_IFREG | 0o644, 5, 7)
+        };
+        // b and d share a's inode and metadata; c shares it with different
+        // metadata (an inode number reused elsewhere): not a link.
+        let mut c = linked("c", 9);
+        c.mtime_ns = 8;
+        let tree = vec![linked("d", 9), linked("a", 9), linked("b", 9), c];
+        let plan = m.plan(&tree).unwrap();
+        assert_eq!(plan.fetch, vec!["a", "c"]);
+        assert_eq!(
+            plan.links,
+            vec![("b".to_string(), "a".to_string()), ("d".into(), "a".into())]
+        );
+        fetch(&mut m, &plan, "hello");
+        m.link_files(&plan.links).unwrap();
+        let root = m.root();
+        let ino =
+            |p: &str| std::os::unix::fs::MetadataExt::ino(&fs::metadata(root.join(p)).unwrap());
+        assert_eq!(ino("a"), ino("b"));
+        assert_eq!(ino("a"), ino("d"));
+        assert_ne!(ino("a"), ino("c"));
+        assert_eq!(m.checksum("b"), m.checksum("b"));
+        assert!(
+            m.index["d"].digest.is_some(),
+            "a link takes its file's digest"
+        );
+    }
+
+    #[test]
     fn globs() {
         assert!(glob_match("*.rs", "a.rs"));
         assert!(!glob_match("*.rs", "a.go"));
