@@ -311,6 +311,17 @@ mod tests {
             Err(ArchiveError::Escape(_))
         ));
         assert!(!d.path().join("evil").exists());
+        // ADD's extraction clamps the climb at the destination instead.
+        let dest = root.join("dest");
+        fs::create_dir_all(&dest).unwrap();
+        let t = tar_of(&[("../../evil", b"x")]);
+        let clamp = ApplyOptions {
+            clamp_parents: true,
+            ..Default::default()
+        };
+        unpack(t.as_slice(), &root, &dest, clamp).unwrap();
+        assert_eq!(fs::read(dest.join("evil")).unwrap(), b"x");
+        assert!(!d.path().join("evil").exists() && !root.join("evil").exists());
         let t = tar_of(&[("etc/.wh.gone", b""), ("etc/new", b"y")]);
         unpack(
             t.as_slice(),
@@ -319,6 +330,7 @@ mod tests {
             ApplyOptions {
                 whiteouts: true,
                 same_owner: false,
+                clamp_parents: false,
             },
         )
         .unwrap();
