@@ -815,26 +815,40 @@ impl Worker {
             r.map_err(|e| WorkerError::Other(e.0))?;
         }
         let id = active.commit()?;
+        self.record_step_snapshot(&id, base, v, Some(key))?;
+        Ok(Output::Snapshot(id))
+    }
+
+    /// Records a committed snapshot of step `v` on `parent`, with its cache
+    /// record under `key` when given, in one transaction; a snapshot that
+    /// cannot be recorded is removed.
+    fn record_step_snapshot(
+        &self,
+        id: &str,
+        parent: Option<String>,
+        v: &Vertex,
+        key: Option<&str>,
+    ) -> Result<(), WorkerError> {
         let t = now();
         let rec = SnapshotRecord {
-            parent: base,
+            parent,
             created: t,
-            size: self.snapshots.disk_usage(&id),
+            size: self.snapshots.disk_usage(id),
             description: v.name().to_string(),
             layers: vec![],
         };
         let cache = CacheRecord {
-            snapshot: id.clone(),
+            snapshot: id.to_string(),
             description: v.name().to_string(),
             created: t,
             last_used: t,
             usage_count: 1,
         };
-        if let Err(e) = self.meta.add_snapshot(&id, &rec, Some((key, &cache))) {
-            let _ = self.snapshots.remove(&id);
+        if let Err(e) = self.meta.add_snapshot(id, &rec, key.map(|k| (k, &cache))) {
+            let _ = self.snapshots.remove(id);
             return Err(e.into());
         }
-        Ok(Output::Snapshot(id))
+        Ok(())
     }
 
     /// Stacks the layers of every input after the first onto the first
@@ -905,26 +919,7 @@ impl Worker {
             applied?;
             written?;
             let id = active.commit()?;
-            let t = now();
-            let rec = SnapshotRecord {
-                parent: parent.clone(),
-                created: t,
-                size: self.snapshots.disk_usage(&id),
-                description: v.name().to_string(),
-                layers: vec![],
-            };
-            let cache = CacheRecord {
-                snapshot: id.clone(),
-                description: v.name().to_string(),
-                created: t,
-                last_used: t,
-                usage_count: 1,
-            };
-            let cache = (n == last).then_some((key, &cache));
-            if let Err(e) = self.meta.add_snapshot(&id, &rec, cache) {
-                let _ = self.snapshots.remove(&id);
-                return Err(e.into());
-            }
+            self.record_step_snapshot(&id, parent.clone(), v, (n == last).then_some(key))?;
             parent = Some(id);
         }
         parent

@@ -216,28 +216,10 @@ impl Ctx<'_> {
                             };
                             (stage_state, format!("--from={f} "))
                         }
-                        None => {
-                            let (pinned, _) = self
-                                .images
-                                .resolve(f, &st.platform)
-                                .map_err(|e| self.err(line, e))?;
-                            let op = pb::Op {
-                                op: Some(pb::op::Op::Source(pb::SourceOp {
-                                    identifier: image_source(&pinned),
-                                    attrs: vec![],
-                                })),
-                                platform: Some(st.platform.to_pb()),
-                                ..Default::default()
-                            };
-                            (
-                                self.builder.add(
-                                    &op,
-                                    &format!("[internal] load {pinned}"),
-                                    &self.loc(node),
-                                ),
-                                format!("--from={f} "),
-                            )
-                        }
+                        None => (
+                            self.image_state(f, &st.platform, line, &self.loc(node))?,
+                            format!("--from={f} "),
+                        ),
                     }
                 }
                 None if is_add && non_heredoc.len() == 1 && is_remote(non_heredoc[0]) => {

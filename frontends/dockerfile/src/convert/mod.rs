@@ -346,6 +346,32 @@ impl Ctx<'_> {
     /// stages above it (BuildKit registers stages in order); `--from=`,
     /// `RUN --mount from=` and `--target` see them all. Names only: a bare
     /// number is an image name here, as in BuildKit's `findStateByName`.
+    /// The state of an image named by `--from` or a mount's `from=`:
+    /// resolved for the platform and loaded by a source op.
+    fn image_state(
+        &mut self,
+        reference: &str,
+        platform: &Platform,
+        line: usize,
+        loc: &str,
+    ) -> Result<OutputRef, FrontendError> {
+        let (pinned, _) = self
+            .images
+            .resolve(reference, platform)
+            .map_err(|e| self.err_at(line, reference, e))?;
+        let op = pb::Op {
+            op: Some(pb::op::Op::Source(pb::SourceOp {
+                identifier: image_source(&pinned),
+                attrs: vec![],
+            })),
+            platform: Some(platform.to_pb()),
+            ..Default::default()
+        };
+        Ok(self
+            .builder
+            .add(&op, &format!("[internal] load {pinned}"), loc))
+    }
+
     /// The stage a name refers to among the first `before` stages: the last
     /// one so named (a later duplicate replaces an earlier one, as in
     /// BuildKit). Stage names are stored lower-case; `COPY --from`, mounts

@@ -371,22 +371,7 @@ impl Ctx<'_> {
                                 Some(Err(image)) => image,
                                 _ => f.clone(),
                             };
-                            let (pinned, _) = self
-                                .images
-                                .resolve(&f, &st.platform)
-                                .map_err(|e| self.err_at(line, &f, e))?;
-                            let op = pb::Op {
-                                op: Some(pb::op::Op::Source(pb::SourceOp {
-                                    identifier: image_source(&pinned),
-                                    attrs: vec![],
-                                })),
-                                platform: Some(st.platform.to_pb()),
-                                ..Default::default()
-                            };
-                            Some(
-                                self.builder
-                                    .add(&op, &format!("[internal] load {pinned}"), ""),
-                            )
+                            Some(self.image_state(&f, &st.platform, line, "")?)
                         }
                     }
                 }
