@@ -665,7 +665,9 @@ mod tests {
         )
         .unwrap();
         assert_eq!(fs::read(dst.join("renamed")).unwrap(), b"a");
-        let e = copy(
+        // Several matches to a path without a slash: copied one after
+        // another, the last one wins (BuildKit).
+        copy(
             &dst,
             &s,
             &pb::FileActionCopy {
@@ -674,8 +676,8 @@ mod tests {
                 ..base.clone()
             },
         )
-        .unwrap_err();
-        assert!(e.0.contains("must be a directory"));
+        .unwrap();
+        assert!(dst.join("file").is_file());
         // A symlink leading out of the context resolves inside it: not found.
         let e = copy(
             &dst,
