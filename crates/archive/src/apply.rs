@@ -16,9 +16,11 @@ pub struct ApplyOptions {
     pub whiteouts: bool,
     /// Set ownership from the archive (needs root); otherwise keep the caller's.
     pub same_owner: bool,
-    /// Clamp `..` that would climb above the destination to it (as Docker's
-    /// chrooted untar does for `ADD archive`), instead of refusing the entry.
-    pub clamp_parents: bool,
+    /// `ADD archive` semantics (Docker's untar chrooted in the destination;
+    /// pass the destination as the root): `..` that would climb above it is
+    /// clamped instead of refused, and no directory is made through a
+    /// symlink whose target is missing (the entry fails, as in Docker).
+    pub add_archive: bool,
 }
 
 /// Cleans an entry name; `None` if it would leave the root (unless
@@ -94,6 +96,50 @@ impl Parents {
     }
 }
 
+/// Whether a lexical path below `root` passes through a symlink. Stops at
+/// the first symlink or missing part, so it never looks outside the root.
+fn through_symlink(root: &Path, rel: &str) -> bool {
+    let mut cur = root.to_path_buf();
+    for c in rel.split('/').filter(|c| !c.is_empty() && *c != ".") {
+        cur.push(c);
+        match fs::symlink_metadata(&cur) {
+            Ok(m) if m.file_type().is_symlink() => return true,
+            Ok(m) if m.is_dir() => {}
+            _ => return false,
+        }
+    }
+    false
+}
+
+/// Makes the missing directories of `dir` (inside `root`), mode 0755; with
+/// `same_owner` they belong to root, as Docker's untar makes them (a setgid
+/// parent would otherwise hand them its group).
+fn make_parents(root: &Path, dir: &Path, same_owner: bool) -> Result<(), ArchiveError> {
+    let mut missing = Vec::new();
+    let mut cur = dir;
+    while fs::symlink_metadata(cur).is_err() && cur.starts_with(root) && cur != root {
+        missing.push(cur.to_path_buf());
+        match cur.parent() {
+            Some(p) => cur = p,
+            None => break,
+        }
+    }
+    for d in missing.iter().rev() {
+        fs::create_dir(d).map_err(io_at(d))?;
+        if same_owner {
+            nix::unistd::fchownat(
+                nix::fcntl::AT_FDCWD,
+                d,
+                Some(nix::unistd::Uid::from_raw(0)),
+                Some(nix::unistd::Gid::from_raw(0)),
+                nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+            )
+            .map_err(|e| io_at(d)(io::Error::from(e)))?;
+        }
+    }
+    Ok(())
+}
+
 /// Unpacks `reader` into `dest`, which lies inside `root` (symlinks in the
 /// archive's paths are resolved relative to `root`).
 pub fn unpack<R: Read>(
@@ -114,7 +160,7 @@ pub fn unpack<R: Read>(
         let mut entry = entry.map_err(io_at(dest))?;
         let raw = entry.path().map_err(io_at(dest))?.into_owned();
         let raw_s = raw.to_string_lossy().to_string();
-        let rel = clean_entry(&raw, opts.clamp_parents)
+        let rel = clean_entry(&raw, opts.add_archive)
             .ok_or_else(|| ArchiveError::Escape(raw_s.clone()))?;
         if rel.as_os_str().is_empty() {
             continue;
@@ -125,7 +171,12 @@ pub fn unpack<R: Read>(
             .map(|p| p.to_string_lossy().to_string())
             .unwrap_or_default();
         let parent = parents.resolve(root, &parent_rel)?;
-        fs::create_dir_all(&parent).map_err(io_at(&parent))?;
+        if fs::symlink_metadata(&parent).is_err() {
+            if opts.add_archive && through_symlink(root, &parent_rel) {
+                return Err(io_at(&parent)(io::Error::from(io::ErrorKind::NotFound)));
+            }
+            make_parents(root, &parent, opts.same_owner)?;
+        }
         let name = rel
             .file_name()
             .map(|n| n.to_string_lossy().to_string())
@@ -161,10 +212,12 @@ pub fn unpack<R: Read>(
         ) {
             continue;
         }
-        // Anything already at the path gives way to a non-directory entry.
+        // Anything already at the path gives way to a non-directory entry
+        // (and so do the directory modes still to be applied there).
         if !kind.is_dir() && fs::symlink_metadata(&target).is_ok() {
             parents.clear();
             remove_all(&target)?;
+            dirs.retain(|d, _| !d.starts_with(&target));
         }
         match kind {
             tar::EntryType::Directory => {
@@ -174,7 +227,15 @@ pub fn unpack<R: Read>(
                     parents.clear();
                     remove_all(&target)?;
                 }
-                fs::create_dir_all(&target).map_err(io_at(&target))?;
+                fs::create_dir(&target)
+                    .or_else(|e| {
+                        if e.kind() == io::ErrorKind::AlreadyExists {
+                            Ok(())
+                        } else {
+                            Err(e)
+                        }
+                    })
+                    .map_err(io_at(&target))?;
                 // Once per directory however often a layer lists it.
                 dirs.insert(target.clone(), (mode, mtime));
             }
@@ -197,7 +258,7 @@ pub fn unpack<R: Read>(
                     .link_name()
                     .map_err(io_at(&target))?
                     .unwrap_or_default();
-                let link_rel = clean_entry(&link, opts.clamp_parents)
+                let link_rel = clean_entry(&link, opts.add_archive)
                     .ok_or_else(|| ArchiveError::Escape(link.to_string_lossy().to_string()))?;
                 let src = resolve_in_root(root, &rel_dest.join(link_rel).to_string_lossy(), false)?;
                 fs::hard_link(&src, &target).map_err(io_at(&target))?;
@@ -316,7 +377,7 @@ mod tests {
         fs::create_dir_all(&dest).unwrap();
         let t = tar_of(&[("../../evil", b"x")]);
         let clamp = ApplyOptions {
-            clamp_parents: true,
+            add_archive: true,
             ..Default::default()
         };
         unpack(t.as_slice(), &root, &dest, clamp).unwrap();
@@ -330,7 +391,7 @@ mod tests {
             ApplyOptions {
                 whiteouts: true,
                 same_owner: false,
-                clamp_parents: false,
+                add_archive: false,
             },
         )
         .unwrap();

@@ -11,7 +11,8 @@ pub mod safe_path;
 
 use std::collections::HashMap;
 use std::fs;
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
@@ -205,8 +206,27 @@ impl<W: Write> Walker<'_, W> {
                 let target = fs::read_link(&path).map_err(io_at(&path))?;
                 let mut h = self.header(&md, tar::EntryType::Symlink);
                 self.pax(&path)?;
+                // The target is written byte for byte: the tar crate's
+                // set_link_name goes through Path components, which drop
+                // `.` and doubled slashes (`a//./b` would become `a/b`).
+                let bytes = target.as_os_str().as_bytes();
+                if bytes.len() >= 100 {
+                    // GNU long link name, then the header with its first 100 bytes.
+                    let mut long = tar::Header::new_gnu();
+                    long.set_path("././@LongLink").map_err(io_at(&path))?;
+                    long.set_entry_type(tar::EntryType::GNULongLink);
+                    long.set_mode(0o644);
+                    long.set_size(bytes.len() as u64 + 1);
+                    long.set_cksum();
+                    self.b
+                        .append(&long, bytes.chain(&[0u8][..]))
+                        .map_err(io_at(&path))?;
+                }
+                h.set_link_name_literal(&bytes[..bytes.len().min(100)])
+                    .map_err(io_at(&path))?;
+                h.set_size(0);
                 self.b
-                    .append_link(&mut h, &rel, &target)
+                    .append_data(&mut h, &rel, io::empty())
                     .map_err(io_at(&path))?;
             } else if ft.is_file() {
                 let mut h = self.header(&md, tar::EntryType::Regular);
@@ -254,6 +274,35 @@ mod tests {
             .unwrap()
             .map(|e| e.unwrap().path().unwrap().to_string_lossy().to_string())
             .collect()
+    }
+
+    #[test]
+    fn symlink_targets_are_kept_byte_for_byte() {
+        let d = tempfile::tempdir().unwrap();
+        let long = format!(".//{}a.txt", "./".repeat(60));
+        std::os::unix::fs::symlink("a//./b/", d.path().join("short")).unwrap();
+        std::os::unix::fs::symlink(&long, d.path().join("long")).unwrap();
+        let (out, _) = write_tar(d.path(), Vec::new(), TarOptions::default()).unwrap();
+        let mut a = tar::Archive::new(out.as_slice());
+        let links: Vec<(String, String)> = a
+            .entries()
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                let name = e.path().unwrap().to_string_lossy().to_string();
+                let link = e
+                    .link_name_bytes()
+                    .map(|b| String::from_utf8_lossy(&b).to_string());
+                (name, link.unwrap_or_default())
+            })
+            .collect();
+        assert_eq!(
+            links,
+            vec![
+                ("long".to_string(), long),
+                ("short".into(), "a//./b/".into())
+            ]
+        );
     }
 
     #[test]

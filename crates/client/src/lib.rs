@@ -700,7 +700,7 @@ fn receive_export(kind: &str, dest: &str, rx: mpsc::Receiver<Vec<u8>>) -> Result
                 kiln_archive::apply::ApplyOptions {
                     whiteouts: false,
                     same_owner,
-                    clamp_parents: false,
+                    add_archive: false,
                 },
             )
             .map(|_| ())

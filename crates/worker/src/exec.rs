@@ -62,8 +62,9 @@ fn read_db(root: &Path, file: &str) -> Vec<Vec<String>> {
 
 /// Resolves `user[:group]` (names or ids) as Docker does.
 pub fn resolve_user(root: &Path, spec: &str) -> Result<ResolvedUser, WorkerError> {
+    // `USER app:` is `USER app` (an empty group is no group).
     let (u, g) = match spec.split_once(':') {
-        Some((u, g)) => (u, Some(g)),
+        Some((u, g)) => (u, Some(g).filter(|g| !g.is_empty())),
         None => (spec, None),
     };
     let u = if u.is_empty() { "0" } else { u };
@@ -413,10 +414,16 @@ impl Worker {
                     // A cache seeded `from=` another state is its own cache
                     // per (id, that state), as in BuildKit.
                     let seed = inputs.get(m.input.max(0) as usize).filter(|_| m.input >= 0);
-                    let id_src = match seed {
+                    let mut id_src = match seed {
                         Some(r) => format!("{}\n{}\n{}", m.cache_id, r.key, m.selector),
                         None => m.cache_id.clone(),
                     };
+                    // uid/gid/mode other than the defaults make a cache of
+                    // their own (BuildKit bases such a cache on a directory
+                    // made with them, and the base is part of its identity).
+                    if (m.uid, m.gid, m.mode) != (0, 0, 0o755) {
+                        id_src.push_str(&format!("\n{}:{}:{:o}", m.uid, m.gid, m.mode));
+                    }
                     let id = Digest::of(id_src.as_bytes()).hex()[..24].to_string();
                     let dir = self.root.join("cache-mounts").join(&id);
                     let sharing =
@@ -514,6 +521,11 @@ impl Worker {
                     });
                 }
                 pb::MountType::Ssh => {
+                    // The first ssh mount names the agent socket even when no
+                    // agent was forwarded (BuildKit's frontend sets it).
+                    if !env.iter().any(|e| e.starts_with("SSH_AUTH_SOCK=")) {
+                        env.push(format!("SSH_AUTH_SOCK={dest}"));
+                    }
                     if !job.contexts.has_ssh(&m.secret_id) {
                         if m.optional {
                             dests.pop();
@@ -545,9 +557,6 @@ impl Worker {
                         job.contexts.clone(),
                         m.secret_id.clone(),
                     ))));
-                    if !env.iter().any(|e| e.starts_with("SSH_AUTH_SOCK=")) {
-                        env.push(format!("SSH_AUTH_SOCK={dest}"));
-                    }
                     extra.push(ExtraMount::Bind {
                         source: sock,
                         dest,

@@ -137,6 +137,7 @@ pub fn apply_symbolic(mode: u32, spec: &str, is_dir: bool) -> u32 {
 }
 
 struct CopyCtx<'a> {
+    dest_root: &'a Path,
     owner: Option<(u32, u32)>,
     action: &'a pb::FileActionCopy,
     from_context: bool,
@@ -186,13 +187,31 @@ impl CopyCtx<'_> {
         }
         let md = fs::symlink_metadata(src).map_err(ioe(src.display()))?;
         let ft = md.file_type();
-        if let Ok(existing) = fs::symlink_metadata(dst)
-            && !(existing.is_dir() && ft.is_dir())
-        {
-            if existing.is_dir() {
-                kiln_archive::remove::remove_tree(dst).map_err(ioe(dst.display()))?;
-            } else {
-                fs::remove_file(dst).map_err(ioe(dst.display()))?;
+        // As BuildKit's copy: a file or symlink replaces a file or symlink
+        // (not followed), but never a directory, and a directory is never
+        // copied onto something that is not one.
+        if let Ok(existing) = fs::symlink_metadata(dst) {
+            let shown = || {
+                format!(
+                    "/{}",
+                    dst.strip_prefix(self.dest_root).unwrap_or(dst).display()
+                )
+            };
+            match (existing.is_dir(), ft.is_dir()) {
+                (true, true) => {}
+                (true, false) => {
+                    return Err(FileOpError(format!(
+                        "cannot replace to directory {} with file",
+                        shown()
+                    )));
+                }
+                (false, true) => {
+                    return Err(FileOpError(format!(
+                        "cannot copy to non-directory: {}",
+                        shown()
+                    )));
+                }
+                (false, false) => fs::remove_file(dst).map_err(ioe(dst.display()))?,
             }
         }
         if ft.is_dir() {
@@ -377,23 +396,24 @@ fn is_tar_header(block: &[u8; 512]) -> bool {
     stored == sum && block.iter().any(|b| *b != 0)
 }
 
-fn unpack_archive(path: &Path, kind: &str, root: &Path, dest: &Path) -> Result<(), FileOpError> {
+/// Extracts an archive as Docker's ADD does: chrooted in `dest`.
+fn unpack_archive(path: &Path, kind: &str, dest: &Path) -> Result<(), FileOpError> {
     let mut f = fs::File::open(path).map_err(ioe(path.display()))?;
     f.rewind().map_err(ioe(path.display()))?;
     let opts = ApplyOptions {
         whiteouts: false,
         same_owner: true,
-        clamp_parents: true,
+        add_archive: true,
     };
     match kind {
-        "gzip" => unpack(flate2::read::MultiGzDecoder::new(f), root, dest, opts)?,
+        "gzip" => unpack(flate2::read::MultiGzDecoder::new(f), dest, dest, opts)?,
         "zstd" => unpack(
             zstd::Decoder::new(f).map_err(ioe(path.display()))?,
-            root,
+            dest,
             dest,
             opts,
         )?,
-        "tar" => unpack(f, root, dest, opts)?,
+        "tar" => unpack(f, dest, dest, opts)?,
         other => {
             return Err(FileOpError(format!(
                 "ADD {}: {other} archives are not supported",
@@ -415,6 +435,7 @@ pub fn copy(
         _ => None,
     };
     let ctx = CopyCtx {
+        dest_root,
         owner,
         action: a,
         from_context: source.from_context,
@@ -511,7 +532,7 @@ pub fn copy(
             && let Some(kind) = archive_kind(&src)
         {
             make_dest_dir(&dest_path)?;
-            unpack_archive(&src, kind, dest_root, &dest_path)?;
+            unpack_archive(&src, kind, &dest_path)?;
             continue;
         }
         let into_dir = dest_is_dir_syntax

@@ -47,7 +47,7 @@ impl Worker {
             ApplyOptions {
                 whiteouts: true,
                 same_owner: true,
-                clamp_parents: false,
+                add_archive: false,
             },
         )
         .map_err(|e| WorkerError::Other(format!("layer {}: {e}", layer.digest)))?;

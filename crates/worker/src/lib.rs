@@ -910,7 +910,7 @@ impl Worker {
                 kiln_archive::apply::ApplyOptions {
                     whiteouts: true,
                     same_owner: true,
-                    clamp_parents: false,
+                    add_archive: false,
                 },
             );
             let written = tar

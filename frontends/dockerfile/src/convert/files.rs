@@ -148,7 +148,20 @@ impl Ctx<'_> {
         // cache key and layer do not depend on the layers below.
         let link = flags.get("link").is_some_and(|v| v != "false");
         let below = if link { None } else { st.result.state.clone() };
-        let from = flags.get("from").map(|f| ex(self, f)).transpose()?;
+        // --from is never expanded (BuildKit refuses variables there).
+        let from = match flags.get("from") {
+            Some(f)
+                if self
+                    .lex
+                    .process_word(f, &Vec::<(String, String)>::new())
+                    .ok()
+                    .as_ref()
+                    != Some(f) =>
+            {
+                return Err(self.err_at(line, f, "variable expansion is not supported for --from, define a new stage with FROM using ARG from global scope as a workaround"));
+            }
+            f => f.cloned(),
+        };
         let mut actions = Vec::new();
         let mut extra = Vec::new();
         // Heredoc sources become files made in place.

@@ -343,8 +343,11 @@ impl Ctx<'_> {
                 m.secret_id = if id.is_empty() {
                     if typ == "ssh" {
                         "default".into()
-                    } else {
+                    } else if !source.is_empty() {
                         source.rsplit('/').next().unwrap_or("").to_string()
+                    } else {
+                        // BuildKit: the id defaults to the target's base name.
+                        m.dest.rsplit('/').next().unwrap_or("").to_string()
                     }
                 } else {
                     id
