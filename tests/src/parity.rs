@@ -561,6 +561,33 @@ mod tests {
     }
 
     #[test]
+    fn every_case_has_an_expectation_and_the_docs_count_them() {
+        let cases = load_cases().unwrap();
+        let mut recorded = 0;
+        for c in &cases {
+            let text = std::fs::read_to_string(expected_path(&c.name))
+                .unwrap_or_else(|e| panic!("{}: no expected snapshot ({e})", c.name));
+            let v: Value = serde_json::from_str(&text).unwrap();
+            assert!(
+                v["source"].is_string(),
+                "{}: the expectation names its source",
+                c.name
+            );
+            if v["partial"] != true {
+                recorded += 1;
+            }
+        }
+        let docs =
+            std::fs::read_to_string(parity_dir().join("../../docs/dockerfile-support.md")).unwrap();
+        assert!(
+            docs.contains(&format!("**{} cases**", cases.len()))
+                && docs.contains(&format!("**{recorded} were recorded")),
+            "docs/dockerfile-support.md must state {} cases, {recorded} recorded",
+            cases.len()
+        );
+    }
+
+    #[test]
     fn partial_expectations_check_only_what_they_name() {
         let actual = json!({"config": {"Env": ["A=1"], "Cmd": ["x"]}, "files": {"/a": "file", "/b": "dir"}, "hardlinks": []});
         let partial = json!({"partial": true, "config": {"Env": ["A=1"]}, "files": {"/a": "file"}});
