@@ -53,8 +53,11 @@ pub struct Case {
     pub dirs: Vec<String>,
     /// `tar: ARCHIVE <- DIR`: DIR (written by the case) packed into ARCHIVE, then removed.
     pub tars: Vec<(String, String)>,
-    /// `gzip: PATH`: the file compressed in place (no name, no mtime).
+    /// `gzip: PATH`: the file compressed in place (no name, no mtime);
+    /// `bzip2: PATH` and `xz: PATH` likewise.
     pub gzips: Vec<String>,
+    pub bzip2s: Vec<String>,
+    pub xzs: Vec<String>,
     pub expect_error: bool,
     pub files: Vec<(String, String)>,
 }
@@ -113,6 +116,8 @@ impl Case {
                 "dir" => case.dirs.push(value),
                 "tar" => case.tars.push(pair("<-")?),
                 "gzip" => case.gzips.push(value),
+                "bzip2" => case.bzip2s.push(value),
+                "xz" => case.xzs.push(value),
                 "expect" if value == "error" => case.expect_error = true,
                 other => return Err(format!("{name}:{}: unknown directive {other:?}", i + 1)),
             }
@@ -162,6 +167,20 @@ impl Case {
                 .write(Vec::new(), flate2::Compression::default());
             gz.write_all(&data)?;
             std::fs::write(dir.join(path), gz.finish()?)?;
+        }
+        for path in &self.bzip2s {
+            use std::io::Write;
+            let data = std::fs::read(dir.join(path))?;
+            let mut w = bzip2::write::BzEncoder::new(Vec::new(), bzip2::Compression::default());
+            w.write_all(&data)?;
+            std::fs::write(dir.join(path), w.finish()?)?;
+        }
+        for path in &self.xzs {
+            use std::io::Write;
+            let data = std::fs::read(dir.join(path))?;
+            let mut w = liblzma::write::XzEncoder::new(Vec::new(), 6);
+            w.write_all(&data)?;
+            std::fs::write(dir.join(path), w.finish()?)?;
         }
         for (path, mode) in &self.modes {
             std::fs::set_permissions(dir.join(path), std::fs::Permissions::from_mode(*mode))?;

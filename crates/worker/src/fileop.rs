@@ -338,7 +338,7 @@ fn expand_source(
         .collect()
 }
 
-/// Tells whether a file is a tar archive (plain, gzip, zstd) by its
+/// Tells whether a file is a tar archive (plain, gzip, bzip2, xz, zstd) by its
 /// content, as BuildKit does: the (decompressed) start must be a tar header
 /// with a valid checksum. A gzip file that is not a tar is copied as is.
 fn archive_kind(path: &Path) -> Option<&'static str> {
@@ -352,9 +352,12 @@ fn archive_kind(path: &Path) -> Option<&'static str> {
     } else if m.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
         ("zstd", Box::new(zstd::Decoder::new(f).ok()?))
     } else if m.starts_with(b"BZh") {
-        return Some("bzip2"); // refused by unpack_archive: not supported yet
+        ("bzip2", Box::new(bzip2::read::MultiBzDecoder::new(f)))
     } else if m.starts_with(&[0xfd, b'7', b'z', b'X', b'Z', 0]) {
-        return Some("xz");
+        (
+            "xz",
+            Box::new(liblzma::read::XzDecoder::new_multi_decoder(f)),
+        )
     } else {
         ("tar", Box::new(f))
     };
@@ -409,6 +412,13 @@ fn unpack_archive(path: &Path, kind: &str, dest: &Path) -> Result<(), FileOpErro
         "gzip" => unpack(flate2::read::MultiGzDecoder::new(f), dest, dest, opts)?,
         "zstd" => unpack(
             zstd::Decoder::new(f).map_err(ioe(path.display()))?,
+            dest,
+            dest,
+            opts,
+        )?,
+        "bzip2" => unpack(bzip2::read::MultiBzDecoder::new(f), dest, dest, opts)?,
+        "xz" => unpack(
+            liblzma::read::XzDecoder::new_multi_decoder(f),
             dest,
             dest,
             opts,
