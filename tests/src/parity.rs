@@ -262,10 +262,16 @@ pub struct Image {
 }
 
 fn clean(name: &str) -> String {
-    let parts: Vec<&str> = name
-        .split('/')
-        .filter(|p| !p.is_empty() && *p != ".")
-        .collect();
+    let mut parts: Vec<&str> = Vec::new();
+    for p in name.split('/') {
+        match p {
+            "" | "." => {}
+            ".." => {
+                parts.pop();
+            }
+            p => parts.push(p),
+        }
+    }
     format!("/{}", parts.join("/"))
 }
 
@@ -312,20 +318,34 @@ impl Image {
     pub fn read_docker_archive(path: &Path) -> Result<Image, String> {
         let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
         let mut members: HashMap<String, Vec<u8>> = HashMap::new();
+        // `docker save` writes a layer listed twice as a symlink to the first.
+        let mut links: HashMap<String, String> = HashMap::new();
         let mut archive = tar::Archive::new(file);
         for entry in archive.entries().map_err(|e| e.to_string())? {
             let mut entry = entry.map_err(|e| e.to_string())?;
-            if !entry.header().entry_type().is_file() {
-                continue;
-            }
             let name = entry
                 .path()
                 .map_err(|e| e.to_string())?
                 .display()
                 .to_string();
+            let name = name.trim_start_matches("./").to_string();
+            if entry.header().entry_type().is_symlink() {
+                let target = entry
+                    .link_name()
+                    .map_err(|e| e.to_string())?
+                    .map(|l| l.display().to_string())
+                    .unwrap_or_default();
+                let dir = name.rsplit_once('/').map(|(d, _)| d).unwrap_or("");
+                let resolved = clean(&format!("{dir}/{target}"));
+                links.insert(name, resolved.trim_start_matches('/').to_string());
+                continue;
+            }
+            if !entry.header().entry_type().is_file() {
+                continue;
+            }
             let mut data = Vec::new();
             entry.read_to_end(&mut data).map_err(|e| e.to_string())?;
-            members.insert(name.trim_start_matches("./").to_string(), data);
+            members.insert(name, data);
         }
         let manifest: Value = serde_json::from_slice(
             members
@@ -348,8 +368,11 @@ impl Image {
         let mut next_inode = 1u64;
         for layer in item["Layers"].as_array().ok_or("manifest without Layers")? {
             let name = layer.as_str().ok_or("layer name")?;
+            // `docker save` stores a layer listed twice once.
+            let name = links.get(name).map(String::as_str).unwrap_or(name);
             let data = members
-                .remove(name)
+                .get(name)
+                .cloned()
                 .ok_or_else(|| format!("missing layer {name}"))?;
             image.apply_layer(&decompress(data)?, &mut next_inode)?;
         }

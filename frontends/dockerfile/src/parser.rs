@@ -433,7 +433,12 @@ fn parse_json(rest: &str) -> JsonResult {
     if !t.starts_with('[') {
         return JsonResult::NotJson;
     }
-    match serde_json::from_str::<Vec<serde_json::Value>>(t) {
+    // Like Go's json.Decoder (BuildKit's parseJSON): the first value is
+    // read and text after it is ignored (`CMD ["a"] extra` is `["a"]`).
+    let first = serde_json::Deserializer::from_str(t)
+        .into_iter::<Vec<serde_json::Value>>()
+        .next();
+    match first.unwrap_or_else(|| Err(serde::de::Error::custom("empty"))) {
         Ok(vals) => {
             let mut out = Vec::with_capacity(vals.len());
             for v in vals {

@@ -13,9 +13,6 @@ impl Flags {
     pub(super) fn all<'a>(&'a self, k: &'a str) -> impl Iterator<Item = &'a String> + 'a {
         self.0.iter().filter(move |(n, _)| n == k).map(|(_, v)| v)
     }
-    pub(super) fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
 }
 
 /// Err carries the flag as written and the message.
@@ -31,6 +28,10 @@ pub(super) fn parse_flags(raw: &[String], allowed: &[&str]) -> Result<Flags, (St
             let hint = did_you_mean(&k, allowed.iter().copied());
             let hint = hint.replace("mean ", "mean --");
             return Err((format!("--{k}"), format!("unknown flag: --{k}{hint}")));
+        }
+        // Only the list flags may repeat (BuildKit's BFlags).
+        if !matches!(k.as_str(), "mount" | "exclude") && out.0.iter().any(|(n, _)| *n == k) {
+            return Err((format!("--{k}"), format!("Duplicate flag specified: --{k}")));
         }
         out.0.push((k, v));
     }

@@ -134,8 +134,9 @@ impl Ctx<'_> {
                     if !node.args.is_empty() {
                         self.warn("JSONArgsRecommended", &format!("JSON arguments recommended for {} to prevent unintended behavior related to OS signals", node.keyword.to_uppercase()), line);
                     }
+                    // The command line is one word, empty for a bare `CMD`.
                     let mut v = shell_of(img);
-                    v.extend(node.args.iter().cloned());
+                    v.push(node.args.join(" "));
                     v
                 };
                 let text = json_list(&args);
@@ -178,6 +179,9 @@ impl Ctx<'_> {
                 commit(img, format!("EXPOSE map[{}]", desc.join(" ")), false);
             }
             "volume" => {
+                if node.args.is_empty() {
+                    return Err(self.err(line, "VOLUME requires at least one argument"));
+                }
                 let mut vols = Vec::new();
                 for a in &node.args {
                     let v = expand(self, a)?;
@@ -238,9 +242,11 @@ impl Ctx<'_> {
                         ),
                     ));
                 }
-                let text = node.original.trim();
+                // The trigger is stored as written after the keyword,
+                // trailing whitespace included.
+                let text = node.original.trim_start().trim_end_matches(['\n', '\r']);
                 let trigger = text[text.find(char::is_whitespace).unwrap_or(text.len())..]
-                    .trim()
+                    .trim_start()
                     .to_string();
                 img.config.on_build.push(trigger.clone());
                 commit(img, format!("ONBUILD {trigger}"), false);
@@ -321,7 +327,8 @@ impl Ctx<'_> {
         let mut hc = HealthConfig::default();
         match typ.as_str() {
             "NONE" => {
-                if node.args.len() > 1 || !flags.is_empty() {
+                // Flags before NONE are accepted and dropped, as in BuildKit.
+                if node.args.len() > 1 {
                     return Err(self.err(line, "HEALTHCHECK NONE takes no arguments"));
                 }
                 hc.test = vec!["NONE".into()];
