@@ -916,7 +916,7 @@ fn copy_link_is_independent_of_the_layers_below() {
     require_root!();
     let d = Daemon::start();
     let ctx = kiln_e2e::busybox_context(
-        "ARG V=1\nFROM busybox AS base\nARG V\nRUN echo $V > /v\nFROM base\nCOPY --link a.txt sub /dst/\nCOPY --link --chmod=0600 a.txt /dst2/b.txt\nRUN cat /dst/a.txt /dst/s.txt /v > /seen\n",
+        "ARG V=1\nFROM busybox AS base\nARG V\nRUN echo $V > /v\nFROM base\nCOPY --link a.txt sub /dst/\nCOPY --link --chown=1000:1000 a.txt /dst2/b.txt\nRUN cat /dst/a.txt /dst/s.txt /v > /seen\n",
         &[("a.txt", "hello\n"), ("sub/s.txt", "s\n")],
     );
     let out = tempfile::tempdir().unwrap();

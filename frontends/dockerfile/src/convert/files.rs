@@ -146,7 +146,9 @@ impl Ctx<'_> {
         // --link: the copy is made on an empty tree, independent of the
         // stage so far, then stacked onto it (a merge), as in BuildKit: its
         // cache key and layer do not depend on the layers below.
-        let link = flags.get("link").is_some_and(|v| v != "false");
+        // With --chmod the copy is a plain one, as current BuildKit does
+        // (convert_copy.go: the merge is used only when chmod is empty).
+        let link = flags.get("link").is_some_and(|v| v != "false") && flags.get("chmod").is_none();
         let below = if link { None } else { st.result.state.clone() };
         // --from is never expanded (BuildKit refuses variables there).
         let from = match flags.get("from") {
