@@ -152,8 +152,8 @@ impl Pattern {
             2 => Kind::Suffix,
             _ => {
                 re.push('$');
-                // Go's `[!x]` negation is `[^x]` in regex syntax.
-                let re = re.replace("[!", "[^");
+                // Classes pass to the regex as written, as in Go's
+                // patternmatcher: `[!a]` is `!` or `a`, only `[^a]` negates.
                 Kind::Regex(
                     regex::Regex::new(&re)
                         .map_err(|_| PatternError::Syntax(cleaned.to_string()))?,
@@ -248,6 +248,17 @@ impl Matcher {
         self.exclusions
     }
 
+    /// Whether an ignored directory must still be walked because an
+    /// exception could re-include something below it. As BuildKit's fsutil
+    /// walker: only when an exception pattern's text starts with the
+    /// directory's path (`!d/keep` reaches into `d`, `!**/keep` does not).
+    pub fn may_reinclude_under(&self, dir: &str) -> bool {
+        let dir_slash = format!("{dir}/");
+        self.patterns
+            .iter()
+            .any(|p| p.exclusion && format!("{}/", p.cleaned).starts_with(&dir_slash))
+    }
+
     /// Whether `path` (relative, '/'-separated) is ignored, by itself or
     /// through one of its parent directories.
     pub fn matches(&self, path: &str) -> bool {
@@ -292,5 +303,18 @@ mod tests {
         assert!(!m.matches("src/x.md"));
         assert!(Matcher::new(&["!"]).is_err());
         assert!(Matcher::new(&["[a-"]).is_err());
+    }
+
+    #[test]
+    fn classes_and_reinclusion_follow_buildkit() {
+        let m = Matcher::new(&["[!a]*"]).unwrap();
+        assert!(m.matches("a.log") && m.matches("!x") && !m.matches("b.log"));
+        let m = Matcher::new(&["[^a]*"]).unwrap();
+        assert!(!m.matches("a.log") && m.matches("b.log"));
+        // An excluded directory is walked only when an exception names a
+        // path below it literally.
+        let m = Matcher::new(&["*", "!**/keep.txt", "!d/e/keep.txt"]).unwrap();
+        assert!(m.may_reinclude_under("d") && m.may_reinclude_under("d/e"));
+        assert!(!m.may_reinclude_under("x") && !m.may_reinclude_under("d/f"));
     }
 }

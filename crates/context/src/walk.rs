@@ -277,7 +277,7 @@ fn read_items(
         };
         let ignored = ignore.matches(&rel);
         if md.is_dir() {
-            if ignored && !ignore.has_exclusions() {
+            if ignored && !(ignore.has_exclusions() && ignore.may_reinclude_under(&rel)) {
                 continue;
             }
             items.push(Item::Dir {
