@@ -47,6 +47,9 @@ impl Ctx<'_> {
                 let mut parts = Vec::new();
                 let mut updates = Vec::new();
                 for kv in node.args.chunks(3) {
+                    if kv[0].is_empty() {
+                        return Err(self.err(line, "ENV names can not be blank"));
+                    }
                     let key = expand(self, &kv[0])?;
                     let value = expand(self, &kv[1])?;
                     parts.push(format!("{key}={value}"));
@@ -61,6 +64,9 @@ impl Ctx<'_> {
             "label" => {
                 let mut parts = Vec::new();
                 for kv in node.args.chunks(3) {
+                    if kv[0].is_empty() {
+                        return Err(self.err(line, "LABEL names can not be blank"));
+                    }
                     let key = expand(self, &kv[0])?;
                     let value = expand(self, &kv[1])?;
                     parts.push(format!("{key}={value}"));
