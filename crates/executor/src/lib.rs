@@ -168,7 +168,10 @@ pub fn spec(r: &RunSpec) -> Result<Spec, ExecError> {
         .env(r.env.clone())
         .cwd(&r.cwd)
         .capabilities(capabilities)
-        .no_new_privileges(!r.insecure)
+        // As BuildKit's (and `docker run`'s) default: setuid programs of the
+        // image work in a step (`USER app` then `RUN sudo ...`); the step
+        // stays confined by its namespaces, capabilities and seccomp.
+        .no_new_privileges(false)
         .build()
         .map_err(serr)?;
     let mut mounts = vec![
@@ -780,7 +783,7 @@ mod tests {
             .map(|n| n["type"].as_str().unwrap())
             .collect();
         assert_eq!(ns, vec!["pid", "ipc", "uts", "mount", "network"]);
-        assert_eq!(j["process"]["noNewPrivileges"], true);
+        assert_eq!(j["process"]["noNewPrivileges"], false);
         assert!(
             j["linux"]["maskedPaths"]
                 .as_array()

@@ -2,8 +2,9 @@
 //! it re-executes its own binary with [`INIT_ARG`] and a bundle directory.
 //! That helper (single-threaded, before any runtime starts) unshares the
 //! namespaces the spec asks for and forks the container's init, which sets
-//! up mounts, pivots into the root, and runs the process as a child it
-//! reaps, forwarding signals. The helper's exit status is the process's.
+//! up mounts, pivots into the root, and execs the process as pid 1 of the
+//! step's namespace (as runc does). The helper supervises it, forwarding
+//! signals; its exit status is the process's.
 //!
 //! Supported spec subset: root, process (args, env, cwd, user, capabilities,
 //! noNewPrivileges), hostname, mounts (proc, sysfs, tmpfs, devpts, mqueue,
@@ -490,27 +491,13 @@ fn init(spec: &Spec, new_net: bool, filters: &[seccompiler::BpfProgram]) -> Resu
         .map_err(|e| format!("read-only root: {e}"))?;
     }
     let process = spec.process().as_ref().ok_or("spec has no process")?;
-    // SAFETY: init is single-threaded (forked from a single-threaded helper).
-    match unsafe { fork() }.map_err(|e| format!("fork: {e}"))? {
-        ForkResult::Child => {
-            let e = exec_process(process, filters);
-            report(&e);
-            std::process::exit(EXEC_FAILED);
-        }
-        ForkResult::Parent { child } => {
-            CHILD.store(child.as_raw(), Ordering::SeqCst);
-            // As pid 1: reap every orphan until the process itself exits.
-            loop {
-                match waitpid(Pid::from_raw(-1), None) {
-                    Ok(WaitStatus::Exited(p, c)) if p == child => return Ok(c),
-                    Ok(WaitStatus::Signaled(p, s, _)) if p == child => return Ok(128 + s as i32),
-                    Ok(_) => continue,
-                    Err(nix::errno::Errno::EINTR) => continue,
-                    Err(e) => return Err(format!("wait: {e}")),
-                }
-            }
-        }
-    }
+    // The step's process is pid 1 of its namespace, as under runc and
+    // BuildKit (no init in between: `$$` is 1, and signals a process sends
+    // itself without a handler are ignored). The helper outside supervises
+    // it; when it dies, the kernel ends the whole namespace.
+    let e = exec_process(process, filters);
+    report(&e);
+    std::process::exit(EXEC_FAILED);
 }
 
 /// Every signal to its default action, none blocked. Raw rt_sigaction:

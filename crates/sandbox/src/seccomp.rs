@@ -180,10 +180,34 @@ pub(crate) fn compile(profile: &LinuxSeccomp) -> Result<Vec<BpfProgram>, String>
     Ok(out)
 }
 
-/// Installs the filters on this thread (needs no_new_privs or CAP_SYS_ADMIN).
+/// Installs the filters on this thread with seccomp(2) directly, relying
+/// on CAP_SYS_ADMIN (the caller still has it): seccompiler's apply_filter
+/// would also set no_new_privs, which BuildKit's steps do not have (setuid
+/// programs must work in them). Falls back to apply_filter without the cap.
 pub(crate) fn install(filters: &[BpfProgram]) -> Result<(), String> {
     for f in filters {
-        seccompiler::apply_filter(f).map_err(|e| format!("installing the seccomp filter: {e}"))?;
+        let prog = libc::sock_fprog {
+            len: f.len() as u16,
+            filter: f.as_ptr() as *mut libc::sock_filter,
+        };
+        // SAFETY: seccomp(SECCOMP_SET_MODE_FILTER) reads `prog`, which points
+        // at a live, well-formed BPF program for the duration of the call.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_seccomp,
+                libc::SECCOMP_SET_MODE_FILTER,
+                0,
+                &prog as *const libc::sock_fprog,
+            )
+        };
+        if rc != 0 {
+            let err = std::io::Error::last_os_error();
+            if err.raw_os_error() != Some(libc::EACCES) {
+                return Err(format!("installing the seccomp filter: {err}"));
+            }
+            seccompiler::apply_filter(f)
+                .map_err(|e| format!("installing the seccomp filter: {e}"))?;
+        }
     }
     Ok(())
 }
