@@ -299,12 +299,7 @@ impl Ctx<'_> {
             "run" => self.run(st, node, &flags)?,
             "from" => return Err(self.err(line, "FROM inside a stage")),
             other => {
-                let written = self
-                    .lines
-                    .get(line.saturating_sub(1))
-                    .and_then(|l| l.split_whitespace().next())
-                    .unwrap_or(other)
-                    .to_string();
+                let written = self.first_word_of_line(line, other);
                 return Err(self.err_at(
                     line,
                     &written,
@@ -354,12 +349,7 @@ impl Ctx<'_> {
                 }
             }
             other => {
-                let written = self
-                    .lines
-                    .get(line.saturating_sub(1))
-                    .and_then(|l| l.split_whitespace().next())
-                    .unwrap_or(other)
-                    .to_string();
+                let written = self.first_word_of_line(line, other);
                 return Err(self.err_at(
                     line,
                     &written,

@@ -346,6 +346,16 @@ impl Ctx<'_> {
     /// stages above it (BuildKit registers stages in order); `--from=`,
     /// `RUN --mount from=` and `--target` see them all. Names only: a bare
     /// number is an image name here, as in BuildKit's `findStateByName`.
+    /// The first word of a Dockerfile line as written (for carets), or
+    /// `fallback` when the line is not there.
+    fn first_word_of_line(&self, line: usize, fallback: &str) -> String {
+        self.lines
+            .get(line.saturating_sub(1))
+            .and_then(|l| l.split_whitespace().next())
+            .unwrap_or(fallback)
+            .to_string()
+    }
+
     /// The state of an image named by `--from` or a mount's `from=`:
     /// resolved for the platform and loaded by a source op.
     fn image_state(
