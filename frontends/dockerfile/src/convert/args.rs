@@ -26,6 +26,10 @@ impl Ctx<'_> {
                 env.push((k.clone(), v.clone()));
             } else if let Some(v) = v {
                 env.push((k.clone(), v.clone()));
+            } else {
+                // A global `ARG TARGETOS` without a value shadows the
+                // automatic one: it has no value, as in BuildKit.
+                env.retain(|(n, _)| n != k);
             }
         }
         env

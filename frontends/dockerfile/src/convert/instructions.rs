@@ -16,31 +16,10 @@ impl Ctx<'_> {
                 .process_word(s, &env)
                 .map_err(|e| ctx.err(line, e.to_string()))
         };
-        let allowed_flags: &[&str] = match node.keyword.as_str() {
-            "copy" => &["from", "chown", "chmod", "link", "parents", "exclude"],
-            "add" => &[
-                "chown",
-                "chmod",
-                "link",
-                "checksum",
-                "keep-git-dir",
-                "exclude",
-                "unpack",
-            ],
-            "run" => &["mount", "network", "security"],
-            "healthcheck" => &[
-                "interval",
-                "timeout",
-                "start-period",
-                "start-interval",
-                "retries",
-            ],
-            "from" => &["platform"],
-            _ => &[],
-        };
-        let flags = parse_flags(&node.flags, allowed_flags).map_err(|(flag, e)| {
-            self.err_at(line, &flag, format!("{}: {e}", node.keyword.to_uppercase()))
-        })?;
+        let flags =
+            parse_flags(&node.flags, allowed_flags(&node.keyword)).map_err(|(flag, e)| {
+                self.err_at(line, &flag, format!("{}: {e}", node.keyword.to_uppercase()))
+            })?;
         let img = &mut st.result.image;
         match node.keyword.as_str() {
             "env" => {

@@ -346,6 +346,47 @@ impl Ctx<'_> {
     /// stages above it (BuildKit registers stages in order); `--from=`,
     /// `RUN --mount from=` and `--target` see them all. Names only: a bare
     /// number is an image name here, as in BuildKit's `findStateByName`.
+    /// What BuildKit checks in every stage, built or not: each
+    /// instruction's flags, and that each base name (expanded with the
+    /// global ARGs) is a stage, `scratch`, a named context or a valid image
+    /// reference.
+    fn validate_all_stages(&self) -> Result<(), FrontendError> {
+        let meta = self.meta_env();
+        for (idx, stage) in self.stages.iter().enumerate() {
+            for node in &stage.commands {
+                parse_flags(&node.flags, allowed_flags(&node.keyword)).map_err(|(flag, e)| {
+                    self.err_at(
+                        node.start_line,
+                        &flag,
+                        format!("{}: {e}", node.keyword.to_uppercase()),
+                    )
+                })?;
+            }
+            let Ok(base) = self.lex.process_word(&stage.base, &meta) else {
+                continue;
+            };
+            if base == "scratch"
+                || self.named_context(&base).is_some()
+                || self.stage_named_exactly(&base, idx).is_some()
+            {
+                continue;
+            }
+            if base.is_empty() {
+                return Err(self.err(
+                    stage.from_node.start_line,
+                    format!("base name ({}) should not be blank", stage.base),
+                ));
+            }
+            if !valid_image_reference(&base) {
+                return Err(self.err(
+                    stage.from_node.start_line,
+                    format!("failed to parse stage name {base:?}: invalid reference format"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// The first word of a Dockerfile line as written (for carets), or
     /// `fallback` when the line is not there.
     fn first_word_of_line(&self, line: usize, fallback: &str) -> String {
@@ -610,6 +651,7 @@ fn convert_here(
     if ctx.stages.is_empty() {
         return Err(ctx.err(0, "the Dockerfile has no FROM instruction"));
     }
+    ctx.validate_all_stages()?;
     let target = match &opts.target {
         Some(t) => ctx.stage_named(t, usize::MAX).ok_or_else(|| {
             let names: Vec<String> = ctx.stages.iter().filter_map(|s| s.name.clone()).collect();

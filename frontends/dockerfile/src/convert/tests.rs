@@ -323,3 +323,60 @@ fn args_scope() {
     let c = convert(df.as_bytes(), &o, &NoImages).unwrap();
     assert!(c.image.config.env.contains(&"Y=9".to_string()));
 }
+
+#[test]
+fn image_references_follow_dockers_grammar() {
+    for ok in [
+        "busybox",
+        "parity-base:1",
+        "docker.io/library/alpine:3.18",
+        "127.0.0.1:5000/bench/k-1:latest",
+        "localhost:5000/a/b_c__d-e.f",
+        "Example.COM/x/y:v1.0-rc_1",
+        "a/b@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+    ] {
+        assert!(valid_image_reference(ok), "{ok}");
+    }
+    for bad in [
+        "Bad/Ref:Tag",
+        "Bad/ref",
+        "a/B",
+        "a:",
+        ":x",
+        "a//b",
+        "-a",
+        "a b",
+        "",
+    ] {
+        assert!(!valid_image_reference(bad), "{bad}");
+    }
+}
+
+#[test]
+fn every_stage_is_checked_even_unused_ones() {
+    let o = ConvertOptions {
+        target: Some("ok".into()),
+        ..Default::default()
+    };
+    let e = convert(
+        b"FROM scratch AS ok\nFROM scratch AS unused\nCOPY --bogus=1 a b\n",
+        &o,
+        &NoImages,
+    )
+    .unwrap_err();
+    assert!(e.message.contains("unknown flag: --bogus"), "{e}");
+    let e = convert(
+        b"ARG IMG=Bad/Ref\nFROM scratch AS ok\nFROM ${IMG} AS unused\n",
+        &o,
+        &NoImages,
+    )
+    .unwrap_err();
+    assert!(e.message.contains("invalid reference format"), "{e}");
+    // A global ARG without a value hides the automatic TARGETOS.
+    let c = conv("ARG TARGETOS\nFROM scratch\nARG TARGETOS\nENV T=${TARGETOS:-unset}\n").unwrap();
+    assert!(
+        c.image.config.env.contains(&"T=unset".to_string()),
+        "{:?}",
+        c.image.config.env
+    );
+}
