@@ -296,20 +296,20 @@ fn describe_content(data: &[u8]) -> String {
     s
 }
 
-fn decompress(data: Vec<u8>) -> Result<Vec<u8>, String> {
+fn decompress(data: &[u8]) -> Result<std::borrow::Cow<'_, [u8]>, String> {
     let mut out = Vec::new();
     if data.starts_with(&[0x1f, 0x8b]) {
-        flate2::read::GzDecoder::new(&data[..])
+        flate2::read::GzDecoder::new(data)
             .read_to_end(&mut out)
             .map_err(|e| format!("gunzip layer: {e}"))?;
-        Ok(out)
+        Ok(out.into())
     } else if data.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
-        zstd::stream::read::Decoder::new(&data[..])
+        zstd::stream::read::Decoder::new(data)
             .and_then(|mut d| d.read_to_end(&mut out))
             .map_err(|e| format!("unzstd layer: {e}"))?;
-        Ok(out)
+        Ok(out.into())
     } else {
-        Ok(data)
+        Ok(data.into())
     }
 }
 
@@ -372,7 +372,6 @@ impl Image {
             let name = links.get(name).map(String::as_str).unwrap_or(name);
             let data = members
                 .get(name)
-                .cloned()
                 .ok_or_else(|| format!("missing layer {name}"))?;
             image.apply_layer(&decompress(data)?, &mut next_inode)?;
         }

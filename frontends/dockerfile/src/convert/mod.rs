@@ -410,17 +410,21 @@ impl Ctx<'_> {
             .images
             .resolve(reference, platform)
             .map_err(|e| self.err_at(line, reference, e))?;
+        Ok(self.image_source_op(&pinned, platform, loc))
+    }
+
+    /// The source op that loads a resolved image (`pinned`) for `platform`.
+    fn image_source_op(&mut self, pinned: &str, platform: &Platform, loc: &str) -> OutputRef {
         let op = pb::Op {
             op: Some(pb::op::Op::Source(pb::SourceOp {
-                identifier: image_source(&pinned),
+                identifier: image_source(pinned),
                 attrs: vec![],
             })),
             platform: Some(platform.to_pb()),
             ..Default::default()
         };
-        Ok(self
-            .builder
-            .add(&op, &format!("[internal] load {pinned}"), loc))
+        self.builder
+            .add(&op, &format!("[internal] load {pinned}"), loc)
     }
 
     /// The stage a name refers to among the first `before` stages: the last

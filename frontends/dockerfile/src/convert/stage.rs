@@ -140,19 +140,8 @@ impl Ctx<'_> {
                 .images
                 .resolve(&base, &platform)
                 .map_err(|e| self.err(from_line, e))?;
-            let op = pb::Op {
-                op: Some(pb::op::Op::Source(pb::SourceOp {
-                    identifier: image_source(&pinned),
-                    attrs: vec![],
-                })),
-                platform: Some(platform.to_pb()),
-                ..Default::default()
-            };
-            let r = self.builder.add(
-                &op,
-                &format!("[internal] load {pinned}"),
-                &self.loc(&self.stages[idx].from_node),
-            );
+            let loc = self.loc(&self.stages[idx].from_node);
+            let r = self.image_source_op(&pinned, &platform, &loc);
             StageResult {
                 state: Some(r),
                 image,
