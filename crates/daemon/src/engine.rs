@@ -6,14 +6,15 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use kiln_compress::Codec;
+use futures::FutureExt;
+use futures::future::BoxFuture;
 use kiln_definition::Graph;
 use kiln_definition::image::Image;
 use kiln_dockerfile::{ConvertOptions, ImageResolver, Platform};
-use kiln_exporter::{ImageOptions, Layer};
-use kiln_proto::control::{self as ctl, SolveRequest, SolveResponse, UsageRecord};
+use kiln_exporter::{BuildResult, ExportEnv, ExportError, PlatformResult, WriteFn};
+use kiln_proto::control::{SolveRequest, SolveResponse, UsageRecord};
 use kiln_solver::{Resolved, Solver};
-use kiln_worker::{Job, LayerCompression, Output, Worker};
+use kiln_worker::{Job, Output, Worker};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
@@ -53,17 +54,6 @@ fn now() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0)
-}
-
-fn bool_attr(v: Option<&String>, default: bool) -> Result<bool, EngineError> {
-    match v.map(String::as_str) {
-        None => Ok(default),
-        Some("" | "true" | "1") => Ok(true),
-        Some("false" | "0") => Ok(false),
-        Some(o) => Err(EngineError::InvalidArgument(format!(
-            "invalid boolean {o:?}"
-        ))),
-    }
 }
 
 impl Engine {
@@ -187,6 +177,13 @@ impl Engine {
                 )));
             }
         }
+        // Every output's options are checked before anything is built.
+        let outputs = req
+            .exporters
+            .iter()
+            .map(|e| kiln_exporter::resolve(&e.r#type, &e.attrs))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(export_error)?;
         let attrs = &req.frontend_attrs;
         let dockerfile = req.frontend_inputs.get("dockerfile").ok_or_else(|| {
             EngineError::InvalidArgument("the request carries no Dockerfile".into())
@@ -287,20 +284,25 @@ impl Engine {
                 .map(|(_, c)| self.solve_converted(c, job.clone(), opts.no_cache)),
         )
         .await?;
-        let mut results = Vec::new();
-        for ((platform, converted), result) in builds.into_iter().zip(solved) {
-            results.push(PlatformResult {
-                chain: self.chain_of(result.as_ref())?,
-                platform,
+        let mut result = BuildResult {
+            epoch,
+            ..Default::default()
+        };
+        for ((platform, converted), solved) in builds.into_iter().zip(solved) {
+            result.platforms.push(PlatformResult {
+                chain: self.chain_of(solved.as_ref())?,
+                platform: platform.format(),
                 image: converted.image,
             });
         }
+        let env = SessionExportEnv {
+            worker: self.worker.clone(),
+            session,
+            progress,
+        };
         let mut response = BTreeMap::new();
-        for exp in &req.exporters {
-            let r = self
-                .export(exp, &results, &session, epoch, &progress)
-                .await?;
-            response.extend(r);
+        for output in &outputs {
+            response.extend(output.export(&result, &env).await.map_err(export_error)?);
         }
         Ok(SolveResponse {
             exporter_response: response.into_iter().collect(),
@@ -350,271 +352,6 @@ impl Engine {
                 "the build result is a bare context".into(),
             )),
         }
-    }
-
-    /// Builds one image per platform result, with the exporter's options.
-    async fn build_images(
-        &self,
-        results: &[PlatformResult],
-        opts: &ImageExportOptions,
-        epoch: Option<i64>,
-        progress: &Arc<JobProgress>,
-    ) -> Result<Vec<kiln_exporter::BuiltImage>, EngineError> {
-        Phase::run(
-            progress,
-            "exporting layers",
-            self.build_images_inner(results, opts, epoch),
-        )
-        .await
-    }
-
-    async fn build_images_inner(
-        &self,
-        results: &[PlatformResult],
-        opts: &ImageExportOptions,
-        epoch: Option<i64>,
-    ) -> Result<Vec<kiln_exporter::BuiltImage>, EngineError> {
-        let mut images = Vec::new();
-        for r in results {
-            let (worker, chain, image, o) = (
-                self.worker.clone(),
-                r.chain.clone(),
-                r.image.clone(),
-                opts.clone(),
-            );
-            let built = tokio::task::spawn_blocking(
-                move || -> Result<kiln_exporter::BuiltImage, String> {
-                    let layers = chain_layers(&worker, &chain, &o.compression, epoch)?;
-                    let built = kiln_exporter::build_image(
-                        &image,
-                        &layers,
-                        &ImageOptions {
-                            oci_mediatypes: o.oci_mediatypes,
-                            created: epoch.unwrap_or_else(now),
-                            annotations: o.annotations,
-                        },
-                    )
-                    .map_err(|e| e.to_string())?;
-                    // The config travels as a blob like the layers.
-                    worker
-                        .content
-                        .put(&built.config)
-                        .map_err(|e| e.to_string())?;
-                    Ok(built)
-                },
-            )
-            .await
-            .map_err(|e| EngineError::Export(e.to_string()))?
-            .map_err(EngineError::Export)?;
-            images.push(built);
-        }
-        Ok(images)
-    }
-
-    async fn export(
-        &self,
-        exp: &ctl::Exporter,
-        results: &[PlatformResult],
-        session: &Arc<Session>,
-        epoch: Option<i64>,
-        progress: &Arc<JobProgress>,
-    ) -> Result<HashMap<String, String>, EngineError> {
-        let attrs = &exp.attrs;
-        let dest = attrs.get("dest").cloned().unwrap_or_default();
-        let multi = results.len() > 1;
-        let mut response = HashMap::new();
-        match exp.r#type.as_str() {
-            "local" | "tar" => {
-                if dest.is_empty() {
-                    return Err(EngineError::InvalidArgument(format!(
-                        "output type={} needs dest=PATH",
-                        exp.r#type
-                    )));
-                }
-                if multi && exp.r#type == "tar" {
-                    return Err(EngineError::InvalidArgument(
-                        "type=tar holds one platform's files; for several platforms use type=local (one directory per platform) or type=oci".into(),
-                    ));
-                }
-                let kind = if exp.r#type == "local" { "dir" } else { "file" };
-                for r in results {
-                    // Several platforms: one directory each, named as BuildKit does.
-                    let to = if multi {
-                        format!(
-                            "{}/{}",
-                            dest.trim_end_matches('/'),
-                            r.platform.format().replace('/', "_")
-                        )
-                    } else {
-                        dest.clone()
-                    };
-                    let (worker, chain) = (self.worker.clone(), r.chain.clone());
-                    let send = send_to_client(session, kind, &to, move |w| {
-                        let view = worker.snapshots.view(&chain).map_err(|e| e.to_string())?;
-                        let opts = kiln_archive::TarOptions {
-                            epoch,
-                            overlay_upper: false,
-                        };
-                        kiln_archive::write_tar(view.path(), w, opts)
-                            .map(|_| ())
-                            .map_err(|e| e.to_string())
-                    });
-                    Phase::run(progress, format!("copying files to {to}"), send).await?;
-                }
-            }
-            "image" | "registry" => {
-                let push = exp.r#type == "registry" || bool_attr(attrs.get("push"), false)?;
-                let opts = ImageExportOptions::parse(attrs, "image")?;
-                if opts.names.is_empty() {
-                    return Err(EngineError::InvalidArgument(format!(
-                        "output type={} needs name=REF (or -t)",
-                        exp.r#type
-                    )));
-                }
-                if !push {
-                    return Err(EngineError::InvalidArgument(
-                        "type=image without push=true would only keep the image in the cache; this daemon has no image store yet (use push=true, type=oci or type=docker)".into(),
-                    ));
-                }
-                let images = self.build_images(results, &opts, epoch, progress).await?;
-                let index = index_of(&images, opts.oci_mediatypes)?;
-                let contexts = SessionContexts(session.clone());
-                for n in &opts.names {
-                    let r = kiln_registry::parse_reference(n)
-                        .map_err(|e| EngineError::InvalidArgument(e.to_string()))?;
-                    let host = r.resolve_registry().to_string();
-                    let by_digest = |d: &kiln_digest::Digest| {
-                        format!("{}/{}@{d}", r.resolve_registry(), r.repository())
-                    };
-                    let creds = kiln_worker::ContextProvider::credentials(&contexts, host)
-                        .await
-                        .map_err(EngineError::Export)?;
-                    let push_one = |target: String,
-                                    blobs: Vec<kiln_registry::PushBlob>,
-                                    doc: Vec<u8>,
-                                    mt: String| {
-                        let (worker, creds) = (self.worker.clone(), creds.clone());
-                        async move {
-                            worker
-                                .registry
-                                .push(
-                                    &target,
-                                    &blobs,
-                                    (&doc, &mt),
-                                    &worker.content,
-                                    creds.as_ref(),
-                                    opts.insecure,
-                                )
-                                .await
-                                .map_err(|e| EngineError::Export(format!("push failed: {e}")))
-                        }
-                    };
-                    let push = async {
-                        for img in &images {
-                            let mut blobs: Vec<kiln_registry::PushBlob> = img
-                                .layers
-                                .iter()
-                                .map(|l| kiln_registry::PushBlob {
-                                    digest: l.digest.clone(),
-                                    size: l.size,
-                                    mount_from: l.source.clone(),
-                                })
-                                .collect();
-                            blobs.push(kiln_registry::PushBlob {
-                                digest: img.config_digest.clone(),
-                                size: img.config.len() as u64,
-                                mount_from: None,
-                            });
-                            // In a multi-platform push the manifests go up by digest;
-                            // the index (or the single manifest) gets the tag.
-                            let target = if multi || opts.push_by_digest {
-                                by_digest(&img.manifest_digest)
-                            } else {
-                                n.clone()
-                            };
-                            push_one(
-                                target,
-                                blobs,
-                                img.manifest.clone(),
-                                img.manifest_media_type.clone(),
-                            )
-                            .await?;
-                        }
-                        if let Some(i) = &index {
-                            let target = if opts.push_by_digest {
-                                by_digest(&i.digest)
-                            } else {
-                                n.clone()
-                            };
-                            push_one(target, Vec::new(), i.bytes.clone(), i.media_type.clone())
-                                .await?;
-                        }
-                        Ok::<_, EngineError>(())
-                    };
-                    Phase::run(progress, format!("pushing {n}"), push).await?;
-                }
-                image_digests(&images, index.as_ref(), &mut response);
-                response.insert("image.name".into(), opts.names.join(","));
-            }
-            "oci" | "docker" => {
-                let docker = exp.r#type == "docker";
-                if dest.is_empty() {
-                    return Err(EngineError::InvalidArgument(format!(
-                        "output type={} needs dest=PATH",
-                        exp.r#type
-                    )));
-                }
-                if docker && multi {
-                    return Err(EngineError::InvalidArgument(
-                        "type=docker holds one platform (docker load has no manifest lists); use type=oci for several platforms".into(),
-                    ));
-                }
-                let as_tar = docker || bool_attr(attrs.get("tar"), true)?;
-                let opts = ImageExportOptions::parse(attrs, &exp.r#type)?;
-                let names = opts.names.clone();
-                let images = self.build_images(results, &opts, epoch, progress).await?;
-                let index = index_of(&images, opts.oci_mediatypes)?;
-                let worker = self.worker.clone();
-                let (imgs, idx, names2) = (images.clone(), index.clone(), names.clone());
-                let send = send_to_client(
-                    session,
-                    if as_tar { "file" } else { "dir" },
-                    &dest,
-                    move |w| {
-                        let r = if docker {
-                            kiln_exporter::write_docker_archive(
-                                w,
-                                &imgs[0],
-                                &names2,
-                                &worker.content,
-                                epoch.unwrap_or(0),
-                            )
-                        } else {
-                            kiln_exporter::write_oci_layout_multi(
-                                w,
-                                &imgs,
-                                idx.as_ref(),
-                                &names2,
-                                &worker.content,
-                                epoch.unwrap_or(0),
-                            )
-                        };
-                        r.map(|_| ()).map_err(|e| e.to_string())
-                    },
-                );
-                Phase::run(progress, format!("sending tarball to {dest}"), send).await?;
-                image_digests(&images, index.as_ref(), &mut response);
-                if !names.is_empty() {
-                    response.insert("image.name".into(), names.join(","));
-                }
-            }
-            other => {
-                return Err(EngineError::InvalidArgument(format!(
-                    "output type {other:?} is not supported by this daemon (supported: image, registry, oci, docker, local, tar)"
-                )));
-            }
-        }
-        Ok(response)
     }
 
     /// How this daemon's snapshots are stacked.
@@ -693,205 +430,74 @@ impl Engine {
     }
 }
 
-/// The comma-separated `name=` of an exporter.
-/// The multi-platform index over `images`, when there is more than one.
-fn index_of(
-    images: &[kiln_exporter::BuiltImage],
-    oci_mediatypes: bool,
-) -> Result<Option<kiln_exporter::BuiltIndex>, EngineError> {
-    if images.len() < 2 {
-        return Ok(None);
-    }
-    kiln_exporter::build_index(images, oci_mediatypes)
-        .map(Some)
-        .map_err(|e| EngineError::Export(e.to_string()))
-}
-
-/// The exporter response's digests: the index's, or the single image's
-/// manifest and config.
-fn image_digests(
-    images: &[kiln_exporter::BuiltImage],
-    index: Option<&kiln_exporter::BuiltIndex>,
-    response: &mut HashMap<String, String>,
-) {
-    match index {
-        Some(i) => {
-            response.insert("containerimage.digest".into(), i.digest.to_string());
-        }
-        None => {
-            response.insert(
-                "containerimage.digest".into(),
-                images[0].manifest_digest.to_string(),
-            );
-            response.insert(
-                "containerimage.config.digest".into(),
-                images[0].config_digest.to_string(),
-            );
-        }
+fn export_error(e: ExportError) -> EngineError {
+    match e {
+        ExportError::Option(m) => EngineError::InvalidArgument(m),
+        other => EngineError::Export(other.to_string()),
     }
 }
 
-/// One platform's build result.
-struct PlatformResult {
-    platform: Platform,
-    /// The result's snapshot chain, nearest first (empty for scratch).
-    chain: Vec<String>,
-    image: Image,
+/// What outputs get from the daemon: the worker, the client's session and
+/// the build's progress.
+struct SessionExportEnv {
+    worker: Arc<Worker>,
+    session: Arc<Session>,
+    progress: Arc<JobProgress>,
 }
 
-/// Options shared by the image-producing exporters (image/registry, oci, docker).
-#[derive(Debug, Clone)]
-struct ImageExportOptions {
-    compression: LayerCompression,
-    oci_mediatypes: bool,
-    annotations: BTreeMap<String, String>,
-    names: Vec<String>,
-    push_by_digest: bool,
-    /// `registry.insecure=true`: plain HTTP to the registry.
-    insecure: bool,
-}
-
-impl ImageExportOptions {
-    /// `kind` is the exporter type: OCI media types are the default only for
-    /// `oci`, as in BuildKit.
-    fn parse(attrs: &BTreeMap<String, String>, kind: &str) -> Result<Self, EngineError> {
-        let bad = EngineError::InvalidArgument;
-        let docker = kind == "docker";
-        let name = attrs
-            .get("compression")
-            .map(String::as_str)
-            .unwrap_or("gzip");
-        // `docker load` reads plain layer tars.
-        let codec = if docker {
-            Codec::Uncompressed
-        } else {
-            Codec::parse(name).ok_or_else(|| {
-                bad(format!(
-                    "unknown compression {name:?} (gzip, zstd, uncompressed)"
-                ))
-            })?
-        };
-        let mut compression = LayerCompression::new(codec);
-        if let Some(l) = attrs.get("compression-level") {
-            let level: i32 = l
-                .parse()
-                .map_err(|_| bad(format!("compression-level={l:?} is not a number")))?;
-            compression.level = codec.check_level(level).map_err(bad)?;
-        }
-        compression.force = bool_attr(attrs.get("force-compression"), false)?;
-        let known = [
-            "name",
-            "push",
-            "push-by-digest",
-            "compression",
-            "compression-level",
-            "force-compression",
-            "oci-mediatypes",
-            "registry.insecure",
-            "dest",
-            "tar",
-            "unpack",
-            "store",
-            "dangling-name-prefix",
-            "buildinfo",
-            "attestation-inline",
-        ];
-        for k in attrs.keys() {
-            if !known.contains(&k.as_str()) && !k.starts_with("annotation") {
-                return Err(bad(format!("unknown output option {k:?}")));
-            }
-        }
-        Ok(ImageExportOptions {
-            compression,
-            // zstd layers only exist as OCI media types.
-            oci_mediatypes: bool_attr(attrs.get("oci-mediatypes"), kind == "oci")?
-                || codec == Codec::Zstd,
-            annotations: attrs
-                .iter()
-                .filter_map(|(k, v)| {
-                    k.strip_prefix("annotation.")
-                        .or_else(|| k.strip_prefix("annotation-manifest."))
-                        .map(|k| (k.to_string(), v.clone()))
-                })
-                .collect(),
-            names: name_list(attrs),
-            push_by_digest: bool_attr(attrs.get("push-by-digest"), false)?,
-            insecure: bool_attr(attrs.get("registry.insecure"), false)?,
-        })
+impl ExportEnv for SessionExportEnv {
+    fn worker(&self) -> &Arc<Worker> {
+        &self.worker
     }
-}
 
-fn name_list(attrs: &BTreeMap<String, String>) -> Vec<String> {
-    attrs
-        .get("name")
-        .map(|n| {
-            n.split(',')
-                .filter(|s| !s.is_empty())
-                .map(str::to_string)
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// Streams what `write` produces to the client's `dest` (a file, or a tar
-/// the client unpacks into a directory) and waits for the client to confirm.
-async fn send_to_client<F>(
-    session: &Arc<Session>,
-    kind: &str,
-    dest: &str,
-    write: F,
-) -> Result<(), EngineError>
-where
-    F: FnOnce(&mut crate::session::ExportWriter) -> Result<(), String> + Send + 'static,
-{
-    let (mut writer, forward) = session
-        .export(kind, dest)
-        .await
-        .map_err(EngineError::Export)?;
-    let written = tokio::task::spawn_blocking(move || {
-        let r = write(&mut writer)
-            .and_then(|_| std::io::Write::flush(&mut writer).map_err(|e| e.to_string()));
-        // Dropping the writer ends the stream, so the client can acknowledge.
-        drop(writer);
-        r
-    })
-    .await
-    .map_err(|e| EngineError::Export(e.to_string()))?;
-    let acked = forward
-        .await
-        .map_err(|e| EngineError::Export(e.to_string()))?;
-    written.map_err(EngineError::Export)?;
-    acked.map_err(|e| EngineError::Export(format!("writing {dest}: {e}")))
-}
-
-/// The layers of a snapshot chain (base first) in one compression,
-/// computed once per snapshot and reused.
-fn chain_layers(
-    worker: &Worker,
-    chain: &[String],
-    compression: &LayerCompression,
-    epoch: Option<i64>,
-) -> Result<Vec<Layer>, String> {
-    let mut layers = Vec::new();
-    for id in chain.iter().rev() {
-        let (info, blob) = worker
-            .layer(id, compression, epoch)
-            .map_err(|e| e.to_string())?;
-        layers.push(Layer {
-            diff_id: info.diff_id,
-            digest: blob
-                .digest
-                .parse()
-                .map_err(|e: kiln_digest::DigestError| e.to_string())?,
-            size: blob.size,
-            // A pulled layer keeps its original blob whatever was asked,
-            // unless force-compression: report what the blob really is.
-            compression: blob.compression.clone(),
-            empty: info.empty,
-            source: blob.source.clone(),
-        });
+    fn send(
+        &self,
+        kind: &'static str,
+        dest: String,
+        write: WriteFn,
+    ) -> BoxFuture<'_, Result<(), ExportError>> {
+        async move {
+            let (mut writer, forward) = self
+                .session
+                .export(kind, &dest)
+                .await
+                .map_err(ExportError::Failed)?;
+            let written = tokio::task::spawn_blocking(move || {
+                let r = write(&mut writer)
+                    .and_then(|_| std::io::Write::flush(&mut writer).map_err(|e| e.to_string()));
+                // Dropping the writer ends the stream, so the client can acknowledge.
+                drop(writer);
+                r
+            })
+            .await
+            .map_err(ExportError::failed)?;
+            let acked = forward.await.map_err(ExportError::failed)?;
+            written.map_err(ExportError::Failed)?;
+            acked.map_err(|e| ExportError::Failed(format!("writing {dest}: {e}")))
+        }
+        .boxed()
     }
-    Ok(layers)
+
+    fn credentials(
+        &self,
+        host: String,
+    ) -> BoxFuture<'_, Result<Option<kiln_registry::Credentials>, ExportError>> {
+        async move {
+            let contexts = SessionContexts(self.session.clone());
+            kiln_worker::ContextProvider::credentials(&contexts, host)
+                .await
+                .map_err(ExportError::Failed)
+        }
+        .boxed()
+    }
+
+    fn phase<'a>(
+        &'a self,
+        name: String,
+        work: BoxFuture<'a, Result<(), ExportError>>,
+    ) -> BoxFuture<'a, Result<(), ExportError>> {
+        Phase::run(&self.progress, name, work).boxed()
+    }
 }
 
 /// Resolves `FROM image` configs for the frontend (which runs on a blocking

@@ -1,6 +1,8 @@
 //! Image assembly and output formats: the image config (history, diff ids,
 //! created), the manifest (OCI or Docker media types), and OCI image layout
-//! tarballs streamed straight from the content store.
+//! tarballs streamed straight from the content store; and the outputs
+//! themselves (`output`: one type per output kind, each parsing its own
+//! attributes and running its own export).
 #![forbid(unsafe_code)]
 
 use std::collections::BTreeMap;
@@ -17,9 +19,25 @@ pub enum ExportError {
     Content(#[from] kiln_content::ContentError),
     #[error("writing the export: {0}")]
     Io(#[from] io::Error),
-    #[error("invalid export option: {0}")]
+    /// An output's attributes are wrong (the build is refused before it starts).
+    #[error("{0}")]
     Option(String),
+    /// The export itself failed (a push, the client, a snapshot).
+    #[error("{0}")]
+    Failed(String),
 }
+
+impl ExportError {
+    pub fn failed(e: impl std::fmt::Display) -> Self {
+        ExportError::Failed(e.to_string())
+    }
+}
+
+pub mod output;
+mod outputs;
+pub use output::{
+    BuildResult, ExportEnv, ExporterInstance, PlatformResult, StepRecord, WriteFn, resolve,
+};
 
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";

@@ -1,0 +1,194 @@
+//! What the image outputs share: their options, and turning each
+//! platform's snapshot chain into layers, a config and a manifest.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use futures::FutureExt;
+use kiln_compress::Codec;
+use kiln_worker::{LayerCompression, Worker};
+
+use crate::output::{BuildResult, ExportEnv, bool_attr, check_known, name_list};
+use crate::{BuiltImage, BuiltIndex, ExportError, ImageOptions, Layer};
+
+/// Options of the image-producing outputs (image/registry, oci, docker).
+#[derive(Debug, Clone)]
+pub(crate) struct ImageExportOptions {
+    pub compression: LayerCompression,
+    pub oci_mediatypes: bool,
+    pub annotations: BTreeMap<String, String>,
+    pub names: Vec<String>,
+    pub push_by_digest: bool,
+    /// `registry.insecure=true`: plain HTTP to the registry.
+    pub insecure: bool,
+}
+
+impl ImageExportOptions {
+    /// `kind` is the output type: OCI media types are the default only for
+    /// `oci`, as in BuildKit; `extra` are the type's own keys.
+    pub(crate) fn parse(
+        attrs: &BTreeMap<String, String>,
+        kind: &str,
+        extra: &[&str],
+    ) -> Result<Self, ExportError> {
+        let bad = ExportError::Option;
+        let name = attrs
+            .get("compression")
+            .map(String::as_str)
+            .unwrap_or("gzip");
+        // `docker load` reads plain layer tars.
+        let codec = if kind == "docker" {
+            Codec::Uncompressed
+        } else {
+            Codec::parse(name).ok_or_else(|| {
+                bad(format!(
+                    "unknown compression {name:?} (gzip, zstd, uncompressed)"
+                ))
+            })?
+        };
+        let mut compression = LayerCompression::new(codec);
+        if let Some(l) = attrs.get("compression-level") {
+            let level: i32 = l
+                .parse()
+                .map_err(|_| bad(format!("compression-level={l:?} is not a number")))?;
+            compression.level = codec.check_level(level).map_err(bad)?;
+        }
+        compression.force = bool_attr(attrs, "force-compression", false)?;
+        let mut known = vec![
+            "name",
+            "compression",
+            "compression-level",
+            "force-compression",
+            "oci-mediatypes",
+            "buildinfo",
+            "attestation-inline",
+            "dangling-name-prefix",
+        ];
+        known.extend_from_slice(extra);
+        check_known(kind, attrs, &known, true)?;
+        Ok(ImageExportOptions {
+            compression,
+            // zstd layers only exist as OCI media types.
+            oci_mediatypes: bool_attr(attrs, "oci-mediatypes", kind == "oci")?
+                || codec == Codec::Zstd,
+            annotations: attrs
+                .iter()
+                .filter_map(|(k, v)| {
+                    k.strip_prefix("annotation.")
+                        .or_else(|| k.strip_prefix("annotation-manifest."))
+                        .map(|k| (k.to_string(), v.clone()))
+                })
+                .collect(),
+            names: name_list(attrs),
+            push_by_digest: bool_attr(attrs, "push-by-digest", false)?,
+            insecure: bool_attr(attrs, "registry.insecure", false)?,
+        })
+    }
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// One image per platform result (layers compressed once and reused), and
+/// the index over them when there are several.
+pub(crate) async fn build_images(
+    result: &BuildResult,
+    opts: &ImageExportOptions,
+    env: &dyn ExportEnv,
+) -> Result<(Vec<BuiltImage>, Option<BuiltIndex>), ExportError> {
+    let mut images = Vec::new();
+    let work = async {
+        for r in &result.platforms {
+            let (worker, chain, image, o, epoch) = (
+                env.worker().clone(),
+                r.chain.clone(),
+                r.image.clone(),
+                opts.clone(),
+                result.epoch,
+            );
+            let built = tokio::task::spawn_blocking(move || -> Result<BuiltImage, ExportError> {
+                let layers = chain_layers(&worker, &chain, &o.compression, epoch)?;
+                let built = crate::build_image(
+                    &image,
+                    &layers,
+                    &ImageOptions {
+                        oci_mediatypes: o.oci_mediatypes,
+                        created: epoch.unwrap_or_else(now),
+                        annotations: o.annotations,
+                    },
+                )?;
+                // The config travels as a blob like the layers.
+                worker.content.put(&built.config)?;
+                Ok(built)
+            })
+            .await
+            .map_err(ExportError::failed)??;
+            images.push(built);
+        }
+        Ok(())
+    }
+    .boxed();
+    env.phase("exporting layers".into(), work).await?;
+    let index = if images.len() > 1 {
+        Some(crate::build_index(&images, opts.oci_mediatypes)?)
+    } else {
+        None
+    };
+    Ok((images, index))
+}
+
+/// The layers of a snapshot chain (base first) in one compression,
+/// computed once per snapshot and reused.
+pub(crate) fn chain_layers(
+    worker: &Arc<Worker>,
+    chain: &[String],
+    compression: &LayerCompression,
+    epoch: Option<i64>,
+) -> Result<Vec<Layer>, ExportError> {
+    let mut layers = Vec::new();
+    for id in chain.iter().rev() {
+        let (info, blob) = worker
+            .layer(id, compression, epoch)
+            .map_err(ExportError::failed)?;
+        layers.push(Layer {
+            diff_id: info.diff_id,
+            digest: blob.digest.parse().map_err(ExportError::failed)?,
+            size: blob.size,
+            // A pulled layer keeps its original blob whatever was asked,
+            // unless force-compression: report what the blob really is.
+            compression: blob.compression.clone(),
+            empty: info.empty,
+            source: blob.source.clone(),
+        });
+    }
+    Ok(layers)
+}
+
+/// The metadata digests: the index's, or the single image's manifest and config.
+pub(crate) fn image_digests(
+    images: &[BuiltImage],
+    index: Option<&BuiltIndex>,
+    response: &mut BTreeMap<String, String>,
+) {
+    match index {
+        Some(i) => {
+            response.insert("containerimage.digest".into(), i.digest.to_string());
+        }
+        None => {
+            if let Some(img) = images.first() {
+                response.insert(
+                    "containerimage.digest".into(),
+                    img.manifest_digest.to_string(),
+                );
+                response.insert(
+                    "containerimage.config.digest".into(),
+                    img.config_digest.to_string(),
+                );
+            }
+        }
+    }
+}
