@@ -1,6 +1,7 @@
 //! End-to-end tests: one binary (cargo's pattern), one module per area.
 
 mod builds;
+mod cache;
 mod containment;
 mod errors;
 mod lifecycle;

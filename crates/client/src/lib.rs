@@ -104,6 +104,9 @@ pub struct BuildRequest {
     pub dockerfile: Vec<u8>,
     pub frontend_attrs: std::collections::BTreeMap<String, String>,
     pub exporters: Vec<ctl::Exporter>,
+    /// `--cache-from` and `--cache-to` entries.
+    pub cache_imports: Vec<ctl::CacheOptionsEntry>,
+    pub cache_exports: Vec<ctl::CacheOptionsEntry>,
     pub entitlements: Vec<String>,
     pub secrets: Vec<SecretSource>,
     /// `--ssh ID=AGENT_SOCKET`: agents forwarded for RUN --mount=type=ssh.
@@ -234,8 +237,8 @@ impl Client {
                 .into_iter()
                 .collect(),
             exporters: req.exporters,
-            cache_imports: vec![],
-            cache_exports: vec![],
+            cache_imports: req.cache_imports,
+            cache_exports: req.cache_exports,
             session: session_id,
             entitlements: req.entitlements,
         });

@@ -10,8 +10,9 @@ use futures::FutureExt;
 use futures::future::BoxFuture;
 use kiln_definition::Graph;
 use kiln_definition::image::Image;
+use kiln_digest::Digest;
 use kiln_dockerfile::{ConvertOptions, ImageResolver, Platform};
-use kiln_exporter::{BuildResult, ExportEnv, ExportError, PlatformResult, WriteFn};
+use kiln_exporter::{BuildResult, ExportEnv, ExportError, PlatformResult, StepRecord, WriteFn};
 use kiln_proto::control::{SolveRequest, SolveResponse, UsageRecord};
 use kiln_solver::{Resolved, Solver};
 use kiln_worker::{Job, Output, Worker};
@@ -184,6 +185,18 @@ impl Engine {
             .map(|e| kiln_exporter::resolve(&e.r#type, &e.attrs))
             .collect::<Result<Vec<_>, _>>()
             .map_err(export_error)?;
+        let mut cache_outputs = Vec::new();
+        let mut inline_cache = false;
+        for e in &req.cache_exports {
+            match kiln_exporter::resolve_cache(&e.r#type, &e.attrs).map_err(export_error)? {
+                Some(c) => cache_outputs.push(c),
+                None => inline_cache = true,
+            }
+        }
+        inline_cache |= req
+            .exporters
+            .iter()
+            .any(|e| e.attrs.get("inline-cache").is_some_and(|v| v != "false"));
         let attrs = &req.frontend_attrs;
         let dockerfile = req.frontend_inputs.get("dockerfile").ok_or_else(|| {
             EngineError::InvalidArgument("the request carries no Dockerfile".into())
@@ -271,7 +284,23 @@ impl Engine {
                 _ => context_paths = None,
             }
         }
+        // As BuildKit: BUILDKIT_INLINE_CACHE=1 asks for inline cache too.
+        inline_cache |= opts
+            .build_args
+            .get("BUILDKIT_INLINE_CACHE")
+            .is_some_and(|v| v == "1" || v == "true");
+        let contexts: Arc<dyn kiln_worker::ContextProvider> =
+            Arc::new(SessionContexts(session.clone()));
+        let cache_imports = crate::cache_import::import_caches(
+            &self.worker,
+            &req.cache_imports,
+            &contexts,
+            &builds.iter().map(|(p, _)| p.clone()).collect::<Vec<_>>(),
+            &progress,
+        )
+        .await;
         let job = Arc::new(Job {
+            cache_imports,
             progress: progress.clone(),
             contexts: Arc::new(SessionContexts(session.clone())),
             entitlements: req.entitlements.iter().cloned().collect(),
@@ -286,14 +315,27 @@ impl Engine {
         .await?;
         let mut result = BuildResult {
             epoch,
+            inline_cache,
             ..Default::default()
         };
-        for ((platform, converted), solved) in builds.into_iter().zip(solved) {
+        // The result's files are fetched only when something is exported:
+        // a build that only checks the cache downloads nothing.
+        let exporting = !outputs.is_empty() || !cache_outputs.is_empty();
+        for ((platform, converted), (solved, steps)) in builds.into_iter().zip(solved) {
+            let chain = match solved {
+                Some(r) if exporting => self.chain_of(r.output).await?,
+                _ => Vec::new(),
+            };
             result.platforms.push(PlatformResult {
-                chain: self.chain_of(solved.as_ref())?,
+                chain,
                 platform: platform.format(),
                 image: converted.image,
             });
+            for s in steps {
+                if !result.steps.iter().any(|x| x.key == s.key) {
+                    result.steps.push(s);
+                }
+            }
         }
         let env = SessionExportEnv {
             worker: self.worker.clone(),
@@ -301,29 +343,37 @@ impl Engine {
             progress,
         };
         let mut response = BTreeMap::new();
-        for output in &outputs {
+        for output in outputs.iter().chain(&cache_outputs) {
             response.extend(output.export(&result, &env).await.map_err(export_error)?);
+        }
+        // Imported results that were fetched are recorded here, so later
+        // builds hit them without the import.
+        for s in &result.steps {
+            if matches!(s.output, Output::Remote(_)) {
+                self.worker.local_snapshot(&s.output);
+            }
         }
         Ok(SolveResponse {
             exporter_response: response.into_iter().collect(),
         })
     }
 
-    /// Solves one converted Dockerfile; None for an empty (scratch) result.
+    /// Solves one converted Dockerfile: its result (None for an empty,
+    /// scratch, result) and every step's cache record.
     async fn solve_converted(
         &self,
         converted: &kiln_dockerfile::Converted,
         job: Arc<Job>,
         no_cache: bool,
-    ) -> Result<Option<Resolved<Output>>, EngineError> {
+    ) -> Result<(Option<Resolved<Output>>, Vec<StepRecord>), EngineError> {
         if converted.scratch {
-            return Ok(None);
+            return Ok((None, Vec::new()));
         }
         let graph = Graph::from_definition(&converted.definition)
             .map_err(|e| EngineError::Build(e.to_string()))?;
-        let r = self
+        let solved = self
             .solver
-            .solve(&graph, job, no_cache)
+            .solve_all(&graph, job, no_cache)
             .await
             .map_err(|e| {
                 let loc = e
@@ -338,17 +388,47 @@ impl Engine {
                     EngineError::Build(format!("{}: {}: {}", loc.0, loc.1, e.message))
                 }
             })?;
-        Ok(Some(r))
+        let keys: HashMap<&Digest, &str> = solved
+            .vertices
+            .iter()
+            .map(|(d, r)| (d, r.key.as_str()))
+            .collect();
+        let mut steps = Vec::new();
+        for (d, r) in &solved.vertices {
+            let Some(v) = graph.vertices.get(d) else {
+                continue;
+            };
+            // Sources are resolved every build; their keys are no records.
+            if matches!(v.op.op, Some(kiln_definition::pb::op::Op::Source(_)))
+                || matches!(r.output, Output::Context(_))
+            {
+                continue;
+            }
+            steps.push(StepRecord {
+                key: r.key.clone(),
+                inputs: v
+                    .inputs()
+                    .filter_map(|i| keys.get(&i).map(|k| k.to_string()))
+                    .collect(),
+                output: r.output.clone(),
+            });
+        }
+        Ok((Some(solved.result), steps))
     }
 
-    fn chain_of(&self, result: Option<&Resolved<Output>>) -> Result<Vec<String>, EngineError> {
-        match result.map(|r| &r.output) {
-            None => Ok(Vec::new()),
-            Some(Output::Snapshot(id)) => self
+    /// The snapshot chain of a result, fetching it first if it is remote.
+    async fn chain_of(&self, output: Output) -> Result<Vec<String>, EngineError> {
+        match self
+            .worker
+            .materialize(output)
+            .await
+            .map_err(|e| EngineError::Build(e.message.to_string()))?
+        {
+            Output::Snapshot(id) => self
                 .worker
-                .chain(id)
+                .chain(&id)
                 .map_err(|e| EngineError::Storage(e.to_string())),
-            Some(Output::Context(_)) => Err(EngineError::Build(
+            _ => Err(EngineError::Build(
                 "the build result is a bare context".into(),
             )),
         }
@@ -489,6 +569,10 @@ impl ExportEnv for SessionExportEnv {
                 .map_err(ExportError::Failed)
         }
         .boxed()
+    }
+
+    fn warning(&self, message: String) {
+        self.progress.warning(message, String::new());
     }
 
     fn phase<'a>(

@@ -3,6 +3,7 @@
 //! `serve`; `kilnctl` embeds the same engine when no daemon is running.
 #![forbid(unsafe_code)]
 
+pub mod cache_import;
 pub mod config;
 pub mod engine;
 pub mod progress;

@@ -134,6 +134,14 @@ pub struct Image {
     pub rootfs: RootFs,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub history: Vec<History>,
+    /// BuildKit's inline cache: base64 of the cache records whose results
+    /// are this image's layers. Set only by the exporter, for this image.
+    #[serde(
+        rename = "moby.buildkit.cache.v0",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub inline_cache: Option<String>,
 }
 
 /// The default PATH BuildKit puts in images built on scratch for Linux.

@@ -38,6 +38,7 @@ mod outputs;
 pub use output::{
     BuildResult, ExportEnv, ExporterInstance, PlatformResult, StepRecord, WriteFn, resolve,
 };
+pub use outputs::cache::{LOCAL_PRESENT_ATTR, resolve_cache};
 
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
@@ -65,6 +66,8 @@ pub struct ImageOptions {
     /// Unix seconds for `created` (SOURCE_DATE_EPOCH, or now).
     pub created: i64,
     pub annotations: BTreeMap<String, String>,
+    /// The inline cache records for the config (`moby.buildkit.cache.v0`).
+    pub inline_cache: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -149,7 +152,8 @@ pub fn build_index(images: &[BuiltImage], oci_mediatypes: bool) -> Result<BuiltI
     })
 }
 
-fn layer_media_type(compression: &str, oci: bool) -> String {
+/// The media type of a layer blob in one compression.
+pub fn layer_media_type(compression: &str, oci: bool) -> String {
     match (oci, compression) {
         (true, "gzip") => "application/vnd.oci.image.layer.v1.tar+gzip".into(),
         (true, "zstd") => "application/vnd.oci.image.layer.v1.tar+zstd".into(),
@@ -191,6 +195,8 @@ pub fn build_image(
     opts: &ImageOptions,
 ) -> Result<BuiltImage, ExportError> {
     let mut img = image.clone();
+    // Never a base image's: records describe this image's layers.
+    img.inline_cache = opts.inline_cache.clone();
     let created = rfc3339(opts.created);
     img.created = Some(created.clone());
     // Pair layer-producing history entries with layers; drop empty diffs.
@@ -271,7 +277,7 @@ struct Index {
     manifests: Vec<Descriptor>,
 }
 
-fn tar_entry<W: Write>(
+pub(crate) fn tar_entry<W: Write>(
     b: &mut tar::Builder<W>,
     path: &str,
     size: u64,
@@ -528,6 +534,7 @@ mod tests {
                 oci_mediatypes: true,
                 created: 0,
                 annotations: BTreeMap::new(),
+                inline_cache: None,
             },
         )
         .unwrap();

@@ -25,15 +25,14 @@ pub struct PlatformResult {
     pub image: Image,
 }
 
-/// A cache record of this build: a step's cache key and the snapshot it
-/// resolved to (what cache exporters write).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A step of this build with its cache key and result (what cache
+/// exporters write).
+#[derive(Debug, Clone)]
 pub struct StepRecord {
     pub key: String,
-    /// The records of the step's inputs that have one, by their keys.
+    /// The keys of the step's inputs.
     pub inputs: Vec<String>,
-    pub snapshot: String,
-    pub description: String,
+    pub output: kiln_worker::Output,
 }
 
 /// Everything a build produced that outputs may use.
@@ -42,10 +41,12 @@ pub struct BuildResult {
     pub platforms: Vec<PlatformResult>,
     /// SOURCE_DATE_EPOCH: clamps file times and `created`.
     pub epoch: Option<i64>,
-    /// Every step of the build with a snapshot, in the order they resolved.
+    /// Every step of the build (sources aside), inputs before the steps
+    /// that use them.
     pub steps: Vec<StepRecord>,
-    /// The keys of the platform results (the steps `mode=min` exports).
-    pub result_keys: Vec<String>,
+    /// Image outputs carry the cache records of their layers in the config
+    /// (`--cache-to type=inline`, BUILDKIT_INLINE_CACHE=1).
+    pub inline_cache: bool,
 }
 
 impl BuildResult {
@@ -76,6 +77,9 @@ pub trait ExportEnv: Send + Sync {
         &self,
         host: String,
     ) -> BoxFuture<'_, Result<Option<kiln_registry::Credentials>, ExportError>>;
+
+    /// A warning in the build's progress (shown with the build's warnings).
+    fn warning(&self, message: String);
 
     /// Runs `work` as a progress step named `name`, as BuildKit shows its
     /// exporters' steps.

@@ -121,6 +121,15 @@ struct BuildArgs {
     /// SSH agent for RUN --mount=type=ssh: default (uses $SSH_AUTH_SOCK) or ID[=AGENT_SOCKET]
     #[arg(long = "ssh")]
     ssh: Vec<String>,
+    /// Export the build cache: type=registry,ref=REG/REPO:TAG[,mode=min|max] |
+    /// type=local,dest=DIR | type=inline (options: compression=, oci-mediatypes=,
+    /// image-manifest=, ignore-error=)
+    #[arg(long = "cache-to")]
+    cache_to: Vec<String>,
+    /// Import a build cache: type=registry,ref=REF (a cache, or an image with inline
+    /// cache) | type=local,src=DIR[,tag=T] | a bare REF
+    #[arg(long = "cache-from")]
+    cache_from: Vec<String>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -437,6 +446,49 @@ fn parse_secrets(specs: &[String]) -> anyhow::Result<Vec<kiln_client::SecretSour
     Ok(out)
 }
 
+/// Parses one `--cache-to`/`--cache-from` value: BuildKit's CSV form, or
+/// (for imports) a bare registry reference.
+fn parse_cache_entry(flag: &str, spec: &str) -> anyhow::Result<ctl::CacheOptionsEntry> {
+    if !spec.contains('=') && flag == "--cache-from" {
+        return Ok(ctl::CacheOptionsEntry {
+            r#type: "registry".into(),
+            attrs: [("ref".to_string(), spec.to_string())]
+                .into_iter()
+                .collect(),
+        });
+    }
+    let mut typ = None;
+    let mut attrs = BTreeMap::new();
+    for field in spec.split(',').filter(|f| !f.is_empty()) {
+        let (k, v) = field.split_once('=').ok_or_else(|| {
+            anyhow::anyhow!("invalid {flag} {spec:?}: {field:?} is not KEY=VALUE")
+        })?;
+        if k == "type" {
+            typ = Some(v.to_string());
+        } else {
+            attrs.insert(k.to_string(), v.to_string());
+        }
+    }
+    let typ =
+        typ.ok_or_else(|| anyhow::anyhow!("invalid {flag} {spec:?}: type=... is required"))?;
+    Ok(ctl::CacheOptionsEntry { r#type: typ, attrs })
+}
+
+/// The blob digests already in a local cache directory (an OCI layout), so
+/// the daemon sends only the others.
+fn present_blobs(dir: &Path) -> String {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(dir.join("blobs/sha256")) {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            if name.len() == 64 && name.bytes().all(|b| b.is_ascii_hexdigit()) {
+                out.push(format!("sha256:{name}"));
+            }
+        }
+    }
+    out.join(",")
+}
+
 /// Parses one `--output` value (BuildKit's CSV form, or a bare path).
 fn parse_output(spec: &str) -> anyhow::Result<ctl::Exporter> {
     if !spec.contains('=') {
@@ -676,6 +728,47 @@ async fn build(addr: Option<&str>, b: BuildArgs) -> anyhow::Result<()> {
             });
         }
     }
+    let mut cache_exports = Vec::new();
+    for spec in &b.cache_to {
+        let mut e = parse_cache_entry("--cache-to", spec)?;
+        if e.r#type == "local"
+            && let Some(dest) = e.attrs.get("dest").cloned()
+        {
+            let present = present_blobs(Path::new(&dest));
+            if !present.is_empty() {
+                e.attrs
+                    .insert(kiln_exporter::LOCAL_PRESENT_ATTR.into(), present);
+            }
+        }
+        cache_exports.push(e);
+    }
+    let mut cache_imports = Vec::new();
+    for (index, spec) in b.cache_from.iter().enumerate() {
+        let mut e = parse_cache_entry("--cache-from", spec)?;
+        if e.r#type == "local" {
+            // The directory travels like a context; the daemon reads the layout from its mirror.
+            let src = e.attrs.get("src").cloned().ok_or_else(|| {
+                anyhow::anyhow!("invalid --cache-from {spec:?}: type=local needs src=DIR")
+            })?;
+            let dir = PathBuf::from(&src);
+            if !dir.join("index.json").is_file() {
+                // As buildx: a cache that is not there yet is not an error.
+                eprintln!("WARNING: --cache-from {spec}: {src} is not an OCI layout yet; skipped");
+                continue;
+            }
+            let local = format!("cache-from-{index}");
+            e.attrs.insert(
+                kiln_daemon::cache_import::LOCAL_CONTEXT_ATTR.into(),
+                local.clone(),
+            );
+            contexts.push(LocalContext {
+                name: local,
+                dir,
+                ignore: Vec::new(),
+            });
+        }
+        cache_imports.push(e);
+    }
     let mode = match b.progress.as_str() {
         "auto" => {
             if std::io::stderr().is_terminal() {
@@ -712,6 +805,8 @@ async fn build(addr: Option<&str>, b: BuildArgs) -> anyhow::Result<()> {
                 dockerfile,
                 frontend_attrs: attrs,
                 exporters,
+                cache_imports,
+                cache_exports,
                 entitlements: b.allow.clone(),
                 secrets: parse_secrets(&b.secrets)?,
                 ssh: parse_ssh(&b.ssh)?,

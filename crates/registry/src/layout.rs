@@ -59,7 +59,8 @@ fn blob_path(root: &Path, d: &Digest) -> PathBuf {
 }
 
 /// Reads a small blob and checks its digest.
-fn read_verified(root: &Path, d: &Digest) -> Result<Vec<u8>, RegistryError> {
+/// A small blob of the layout (a manifest, a config), bounded and verified.
+pub fn read_verified(root: &Path, d: &Digest) -> Result<Vec<u8>, RegistryError> {
     let path = blob_path(root, d);
     let f = std::fs::File::open(&path).map_err(|e| layout_err(root, format!("blob {d}: {e}")))?;
     let mut data = Vec::new();
@@ -86,21 +87,19 @@ fn json(root: &Path, data: &[u8], what: &str) -> Result<serde_json::Value, Regis
     serde_json::from_slice(data).map_err(|e| layout_err(root, format!("bad {what}: {e}")))
 }
 
-/// Resolves the selected image of the layout at `root` to one platform's
-/// manifest. `name` is how the image is named in errors and in `pinned`.
-pub fn resolve(
-    root: &Path,
-    name: &str,
-    sel: &Selector,
-    os: &str,
-    arch: &str,
-    variant: &str,
-) -> Result<ResolvedImage, RegistryError> {
-    let index_data = std::fs::read(root.join("index.json"))
+/// The digest of the document `sel` picks in the layout's index.json: by
+/// digest, by tag, else the only entry or the one tagged latest.
+pub fn selected(root: &Path, sel: &Selector) -> Result<Digest, RegistryError> {
+    let mut index_data = Vec::new();
+    std::fs::File::open(root.join("index.json"))
+        .and_then(|f| f.take(MAX_DOCUMENT + 1).read_to_end(&mut index_data))
         .map_err(|e| layout_err(root, format!("index.json: {e} (is this an OCI layout?)")))?;
+    if index_data.len() as u64 > MAX_DOCUMENT {
+        return Err(layout_err(root, "index.json is too large"));
+    }
     let index = json(root, &index_data, "index.json")?;
     let entries = index["manifests"].as_array().cloned().unwrap_or_default();
-    let digest = match (&sel.digest, &sel.tag) {
+    let digest: Digest = match (&sel.digest, &sel.tag) {
         (Some(d), _) => d.clone(),
         (None, tag) => {
             let tags: Vec<&str> = entries
@@ -138,6 +137,20 @@ pub fn resolve(
                 .map_err(|e| layout_err(root, format!("index.json: bad digest: {e}")))?
         }
     };
+    Ok(digest)
+}
+
+/// Resolves the selected image of the layout at `root` to one platform's
+/// manifest. `name` is how the image is named in errors and in `pinned`.
+pub fn resolve(
+    root: &Path,
+    name: &str,
+    sel: &Selector,
+    os: &str,
+    arch: &str,
+    variant: &str,
+) -> Result<ResolvedImage, RegistryError> {
+    let digest = selected(root, sel)?;
     let mut manifest_digest = digest;
     let mut doc = json(root, &read_verified(root, &manifest_digest)?, "manifest")?;
     // Indexes may nest (an index pointing at a platform index); follow a few levels.

@@ -429,6 +429,48 @@ impl RegistryClient {
         })
     }
 
+    /// The document `reference` names, as stored (an index, a manifest, a
+    /// cache manifest): its bytes and digest.
+    pub async fn fetch_manifest(
+        &self,
+        reference: &str,
+        creds: Option<&Credentials>,
+    ) -> Result<(Vec<u8>, Digest), RegistryError> {
+        let r = parse_reference(reference)?;
+        let client = self.client(&r);
+        let accepted = [OCI_INDEX, DOCKER_LIST, OCI_MANIFEST, DOCKER_MANIFEST];
+        let (bytes, digest) = client
+            .pull_manifest_raw(&r, &Self::auth(creds), &accepted)
+            .await
+            .map_err(|e| err(&r, e))?;
+        let digest = digest.parse().map_err(|e| err(&r, e))?;
+        Ok((bytes.to_vec(), digest))
+    }
+
+    /// A small blob (a config) of `reference`'s repository, held in memory:
+    /// at most 8 MiB, verified against its digest.
+    pub async fn fetch_small_blob(
+        &self,
+        reference: &str,
+        digest: &Digest,
+        creds: Option<&Credentials>,
+    ) -> Result<Vec<u8>, RegistryError> {
+        let r = parse_reference(reference)?;
+        let client = self.client(&r);
+        client
+            .store_auth_if_needed(r.resolve_registry(), &Self::auth(creds))
+            .await;
+        let mut buf = CappedBuffer::default();
+        client
+            .pull_blob(&r, digest.as_str(), &mut buf)
+            .await
+            .map_err(|e| err(&r, e))?;
+        if Digest::of(&buf.0) != *digest {
+            return Err(err(&r, format!("blob {digest} does not match its digest")));
+        }
+        Ok(buf.0)
+    }
+
     /// Streams a blob into the content store, verified against its digest.
     pub async fn fetch_blob(
         &self,

@@ -64,7 +64,11 @@ pub struct CacheLayer {
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct LayerAnnotations {
-    #[serde(default, rename = "mediaType", skip_serializing_if = "String::is_empty")]
+    #[serde(
+        default,
+        rename = "mediaType",
+        skip_serializing_if = "String::is_empty"
+    )]
     pub media_type: String,
     #[serde(default, rename = "diffID", skip_serializing_if = "String::is_empty")]
     pub diff_id: String,
@@ -154,10 +158,8 @@ impl CacheIndex {
     /// (layers the manifest lacks make the records that need them unusable).
     pub fn parse(config: &[u8], descriptors: &[Descriptor]) -> Result<Self, FormatError> {
         let config: CacheConfig = serde_json::from_slice(config)?;
-        let by_digest: HashMap<&str, &Descriptor> = descriptors
-            .iter()
-            .map(|d| (d.digest.as_str(), d))
-            .collect();
+        let by_digest: HashMap<&str, &Descriptor> =
+            descriptors.iter().map(|d| (d.digest.as_str(), d)).collect();
         let mut idx = CacheIndex::default();
         for l in &config.layers {
             let ann = l.annotations.clone().unwrap_or_default();
@@ -222,12 +224,13 @@ impl CacheIndex {
         }
         let mut idx = CacheIndex::default();
         for (i, (d, diff)) in manifest_layers.iter().zip(diff_ids).enumerate() {
-            idx.layers.push(d.digest.parse::<Digest>().ok().map(|digest| RemoteLayer {
-                digest,
-                media_type: d.media_type.clone(),
-                size: d.size.max(0) as u64,
-                diff_id: Some(diff),
-            }));
+            idx.layers
+                .push(d.digest.parse::<Digest>().ok().map(|digest| RemoteLayer {
+                    digest,
+                    media_type: d.media_type.clone(),
+                    size: d.size.max(0) as u64,
+                    diff_id: Some(diff),
+                }));
             idx.parents.push(i as i64 - 1);
         }
         for r in records {

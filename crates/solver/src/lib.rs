@@ -45,6 +45,14 @@ pub struct Resolved<O> {
     pub cached: bool,
 }
 
+/// A solved graph: the output's result and each finished vertex's, in
+/// graph order.
+#[derive(Debug, Clone)]
+pub struct Solved<O> {
+    pub result: Resolved<O>,
+    pub vertices: Vec<(Digest, Resolved<O>)>,
+}
+
 /// Status events of one build.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
@@ -90,16 +98,20 @@ pub trait Worker: Send + Sync + 'static {
 
     /// For each input, a key for just the content this op reads from it, to use
     /// instead of the input's own cache key (e.g. checksums of copied paths).
+    /// Inputs not solved yet (their result is not needed unless this op
+    /// runs) are None: sources and cache hits are always there.
     fn content_keys(
         self: Arc<Self>,
         v: Vertex,
-        inputs: Vec<Resolved<Self::Output>>,
+        inputs: Vec<Option<Resolved<Self::Output>>>,
     ) -> BoxFuture<'static, Result<Vec<Option<String>>, SolveError>>;
 
-    /// A recorded result for `key`, if still valid.
+    /// A recorded result for `key`, if still valid (the job may bring
+    /// caches of its own to ask).
     fn lookup(
         self: Arc<Self>,
         key: String,
+        job: Arc<Self::Job>,
     ) -> BoxFuture<'static, Result<Option<Self::Output>, SolveError>>;
 
     /// Runs the op and records the result under `key`.
@@ -189,108 +201,198 @@ impl<W: Worker> Solver<W> {
         job: Arc<W::Job>,
         no_cache: bool,
     ) -> Result<Resolved<W::Output>, SolveError> {
-        let mut futs: HashMap<Digest, SharedResult<Resolved<W::Output>>> = HashMap::new();
+        Ok(self.solve_all(graph, job, no_cache).await?.result)
+    }
+
+    /// Solves the graph's output vertex and reports every vertex's result
+    /// too (what a cache export writes).
+    ///
+    /// Two phases per vertex, as BuildKit separates cache keys from results:
+    /// the key phase (run for every vertex: sources resolve, keys are
+    /// computed from the inputs' keys, the cache is asked) and the result
+    /// phase (run only when something needs the result: a cache miss runs
+    /// the op after its inputs' results). A step whose key hits never makes
+    /// its inputs run, so a build whose last steps are in the cache runs
+    /// nothing before them.
+    pub async fn solve_all(
+        &self,
+        graph: &Graph,
+        job: Arc<W::Job>,
+        no_cache: bool,
+    ) -> Result<Solved<W::Output>, SolveError> {
+        let mut keyed: HashMap<Digest, SharedResult<Keyed<W::Output>>> = HashMap::new();
+        let mut results: HashMap<Digest, SharedResult<Resolved<W::Output>>> = HashMap::new();
         for d in &graph.order {
             let v = graph.vertices[d].clone();
-            let inputs: Vec<_> = v
-                .inputs()
-                .map(|i| {
-                    futs.get(&i)
-                        .cloned()
-                        .ok_or_else(|| SolveError::at(d, format!("input {i} not solved")))
-                })
-                .collect::<Result<_, _>>()?;
-            let this = self.clone();
-            let job = job.clone();
-            // Each vertex is its own task: awaiting a chain of nested shared
-            // futures would poll hundreds of frames deep on one stack. The
-            // task is aborted once nobody awaits its result (a dropped build).
-            let task = AbortOnDrop(tokio::spawn(async move {
-                this.vertex(v, inputs, job, no_cache).await
+            let mut input_keys = Vec::new();
+            let mut input_results = Vec::new();
+            for i in v.inputs() {
+                let (Some(k), Some(r)) = (keyed.get(&i), results.get(&i)) else {
+                    return Err(SolveError::at(d, format!("input {i} not solved")));
+                };
+                input_keys.push(k.clone());
+                input_results.push(r.clone());
+            }
+            // Each phase is its own task: awaiting a chain of nested shared
+            // futures would poll hundreds of frames deep on one stack. A
+            // task is aborted once nobody awaits it (a dropped build).
+            let (this, j, vv) = (self.clone(), job.clone(), v.clone());
+            let key_task = AbortOnDrop(tokio::spawn(async move {
+                this.key_phase(vv, input_keys, j, no_cache).await
             }));
-            let fut = async move {
+            let key_fut = async move {
+                key_task
+                    .await
+                    .map_err(|e| SolveError::new(format!("step task failed: {e}")))?
+            }
+            .boxed()
+            .shared();
+            // The result phase starts only when first awaited.
+            let (this, j, k) = (self.clone(), job.clone(), key_fut.clone());
+            let result_fut = async move {
+                let task = AbortOnDrop(tokio::spawn(async move {
+                    this.result_phase(v, k, input_results, j).await
+                }));
                 task.await
                     .map_err(|e| SolveError::new(format!("step task failed: {e}")))?
             }
             .boxed()
             .shared();
-            futs.insert(d.clone(), fut);
+            keyed.insert(d.clone(), key_fut);
+            results.insert(d.clone(), result_fut);
         }
-        let out = futs
+        let out = results
             .get(&graph.output)
             .cloned()
             .ok_or_else(|| SolveError::new("graph has no output"))?;
-        out.await
+        let result = out.await?;
+        // Every vertex with a result: run, or found in the cache.
+        let mut vertices = Vec::new();
+        for d in &graph.order {
+            let ran = results.get(d).and_then(|f| f.peek().cloned());
+            let hit = keyed
+                .get(d)
+                .and_then(|f| f.peek().cloned())
+                .and_then(|k| k.ok())
+                .and_then(|k| k.hit);
+            match (ran, hit) {
+                (Some(Ok(r)), _) | (_, Some(r)) => vertices.push((d.clone(), r)),
+                _ => {}
+            }
+        }
+        Ok(Solved { result, vertices })
     }
 
-    async fn vertex(
-        self,
-        v: Vertex,
-        inputs: Vec<SharedResult<Resolved<W::Output>>>,
-        job: Arc<W::Job>,
-        no_cache: bool,
-    ) -> Result<Resolved<W::Output>, SolveError> {
-        let resolved: Vec<Resolved<W::Output>> = futures::future::try_join_all(inputs).await?;
-        let progress = W::progress(&job);
-        let name = v.name().to_string();
-        let digest = v.digest.clone();
-        let start = |p: &dyn ProgressSink| {
-            p.event(Event::Started {
-                vertex: digest.clone(),
-                name: name.clone(),
+    /// The started and completed events of a vertex.
+    fn events<'a>(
+        progress: &'a dyn ProgressSink,
+        v: &'a Vertex,
+    ) -> (impl Fn() + 'a, impl Fn(bool, Option<String>) + 'a) {
+        let started = move || {
+            progress.event(Event::Started {
+                vertex: v.digest.clone(),
+                name: v.name().to_string(),
                 inputs: v.inputs().collect(),
             })
         };
-        let complete = |p: &dyn ProgressSink, cached: bool, error: Option<String>| {
-            p.event(Event::Completed {
-                vertex: digest.clone(),
-                name: name.clone(),
+        let completed = move |cached: bool, error: Option<String>| {
+            progress.event(Event::Completed {
+                vertex: v.digest.clone(),
+                name: v.name().to_string(),
                 cached,
                 error,
             })
         };
+        (started, completed)
+    }
+
+    /// Resolves a source, or computes a step's key and asks the cache.
+    async fn key_phase(
+        self,
+        v: Vertex,
+        inputs: Vec<SharedResult<Keyed<W::Output>>>,
+        job: Arc<W::Job>,
+        no_cache: bool,
+    ) -> Result<Keyed<W::Output>, SolveError> {
+        let inputs: Vec<Keyed<W::Output>> = futures::future::try_join_all(inputs).await?;
+        let progress = W::progress(&job);
+        let (start, complete) = Self::events(progress, &v);
         if matches!(v.op.op, Some(pb::op::Op::Source(_))) {
             // No step slot: a source mostly waits (on the client, a registry,
             // or a context mirror another build holds until it finishes), and
             // a slot held while waiting for that build starves its next step.
-            start(progress);
+            start();
             return match self.worker.clone().source(v.clone(), job.clone()).await {
                 Ok((output, key, unchanged)) => {
-                    complete(progress, unchanged, None);
-                    Ok(Resolved {
-                        output,
-                        key,
-                        cached: unchanged,
+                    complete(unchanged, None);
+                    Ok(Keyed {
+                        key: key.clone(),
+                        hit: Some(Resolved {
+                            output,
+                            key,
+                            cached: unchanged,
+                        }),
                     })
                 }
                 Err(e) => {
-                    complete(progress, false, Some(e.message.to_string()));
+                    complete(false, Some(e.message.to_string()));
                     Err(with_vertex(e, &v.digest))
                 }
             };
         }
+        let known: Vec<Option<Resolved<W::Output>>> =
+            inputs.iter().map(|k| k.hit.clone()).collect();
         let overrides = self
             .worker
             .clone()
-            .content_keys(v.clone(), resolved.clone())
+            .content_keys(v.clone(), known)
             .await
             .map_err(|e| with_vertex(e, &v.digest))?;
-        let input_keys: Vec<String> = resolved
+        let input_keys: Vec<String> = inputs
             .iter()
             .zip(overrides.iter().chain(std::iter::repeat(&None)))
-            .map(|(r, o)| o.clone().unwrap_or_else(|| r.key.clone()))
+            .map(|(k, o)| o.clone().unwrap_or_else(|| k.key.clone()))
             .collect();
         let key = cache_key(&v.digest, &input_keys);
         let ignore = no_cache || v.meta.ignore_cache;
-        if !ignore && let Some(output) = self.worker.clone().lookup(key.clone()).await? {
-            start(progress);
-            complete(progress, true, None);
-            return Ok(Resolved {
-                output,
-                key,
-                cached: true,
+        if !ignore
+            && let Some(output) = self
+                .worker
+                .clone()
+                .lookup(key.clone(), job.clone())
+                .await
+                .map_err(|e| with_vertex(e, &v.digest))?
+        {
+            start();
+            complete(true, None);
+            return Ok(Keyed {
+                key: key.clone(),
+                hit: Some(Resolved {
+                    output,
+                    key,
+                    cached: true,
+                }),
             });
         }
+        Ok(Keyed { key, hit: None })
+    }
+
+    /// The result of a vertex: its cache hit, or the op run on its inputs'
+    /// results (shared with identical runs of concurrent builds).
+    async fn result_phase(
+        self,
+        v: Vertex,
+        keyed: SharedResult<Keyed<W::Output>>,
+        inputs: Vec<SharedResult<Resolved<W::Output>>>,
+        job: Arc<W::Job>,
+    ) -> Result<Resolved<W::Output>, SolveError> {
+        let Keyed { key, hit } = keyed.await?;
+        if let Some(r) = hit {
+            return Ok(r);
+        }
+        let resolved: Vec<Resolved<W::Output>> = futures::future::try_join_all(inputs).await?;
+        let progress = W::progress(&job);
+        let (start, complete) = Self::events(progress, &v);
         // Join an identical execution already running for another build.
         let fut = {
             let mut map = self
@@ -301,7 +403,7 @@ impl<W: Worker> Solver<W> {
                 Some(f) => f,
                 None => {
                     let worker = self.worker.clone();
-                    let (vv, rr, kk, jj) = (v.clone(), resolved.clone(), key.clone(), job.clone());
+                    let (vv, rr, kk, jj) = (v.clone(), resolved, key.clone(), job.clone());
                     let inflight = self.inflight.clone();
                     let f = async move {
                         let r = worker.exec(vv, rr, kk.clone(), jj).await;
@@ -325,10 +427,10 @@ impl<W: Worker> Solver<W> {
             .acquire()
             .await
             .map_err(|e| SolveError::new(e.to_string()))?;
-        start(progress);
+        start();
         match fut.await {
             Ok(output) => {
-                complete(progress, false, None);
+                complete(false, None);
                 Ok(Resolved {
                     output,
                     key,
@@ -336,11 +438,19 @@ impl<W: Worker> Solver<W> {
                 })
             }
             Err(e) => {
-                complete(progress, false, Some(e.message.to_string()));
+                complete(false, Some(e.message.to_string()));
                 Err(with_vertex(e, &v.digest))
             }
         }
     }
+}
+
+/// A vertex after its key phase: its key, and its result when that is
+/// already known (a source, a cache hit).
+#[derive(Debug, Clone)]
+struct Keyed<O> {
+    key: String,
+    hit: Option<Resolved<O>>,
 }
 
 fn with_vertex(mut e: SolveError, d: &Digest) -> SolveError {
@@ -387,13 +497,14 @@ mod tests {
         fn content_keys(
             self: Arc<Self>,
             _: Vertex,
-            _: Vec<Resolved<u32>>,
+            _: Vec<Option<Resolved<u32>>>,
         ) -> BoxFuture<'static, Result<Vec<Option<String>>, SolveError>> {
             async { Ok(vec![]) }.boxed()
         }
         fn lookup(
             self: Arc<Self>,
             key: String,
+            _: Arc<Recorder>,
         ) -> BoxFuture<'static, Result<Option<u32>, SolveError>> {
             async move { Ok(self.cache.lock().unwrap().get(&key).copied()) }.boxed()
         }
@@ -433,6 +544,45 @@ mod tests {
             op: Some(pb::op::Op::Merge(pb::MergeOp { inputs: vec![tag] })),
             ..Default::default()
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cached_step_never_runs_its_inputs() {
+        let mut b = GraphBuilder::new();
+        let a = b.add(&merge(&[], 1), "a", "");
+        let m = b.add(&merge(&[&a], 2), "m", "");
+        let out = b.add(&merge(&[&m], 3), "out", "");
+        let g = Graph::from_definition(&b.finish(&out)).unwrap();
+        let w = Arc::new(SleepWorker::default());
+        let s = Solver::new(w.clone(), 4);
+        let first = s
+            .solve_all(&g, Arc::new(Recorder::default()), false)
+            .await
+            .unwrap();
+        assert_eq!(w.execs.load(Ordering::SeqCst), 3);
+        // Only the last step's record is left (as after pruning, or from a
+        // cache that holds the final stage only): nothing runs, and the
+        // steps before it are not reported at all.
+        w.cache
+            .lock()
+            .unwrap()
+            .retain(|k, _| *k == first.result.key);
+        let rec = Arc::new(Recorder::default());
+        let again = s.solve_all(&g, rec.clone(), false).await.unwrap();
+        assert_eq!(w.execs.load(Ordering::SeqCst), 3);
+        assert!(again.result.cached);
+        assert_eq!(again.vertices.len(), 1);
+        assert_eq!(
+            rec.0.lock().unwrap().len(),
+            2,
+            "started and completed of `out` only"
+        );
+        // Without the last record, the middle one's miss makes `a` run too.
+        w.cache.lock().unwrap().clear();
+        s.solve_all(&g, Arc::new(Recorder::default()), false)
+            .await
+            .unwrap();
+        assert_eq!(w.execs.load(Ordering::SeqCst), 6);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -192,6 +192,7 @@ impl Worker {
                 view.path().to_path_buf()
             }
             Output::Context(c) => c.root.clone(),
+            Output::Remote(_) => return Err(crate::unfetched()),
         };
         let src = resolve_in_root(&root, selector, true)?;
         if !src.is_dir() {
@@ -354,6 +355,7 @@ impl Worker {
                                 p
                             }
                         }
+                        Some(Output::Remote(_)) => return Err(crate::unfetched()),
                         Some(Output::Context(c)) if m.readonly => c.root.clone(),
                         Some(Output::Context(c)) => {
                             // The mirror is kiln's record of the client's files:

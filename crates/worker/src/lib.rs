@@ -7,6 +7,8 @@ pub mod exec;
 pub mod fileop;
 pub mod git;
 mod image;
+pub mod remote;
+pub use remote::{BlobSource, CacheImport, RemoteChain};
 mod secrets;
 
 use std::collections::{HashMap, HashSet};
@@ -52,6 +54,10 @@ pub enum Output {
     /// A synced build context. The lock keeps other builds from resyncing
     /// the same mirror while this build reads it.
     Context(Arc<ContextRef>),
+    /// Layers known from a registry image or an imported cache but not
+    /// unpacked here yet: they are fetched only when a step or an export
+    /// needs the files (`Worker::materialize`).
+    Remote(Arc<RemoteChain>),
 }
 
 pub struct ContextRef {
@@ -65,6 +71,7 @@ impl std::fmt::Debug for Output {
         match self {
             Output::Snapshot(s) => write!(f, "Snapshot({s})"),
             Output::Context(c) => write!(f, "Context({})", c.root.display()),
+            Output::Remote(r) => write!(f, "Remote({} layers)", r.layers.len()),
         }
     }
 }
@@ -104,6 +111,9 @@ pub struct SshStream {
 
 pub struct Job {
     pub progress: Arc<dyn ProgressSink>,
+    /// Caches imported for this build (`--cache-from`), asked after the
+    /// local cache.
+    pub cache_imports: Vec<Arc<remote::CacheImport>>,
     pub contexts: Arc<dyn ContextProvider>,
     /// Entitlements this build asked for and the daemon allows.
     pub entitlements: HashSet<String>,
@@ -216,6 +226,12 @@ pub(crate) fn now() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0)
+}
+
+/// A remote result reached code that reads files: `Worker::exec`
+/// materializes every input first, so this is a bug, reported as one.
+pub(crate) fn unfetched() -> WorkerError {
+    WorkerError::Other("internal error: a step input was not fetched before use".into())
 }
 
 fn serr(e: impl std::fmt::Display) -> SolveError {
@@ -414,6 +430,17 @@ impl Worker {
         ))
     }
 
+    /// Syncs a client directory sent as context `name` and returns where its
+    /// mirror is (read without holding it: what is read from it is verified).
+    pub async fn client_dir(
+        self: &Arc<Self>,
+        name: &str,
+        contexts: &Arc<dyn ContextProvider>,
+    ) -> Result<PathBuf, SolveError> {
+        let (ctx, _) = self.sync_local(name, contexts, None).await?;
+        Ok(ctx.root.clone())
+    }
+
     /// Resolves an image in a client's OCI layout (`oci-layout://CONTEXT[:TAG][@DIGEST]`)
     /// for the frontend: the pinned reference and the image config.
     pub async fn resolve_layout(
@@ -438,63 +465,25 @@ impl Worker {
         Ok((format!("oci-layout://{}", img.pinned), img.config))
     }
 
-    /// Unpacks an image's layers into a snapshot chain, fetching each layer
-    /// whose chain is not recorded yet; returns the top snapshot and how
-    /// many layers were fetched.
-    async fn image_layers<F>(
-        self: Arc<Self>,
-        img: &kiln_registry::ResolvedImage,
-        name: &str,
-        source: Option<String>,
-        fetch: F,
-    ) -> Result<(String, usize), SolveError>
-    where
-        F: Fn(Arc<Self>, kiln_registry::LayerDesc) -> BoxFuture<Result<(), SolveError>>,
-    {
-        let mut key = format!("image-root:{}", img.manifest_digest);
-        let mut parent: Option<String> = None;
-        let mut fetched = 0;
-        for layer in &img.layers {
-            key = image::chain_key(&key, &layer.digest);
-            if let Some(id) = self.recorded(&key) {
-                parent = Some(id);
-                continue;
-            }
-            fetch(self.clone(), layer.clone()).await?;
-            fetched += 1;
-            let (w, l, k, p) = (self.clone(), layer.clone(), key.clone(), parent.clone());
-            let desc = format!("pulled {name} layer {}", layer.digest);
-            let src = source.clone();
-            let id = tokio::task::spawn_blocking(move || w.unpack_layer(p, &l, &k, &desc, src))
-                .await
-                .map_err(serr)?
-                .map_err(serr)?;
-            parent = Some(id);
-        }
-        let id = match parent {
-            Some(id) => id,
-            None => {
-                // An image without layers is an empty filesystem.
-                let w = self.clone();
-                tokio::task::spawn_blocking(move || -> Result<String, WorkerError> {
-                    let a = w.snapshots.prepare(&[])?;
-                    let id = a.commit()?;
-                    let rec = SnapshotRecord {
-                        parent: None,
-                        created: now(),
-                        size: 0,
-                        description: "empty image".into(),
-                        layers: vec![],
-                    };
-                    w.meta.put_snapshot(&id, &rec)?;
-                    Ok(id)
-                })
-                .await
-                .map_err(serr)?
-                .map_err(serr)?
-            }
-        };
-        Ok((id, fetched))
+    /// A new snapshot of an empty filesystem (an image without layers).
+    pub(crate) async fn empty_snapshot(self: &Arc<Self>) -> Result<String, SolveError> {
+        let w = self.clone();
+        tokio::task::spawn_blocking(move || -> Result<String, WorkerError> {
+            let a = w.snapshots.prepare(&[])?;
+            let id = a.commit()?;
+            let rec = SnapshotRecord {
+                parent: None,
+                created: now(),
+                size: 0,
+                description: "empty image".into(),
+                layers: vec![],
+            };
+            w.meta.put_snapshot(&id, &rec)?;
+            Ok(id)
+        })
+        .await
+        .map_err(serr)?
+        .map_err(serr)
     }
 
     async fn source_impl(
@@ -541,27 +530,23 @@ impl Worker {
             .await
             .map_err(serr)?
             .map_err(SolveError::new)?;
-            let root = ctx.root.clone();
-            let (id, fetched) = self
-                .clone()
-                .image_layers(&img, spec, None, move |w, layer| {
-                    let root = root.clone();
-                    Box::pin(async move {
-                        tokio::task::spawn_blocking(move || {
-                            kiln_registry::layout::import_blob(&root, &layer, &w.content)
-                        })
-                        .await
-                        .map_err(serr)?
-                        .map_err(serr)
-                    })
-                })
-                .await?;
+            // Fetched now, while the layout's mirror is held for this build.
+            let chain = RemoteChain {
+                layers: img.layers.clone(),
+                source: BlobSource::Layout {
+                    root: ctx.root.clone(),
+                },
+                key: None,
+                description: format!("oci-layout://{spec}"),
+            };
+            let local = self.unpacked(&chain);
+            let fetched = local.is_none();
+            let output = match local {
+                Some(id) => Output::Snapshot(id),
+                None => self.materialize(Output::Remote(Arc::new(chain))).await?,
+            };
             drop(ctx);
-            return Ok((
-                Output::Snapshot(id),
-                format!("image:{}", img.manifest_digest),
-                fetched == 0,
-            ));
+            return Ok((output, format!("image:{}", img.manifest_digest), !fetched));
         }
         if let Some(r) = id.strip_prefix("docker-image://") {
             let platform = v.op.platform.clone().unwrap_or_default();
@@ -590,29 +575,23 @@ impl Worker {
                 )
                 .await
                 .map_err(serr)?;
-            let registry = self.registry.clone();
-            let reference = r.to_string();
-            let source = kiln_registry::parse_reference(r)
-                .ok()
-                .map(|p| format!("{}/{}", p.resolve_registry(), p.repository()));
-            let (id, fetched) = self
-                .clone()
-                .image_layers(&img, r, source, move |w, layer| {
-                    let (registry, reference, creds) =
-                        (registry.clone(), reference.clone(), creds.clone());
-                    Box::pin(async move {
-                        registry
-                            .fetch_blob(&reference, &layer, &w.content, creds.as_ref())
-                            .await
-                            .map_err(serr)
-                    })
-                })
-                .await?;
-            return Ok((
-                Output::Snapshot(id),
-                format!("image:{}", img.manifest_digest),
-                fetched == 0,
-            ));
+            // The layers are fetched when a step or an export needs the
+            // files: under fully cached steps the base is never pulled.
+            let chain = RemoteChain {
+                layers: img.layers.clone(),
+                source: BlobSource::Registry {
+                    reference: r.to_string(),
+                    creds,
+                },
+                key: None,
+                description: format!("pulling {r}"),
+            };
+            let output = match self.unpacked(&chain) {
+                Some(id) => Output::Snapshot(id),
+                None => Output::Remote(Arc::new(chain)),
+            };
+            let local = matches!(output, Output::Snapshot(_));
+            return Ok((output, format!("image:{}", img.manifest_digest), local));
         }
         if let Some(remote) = id.strip_prefix("git:") {
             let attr = |k: &str| {
@@ -758,6 +737,7 @@ impl Worker {
             Some(Output::Context(_)) => Err(WorkerError::Other(
                 "a build context cannot be the base of a file op".into(),
             )),
+            Some(Output::Remote(_)) => Err(unfetched()),
             None => Err(WorkerError::Other(format!(
                 "file op input {idx} is missing"
             ))),
@@ -804,6 +784,7 @@ impl Worker {
                                 c,
                             )
                         }
+                        Output::Remote(_) => Err(fileop::FileOpError(unfetched().to_string())),
                     }
                 }
                 Some(pb::file_action::Action::Mkdir(m)) => fileop::mkdir(&dest, m),
@@ -1055,7 +1036,7 @@ impl kiln_solver::Worker for Worker {
     fn content_keys(
         self: Arc<Self>,
         v: Vertex,
-        inputs: Vec<Resolved<Output>>,
+        inputs: Vec<Option<Resolved<Output>>>,
     ) -> futures_compat::BoxFuture<Result<Vec<Option<String>>, SolveError>> {
         Box::pin(async move {
             let mut out = vec![None; inputs.len()];
@@ -1065,10 +1046,10 @@ impl kiln_solver::Worker for Worker {
                 for a in &f.actions {
                     if let Some(pb::file_action::Action::Copy(c)) = &a.action {
                         let idx = c.source_input.max(0) as usize;
-                        if let Some(Resolved {
+                        if let Some(Some(Resolved {
                             output: Output::Context(ctx),
                             ..
-                        }) = inputs.get(idx)
+                        })) = inputs.get(idx)
                         {
                             for s in &c.src {
                                 per_input
@@ -1093,18 +1074,18 @@ impl kiln_solver::Worker for Worker {
     fn lookup(
         self: Arc<Self>,
         key: String,
+        job: Arc<Job>,
     ) -> futures_compat::BoxFuture<Result<Option<Output>, SolveError>> {
         Box::pin(async move {
             let w = self.clone();
             tokio::task::spawn_blocking(move || {
-                let Some(rec) = w.meta.record(&key).map_err(serr)? else {
-                    return Ok(None);
-                };
-                if w.chain(&rec.snapshot).is_err() {
-                    return Ok(None);
+                if let Some(rec) = w.meta.record(&key).map_err(serr)?
+                    && w.chain(&rec.snapshot).is_ok()
+                {
+                    w.meta.touch(&key, now()).map_err(serr)?;
+                    return Ok(Some(Output::Snapshot(rec.snapshot)));
                 }
-                w.meta.touch(&key, now()).map_err(serr)?;
-                Ok(Some(Output::Snapshot(rec.snapshot)))
+                Ok(w.lookup_imported(&key, &job.cache_imports))
             })
             .await
             .map_err(serr)?
@@ -1120,6 +1101,10 @@ impl kiln_solver::Worker for Worker {
     ) -> futures_compat::BoxFuture<Result<Output, SolveError>> {
         Box::pin(async move {
             let digest = v.digest.clone();
+            let inputs = self
+                .materialize_all(inputs)
+                .await
+                .map_err(|e| SolveError::at(&digest, e.message.to_string()))?;
             if let Some(pb::op::Op::Exec(e)) = v.op.op.clone() {
                 return self
                     .exec_op(v, e, inputs, key, _job)

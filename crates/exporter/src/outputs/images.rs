@@ -8,7 +8,9 @@ use futures::FutureExt;
 use kiln_compress::Codec;
 use kiln_worker::{LayerCompression, Worker};
 
-use crate::output::{BuildResult, ExportEnv, bool_attr, check_known, name_list};
+use std::collections::HashMap;
+
+use crate::output::{BuildResult, ExportEnv, StepRecord, bool_attr, check_known, name_list};
 use crate::{BuiltImage, BuiltIndex, ExportError, ImageOptions, Layer};
 
 /// Options of the image-producing outputs (image/registry, oci, docker).
@@ -63,6 +65,8 @@ impl ImageExportOptions {
             "buildinfo",
             "attestation-inline",
             "dangling-name-prefix",
+            // The image carries its cache records (as --cache-to type=inline).
+            "inline-cache",
         ];
         known.extend_from_slice(extra);
         check_known(kind, attrs, &known, true)?;
@@ -110,15 +114,26 @@ pub(crate) async fn build_images(
                 opts.clone(),
                 result.epoch,
             );
+            let steps = if result.inline_cache {
+                Some(result.steps.clone())
+            } else {
+                None
+            };
             let built = tokio::task::spawn_blocking(move || -> Result<BuiltImage, ExportError> {
                 let layers = chain_layers(&worker, &chain, &o.compression, epoch)?;
+                let created = epoch.unwrap_or_else(now);
+                let inline_cache = steps
+                    .map(|s| inline_records(&worker, &s, &chain, &layers, created))
+                    .filter(|r| !r.is_empty())
+                    .map(|r| kiln_remotecache::inline_value(&r));
                 let built = crate::build_image(
                     &image,
                     &layers,
                     &ImageOptions {
                         oci_mediatypes: o.oci_mediatypes,
-                        created: epoch.unwrap_or_else(now),
+                        created,
                         annotations: o.annotations,
+                        inline_cache,
                     },
                 )?;
                 // The config travels as a blob like the layers.
@@ -166,6 +181,35 @@ pub(crate) fn chain_layers(
         });
     }
     Ok(layers)
+}
+
+/// The inline cache records of an image: the steps whose results are the
+/// image's first n layers, as (key, n, input keys, created).
+fn inline_records(
+    worker: &Arc<Worker>,
+    steps: &[StepRecord],
+    chain: &[String],
+    layers: &[Layer],
+    created: i64,
+) -> Vec<(String, usize, Vec<String>, String)> {
+    // Snapshot → how many of the image's (non-empty) layers it ends at.
+    let mut at: HashMap<&str, usize> = HashMap::new();
+    let mut n = 0;
+    for (id, layer) in chain.iter().rev().zip(layers) {
+        if !layer.empty {
+            n += 1;
+        }
+        at.insert(id.as_str(), n);
+    }
+    let created = crate::rfc3339(created);
+    steps
+        .iter()
+        .filter_map(|s| {
+            let id = worker.local_snapshot(&s.output)?;
+            let n = *at.get(id.as_str())?;
+            (n > 0).then(|| (s.key.clone(), n, s.inputs.clone(), created.clone()))
+        })
+        .collect()
 }
 
 /// The metadata digests: the index's, or the single image's manifest and config.

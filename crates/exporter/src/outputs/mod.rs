@@ -3,6 +3,7 @@
 //! outputs share (`images`).
 
 pub(crate) mod archive;
+pub mod cache;
 pub(crate) mod files;
 pub(crate) mod images;
 pub(crate) mod push;
