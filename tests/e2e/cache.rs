@@ -339,3 +339,48 @@ fn inline_cache_in_a_pushed_image_is_read_back() {
         .unwrap_or_else(|| panic!("{s:?}"));
     assert!(last.1, "{s:?}");
 }
+
+#[test]
+fn inline_cache_pushed_by_buildkit_is_read_without_error() {
+    require_root!();
+    let reg = Registry::start();
+    let image = format!("{}/bk/inline:1", reg.addr);
+    // Recorded from Docker 20.10's BuildKit (scripts/record-buildkit-inline-cache.sh).
+    let recorded = kiln_e2e::testdata().join("buildkit-inline-cache");
+    tool(
+        "skopeo",
+        &[
+            "copy",
+            "--dest-tls-verify=false",
+            &format!("dir:{}", recorded.join("image").display()),
+            &format!("docker://{image}"),
+        ],
+    );
+    let ctx = tempfile::tempdir().unwrap();
+    for f in ["Dockerfile", "a.txt", "b.txt"] {
+        std::fs::copy(recorded.join(f), ctx.path().join(f)).unwrap();
+    }
+    let d = Daemon::start();
+    let o = d.ok(&[
+        "build",
+        ctx.path().to_str().unwrap(),
+        "--progress",
+        "rawjson",
+        "--cache-from",
+        &format!("type=registry,ref={image}"),
+    ]);
+    let events = raw_events(&o.stdout);
+    // The import was read: its phase ended without error and nothing warned.
+    assert!(
+        events.iter().any(|e| e["name"]
+            .as_str()
+            .is_some_and(|n| n.starts_with("importing cache manifest from"))
+            && e["completed"].is_number()
+            && e["error"].is_null()),
+        "{events:?}"
+    );
+    assert!(events.iter().all(|e| e["warning"].is_null()), "{events:?}");
+    // BuildKit's keys are not kiln's: its records match nothing and the steps run.
+    let s = steps(&o.stdout);
+    assert!(!s.is_empty() && s.iter().all(|(_, c)| !*c), "{s:?}");
+}

@@ -169,3 +169,28 @@ fn inline_records_read_back_over_the_image_layers() {
             .is_none()
     );
 }
+
+#[test]
+fn inline_cache_recorded_from_buildkit_is_read() {
+    // testdata/buildkit-inline-cache: pushed by Docker 20.10's BuildKit,
+    // kept in skopeo's dir: format (manifest.json, blobs by hex digest).
+    let image = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../testdata/buildkit-inline-cache/image");
+    let blob = |d: &str| std::fs::read(image.join(d.trim_start_matches("sha256:"))).unwrap();
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(image.join("manifest.json")).unwrap()).unwrap();
+    assert!(
+        split_cache_manifest(&manifest).is_none(),
+        "an image, not a cache manifest"
+    );
+    let layers: Vec<Descriptor> = serde_json::from_value(manifest["layers"].clone()).unwrap();
+    let config = blob(manifest["config"]["digest"].as_str().unwrap());
+    let idx = CacheIndex::parse_inline(&config, &layers).unwrap().unwrap();
+    // Four records; the two COPY steps have results (the image's two layers).
+    assert_eq!(idx.len(), 2);
+    let two = idx
+        .chain("sha256:43340346a47c73ded78a9f0f6bf935745ae1d3fe146946efcc9cccf9a5ce5cac")
+        .unwrap();
+    assert_eq!(two.len(), 2);
+    assert_eq!(two[1].digest.to_string(), layers[1].digest);
+}
