@@ -384,3 +384,56 @@ fn inline_cache_pushed_by_buildkit_is_read_without_error() {
     let s = steps(&o.stdout);
     assert!(!s.is_empty() && s.iter().all(|(_, c)| !*c), "{s:?}");
 }
+
+#[test]
+fn explain_cache_names_what_changed() {
+    require_root!();
+    let d = Daemon::start();
+    let ctx = busybox_context(
+        "FROM busybox\nARG V=1\nCOPY app /app\nRUN echo $V > /v && cat /app/* > /all\n",
+        &[("app/a.txt", "a\n"), ("app/b.txt", "b\n")],
+    );
+    let dir = ctx.path().to_str().unwrap();
+    let explain = |args: &[&str]| -> String {
+        let mut all = vec!["build", dir, "--progress", "plain", "--explain-cache"];
+        all.extend_from_slice(args);
+        String::from_utf8_lossy(&d.ok(&all).stderr).to_string()
+    };
+    let first = explain(&[]);
+    assert!(
+        first.contains("cache miss: no earlier build of this step"),
+        "{first}"
+    );
+    // One file changes: the COPY names it.
+    std::fs::write(ctx.path().join("app/b.txt"), "B\n").unwrap();
+    let second = explain(&[]);
+    assert!(
+        second.contains("cache miss: context files changed: app/b.txt"),
+        "{second}"
+    );
+    // The RUN after it names the step that changed.
+    assert!(
+        second.contains("an earlier step changed (\"COPY app /app\")"),
+        "{second}"
+    );
+    // A build argument.
+    let third = explain(&["--build-arg", "V=2"]);
+    assert!(third.contains("V changed (\"1\" → \"2\")"), "{third}");
+    // Nothing changed: nothing runs, nothing to explain.
+    let o = d.ok(&["build", dir, "--progress", "rawjson", "--build-arg", "V=2"]);
+    assert!(
+        raw_events(&o.stdout)
+            .iter()
+            .all(|e| e["cache_miss"].is_null())
+    );
+    // rawjson carries the explanation of each step that ran.
+    std::fs::write(ctx.path().join("app/a.txt"), "A\n").unwrap();
+    let o = d.ok(&["build", dir, "--progress", "rawjson", "--build-arg", "V=2"]);
+    assert!(
+        raw_events(&o.stdout).iter().any(|e| e["cache_miss"]
+            .as_str()
+            .is_some_and(|r| r.contains("app/a.txt"))),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+}

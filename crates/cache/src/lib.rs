@@ -10,6 +10,9 @@ use serde::{Deserialize, Serialize};
 
 const RECORDS: TableDefinition<&str, &[u8]> = TableDefinition::new("cache_records");
 const SNAPSHOTS: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshots");
+/// What each recorded step was made from (cache-miss explanations), by
+/// cache key; `@`-prefixed entries point at the latest key for a name.
+const FINGERPRINTS: TableDefinition<&str, &[u8]> = TableDefinition::new("fingerprints");
 
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
@@ -81,6 +84,7 @@ impl MetadataStore {
         let tx = db.begin_write().map_err(dberr)?;
         tx.open_table(RECORDS).map_err(dberr)?;
         tx.open_table(SNAPSHOTS).map_err(dberr)?;
+        tx.open_table(FINGERPRINTS).map_err(dberr)?;
         tx.commit().map_err(dberr)?;
         Ok(MetadataStore { db })
     }
@@ -189,6 +193,72 @@ impl MetadataStore {
             let mut r = tx.open_table(RECORDS).map_err(dberr)?;
             for k in keys {
                 r.remove(k.as_str()).map_err(dberr)?;
+            }
+        }
+        tx.commit().map_err(dberr)
+    }
+
+    /// Stores what step `key` was made from, and makes it the latest for
+    /// each of `names` (e.g. its Dockerfile location, its command).
+    pub fn put_fingerprint(
+        &self,
+        key: &str,
+        fingerprint: &[u8],
+        names: &[String],
+    ) -> Result<(), CacheError> {
+        let tx = self.db.begin_write().map_err(dberr)?;
+        {
+            let mut t = tx.open_table(FINGERPRINTS).map_err(dberr)?;
+            t.insert(key, fingerprint).map_err(dberr)?;
+            for n in names {
+                t.insert(format!("@{n}").as_str(), key.as_bytes())
+                    .map_err(dberr)?;
+            }
+        }
+        tx.commit().map_err(dberr)
+    }
+
+    /// The fingerprint stored for `key`.
+    pub fn fingerprint(&self, key: &str) -> Result<Option<Vec<u8>>, CacheError> {
+        let tx = self.db.begin_read().map_err(dberr)?;
+        let t = tx.open_table(FINGERPRINTS).map_err(dberr)?;
+        Ok(t.get(key).map_err(dberr)?.map(|v| v.value().to_vec()))
+    }
+
+    /// The latest fingerprint stored for `name`, with its key.
+    pub fn latest_fingerprint(&self, name: &str) -> Result<Option<(String, Vec<u8>)>, CacheError> {
+        let tx = self.db.begin_read().map_err(dberr)?;
+        let t = tx.open_table(FINGERPRINTS).map_err(dberr)?;
+        let Some(key) = t.get(format!("@{name}").as_str()).map_err(dberr)? else {
+            return Ok(None);
+        };
+        let key = String::from_utf8_lossy(key.value()).to_string();
+        Ok(t.get(key.as_str())
+            .map_err(dberr)?
+            .map(|v| (key.clone(), v.value().to_vec())))
+    }
+
+    /// Drops the fingerprints of keys no longer recorded (and name entries
+    /// pointing at them).
+    pub fn remove_fingerprints(&self, keys: &[String]) -> Result<(), CacheError> {
+        let tx = self.db.begin_write().map_err(dberr)?;
+        {
+            let mut t = tx.open_table(FINGERPRINTS).map_err(dberr)?;
+            for k in keys {
+                t.remove(k.as_str()).map_err(dberr)?;
+            }
+            let gone: std::collections::HashSet<&str> = keys.iter().map(String::as_str).collect();
+            let mut dangling = Vec::new();
+            for item in t.iter().map_err(dberr)? {
+                let (k, v) = item.map_err(dberr)?;
+                if k.value().starts_with('@')
+                    && gone.contains(String::from_utf8_lossy(v.value()).as_ref())
+                {
+                    dangling.push(k.value().to_string());
+                }
+            }
+            for k in dangling {
+                t.remove(k.as_str()).map_err(dberr)?;
             }
         }
         tx.commit().map_err(dberr)

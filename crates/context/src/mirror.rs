@@ -336,14 +336,15 @@ impl Mirror {
         d.finish()
     }
 
-    /// Checksum of the paths a COPY source selects (a path, a directory or a
-    /// wildcard), following symlinks in the selection.
-    pub fn checksum(&self, src: &str) -> Digest {
+    /// The entries a COPY source selects (a path, a directory or a
+    /// wildcard), following symlinks in the selection, in path order; None
+    /// for the whole tree (`.`). Also returns the cleaned pattern.
+    fn selection(&self, src: &str) -> (String, Option<BTreeMap<&str, &Entry>>) {
         let pat = crate::dockerignore::clean(src.trim_start_matches('/'));
         let mut prefixes: Vec<String> = Vec::new();
         let wildcard = pat.contains(['*', '?', '[']);
         if pat == "." {
-            return self.tree_digest();
+            return (pat, None);
         }
         if wildcard {
             let parts: Vec<&str> = pat.split('/').collect();
@@ -394,6 +395,16 @@ impl Mirror {
                 selected.insert(p, e);
             }
         }
+        (pat, Some(selected))
+    }
+
+    /// Checksum of the paths a COPY source selects (a path, a directory or a
+    /// wildcard), following symlinks in the selection.
+    pub fn checksum(&self, src: &str) -> Digest {
+        let (pat, selected) = self.selection(src);
+        let Some(selected) = selected else {
+            return self.tree_digest();
+        };
         let (mut sel, mut buf) = (Digester::new(), String::new());
         for (p, e) in selected {
             hash_entry(&mut sel, &mut buf, p, e);
@@ -402,6 +413,26 @@ impl Mirror {
         d.update(pat.as_bytes());
         d.update(sel.finish().as_str().as_bytes());
         d.finish()
+    }
+
+    /// Each entry a COPY source selects with a short hash of its content and
+    /// metadata (what `checksum` covers), at most `limit` of them: what a
+    /// cache-miss explanation compares to name the files that changed.
+    pub fn entry_hashes(&self, src: &str, limit: usize) -> Vec<(String, String)> {
+        let (_, selected) = self.selection(src);
+        let entries: Box<dyn Iterator<Item = (&str, &Entry)>> = match selected {
+            Some(sel) => Box::new(sel.into_iter()),
+            None => Box::new(self.index.iter().map(|(p, e)| (p.as_str(), e))),
+        };
+        let mut buf = String::new();
+        entries
+            .take(limit)
+            .map(|(p, e)| {
+                let mut d = Digester::new();
+                hash_entry(&mut d, &mut buf, p, e);
+                (p.to_string(), d.finish().hex()[..16].to_string())
+            })
+            .collect()
     }
 }
 

@@ -691,6 +691,10 @@ fn prune_blocking(
         }
     }
     worker.meta.remove_records(&remove).map_err(|e| st(&e))?;
+    worker
+        .meta
+        .remove_fingerprints(&remove)
+        .map_err(|e| st(&e))?;
     // Everything still reachable from a record stays.
     let mut live: HashSet<String> = HashSet::new();
     for (_, r) in worker.meta.records().map_err(|e| st(&e))? {

@@ -157,6 +157,14 @@ impl ProgressSink for JobProgress {
                 }],
                 ..Default::default()
             },
+            Event::CacheMiss { vertex, reason } => StatusResponse {
+                vertexes: vec![Vertex {
+                    digest: vertex.to_string(),
+                    cache_miss: bounded(&reason, MAX_MESSAGE).into_owned(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
             Event::Warning { vertex, message } => StatusResponse {
                 warnings: vec![VertexWarning {
                     vertex: vertex.map(|v| v.to_string()).unwrap_or_default(),

@@ -130,6 +130,10 @@ struct BuildArgs {
     /// cache) | type=local,src=DIR[,tag=T] | a bare REF
     #[arg(long = "cache-from")]
     cache_from: Vec<String>,
+    /// Say, for each step that runs, why it was not in the cache (what changed
+    /// since the closest earlier build of it); always in --progress rawjson
+    #[arg(long = "explain-cache")]
+    explain_cache: bool,
 }
 
 fn main() -> std::process::ExitCode {
@@ -784,7 +788,7 @@ async fn build(addr: Option<&str>, b: BuildArgs) -> anyhow::Result<()> {
         o => bail!("unknown --progress {o:?} (auto, tty, plain, rawjson, quiet)"),
     };
     let conn = connect(addr).await?;
-    let display = Arc::new(Mutex::new(progress::Display::new(mode)));
+    let display = Arc::new(Mutex::new(progress::Display::new(mode, b.explain_cache)));
     let ticker = if mode == progress::Mode::Tty {
         let d = display.clone();
         Some(tokio::spawn(async move {

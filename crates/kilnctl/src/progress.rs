@@ -24,6 +24,8 @@ struct V {
     cached: bool,
     error: String,
     logs: Vec<String>,
+    /// Why the step was not in the cache.
+    cache_miss: String,
 }
 
 pub struct Display {
@@ -33,6 +35,8 @@ pub struct Display {
     vertices: HashMap<String, V>,
     drawn_lines: usize,
     warnings: Vec<String>,
+    /// `--explain-cache`: say why each step that ran missed the cache.
+    explain: bool,
 }
 
 fn secs(ns: i64) -> f64 {
@@ -40,8 +44,9 @@ fn secs(ns: i64) -> f64 {
 }
 
 impl Display {
-    pub fn new(mode: Mode) -> Self {
+    pub fn new(mode: Mode, explain: bool) -> Self {
         Display {
+            explain,
             mode,
             start: Instant::now(),
             order: Vec::new(),
@@ -56,6 +61,11 @@ impl Display {
         if self.mode == Mode::RawJson {
             let mut out = std::io::stdout().lock();
             for v in &m.vertexes {
+                if !v.cache_miss.is_empty() {
+                    let j = serde_json::json!({"digest": v.digest, "cache_miss": v.cache_miss});
+                    let _ = writeln!(out, "{j}");
+                    continue;
+                }
                 let j = serde_json::json!({
                     "digest": v.digest, "name": v.name, "inputs": v.inputs, "cached": v.cached,
                     "started": if v.started > 0 { Some(v.started) } else { None },
@@ -75,6 +85,15 @@ impl Display {
             return;
         }
         for v in &m.vertexes {
+            if !v.cache_miss.is_empty() {
+                if let Some(e) = self.vertices.get_mut(&v.digest) {
+                    e.cache_miss = v.cache_miss.clone();
+                    if self.explain && self.mode == Mode::Plain {
+                        let _ = writeln!(err, "#{} cache miss: {}", e.num, v.cache_miss);
+                    }
+                }
+                continue;
+            }
             let n = self.vertices.len() + 1;
             let known = self.vertices.contains_key(&v.digest);
             let e = self.vertices.entry(v.digest.clone()).or_insert_with(|| V {
@@ -176,6 +195,9 @@ impl Display {
                 format!(" {:.1}s", secs(now_ns - v.started))
             };
             lines.push(format!(" => {}{}", v.name, status));
+            if self.explain && !v.cache_miss.is_empty() {
+                lines.push(format!(" => => cache miss: {}", v.cache_miss));
+            }
             if v.completed == 0 || !v.error.is_empty() {
                 for l in &v.logs {
                     lines.push(format!(" => => {l}"));

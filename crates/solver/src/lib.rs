@@ -76,6 +76,8 @@ pub enum Event {
         vertex: Option<Digest>,
         message: String,
     },
+    /// Why a step that runs was not in the cache.
+    CacheMiss { vertex: Digest, reason: String },
 }
 
 pub trait ProgressSink: Send + Sync {

@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod exec;
+mod explain;
 pub mod fileop;
 pub mod git;
 mod image;
@@ -1097,7 +1098,7 @@ impl kiln_solver::Worker for Worker {
         v: Vertex,
         inputs: Vec<Resolved<Output>>,
         key: String,
-        _job: Arc<Job>,
+        job: Arc<Job>,
     ) -> futures_compat::BoxFuture<Result<Output, SolveError>> {
         Box::pin(async move {
             let digest = v.digest.clone();
@@ -1105,18 +1106,37 @@ impl kiln_solver::Worker for Worker {
                 .materialize_all(inputs)
                 .await
                 .map_err(|e| SolveError::at(&digest, e.message.to_string()))?;
-            if let Some(pb::op::Op::Exec(e)) = v.op.op.clone() {
-                return self
-                    .exec_op(v, e, inputs, key, _job)
-                    .await
-                    .map_err(|e| SolveError::at(&digest, e.to_string()));
-            }
-            tokio::task::spawn_blocking(move || {
-                self.exec_blocking(&v, &inputs, &key)
-                    .map_err(|e| SolveError::at(&digest, e.to_string()))
+            let fingerprint = explain::fingerprint(&v, &inputs);
+            let w = self.clone();
+            let (fp, reason) = tokio::task::spawn_blocking(move || {
+                let reason = w.explain_miss(&fingerprint);
+                (fingerprint, reason)
             })
             .await
-            .map_err(serr)?
+            .map_err(serr)?;
+            job.progress.event(Event::CacheMiss {
+                vertex: digest.clone(),
+                reason,
+            });
+            let output = if let Some(pb::op::Op::Exec(e)) = v.op.op.clone() {
+                self.clone()
+                    .exec_op(v, e, inputs, key.clone(), job)
+                    .await
+                    .map_err(|e| SolveError::at(&digest, e.to_string()))?
+            } else {
+                let (w, k) = (self.clone(), key.clone());
+                tokio::task::spawn_blocking(move || {
+                    w.exec_blocking(&v, &inputs, &k)
+                        .map_err(|e| SolveError::at(&digest, e.to_string()))
+                })
+                .await
+                .map_err(serr)??
+            };
+            let w = self.clone();
+            tokio::task::spawn_blocking(move || w.remember_fingerprint(&key, &fp))
+                .await
+                .map_err(serr)?;
+            Ok(output)
         })
     }
 
