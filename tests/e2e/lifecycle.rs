@@ -65,11 +65,10 @@ fn du_prune_and_clean_shutdown() {
     ]);
     let du = String::from_utf8_lossy(&d.ok(&["du"]).stdout).to_string();
     assert!(du.contains("COPY f /f") && du.contains("Total:"), "{du}");
-    let removed = String::from_utf8_lossy(&d.ok(&["prune", "--all"]).stdout).to_string();
-    assert!(
-        removed.contains("regular") && removed.contains("blob"),
-        "{removed}"
-    );
+    let removed = String::from_utf8_lossy(&d.ok(&["prune", "-f", "--all"]).stdout).to_string();
+    // (Blobs go with their snapshots; configs nothing refers to were
+    // already collected when the build ended.)
+    assert!(removed.contains("regular"), "{removed}");
     let du = String::from_utf8_lossy(&d.ok(&["du"]).stdout).to_string();
     assert!(
         !du.contains("regular") && !du.contains("source.local"),
@@ -111,8 +110,8 @@ fn keep_duration_prunes_only_old_records() {
     let d = Daemon::start();
     let c = simple_ctx();
     d.ok(&["build", c.path().to_str().unwrap()]);
-    let removed =
-        String::from_utf8_lossy(&d.ok(&["prune", "--keep-duration", "1h"]).stdout).to_string();
+    let removed = String::from_utf8_lossy(&d.ok(&["prune", "-f", "--keep-duration", "1h"]).stdout)
+        .to_string();
     assert!(
         !removed.contains("regular"),
         "fresh records must stay: {removed}"

@@ -8,6 +8,7 @@ pub mod apply;
 pub mod header_limit;
 pub mod remove;
 pub mod safe_path;
+pub mod usage;
 
 use std::collections::HashMap;
 use std::fs;

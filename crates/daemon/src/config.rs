@@ -33,15 +33,123 @@ pub struct Config {
     pub registry: std::collections::BTreeMap<String, RegistryHost>,
     /// `[limits]`: resources of each RUN step.
     pub limits: StepLimits,
+    /// `[gc]`: background garbage collection of the cache.
+    pub gc: GcConfig,
     /// Run (on a blocking thread) after every build: kilnd hands the
     /// allocator's free memory back to the system there.
     #[serde(skip)]
     pub after_build: Option<fn()>,
 }
 
+/// `[gc]`: when the cache is collected and by which policies.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct GcConfig {
+    pub enabled: bool,
+    /// How often an idle daemon applies the policies (they also run after
+    /// each build).
+    pub interval: String,
+    /// Applied in order; none given: BuildKit's defaults.
+    pub policy: Vec<GcPolicyConfig>,
+}
+
 /// `[limits]`: what one RUN step may use; a step that goes over fails
 /// (memory: the kernel's OOM killer; pids: fork fails), the daemon and the
 /// other steps go on.
+impl Default for GcConfig {
+    fn default() -> Self {
+        GcConfig {
+            enabled: true,
+            interval: "10m".into(),
+            policy: Vec::new(),
+        }
+    }
+}
+
+/// One policy, with BuildKit's keys. Sizes are bytes (`10GB`, `512MB`) or a
+/// percentage of the disk holding the state directory (`10%`).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default, rename_all = "camelCase")]
+pub struct GcPolicyConfig {
+    pub all: bool,
+    pub filters: Vec<String>,
+    pub keep_duration: String,
+    pub reserved_space: String,
+    pub max_used_space: String,
+    pub min_free_space: String,
+    /// BuildKit's older name for maxUsedSpace.
+    pub keep_bytes: String,
+}
+
+impl GcConfig {
+    /// The policies to apply (the configured ones or the defaults), with
+    /// sizes resolved against a disk of `disk` bytes.
+    pub fn policies(&self, disk: u64) -> Result<Vec<crate::gc::Policy>, String> {
+        let defaults;
+        let list = if self.policy.is_empty() {
+            defaults = default_policies();
+            &defaults
+        } else {
+            &self.policy
+        };
+        let size = |what: &str, v: &str| -> Result<u64, String> {
+            let v = v.trim();
+            if v.is_empty() {
+                return Ok(0);
+            }
+            if let Some(p) = v.strip_suffix('%') {
+                let p: f64 = p
+                    .trim()
+                    .parse()
+                    .map_err(|_| format!("gc policy {what} {v:?}: not a percentage"))?;
+                return Ok((disk as f64 * p / 100.0) as u64);
+            }
+            parse_size(v).map_err(|e| format!("gc policy {what}: {e}"))
+        };
+        list.iter()
+            .map(|p| {
+                Ok(crate::gc::Policy {
+                    all: p.all,
+                    filters: crate::gc::Filters::parse(&p.filters).map_err(|e| e.to_string())?,
+                    keep_duration: if p.keep_duration.is_empty() {
+                        0
+                    } else {
+                        crate::gc::parse_duration(&p.keep_duration).map_err(|e| e.to_string())?
+                    },
+                    reserved: size("reservedSpace", &p.reserved_space)?,
+                    max_used: size("maxUsedSpace", &p.max_used_space)?
+                        .max(size("keepBytes", &p.keep_bytes)?),
+                    min_free: size("minFreeSpace", &p.min_free_space)?,
+                })
+            })
+            .collect()
+    }
+}
+
+/// BuildKit's default policies, in its order: local sources and cache
+/// mounts unused for two days go first, then anything unused for 60 days,
+/// then whatever keeps the cache within its share of the disk.
+fn default_policies() -> Vec<GcPolicyConfig> {
+    let p = |all: bool, filters: &[&str], keep: &str, reserved: &str, max: &str, free: &str| {
+        GcPolicyConfig {
+            all,
+            filters: filters.iter().map(|s| s.to_string()).collect(),
+            keep_duration: keep.into(),
+            reserved_space: reserved.into(),
+            max_used_space: max.into(),
+            min_free_space: free.into(),
+            keep_bytes: String::new(),
+        }
+    };
+    vec![
+        p(false, &["type==source.local"], "48h", "", "512MB", ""),
+        p(false, &["type==exec.cachemount"], "48h", "", "512MB", ""),
+        p(false, &[], "1440h", "10%", "60%", ""),
+        p(false, &[], "", "10%", "60%", "20%"),
+        p(true, &[], "", "10%", "60%", "20%"),
+    ]
+}
+
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct StepLimits {
@@ -161,6 +269,7 @@ impl Default for Config {
             insecure_registries: Vec::new(),
             registry: Default::default(),
             limits: StepLimits::default(),
+            gc: GcConfig::default(),
             after_build: None,
         }
     }
@@ -233,6 +342,25 @@ mod tests {
         assert_eq!(parse_size("4g").unwrap(), 4 << 30);
         assert_eq!(parse_size("100").unwrap(), 100);
         assert!(parse_size("lots").is_err());
+        std::fs::write(
+            &d,
+            "[gc]\ninterval = \"1m\"\n[[gc.policy]]\nfilters = [\"type==source.local\"]\nkeepDuration = \"48h\"\n[[gc.policy]]\nmaxUsedSpace = \"50%\"\nreservedSpace = \"1GB\"\nall = true\n",
+        )
+        .unwrap();
+        let p = Config::load(&d).unwrap().gc.policies(10 << 30).unwrap();
+        assert_eq!(p[0].keep_duration, 48 * 3600);
+        assert_eq!(
+            (p[1].max_used, p[1].reserved, p[1].all),
+            (5 << 30, 1 << 30, true)
+        );
+        assert_eq!(GcConfig::default().policies(100 << 30).unwrap().len(), 5);
+        std::fs::write(&d, "[[gc.policy]]\nkeepStorage = \"1GB\"\n").unwrap();
+        assert!(
+            Config::load(&d)
+                .unwrap_err()
+                .to_string()
+                .contains("keepStorage")
+        );
         std::fs::write(&d, "rot = 1\n").unwrap();
         let e = Config::load(&d).unwrap_err().to_string();
         assert!(e.contains("rot"), "{e}");

@@ -2,7 +2,7 @@
 //! exporters, plus disk usage and pruning. kilnd serves it on its sockets;
 //! kilnctl embeds the same engine when no daemon is running.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -47,14 +47,14 @@ pub struct Engine {
     /// running build uses is deleted under it.
     gc: tokio::sync::RwLock<()>,
     pub config: Config,
+    /// The `[gc]` policies, sizes resolved against the state dir's disk.
+    gc_policies: Vec<crate::gc::Policy>,
+    /// How often an idle daemon collects garbage.
+    gc_interval: std::time::Duration,
+    /// The state dir's last exact size, so a GC after each build need not
+    /// walk it (the timer's runs do).
+    gc_measured: std::sync::Arc<std::sync::Mutex<crate::gc::Measured>>,
     pub shutdown: CancellationToken,
-}
-
-fn now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
 }
 
 impl Engine {
@@ -125,7 +125,17 @@ impl Engine {
             .map_err(|e| EngineError::Storage(e.to_string()))?,
         );
         let solver = Solver::new(worker.clone(), config.parallelism());
+        let gc_policies = config
+            .gc
+            .policies(crate::gc::disk_size(&config.root))
+            .map_err(EngineError::InvalidArgument)?;
+        let gc_interval = crate::gc::parse_duration(&config.gc.interval)
+            .map_err(|e| EngineError::InvalidArgument(format!("gc.interval: {e}")))?
+            .max(1);
         Ok(Engine {
+            gc_measured: Default::default(),
+            gc_policies,
+            gc_interval: std::time::Duration::from_secs(gc_interval as u64),
             worker,
             solver,
             sessions: Sessions::default(),
@@ -152,6 +162,10 @@ impl Engine {
         };
         progress.close();
         self.jobs.remove(&req.r#ref);
+        // Within the policies before the client hears the build is done.
+        if let Err(e) = self.collect_garbage(false).await {
+            tracing::warn!("garbage collection: {e}");
+        }
         if let Some(f) = self.config.after_build {
             tokio::task::spawn_blocking(f);
         }
@@ -439,70 +453,100 @@ impl Engine {
         self.worker.snapshots.mode()
     }
 
-    /// Cache records, snapshots and context mirrors with their sizes.
+    /// What the state directory holds, with sizes that add up to `du -sb`.
     pub fn disk_usage(&self) -> Result<Vec<UsageRecord>, EngineError> {
-        let st = |e: kiln_cache::CacheError| EngineError::Storage(e.to_string());
-        let records = self.worker.meta.records().map_err(st)?;
-        let mut by_snap: HashMap<String, (i64, i64)> = HashMap::new();
-        for (_, r) in &records {
-            let e = by_snap.entry(r.snapshot.clone()).or_default();
-            e.0 = e.0.max(r.last_used);
-            e.1 += r.usage_count;
-        }
-        let mut out = Vec::new();
-        for (id, s) in self.worker.meta.snapshots().map_err(st)? {
-            let blobs: u64 = s
-                .layers
-                .iter()
-                .flat_map(|l| l.blobs.iter())
-                .map(|b| b.size)
-                .sum();
-            let (last, count) = by_snap.get(&id).copied().unwrap_or((s.created, 0));
-            out.push(UsageRecord {
-                id,
-                kind: "regular".into(),
-                description: s.description,
-                size: (s.size + blobs) as i64,
-                created_at: s.created,
-                last_used_at: last,
-                usage_count: count,
-                in_use: false,
-            });
-        }
-        let ctx_dir = self.worker.root().join("contexts");
-        if let Ok(rd) = std::fs::read_dir(&ctx_dir) {
-            for e in rd.flatten() {
-                out.push(UsageRecord {
-                    id: e.file_name().to_string_lossy().to_string(),
-                    kind: "source.local".into(),
-                    description: "local source for context".into(),
-                    size: dir_size(&e.path()) as i64,
-                    created_at: 0,
-                    last_used_at: 0,
-                    usage_count: 0,
-                    in_use: false,
-                });
-            }
-        }
-        out.sort_by_key(|r| std::cmp::Reverse(r.size));
-        Ok(out)
+        crate::gc::disk_usage(&self.worker).map_err(|e| EngineError::Storage(e.to_string()))
     }
 
-    /// Removes cache records (all, or those outside the keep limits), then
-    /// every snapshot and blob no remaining record needs.
+    /// Removes cache records (all, or those a filter, an age or a size
+    /// limit selects), then every snapshot and blob no remaining record needs.
     pub async fn prune(
         &self,
         all: bool,
         keep_storage: i64,
         keep_duration: i64,
+        filters: &[String],
     ) -> Result<Vec<UsageRecord>, EngineError> {
+        let policy = crate::gc::Policy {
+            all,
+            filters: crate::gc::Filters::parse(filters)
+                .map_err(|e| EngineError::InvalidArgument(e.to_string()))?,
+            keep_duration: keep_duration.max(0),
+            max_used: keep_storage.max(0) as u64,
+            ..Default::default()
+        };
         let _guard = self.gc.write().await;
-        let worker = self.worker.clone();
+        let (worker, measured) = (self.worker.clone(), self.gc_measured.clone());
         tokio::task::spawn_blocking(move || {
-            prune_blocking(&worker, all, keep_storage, keep_duration)
+            let mut m = measured.lock().unwrap_or_else(|p| p.into_inner());
+            // An explicit prune always measures.
+            m.clear();
+            crate::gc::prune(&worker, &policy, &mut m)
         })
         .await
         .map_err(|e| EngineError::Storage(e.to_string()))?
+        .map_err(|e| EngineError::Storage(e.to_string()))
+    }
+
+    /// Collects garbage every `[gc] interval` while the daemon runs (builds
+    /// also collect when they end).
+    pub fn start_background_gc(self: &Arc<Self>) {
+        if !self.config.gc.enabled {
+            return;
+        }
+        let (weak, every) = (Arc::downgrade(self), self.gc_interval);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let Some(engine) = weak.upgrade() else { break };
+                if engine.shutdown.is_cancelled() {
+                    break;
+                }
+                if let Err(e) = engine.collect_garbage(true).await {
+                    tracing::warn!("garbage collection: {e}");
+                }
+            }
+        });
+    }
+
+    /// Applies the configured GC policies, unless a build is running (a
+    /// build never waits for the collector; the last build to end runs it).
+    /// `timer`: a periodic run, which measures the state dir afresh.
+    pub async fn collect_garbage(&self, timer: bool) -> Result<Vec<UsageRecord>, EngineError> {
+        if !self.config.gc.enabled || self.gc_policies.is_empty() {
+            return Ok(Vec::new());
+        }
+        let Ok(_guard) = self.gc.try_write() else {
+            return Ok(Vec::new());
+        };
+        let (worker, policies, measured) = (
+            self.worker.clone(),
+            self.gc_policies.clone(),
+            self.gc_measured.clone(),
+        );
+        let removed = tokio::task::spawn_blocking(move || {
+            let mut m = measured.lock().unwrap_or_else(|p| p.into_inner());
+            if timer {
+                m.clear();
+            }
+            let mut removed = Vec::new();
+            for p in &policies {
+                removed.extend(crate::gc::prune(&worker, p, &mut m)?);
+            }
+            Ok::<_, crate::gc::GcError>(removed)
+        })
+        .await
+        .map_err(|e| EngineError::Storage(e.to_string()))?
+        .map_err(|e| EngineError::Storage(e.to_string()))?;
+        if !removed.is_empty() {
+            let bytes: i64 = removed.iter().map(|r| r.size).sum();
+            tracing::info!(
+                items = removed.len(),
+                bytes,
+                "garbage collection removed cache"
+            );
+        }
+        Ok(removed)
     }
 
     pub fn root(&self) -> PathBuf {
@@ -640,132 +684,4 @@ fn which(name: &str) -> Option<PathBuf> {
             .map(|d| d.join(name))
             .find(|p| p.is_file())
     })
-}
-
-fn dir_size(p: &std::path::Path) -> u64 {
-    let mut n = 0;
-    if let Ok(rd) = std::fs::read_dir(p) {
-        for e in rd.flatten() {
-            if let Ok(md) = e.path().symlink_metadata() {
-                n += if md.is_dir() {
-                    dir_size(&e.path())
-                } else {
-                    md.len()
-                };
-            }
-        }
-    }
-    n
-}
-
-fn prune_blocking(
-    worker: &Worker,
-    all: bool,
-    keep_storage: i64,
-    keep_duration: i64,
-) -> Result<Vec<UsageRecord>, EngineError> {
-    let st = |e: &dyn std::fmt::Display| EngineError::Storage(e.to_string());
-    let mut records = worker.meta.records().map_err(|e| st(&e))?;
-    let snaps: HashMap<String, kiln_cache::SnapshotRecord> = worker
-        .meta
-        .snapshots()
-        .map_err(|e| st(&e))?
-        .into_iter()
-        .collect();
-    // Oldest first: the order records go in when trimming to a size.
-    records.sort_by_key(|(_, r)| r.last_used);
-    let cutoff = now() - keep_duration;
-    let filtered = keep_duration > 0 || keep_storage > 0;
-    let mut remove: Vec<String> = Vec::new();
-    if all || !filtered {
-        remove = records.iter().map(|(k, _)| k.clone()).collect();
-    } else {
-        let mut total: i64 = snaps.values().map(|s| s.size as i64).sum();
-        for (k, r) in &records {
-            let old = keep_duration > 0 && r.last_used < cutoff;
-            let over = keep_storage > 0 && total > keep_storage;
-            if old || over {
-                remove.push(k.clone());
-                total -= snaps.get(&r.snapshot).map(|s| s.size as i64).unwrap_or(0);
-            }
-        }
-    }
-    worker.meta.remove_records(&remove).map_err(|e| st(&e))?;
-    worker
-        .meta
-        .remove_fingerprints(&remove)
-        .map_err(|e| st(&e))?;
-    // Everything still reachable from a record stays.
-    let mut live: HashSet<String> = HashSet::new();
-    for (_, r) in worker.meta.records().map_err(|e| st(&e))? {
-        let mut cur = Some(r.snapshot);
-        while let Some(c) = cur {
-            if !live.insert(c.clone()) {
-                break;
-            }
-            cur = snaps.get(&c).and_then(|s| s.parent.clone());
-        }
-    }
-    let mut removed = Vec::new();
-    let dead: Vec<String> = snaps
-        .keys()
-        .filter(|id| !live.contains(*id))
-        .cloned()
-        .collect();
-    for id in &dead {
-        let s = &snaps[id];
-        worker.snapshots.remove(id).map_err(|e| st(&e))?;
-        let blobs: u64 = s
-            .layers
-            .iter()
-            .flat_map(|l| l.blobs.iter())
-            .map(|b| b.size)
-            .sum();
-        removed.push(UsageRecord {
-            id: id.clone(),
-            kind: "regular".into(),
-            description: s.description.clone(),
-            size: (s.size + blobs) as i64,
-            created_at: s.created,
-            ..Default::default()
-        });
-    }
-    worker.meta.remove_snapshots(&dead).map_err(|e| st(&e))?;
-    let live_blobs: HashSet<String> = snaps
-        .iter()
-        .filter(|(id, _)| live.contains(*id))
-        .flat_map(|(_, s)| {
-            s.layers
-                .iter()
-                .flat_map(|l| l.blobs.iter().map(|b| b.digest.clone()))
-        })
-        .collect();
-    for (d, size) in worker.content.list().map_err(|e| st(&e))? {
-        if !live_blobs.contains(d.as_str()) {
-            worker.content.delete(&d).map_err(|e| st(&e))?;
-            removed.push(UsageRecord {
-                id: d.to_string(),
-                kind: "blob".into(),
-                size: size as i64,
-                ..Default::default()
-            });
-        }
-    }
-    if all {
-        worker.forget_mirrors();
-        let ctx_dir = worker.root().join("contexts");
-        if let Ok(rd) = std::fs::read_dir(&ctx_dir) {
-            for e in rd.flatten() {
-                let size = dir_size(&e.path());
-                kiln_archive::remove::remove_tree(e.path()).map_err(|e| st(&e))?;
-                removed.push(UsageRecord {
-                    id: e.file_name().to_string_lossy().to_string(),
-                    kind: "source.local".into(),
-                    size: size as i64,
-                    ..Default::default()
-                });
-            }
-        }
-    }
-    Ok(removed)
 }

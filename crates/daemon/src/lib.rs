@@ -6,6 +6,7 @@
 pub mod cache_import;
 pub mod config;
 pub mod engine;
+pub mod gc;
 pub mod progress;
 pub mod service;
 pub mod session;

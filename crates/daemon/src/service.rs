@@ -95,7 +95,10 @@ impl Control for ControlService {
         req: Request<PruneRequest>,
     ) -> Result<Response<Self::PruneStream>, Status> {
         let r = req.into_inner();
-        let removed = self.0.prune(r.all, r.keep_storage, r.keep_duration).await?;
+        let removed = self
+            .0
+            .prune(r.all, r.keep_storage, r.keep_duration, &r.filters)
+            .await?;
         Ok(Response::new(Box::pin(futures::stream::iter(
             removed.into_iter().map(Ok),
         ))))

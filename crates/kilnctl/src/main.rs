@@ -35,18 +35,31 @@ enum Cmd {
         /// One block per record instead of a table
         #[arg(short, long)]
         verbose: bool,
+        /// table, or json (records and totals in bytes)
+        #[arg(long, default_value = "table")]
+        format: String,
     },
-    /// Remove build cache
+    /// Remove build cache (asks first unless -f)
+    #[command(
+        after_help = "Examples:\n  kilnctl prune -f --keep-storage 10GB\n  kilnctl prune -f --filter until=24h\n  kilnctl prune -f --filter type==exec.cachemount\n  kilnctl prune -f --all"
+    )]
     Prune {
-        /// Remove everything, including context mirrors
-        #[arg(long)]
+        /// Remove everything, including context mirrors and cache mounts
+        #[arg(short, long)]
         all: bool,
-        /// Keep this much cache (e.g. 10GB, 512MB)
+        /// Keep this much cache, counted as `du` counts it (e.g. 10GB, 512MB)
         #[arg(long)]
         keep_storage: Option<String>,
         /// Keep cache used within this duration (e.g. 24h, 30m)
         #[arg(long)]
         keep_duration: Option<String>,
+        /// Only remove matching cache: type==regular|source.local|exec.cachemount,
+        /// until=DURATION (unused for at least), description~=REGEX, id==ID
+        #[arg(long = "filter")]
+        filters: Vec<String>,
+        /// Do not ask for confirmation
+        #[arg(short, long)]
+        force: bool,
     },
     /// Debugging helpers
     Debug {
@@ -245,18 +258,53 @@ async fn connect(addr: Option<&str>) -> anyhow::Result<Conn> {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::Build(b) => build(cli.addr.as_deref(), *b).await,
-        Cmd::Du { verbose } => {
+        Cmd::Du { verbose, format } => {
+            if format != "table" && format != "json" {
+                bail!("unknown --format {format:?} (table, json)");
+            }
             let conn = connect(cli.addr.as_deref()).await?;
             let r = conn.client.disk_usage().await;
             conn.close().await;
-            print_du(&r?, verbose);
+            let records = r?;
+            if format == "json" {
+                let sum = |f: &dyn Fn(&ctl::UsageRecord) -> bool| -> i64 {
+                    records.iter().filter(|r| f(r)).map(|r| r.size).sum()
+                };
+                let list: Vec<_> = records
+                    .iter()
+                    .map(|r| {
+                        serde_json::json!({
+                            "id": r.id, "type": r.kind, "description": r.description,
+                            "size": r.size, "created_at": r.created_at,
+                            "last_used_at": r.last_used_at, "usage_count": r.usage_count,
+                            "in_use": r.in_use, "shared": r.shared,
+                        })
+                    })
+                    .collect();
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "records": list,
+                        "total": sum(&|_| true),
+                        "reclaimable": sum(&|r| !r.in_use),
+                        "shared": sum(&|r| r.shared),
+                    })
+                );
+            } else {
+                print_du(&records, verbose);
+            }
             Ok(())
         }
         Cmd::Prune {
             all,
             keep_storage,
             keep_duration,
+            filters,
+            force,
         } => {
+            if !force && !confirm_prune(all)? {
+                return Ok(());
+            }
             let keep_storage = keep_storage
                 .map(|s| parse_size(&s))
                 .transpose()?
@@ -272,6 +320,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     all,
                     keep_storage,
                     keep_duration,
+                    filters,
                 })
                 .await;
             conn.close().await;
@@ -866,35 +915,87 @@ fn human(n: i64) -> String {
     }
 }
 
+/// Asks on the terminal, as buildx does; anything but y/yes (or no
+/// answer at all) keeps the cache.
+fn confirm_prune(all: bool) -> anyhow::Result<bool> {
+    eprint!(
+        "WARNING! This will remove {}build cache. Are you sure you want to continue? [y/N] ",
+        if all { "all " } else { "all dangling " }
+    );
+    let mut answer = String::new();
+    std::io::stdin().read_line(&mut answer)?;
+    let yes = matches!(answer.trim().to_ascii_lowercase().as_str(), "y" | "yes");
+    if !yes {
+        eprintln!("Nothing removed (use -f to prune without asking).");
+    }
+    Ok(yes)
+}
+
+/// `3 hours ago`, as buildx shows times.
+fn ago(at: i64, now: i64) -> String {
+    if at <= 0 {
+        return "-".into();
+    }
+    let d = (now - at).max(0);
+    let (n, unit) = match d {
+        0..60 => return "Less than a minute ago".into(),
+        60..3600 => (d / 60, "minute"),
+        3600..86_400 => (d / 3600, "hour"),
+        86_400..2_592_000 => (d / 86_400, "day"),
+        _ => (d / 2_592_000, "month"),
+    };
+    format!("{n} {unit}{} ago", if n == 1 { "" } else { "s" })
+}
+
 fn print_du(records: &[ctl::UsageRecord], verbose: bool) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
     let total: i64 = records.iter().map(|r| r.size).sum();
+    let reclaimable: i64 = records.iter().filter(|r| !r.in_use).map(|r| r.size).sum();
+    let shared: i64 = records.iter().filter(|r| r.shared).map(|r| r.size).sum();
     if verbose {
         for r in records {
             println!(
-                "ID:\t\t{}\nType:\t\t{}\nDescription:\t{}\nSize:\t\t{}\nCreated at:\t{}\nLast used:\t{}\nUsage count:\t{}\n",
+                "ID:\t\t{}\nType:\t\t{}\nDescription:\t{}\nSize:\t\t{}\nCreated at:\t{}\nLast used:\t{}\nUsage count:\t{}\nReclaimable:\t{}\nShared:\t\t{}\n",
                 r.id,
                 r.kind,
                 r.description,
                 human(r.size),
-                r.created_at,
-                r.last_used_at,
-                r.usage_count
+                ago(r.created_at, now),
+                ago(r.last_used_at, now),
+                r.usage_count,
+                !r.in_use,
+                r.shared
             );
         }
     } else {
-        println!("{:<16} {:<14} {:>10}  DESCRIPTION", "ID", "TYPE", "SIZE");
+        println!(
+            "{:<16} {:<16} {:>11} {:>10} {:<24} DESCRIPTION",
+            "ID", "TYPE", "RECLAIMABLE", "SIZE", "LAST ACCESSED"
+        );
         for r in records {
-            let id: String = r.id.chars().take(16).collect();
+            let id: String =
+                r.id.trim_start_matches("sha256:")
+                    .chars()
+                    .take(16)
+                    .collect();
+            let mark = if r.shared { "*" } else { "" };
             println!(
-                "{:<16} {:<14} {:>10}  {}",
-                id,
+                "{:<16} {:<16} {:>11} {:>10} {:<24} {}",
+                format!("{id}{mark}"),
                 r.kind,
+                !r.in_use,
                 human(r.size),
-                r.description
+                ago(r.last_used_at, now),
+                r.description.chars().take(60).collect::<String>()
             );
         }
     }
-    println!("Total:\t{}", human(total));
+    println!("Shared:\t\t{}", human(shared));
+    println!("Reclaimable:\t{}", human(reclaimable));
+    println!("Total:\t\t{}", human(total));
 }
 
 fn parse_size(s: &str) -> anyhow::Result<i64> {

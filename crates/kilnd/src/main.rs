@@ -117,6 +117,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     let rt = kiln_daemon::runtime().context("starting the async runtime")?;
     rt.block_on(async move {
         let engine = Arc::new(Engine::open(config.clone())?);
+        engine.start_background_gc();
         let mut listeners = Vec::new();
         for a in &config.addr {
             listeners.push(kiln_daemon::bind(a, config.group.as_deref())?);

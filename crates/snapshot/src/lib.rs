@@ -520,6 +520,11 @@ impl Snapshotter {
     }
 
     /// Bytes used by a snapshot's own files.
+    /// The directory holding snapshot `id` (its upper and work dirs).
+    pub fn dir(&self, id: &str) -> PathBuf {
+        self.root.join(id)
+    }
+
     pub fn disk_usage(&self, id: &str) -> u64 {
         fn walk(p: &Path) -> u64 {
             let mut n = 0;
