@@ -81,9 +81,9 @@ BUILDAH=(buildah --root "$W/buildah/root" --runroot "$W/buildah/run" --storage-d
 
 # --- builders: build CTX [extra] -> prints ms ------------------------------------
 kiln_build() { local t0; t0=$(now_ms); "$KILNCTL" --addr "unix://$W/kilnd.sock" build "$1" --progress quiet >/dev/null 2>>"$W/kiln.err" || echo FAIL >&2; echo $(( $(now_ms) - t0 )); }
-kiln_cold() { "$KILNCTL" --addr "unix://$W/kilnd.sock" prune --all >/dev/null 2>&1; }
+kiln_cold() { "$KILNCTL" --addr "unix://$W/kilnd.sock" prune -f --all >/dev/null 2>&1; }
 kilnrunc_build() { local t0; t0=$(now_ms); "$KILNCTL" --addr "unix://$W/kilnd-runc.sock" build "$1" --progress quiet >/dev/null 2>>"$W/kiln.err" || echo FAIL >&2; echo $(( $(now_ms) - t0 )); }
-kilnrunc_cold() { "$KILNCTL" --addr "unix://$W/kilnd-runc.sock" prune --all >/dev/null 2>&1; }
+kilnrunc_cold() { "$KILNCTL" --addr "unix://$W/kilnd-runc.sock" prune -f --all >/dev/null 2>&1; }
 # Case 8 needs the network for apt-get: BuildKit steps get the host's.
 bk_build_net() { local t0; t0=$(now_ms); DOCKER_HOST="unix://$W/docker.sock" DOCKER_BUILDKIT=1 $DOCKER build --network=host -q "$1" >/dev/null 2>>"$W/bk.err" || echo FAIL >&2; echo $(( $(now_ms) - t0 )); }
 bh_build_net() { local t0; t0=$(now_ms); "${BUILDAH[@]}" bud --layers --jobs 3 --isolation chroot --tls-verify=false -q -t bench8 "$1" >/dev/null 2>>"$W/buildah.err" || echo FAIL >&2; echo $(( $(now_ms) - t0 )); }
@@ -207,6 +207,31 @@ if [ $SMOKE = 0 ]; then
   fi
 fi
 
+# --- 10: the cache through a registry: kiln's --cache-to/--cache-from (mode=max) vs
+# BuildKit's inline cache (docker build --build-arg BUILDKIT_INLINE_CACHE=1 + push; an
+# empty builder with --cache-from). Times are whole builds, export or import included.
+"$KILND" --root "$W/kiln-b" --addr "unix://$W/kilnd-b.sock" --log-level warn 2>"$W/kilnd-b.log" &
+PIDS+=("$!")
+for _ in $(seq 100); do [ -S "$W/kilnd-b.sock" ] && break; sleep 0.05; done
+CACHE_CTX=$(mkctx cachectx "$STEPS")
+cp -r "$SINGLE/src" "$SINGLE/config.txt" "$CACHE_CTX/"
+kiln_cache_to() { local t0; t0=$(now_ms); "$KILNCTL" --addr "unix://$W/kilnd.sock" build "$CACHE_CTX" --progress quiet --cache-to "type=registry,ref=$REG/cache/kiln:1,mode=max" >/dev/null 2>>"$W/kiln.err" || echo FAIL >&2; echo $(( $(now_ms) - t0 )); }
+kiln_cache_from() { "$KILNCTL" --addr "unix://$W/kilnd-b.sock" prune -f --all >/dev/null 2>&1; local t0; t0=$(now_ms); "$KILNCTL" --addr "unix://$W/kilnd-b.sock" build "$CACHE_CTX" --progress quiet --cache-from "type=registry,ref=$REG/cache/kiln:1" >/dev/null 2>>"$W/kiln.err" || echo FAIL >&2; echo $(( $(now_ms) - t0 )); }
+bk_cache_to() { local t0; t0=$(now_ms); DOCKER_HOST="unix://$W/docker.sock" DOCKER_BUILDKIT=1 $DOCKER build --network=none -q --build-arg BUILDKIT_INLINE_CACHE=1 -t "$REG/cache/bk:1" "$CACHE_CTX" >/dev/null 2>>"$W/bk.err" && DOCKER_HOST="unix://$W/docker.sock" $DOCKER push -q "$REG/cache/bk:1" >/dev/null 2>>"$W/bk.err" || echo FAIL >&2; echo $(( $(now_ms) - t0 )); }
+bk_cache_from() { bk_cold; local t0; t0=$(now_ms); DOCKER_HOST="unix://$W/docker.sock" DOCKER_BUILDKIT=1 $DOCKER build --network=none -q --cache-from "$REG/cache/bk:1" "$CACHE_CTX" >/dev/null 2>>"$W/bk.err" || echo FAIL >&2; echo $(( $(now_ms) - t0 )); }
+cache_builders=(kiln); [ $HAVE_DOCKER = 1 ] && cache_builders+=(bk)
+for round in $(seq "$ROUNDS"); do
+  echo "cache round $round/$ROUNDS" >&2
+  for b in "${cache_builders[@]}"; do
+    "${b}_cache_to" >/dev/null
+    record "10a cache export, unchanged build" $b "$("${b}_cache_to")"
+    record "10c cache import into an empty builder, unchanged build" $b "$("${b}_cache_from")"
+    echo "cache edit $b $round" >> "$CACHE_CTX/config.txt"
+    record "10d cache import into an empty builder, one file changed" $b "$("${b}_cache_from")"
+    record "10b cache export, one file changed" $b "$("${b}_cache_to")"
+  done
+done
+
 KILN_PEAK_RSS=$(awk '/VmHWM/{print $2}' /proc/$KILND_PID/status)
 # --- 7: export and push throughput of one BIG_MB layer (MB/s of uncompressed layer) ---
 mbps() { awk -v b="$BIG_BYTES" -v ms="$1" 'BEGIN{ if (ms > 0) printf "%.0f", b / 1e6 / (ms / 1000); }'; }
@@ -253,7 +278,7 @@ OUT=bench/results$([ $SMOKE = 1 ] && echo -smoke).md
   echo
   echo "| case | kiln ms | BuildKit ms | buildah ms | kiln/BuildKit | kiln/buildah |"
   echo "| --- | ---: | ---: | ---: | ---: | ---: |"
-  for c in "1 cold, 10 steps" "2 no-op rebuild" "2b no-op rebuild, $SMALL_FILES-file context (all read)" "3 incremental (one COPY'd file)" "4 3 parallel stages x 2s CPU (ideal on $(nproc) cores: $(( 2000 * 3 / $(nproc) > 2000 ? 2000 * 3 / $(nproc) : 2000 )) ms)" "5 $BIG_MB MB + $SMALL_FILES-file context (reads 21 files), first build" "5b same context unchanged, rebuild" "6 $TRIVIAL_RUNS x RUN true, cold" "6r $TRIVIAL_RUNS x RUN true, cold (kiln with runc)" "$DEB_CASE, cold" "$DEB_CASE, warm" "9 $CONCURRENT concurrent builds"; do
+  for c in "1 cold, 10 steps" "2 no-op rebuild" "2b no-op rebuild, $SMALL_FILES-file context (all read)" "3 incremental (one COPY'd file)" "4 3 parallel stages x 2s CPU (ideal on $(nproc) cores: $(( 2000 * 3 / $(nproc) > 2000 ? 2000 * 3 / $(nproc) : 2000 )) ms)" "5 $BIG_MB MB + $SMALL_FILES-file context (reads 21 files), first build" "5b same context unchanged, rebuild" "6 $TRIVIAL_RUNS x RUN true, cold" "6r $TRIVIAL_RUNS x RUN true, cold (kiln with runc)" "$DEB_CASE, cold" "$DEB_CASE, warm" "9 $CONCURRENT concurrent builds" "10a cache export, unchanged build" "10b cache export, one file changed" "10c cache import into an empty builder, unchanged build" "10d cache import into an empty builder, one file changed"; do
     peer="$c"; [[ "$c" == 6r* ]] && peer="6 $TRIVIAL_RUNS x RUN true, cold"  # the peers' per-RUN case is the same build
     k=$(echo "${RES["$c|kiln"]:-}" | median); bk=$(echo "${RES["$peer|bk"]:-}" | median); bh=$(echo "${RES["$peer|bh"]:-}" | median)
     r1=n/a; r2=n/a
@@ -286,6 +311,7 @@ OUT=bench/results$([ $SMOKE = 1 ] && echo -smoke).md
   echo
   echo "kilnd RSS: idle $((KILN_IDLE_RSS / 1024)) MB, peak during builds $((KILN_PEAK_RSS / 1024)) MB, peak after the $BIG_MB MB exports and pushes $((KILN_EXPORT_RSS / 1024)) MB."
   echo "kiln keeps results in its cache (no export); BuildKit and buildah store an image."
+  echo "10: kiln exports and imports its registry cache (mode=max); BuildKit builds with inline cache and pushes the image (export), or builds on an empty builder with --cache-from the pushed image (import)."
   if grep -qv WARNING "$W/kiln.err" 2>/dev/null; then echo; echo "kiln errors:"; grep -v WARNING "$W/kiln.err" | head -5 | sed 's/^/    /'; fi
 } > "$OUT"
 cat "$OUT"
