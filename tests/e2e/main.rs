@@ -4,6 +4,7 @@ mod builds;
 mod cache;
 mod containment;
 mod errors;
+mod farm;
 mod gc;
 mod lifecycle;
 mod parity;

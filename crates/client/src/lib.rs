@@ -30,7 +30,20 @@ pub enum ClientError {
 
 impl From<tonic::Status> for ClientError {
     fn from(s: tonic::Status) -> Self {
-        ClientError::Rpc(s.message().to_string())
+        // A transport failure's cause (a TLS alert: the daemon refused this
+        // client's certificate) is at the end of the source chain.
+        let mut deepest = None;
+        let mut cur = std::error::Error::source(&s);
+        while let Some(e) = cur {
+            deepest = Some(e.to_string());
+            cur = e.source();
+        }
+        match deepest {
+            Some(cause) if !s.message().contains(&cause) => {
+                ClientError::Rpc(format!("{}: {cause}", s.message()))
+            }
+            _ => ClientError::Rpc(s.message().to_string()),
+        }
     }
 }
 
@@ -42,8 +55,27 @@ pub struct Client {
     channel: Channel,
 }
 
+/// The client side of a `tcp://` daemon's mutual TLS: the CA that signed
+/// the daemon's certificate, and this client's certificate and key.
+#[derive(Debug, Clone, Default)]
+pub struct ClientTls {
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// The name the daemon's certificate must carry (default: the host).
+    pub server_name: Option<String>,
+}
+
 /// Connects to `unix:///path` (or a bare socket path).
 pub async fn connect(addr: &str) -> Result<Client, ClientError> {
+    connect_with(addr, &ClientTls::default()).await
+}
+
+/// Connects to `unix:///path`, or to `tcp://HOST:PORT` with mutual TLS.
+pub async fn connect_with(addr: &str, tls: &ClientTls) -> Result<Client, ClientError> {
+    if let Some(hostport) = addr.strip_prefix("tcp://") {
+        return connect_tcp(addr, hostport, tls).await;
+    }
     let path = if let Some(p) = addr.strip_prefix("unix://") {
         PathBuf::from(p)
     } else if addr.starts_with('/') {
@@ -51,7 +83,7 @@ pub async fn connect(addr: &str) -> Result<Client, ClientError> {
     } else {
         return Err(ClientError::Connect {
             addr: addr.into(),
-            reason: "unsupported address (use unix:///path/to.sock)".into(),
+            reason: "unsupported address (use unix:///path/to.sock or tcp://HOST:PORT)".into(),
         });
     };
     let p = path.clone();
@@ -76,6 +108,64 @@ pub async fn connect(addr: &str) -> Result<Client, ClientError> {
                 .unwrap_or_else(|| e.to_string()),
         })?;
     Ok(Client { channel })
+}
+
+async fn connect_tcp(addr: &str, hostport: &str, tls: &ClientTls) -> Result<Client, ClientError> {
+    // Two TLS providers are compiled in: name one, once per process.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let fail = |reason: String| ClientError::Connect {
+        addr: addr.into(),
+        reason,
+    };
+    let read =
+        |p: &PathBuf| std::fs::read(p).map_err(|e| fail(format!("reading {}: {e}", p.display())));
+    let (Some(ca), Some(_), Some(_)) = (&tls.ca, &tls.cert, &tls.key) else {
+        return Err(fail(
+            "a tcp:// daemon is reached with mutual TLS: give --tlscacert, --tlscert and --tlskey"
+                .into(),
+        ));
+    };
+    let host = hostport
+        .rsplit_once(':')
+        .map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']'))
+        .unwrap_or(hostport);
+    let mut config = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(read(ca)?))
+        .domain_name(tls.server_name.clone().unwrap_or_else(|| host.to_string()));
+    if let (Some(cert), Some(key)) = (&tls.cert, &tls.key) {
+        config = config.identity(tonic::transport::Identity::from_pem(
+            read(cert)?,
+            read(key)?,
+        ));
+    }
+    let channel = Endpoint::from_shared(format!("https://{hostport}"))
+        .map_err(|e| fail(e.to_string()))?
+        .tls_config(config)
+        .map_err(|e| fail(e.to_string()))?
+        .initial_stream_window_size(Some(16 << 20))
+        .initial_connection_window_size(Some(32 << 20))
+        .max_frame_size(Some((1 << 20) - 1))
+        .connect()
+        .await
+        .map_err(|e| {
+            // The handshake's cause (a refused certificate) is deepest.
+            let mut reason = e.to_string();
+            let mut cur = std::error::Error::source(&e);
+            while let Some(s) = cur {
+                reason = s.to_string();
+                cur = s.source();
+            }
+            fail(reason)
+        })?;
+    let client = Client { channel };
+    // With TLS 1.3 the daemon judges the client's certificate after the
+    // handshake: the first call is where a refusal shows.
+    if let Err(e) = client.info().await {
+        return Err(fail(format!(
+            "the daemon refused this client (is its certificate signed by the CA the daemon trusts?): {e}"
+        )));
+    }
+    Ok(client)
 }
 
 /// A local directory served as a named build context.

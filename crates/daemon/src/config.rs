@@ -35,6 +35,8 @@ pub struct Config {
     pub limits: StepLimits,
     /// `[gc]`: background garbage collection of the cache.
     pub gc: GcConfig,
+    /// `[tls]`: certificates of `tcp://` listeners (mutual TLS).
+    pub tls: crate::TlsFiles,
     /// Run (on a blocking thread) after every build: kilnd hands the
     /// allocator's free memory back to the system there.
     #[serde(skip)]
@@ -270,6 +272,7 @@ impl Default for Config {
             registry: Default::default(),
             limits: StepLimits::default(),
             gc: GcConfig::default(),
+            tls: Default::default(),
             after_build: None,
         }
     }

@@ -15,6 +15,7 @@ use std::fs::File;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use tonic::transport::ServerTlsConfig;
 
 pub use config::Config;
 pub use engine::Engine;
@@ -31,8 +32,10 @@ pub enum DaemonError {
         context: String,
         source: std::io::Error,
     },
-    #[error("unsupported listen address {0:?} (use unix:///path/to.sock)")]
+    #[error("unsupported listen address {0:?} (use unix:///path/to.sock or tcp://HOST:PORT)")]
     BadAddr(String),
+    #[error("{0}")]
+    Tls(String),
     #[error("{0} is already served by a running daemon")]
     InUse(String),
     #[error(transparent)]
@@ -92,7 +95,7 @@ pub fn socket_path(addr: &str) -> Result<PathBuf, DaemonError> {
 }
 
 /// Binds a unix socket with mode 0660, replacing a stale socket file.
-pub fn bind(addr: &str, group: Option<&str>) -> Result<tokio::net::UnixListener, DaemonError> {
+fn bind_unix(addr: &str, group: Option<&str>) -> Result<tokio::net::UnixListener, DaemonError> {
     let path = socket_path(addr)?;
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
@@ -124,11 +127,65 @@ pub fn bind(addr: &str, group: Option<&str>) -> Result<tokio::net::UnixListener,
     Ok(l)
 }
 
+/// A listening socket: a unix socket (access by file mode and group) or
+/// TCP, which is served only with mutual TLS.
+pub enum Listener {
+    Unix(tokio::net::UnixListener),
+    Tcp(tokio::net::TcpListener, ServerTlsConfig),
+}
+
+/// The PEM files of a TCP listener: the daemon's certificate and key, and
+/// the CA that signs the clients' certificates (clients without one are
+/// refused).
+#[derive(Debug, Clone, Default, serde::Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsFiles {
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub ca: Option<PathBuf>,
+}
+
+impl TlsFiles {
+    fn server_config(&self, addr: &str) -> Result<ServerTlsConfig, DaemonError> {
+        // Two providers are compiled in (ring, and aws-lc-rs for other
+        // crates): name one, once per process.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let (Some(cert), Some(key), Some(ca)) = (&self.cert, &self.key, &self.ca) else {
+            return Err(DaemonError::Tls(format!(
+                "{addr}: a TCP listener needs --tlscert, --tlskey and --tlscacert (mutual TLS: clients must present a certificate signed by that CA)"
+            )));
+        };
+        let read = |p: &PathBuf| {
+            std::fs::read(p).map_err(|e| DaemonError::Tls(format!("reading {}: {e}", p.display())))
+        };
+        Ok(ServerTlsConfig::new()
+            .identity(tonic::transport::Identity::from_pem(
+                read(cert)?,
+                read(key)?,
+            ))
+            .client_ca_root(tonic::transport::Certificate::from_pem(read(ca)?)))
+    }
+}
+
+/// Binds one listen address: `unix:///path` (mode 0660, `group` owns it)
+/// or `tcp://HOST:PORT` (mutual TLS with `tls`).
+pub fn bind(addr: &str, group: Option<&str>, tls: &TlsFiles) -> Result<Listener, DaemonError> {
+    if let Some(hostport) = addr.strip_prefix("tcp://") {
+        let config = tls.server_config(addr)?;
+        let l = std::net::TcpListener::bind(hostport).map_err(io(format!("binding {addr}")))?;
+        l.set_nonblocking(true)
+            .map_err(io(format!("binding {addr}")))?;
+        let l = tokio::net::TcpListener::from_std(l).map_err(io(format!("binding {addr}")))?;
+        return Ok(Listener::Tcp(l, config));
+    }
+    Ok(Listener::Unix(bind_unix(addr, group)?))
+}
+
 /// Serves the engine on the given listeners until `shutdown` resolves, then
 /// cancels running builds and returns once they have cleaned up.
 pub async fn serve(
     engine: Arc<Engine>,
-    listeners: Vec<tokio::net::UnixListener>,
+    listeners: Vec<Listener>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), DaemonError> {
     let token = engine.shutdown.clone();
@@ -137,7 +194,13 @@ pub async fn serve(
         let e = engine.clone();
         let t = token.clone();
         set.spawn(async move {
-            tonic::transport::Server::builder()
+            let mut server = tonic::transport::Server::builder();
+            if let Listener::Tcp(_, tls) = &l {
+                server = server
+                    .tls_config(tls.clone())
+                    .map_err(|e| tonic::transport::Error::from(e))?;
+            }
+            let router = server
                 // Big windows: a context tree or an export is megabytes, and
                 // default 64 KiB windows cost a round trip per window.
                 .initial_stream_window_size(Some(16 << 20))
@@ -151,12 +214,25 @@ pub async fn serve(
                 .add_service(
                     SessionServer::new(service::SessionService(e))
                         .max_decoding_message_size(64 << 20),
-                )
-                .serve_with_incoming_shutdown(
-                    tokio_stream::wrappers::UnixListenerStream::new(l),
-                    t.cancelled_owned(),
-                )
-                .await
+                );
+            match l {
+                Listener::Unix(l) => {
+                    router
+                        .serve_with_incoming_shutdown(
+                            tokio_stream::wrappers::UnixListenerStream::new(l),
+                            t.cancelled_owned(),
+                        )
+                        .await
+                }
+                Listener::Tcp(l, _) => {
+                    router
+                        .serve_with_incoming_shutdown(
+                            tokio_stream::wrappers::TcpListenerStream::new(l),
+                            t.cancelled_owned(),
+                        )
+                        .await
+                }
+            }
         });
     }
     let t = token.clone();

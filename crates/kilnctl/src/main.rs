@@ -1,6 +1,7 @@
 //! kilnctl: the kiln command-line client.
 
 mod progress;
+mod targets;
 
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
@@ -18,10 +19,25 @@ const DEFAULT_ROOT: &str = "/var/lib/kiln";
 #[derive(Parser, Debug)]
 #[command(name = "kilnctl", version, about = "Build container images with kiln")]
 struct Cli {
-    /// Daemon address (default unix:///run/kiln/kilnd.sock; without a daemon
-    /// there, kilnctl runs the engine in-process)
+    /// Daemon address: unix:///path or tcp://HOST:PORT (mutual TLS); several,
+    /// comma-separated, make a farm: each build goes to one, chosen by its
+    /// context and Dockerfile (default unix:///run/kiln/kilnd.sock, or
+    /// `endpoints` in kilnctl.toml; without a daemon, kilnctl runs the engine
+    /// in-process)
     #[arg(long, global = true, env = "KILN_HOST")]
     addr: Option<String>,
+    /// CA (PEM) that signed the daemons' certificates (tcp://)
+    #[arg(long, global = true, env = "KILN_TLS_CACERT")]
+    tlscacert: Option<PathBuf>,
+    /// This client's certificate (PEM), signed by the CA the daemons trust
+    #[arg(long, global = true, env = "KILN_TLS_CERT")]
+    tlscert: Option<PathBuf>,
+    /// This client's private key (PEM)
+    #[arg(long, global = true, env = "KILN_TLS_KEY")]
+    tlskey: Option<PathBuf>,
+    /// The name the daemons' certificates carry (default: the address's host)
+    #[arg(long, global = true)]
+    tlsservername: Option<String>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -202,10 +218,18 @@ impl Conn {
     }
 }
 
-async fn connect(addr: Option<&str>) -> anyhow::Result<Conn> {
-    if let Some(a) = addr {
+/// The daemon for a command: with endpoints given, the first that answers
+/// (in the order `route` ranks them, for a build); else the default socket,
+/// else the engine in this process.
+async fn connect(targets: &targets::Targets, route: Option<&str>) -> anyhow::Result<Conn> {
+    if !targets.addrs.is_empty() {
+        let order = match route {
+            Some(key) => targets.ranked(key),
+            None => targets.addrs.clone(),
+        };
+        let (_, client) = targets.first_reachable(&order).await?;
         return Ok(Conn {
-            client: kiln_client::connect(a).await?,
+            client,
             embedded: None,
         });
     }
@@ -238,7 +262,7 @@ async fn connect(addr: Option<&str>) -> anyhow::Result<Conn> {
         ..Default::default()
     };
     let engine = Arc::new(kiln_daemon::Engine::open(config)?);
-    let listener = kiln_daemon::bind(&sock, None)?;
+    let listener = kiln_daemon::bind(&sock, None, &Default::default())?;
     let (stop, rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(kiln_daemon::serve(engine, vec![listener], async move {
         let _ = rx.await;
@@ -256,13 +280,22 @@ async fn connect(addr: Option<&str>) -> anyhow::Result<Conn> {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    let targets = targets::Targets::resolve(
+        cli.addr.as_deref(),
+        kiln_client::ClientTls {
+            ca: cli.tlscacert.clone(),
+            cert: cli.tlscert.clone(),
+            key: cli.tlskey.clone(),
+            server_name: cli.tlsservername.clone(),
+        },
+    )?;
     match cli.cmd {
-        Cmd::Build(b) => build(cli.addr.as_deref(), *b).await,
+        Cmd::Build(b) => build(&targets, *b).await,
         Cmd::Du { verbose, format } => {
             if format != "table" && format != "json" {
                 bail!("unknown --format {format:?} (table, json)");
             }
-            let conn = connect(cli.addr.as_deref()).await?;
+            let conn = connect(&targets, None).await?;
             let r = conn.client.disk_usage().await;
             conn.close().await;
             let records = r?;
@@ -313,7 +346,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .map(|s| parse_duration(&s))
                 .transpose()?
                 .unwrap_or(0);
-            let conn = connect(cli.addr.as_deref()).await?;
+            let conn = connect(&targets, None).await?;
             let r = conn
                 .client
                 .prune(ctl::PruneRequest {
@@ -338,7 +371,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Debug { cmd } => match cmd {
             DebugCmd::Workers => {
-                let conn = connect(cli.addr.as_deref()).await?;
+                let conn = connect(&targets, None).await?;
                 let r = conn.client.list_workers().await;
                 conn.close().await;
                 println!("{:<10} {:<20} PARALLELISM", "ID", "PLATFORMS");
@@ -597,7 +630,7 @@ fn parse_output(spec: &str) -> anyhow::Result<ctl::Exporter> {
     Ok(ctl::Exporter { r#type: typ, attrs })
 }
 
-async fn build(addr: Option<&str>, b: BuildArgs) -> anyhow::Result<()> {
+async fn build(targets: &targets::Targets, b: BuildArgs) -> anyhow::Result<()> {
     let ctx_md = std::fs::metadata(&b.context)
         .with_context(|| format!("context {}", b.context.display()))?;
     if !ctx_md.is_dir() {
@@ -836,7 +869,7 @@ async fn build(addr: Option<&str>, b: BuildArgs) -> anyhow::Result<()> {
         "quiet" => progress::Mode::Quiet,
         o => bail!("unknown --progress {o:?} (auto, tty, plain, rawjson, quiet)"),
     };
-    let conn = connect(addr).await?;
+    let conn = connect(targets, Some(&targets::route_key(&b.context, &df_path))).await?;
     let display = Arc::new(Mutex::new(progress::Display::new(mode, b.explain_cache)));
     let ticker = if mode == progress::Mode::Tty {
         let d = display.clone();

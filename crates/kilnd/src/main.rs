@@ -10,9 +10,19 @@ use kiln_daemon::{Config, Engine};
 #[derive(Parser, Debug)]
 #[command(name = "kilnd", version, about = "The kiln build daemon")]
 struct Args {
-    /// Listen address (repeatable), e.g. unix:///run/kiln/kilnd.sock
+    /// Listen address (repeatable): unix:///run/kiln/kilnd.sock, or tcp://HOST:PORT
+    /// (mutual TLS: needs --tlscert, --tlskey and --tlscacert)
     #[arg(long = "addr")]
     addr: Vec<String>,
+    /// Certificate (PEM) a TCP listener presents
+    #[arg(long)]
+    tlscert: Option<PathBuf>,
+    /// Its private key (PEM)
+    #[arg(long)]
+    tlskey: Option<PathBuf>,
+    /// CA (PEM) that signs client certificates; clients without one are refused
+    #[arg(long)]
+    tlscacert: Option<PathBuf>,
     /// State directory
     #[arg(long)]
     root: Option<PathBuf>,
@@ -103,6 +113,15 @@ fn run(args: Args) -> anyhow::Result<()> {
     config
         .allow_insecure_entitlements
         .extend(args.allow_insecure_entitlement);
+    if args.tlscert.is_some() {
+        config.tls.cert = args.tlscert;
+    }
+    if args.tlskey.is_some() {
+        config.tls.key = args.tlskey;
+    }
+    if args.tlscacert.is_some() {
+        config.tls.ca = args.tlscacert;
+    }
     if let Some(m) = args.step_memory {
         config.limits.memory = m;
     }
@@ -120,7 +139,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         engine.start_background_gc();
         let mut listeners = Vec::new();
         for a in &config.addr {
-            listeners.push(kiln_daemon::bind(a, config.group.as_deref())?);
+            listeners.push(kiln_daemon::bind(a, config.group.as_deref(), &config.tls)?);
             tracing::info!(addr = %a, root = %config.root.display(), "kilnd listening");
         }
         let shutdown = async {
