@@ -196,9 +196,7 @@ pub async fn serve(
         set.spawn(async move {
             let mut server = tonic::transport::Server::builder();
             if let Listener::Tcp(_, tls) = &l {
-                server = server
-                    .tls_config(tls.clone())
-                    .map_err(|e| tonic::transport::Error::from(e))?;
+                server = server.tls_config(tls.clone())?;
             }
             let router = server
                 // Big windows: a context tree or an export is megabytes, and
