@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
-for pkg in umoci skopeo oci-image-tool tar runc busybox-static docker-registry apache2-utils git openssl openssh-client debootstrap gcc libc6-dev gzip curl; do
+for pkg in umoci skopeo oci-image-tool tar runc busybox-static docker-registry apache2-utils git openssl openssh-client debootstrap gcc libc6-dev gzip curl python3-venv; do
   # busybox-static specifically: FROM scratch steps need a static binary.
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
@@ -20,6 +20,9 @@ fi
 if [ -z "${KILN_CORPUS:-}" ] && [ ! -d ../shared/corpus ]; then
   echo "note: conformance corpus not found at ../shared/corpus; set KILN_CORPUS (its tests will fail loudly)" >&2
 fi
+
+# The Kubernetes manifests of the farm (docs/farm.md), against the API schemas.
+./scripts/validate-k8s.sh
 
 # End-to-end tests run the built kilnd/kilnctl binaries.
 cargo build --workspace --all-targets

@@ -367,6 +367,23 @@ mod tests {
         std::fs::write(&d, "rot = 1\n").unwrap();
         let e = Config::load(&d).unwrap_err().to_string();
         assert!(e.contains("rot"), "{e}");
+        // The farm's kilnd.toml (deploy/kubernetes/kilnd.yaml) is one kilnd reads.
+        let yaml = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/kubernetes/kilnd.yaml"),
+        )
+        .unwrap();
+        let toml: String = yaml
+            .lines()
+            .skip_while(|l| !l.contains("kilnd.toml: |"))
+            .skip(1)
+            .take_while(|l| l.starts_with("    ") || l.is_empty())
+            .map(|l| format!("{}\n", l.strip_prefix("    ").unwrap_or(l)))
+            .collect();
+        std::fs::write(&d, &toml).unwrap();
+        let farm = Config::load(&d).unwrap();
+        assert!(farm.addr.iter().any(|a| a.starts_with("tcp://")));
+        assert!(farm.tls.cert.is_some() && farm.tls.key.is_some() && farm.tls.ca.is_some());
+        assert_eq!(farm.gc.policies(20 << 30).unwrap().len(), 2);
         std::fs::remove_file(&d).unwrap();
     }
 }
