@@ -437,3 +437,51 @@ fn explain_cache_names_what_changed() {
         String::from_utf8_lossy(&o.stdout)
     );
 }
+
+#[test]
+fn cache_mounts_travel_on_request() {
+    require_root!();
+    let reg = Registry::start();
+    let cache = format!("{}/kiln/mounts:1", reg.addr);
+    let a = Daemon::start();
+    // A fills a package-style cache.
+    let fill = busybox_context(
+        "FROM busybox\nRUN --mount=type=cache,target=/var/cache/pkgs,id=pkgs head -c 32 /dev/urandom | od -An -tx1 > /var/cache/pkgs/seed && cp /var/cache/pkgs/seed /seed\n",
+        &[],
+    );
+    let out = tempfile::tempdir().unwrap();
+    a.ok(&[
+        "build",
+        fill.path().to_str().unwrap(),
+        "--cache-to",
+        &format!("type=registry,ref={cache},mode=max,cache-mounts=true"),
+        "-o",
+        out.path().join("a").to_str().unwrap(),
+    ]);
+    let seed = std::fs::read_to_string(out.path().join("a/seed")).unwrap();
+    // Another step on another daemon, reading the same cache: warm only when asked.
+    let read = busybox_context(
+        "FROM busybox\nRUN --mount=type=cache,target=/c,id=pkgs cat /c/seed > /seen 2>/dev/null || echo cold > /seen\n",
+        &[],
+    );
+    for (with, expected) in [(true, seed.clone()), (false, "cold\n".to_string())] {
+        let d = Daemon::start();
+        let dest = out.path().join(format!("b-{with}"));
+        d.ok(&[
+            "build",
+            read.path().to_str().unwrap(),
+            "--cache-from",
+            &format!(
+                "type=registry,ref={cache}{}",
+                if with { ",cache-mounts=true" } else { "" }
+            ),
+            "-o",
+            dest.to_str().unwrap(),
+        ]);
+        assert_eq!(
+            std::fs::read_to_string(dest.join("seen")).unwrap(),
+            expected,
+            "cache-mounts={with}"
+        );
+    }
+}

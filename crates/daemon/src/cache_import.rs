@@ -74,14 +74,19 @@ async fn import_one(
     let name = describe(e);
     for k in e.attrs.keys() {
         let known: &[&str] = match e.r#type.as_str() {
-            "registry" => &["ref", "registry.insecure"],
-            "local" => &["src", "tag", "digest", LOCAL_CONTEXT_ATTR],
+            "registry" => &["ref", "registry.insecure", "cache-mounts"],
+            "local" => &["src", "tag", "digest", "cache-mounts", LOCAL_CONTEXT_ATTR],
             _ => &[],
         };
         if !known.contains(&k.as_str()) {
             return Err(format!("unknown --cache-from option {k:?}"));
         }
     }
+    let mounts = match e.attrs.get("cache-mounts").map(String::as_str) {
+        None | Some("false") => false,
+        Some("" | "true") => true,
+        Some(o) => return Err(format!("cache-mounts={o:?} is not a boolean")),
+    };
     match e.r#type.as_str() {
         "registry" => {
             let reference = e
@@ -89,7 +94,7 @@ async fn import_one(
                 .get("ref")
                 .filter(|r| !r.is_empty())
                 .ok_or("type=registry needs ref=REGISTRY/REPO:TAG")?;
-            import_registry(worker, reference, contexts, platforms, name).await
+            import_registry(worker, reference, contexts, platforms, name, mounts).await
         }
         "local" => {
             let context = e
@@ -113,29 +118,36 @@ async fn import_one(
                 },
             };
             let root2 = root.clone();
-            let index = tokio::task::spawn_blocking(move || -> Result<CacheIndex, String> {
-                let digest =
-                    kiln_registry::layout::selected(&root2, &sel).map_err(|e| e.to_string())?;
-                let doc = kiln_registry::layout::read_verified(&root2, &digest)
-                    .map_err(|e| e.to_string())?;
-                let doc: serde_json::Value =
-                    serde_json::from_slice(&doc).map_err(|e| format!("bad manifest: {e}"))?;
-                let (config, descs) = split_cache_manifest(&doc)
-                    .ok_or("the layout holds no BuildKit cache manifest")?;
-                let digest: Digest = config
-                    .digest
-                    .parse()
-                    .map_err(|e| format!("cache config digest: {e}"))?;
-                let config = kiln_registry::layout::read_verified(&root2, &digest)
-                    .map_err(|e| e.to_string())?;
-                CacheIndex::parse(&config, &descs).map_err(|e| e.to_string())
-            })
+            let (index, descs) = tokio::task::spawn_blocking(
+                move || -> Result<(CacheIndex, Vec<Descriptor>), String> {
+                    let digest =
+                        kiln_registry::layout::selected(&root2, &sel).map_err(|e| e.to_string())?;
+                    let doc = kiln_registry::layout::read_verified(&root2, &digest)
+                        .map_err(|e| e.to_string())?;
+                    let doc: serde_json::Value =
+                        serde_json::from_slice(&doc).map_err(|e| format!("bad manifest: {e}"))?;
+                    let (config, descs) = split_cache_manifest(&doc)
+                        .ok_or("the layout holds no BuildKit cache manifest")?;
+                    let digest: Digest = config
+                        .digest
+                        .parse()
+                        .map_err(|e| format!("cache config digest: {e}"))?;
+                    let config = kiln_registry::layout::read_verified(&root2, &digest)
+                        .map_err(|e| e.to_string())?;
+                    let index = CacheIndex::parse(&config, &descs).map_err(|e| e.to_string())?;
+                    Ok((index, descs))
+                },
+            )
             .await
             .map_err(|e| e.to_string())??;
+            let source = BlobSource::Layout { root };
+            if mounts {
+                restore_cache_mounts(worker, &descs, &source).await?;
+            }
             Ok(vec![CacheImport {
                 name,
                 index,
-                source: BlobSource::Layout { root },
+                source,
             }])
         }
         other => Err(format!(
@@ -152,6 +164,7 @@ async fn import_registry(
     contexts: &Arc<dyn ContextProvider>,
     platforms: &[Platform],
     name: String,
+    mounts: bool,
 ) -> Result<Vec<CacheImport>, String> {
     let host = kiln_registry::parse_reference(reference)
         .map_err(|e| e.to_string())?
@@ -186,6 +199,9 @@ async fn import_registry(
             .await
             .map_err(|e| e.to_string())?;
         let index = CacheIndex::parse(&config, &descs).map_err(|e| e.to_string())?;
+        if mounts {
+            restore_cache_mounts(worker, &descs, &source).await?;
+        }
         return Ok(vec![CacheImport {
             name,
             index,
@@ -235,4 +251,44 @@ async fn import_registry(
         return Err("neither a cache manifest nor an image with inline cache".into());
     }
     Ok(out)
+}
+
+/// Restores the cache mounts a cache manifest carries (kiln's extension),
+/// each unless this daemon has that cache mount already.
+async fn restore_cache_mounts(
+    worker: &Arc<Worker>,
+    descs: &[Descriptor],
+    source: &BlobSource,
+) -> Result<(), String> {
+    for d in descs {
+        let Some(dir) = d.annotations.get(kiln_remotecache::ANNOTATION_CACHE_MOUNT) else {
+            continue;
+        };
+        // Mode and owner of the directory itself (octal mode:uid:gid).
+        let owner = d
+            .annotations
+            .get(kiln_remotecache::ANNOTATION_CACHE_MOUNT_OWNER)
+            .and_then(|o| {
+                let mut it = o.split(':');
+                Some((
+                    u32::from_str_radix(it.next()?, 8).ok()?,
+                    it.next()?.parse().ok()?,
+                    it.next()?.parse().ok()?,
+                ))
+            })
+            .unwrap_or((0o755, 0, 0));
+        let layer = kiln_registry::LayerDesc {
+            digest: d
+                .digest
+                .parse()
+                .map_err(|e| format!("cache mount {dir}: {e}"))?,
+            media_type: d.media_type.clone(),
+            size: d.size.max(0) as u64,
+        };
+        worker
+            .restore_cache_mount(dir, &layer, source, owner)
+            .await
+            .map_err(|e| format!("cache mount {dir}: {e}"))?;
+    }
+    Ok(())
 }

@@ -330,6 +330,7 @@ impl Engine {
         let mut result = BuildResult {
             epoch,
             inline_cache,
+            cache_mounts: declared_cache_mounts(&builds),
             ..Default::default()
         };
         // The result's files are fetched only when something is exported:
@@ -552,6 +553,28 @@ impl Engine {
     pub fn root(&self) -> PathBuf {
         self.config.root.clone()
     }
+}
+
+/// The cache mounts the build's RUN steps declare, by directory (those
+/// seeded `from=` a stage are that stage's and stay here).
+fn declared_cache_mounts(builds: &[(Platform, kiln_dockerfile::Converted)]) -> Vec<String> {
+    use kiln_definition::pb;
+    let mut dirs = std::collections::BTreeSet::new();
+    for (_, c) in builds {
+        let Ok(graph) = Graph::from_definition(&c.definition) else {
+            continue;
+        };
+        for v in graph.vertices.values() {
+            if let Some(pb::op::Op::Exec(e)) = &v.op.op {
+                for m in &e.mounts {
+                    if m.r#type == pb::MountType::Cache as i32 && m.input < 0 {
+                        dirs.insert(kiln_worker::exec::cache_mount_dir(m, None));
+                    }
+                }
+            }
+        }
+    }
+    dirs.into_iter().collect()
 }
 
 fn export_error(e: ExportError) -> EngineError {

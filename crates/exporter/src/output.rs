@@ -47,6 +47,9 @@ pub struct BuildResult {
     /// Image outputs carry the cache records of their layers in the config
     /// (`--cache-to type=inline`, BUILDKIT_INLINE_CACHE=1).
     pub inline_cache: bool,
+    /// The cache mounts the build's RUN steps declare (their directory
+    /// names), which `cache-mounts=true` cache exports carry.
+    pub cache_mounts: Vec<String>,
 }
 
 impl BuildResult {

@@ -152,11 +152,12 @@ struct BuildArgs {
     ssh: Vec<String>,
     /// Export the build cache: type=registry,ref=REG/REPO:TAG[,mode=min|max] |
     /// type=local,dest=DIR | type=inline (options: compression=, oci-mediatypes=,
-    /// image-manifest=, ignore-error=)
+    /// image-manifest=, ignore-error=, cache-mounts=true to carry cache mounts)
     #[arg(long = "cache-to")]
     cache_to: Vec<String>,
     /// Import a build cache: type=registry,ref=REF (a cache, or an image with inline
-    /// cache) | type=local,src=DIR[,tag=T] | a bare REF
+    /// cache) | type=local,src=DIR[,tag=T] | a bare REF; cache-mounts=true restores
+    /// the cache mounts it carries
     #[arg(long = "cache-from")]
     cache_from: Vec<String>,
     /// Say, for each step that runs, why it was not in the cache (what changed

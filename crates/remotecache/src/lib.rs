@@ -28,6 +28,12 @@ const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
 const ANNOTATION_CREATED: &str = "buildkit/createdat";
+/// kiln's extension: a blob in a cache manifest holding the contents of a
+/// `RUN --mount=type=cache` directory (named by this annotation), with the
+/// directory's own mode and owner (`MODE:UID:GID`, octal mode). BuildKit
+/// ignores such entries.
+pub const ANNOTATION_CACHE_MOUNT: &str = "dev.kiln.cache-mount";
+pub const ANNOTATION_CACHE_MOUNT_OWNER: &str = "dev.kiln.cache-mount.owner";
 const ANNOTATION_UNCOMPRESSED: &str = "containerd.io/uncompressed";
 
 #[derive(Debug, thiserror::Error)]
@@ -387,13 +393,15 @@ pub fn build_config(records: &[ExportRecord]) -> BuiltConfig {
 /// The manifest that lists a cache: an index (OCI or Docker list) of the
 /// layer blobs and the config, or with `image_manifest` an OCI image
 /// manifest whose config is the cache config. Returns bytes and media type.
+/// `extra`: more blobs to list (packed cache mounts).
 pub fn cache_manifest(
     built: &BuiltConfig,
     config_bytes: &[u8],
     oci: bool,
     image_manifest: bool,
+    extra: &[Descriptor],
 ) -> (Vec<u8>, String) {
-    let layers: Vec<Descriptor> = built
+    let mut layers: Vec<Descriptor> = built
         .layers
         .iter()
         .map(|l| Descriptor {
@@ -406,6 +414,7 @@ pub fn cache_manifest(
             ]),
         })
         .collect();
+    layers.extend_from_slice(extra);
     let config = Descriptor {
         media_type: CACHE_CONFIG_V0.into(),
         digest: Digest::of(config_bytes).to_string(),

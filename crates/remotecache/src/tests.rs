@@ -21,7 +21,7 @@ fn record(key: &str, chain: &[u8], inputs: &[&str]) -> ExportRecord {
 
 fn descriptors(built: &BuiltConfig) -> Vec<Descriptor> {
     let bytes = serde_json::to_vec(&built.config).unwrap();
-    let (doc, _) = cache_manifest(built, &bytes, true, false);
+    let (doc, _) = cache_manifest(built, &bytes, true, false, &[]);
     let doc: serde_json::Value = serde_json::from_slice(&doc).unwrap();
     split_cache_manifest(&doc).unwrap().1
 }
@@ -56,7 +56,7 @@ fn manifests_in_both_forms_name_the_config() {
     let built = build_config(&[record("sha256:a", &[1, 2], &[])]);
     let bytes = serde_json::to_vec(&built.config).unwrap();
     for (oci, image) in [(true, false), (false, false), (true, true)] {
-        let (doc, mt) = cache_manifest(&built, &bytes, oci, image);
+        let (doc, mt) = cache_manifest(&built, &bytes, oci, image, &[]);
         let v: serde_json::Value = serde_json::from_slice(&doc).unwrap();
         assert_eq!(v["mediaType"], mt.as_str());
         let (config, layers) = split_cache_manifest(&v).unwrap();

@@ -61,6 +61,22 @@ fn read_db(root: &Path, file: &str) -> Vec<Vec<String>> {
 }
 
 /// Resolves `user[:group]` (names or ids) as Docker does.
+/// The directory (under `cache-mounts/`) of a cache mount: named by its id,
+/// and, as in BuildKit, by the state it is seeded `from=` (with the path
+/// in it) and a uid/gid/mode other than the defaults (BuildKit bases such a
+/// cache on a directory made with them, and the base is part of its
+/// identity). The same on every daemon, so caches can travel.
+pub fn cache_mount_dir(m: &pb::Mount, seed_key: Option<&str>) -> String {
+    let mut id_src = match seed_key {
+        Some(k) => format!("{}\n{k}\n{}", m.cache_id, m.selector),
+        None => m.cache_id.clone(),
+    };
+    if (m.uid, m.gid, m.mode) != (0, 0, 0o755) {
+        id_src.push_str(&format!("\n{}:{}:{:o}", m.uid, m.gid, m.mode));
+    }
+    Digest::of(id_src.as_bytes()).hex()[..24].to_string()
+}
+
 pub fn resolve_user(root: &Path, spec: &str) -> Result<ResolvedUser, WorkerError> {
     // `USER app:` is `USER app` (an empty group is no group).
     let (u, g) = match spec.split_once(':') {
@@ -416,17 +432,7 @@ impl Worker {
                     // A cache seeded `from=` another state is its own cache
                     // per (id, that state), as in BuildKit.
                     let seed = inputs.get(m.input.max(0) as usize).filter(|_| m.input >= 0);
-                    let mut id_src = match seed {
-                        Some(r) => format!("{}\n{}\n{}", m.cache_id, r.key, m.selector),
-                        None => m.cache_id.clone(),
-                    };
-                    // uid/gid/mode other than the defaults make a cache of
-                    // their own (BuildKit bases such a cache on a directory
-                    // made with them, and the base is part of its identity).
-                    if (m.uid, m.gid, m.mode) != (0, 0, 0o755) {
-                        id_src.push_str(&format!("\n{}:{}:{:o}", m.uid, m.gid, m.mode));
-                    }
-                    let id = Digest::of(id_src.as_bytes()).hex()[..24].to_string();
+                    let id = cache_mount_dir(m, seed.map(|r| r.key.as_str()));
                     let dir = self.root.join("cache-mounts").join(&id);
                     let sharing =
                         pb::CacheSharing::try_from(m.sharing).unwrap_or(pb::CacheSharing::Shared);

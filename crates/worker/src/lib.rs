@@ -3,12 +3,14 @@
 //! content store (layer blobs) and the context mirrors (local sources).
 #![forbid(unsafe_code)]
 
+mod cache_mounts;
 pub mod exec;
 mod explain;
 pub mod fileop;
 pub mod git;
 mod image;
 pub mod remote;
+pub use cache_mounts::PackedCacheMount;
 pub use remote::{BlobSource, CacheImport, RemoteChain};
 mod secrets;
 

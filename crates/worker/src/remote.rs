@@ -188,7 +188,7 @@ impl Worker {
         Ok(Output::Snapshot(id))
     }
 
-    async fn fetch_layer(
+    pub(crate) async fn fetch_layer(
         self: &Arc<Self>,
         source: &BlobSource,
         layer: &LayerDesc,

@@ -41,6 +41,8 @@ pub(crate) struct CacheOutput {
     oci_mediatypes: bool,
     image_manifest: bool,
     ignore_error: bool,
+    /// Carry the contents of the build's cache mounts too (beyond BuildKit).
+    cache_mounts: bool,
 }
 
 /// The attribute through which kilnctl says which blobs a local cache
@@ -58,6 +60,7 @@ impl CacheOutput {
             "oci-mediatypes",
             "image-manifest",
             "ignore-error",
+            "cache-mounts",
         ];
         let target = match kind {
             "registry" => {
@@ -143,6 +146,7 @@ impl CacheOutput {
             oci_mediatypes,
             image_manifest,
             ignore_error: bool_attr(attrs, "ignore-error", false)?,
+            cache_mounts: bool_attr(attrs, "cache-mounts", false)?,
         })
     }
 
@@ -303,11 +307,44 @@ impl CacheOutput {
         let config = serde_json::to_vec(&built.config).map_err(ExportError::failed)?;
         let worker = env.worker();
         let config_digest = worker.content.put(&config)?;
+        // Cache mounts, packed now (their contents change without records).
+        let mut mounts: Vec<(Digest, u64)> = Vec::new();
+        let mut extra = Vec::new();
+        if self.cache_mounts {
+            for dir in &result.cache_mounts {
+                let Some(p) = worker
+                    .pack_cache_mount(dir)
+                    .await
+                    .map_err(ExportError::failed)?
+                else {
+                    continue;
+                };
+                extra.push(kiln_remotecache::Descriptor {
+                    media_type: crate::layer_media_type("gzip", self.oci_mediatypes),
+                    digest: p.digest.to_string(),
+                    size: p.size as i64,
+                    annotations: [
+                        (
+                            kiln_remotecache::ANNOTATION_CACHE_MOUNT.to_string(),
+                            dir.clone(),
+                        ),
+                        (
+                            kiln_remotecache::ANNOTATION_CACHE_MOUNT_OWNER.to_string(),
+                            format!("{:o}:{}:{}", p.mode, p.uid, p.gid),
+                        ),
+                    ]
+                    .into_iter()
+                    .collect(),
+                });
+                mounts.push((p.digest, p.size));
+            }
+        }
         let (manifest, media_type) = kiln_remotecache::cache_manifest(
             &built,
             &config,
             self.oci_mediatypes,
             self.image_manifest,
+            &extra,
         );
         match &self.target {
             Target::Registry {
@@ -330,6 +367,11 @@ impl CacheOutput {
                     size: config.len() as u64,
                     mount_from: None,
                 });
+                blobs.extend(mounts.iter().map(|(d, size)| PushBlob {
+                    digest: d.clone(),
+                    size: *size,
+                    mount_from: None,
+                }));
                 worker
                     .registry
                     .push(
@@ -351,6 +393,12 @@ impl CacheOutput {
                     .map(|l| (l.digest.clone(), l.size))
                     .collect();
                 blobs.push((config_digest, config.len() as u64));
+                blobs.extend(
+                    mounts
+                        .iter()
+                        .filter(|(d, _)| !present.contains(d.as_str()))
+                        .cloned(),
+                );
                 let (worker, tag) = (worker.clone(), tag.clone());
                 env.send(
                     "dir",
