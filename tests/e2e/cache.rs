@@ -104,16 +104,54 @@ fn registry_cache_moves_every_step_to_another_daemon() {
     let cache = format!("{}/kiln/cache:main", reg.addr);
     let out = tempfile::tempdir().unwrap();
     let a_tar = out.path().join("a.tar");
+    // Several exports in one build: an index, an image manifest, a directory.
+    let cache_im = format!("{}/kiln/cache-im:main", reg.addr);
+    let local = out.path().join("local-cache");
     a.ok(&[
         "build",
         ctx.path().to_str().unwrap(),
         "--cache-to",
         &format!("type=registry,ref={cache},mode=max"),
+        "--cache-to",
+        &format!("type=registry,ref={cache_im},mode=max,image-manifest=true"),
+        "--cache-to",
+        &format!("type=local,dest={}", local.display()),
         "-t",
         "x:latest",
         "-o",
         &format!("type=oci,dest={}", a_tar.display()),
     ]);
+    assert!(local.join("index.json").is_file());
+    let im: serde_json::Value = serde_json::from_str(&tool(
+        "skopeo",
+        &[
+            "inspect",
+            "--raw",
+            "--tls-verify=false",
+            &format!("docker://{cache_im}"),
+        ],
+    ))
+    .unwrap();
+    assert_eq!(
+        im["mediaType"],
+        "application/vnd.oci.image.manifest.v1+json"
+    );
+    assert_eq!(
+        im["config"]["mediaType"],
+        "application/vnd.buildkit.cacheconfig.v0"
+    );
+    // The image-manifest form reads back like the index form.
+    let e = Daemon::start();
+    let o = e.ok(&[
+        "build",
+        ctx.path().to_str().unwrap(),
+        "--progress",
+        "rawjson",
+        "--cache-from",
+        &format!("type=registry,ref={cache_im}"),
+    ]);
+    let s = steps(&o.stdout);
+    assert!(!s.is_empty() && s.iter().all(|(_, c)| *c), "{s:?}");
     let a_bytes = read_from_oci(&a_tar, &out.path().join("a"), "/both");
     // The cache manifest is BuildKit's: an OCI index listing the layers and the config.
     let raw = tool(
