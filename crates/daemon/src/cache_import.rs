@@ -212,17 +212,10 @@ async fn import_registry(
     let mut out = Vec::new();
     for p in platforms {
         let img = match worker
-            .registry
-            .resolve(
-                reference,
-                &p.os,
-                &p.architecture,
-                &p.variant,
-                creds.as_ref(),
-            )
+            .resolve_image(reference, (&p.os, &p.architecture, &p.variant), contexts)
             .await
         {
-            Ok(img) => img,
+            Ok((img, _)) => img,
             // A platform the image lacks has no cache for that platform.
             Err(kiln_registry::RegistryError::NoPlatform { .. }) => continue,
             Err(e) => return Err(e.to_string()),

@@ -673,24 +673,14 @@ impl ImageResolver for RegistryImages {
                 .map_err(|e| format!("{reference}: bad image config: {e}"))?;
             return Ok((pinned, config));
         }
-        let img = self.handle.block_on(async {
-            let host = kiln_registry::parse_reference(reference)
-                .map_err(|e| e.to_string())?
-                .resolve_registry()
-                .to_string();
-            let creds = self.contexts.credentials(host).await?;
-            self.worker
-                .registry
-                .resolve(
-                    reference,
-                    &p.os,
-                    &p.architecture,
-                    &p.variant,
-                    creds.as_ref(),
-                )
-                .await
-                .map_err(|e| e.to_string())
-        })?;
+        let (img, _) = self
+            .handle
+            .block_on(self.worker.resolve_image(
+                reference,
+                (&p.os, &p.architecture, &p.variant),
+                &self.contexts,
+            ))
+            .map_err(|e| e.to_string())?;
         let config: Image = serde_json::from_slice(&img.config)
             .map_err(|e| format!("{reference}: bad image config: {e}"))?;
         Ok((img.pinned, config))

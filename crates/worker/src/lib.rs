@@ -13,6 +13,7 @@ pub mod remote;
 pub use cache_mounts::PackedCacheMount;
 pub use remote::{BlobSource, CacheImport, RemoteChain};
 mod secrets;
+mod sources;
 
 use std::collections::{HashMap, HashSet};
 use std::fs;
@@ -154,46 +155,8 @@ pub struct Worker {
     pub registry: Arc<kiln_registry::RegistryClient>,
     /// Context mirrors kept from earlier builds, by shared key.
     mirrors: Mutex<HashMap<String, Arc<Mirror>>>,
-    /// One pull per image at a time; concurrent builds wait and share it.
+    /// One fetch and unpack per layer chain at a time; concurrent builds wait and share it.
     image_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
-}
-
-/// The client context that holds the layout named by `CONTEXT[:TAG][@DIGEST]`.
-fn layout_context(spec: &str) -> Result<&str, SolveError> {
-    let name = spec.split(['@', ':']).next().unwrap_or("");
-    if name.is_empty() {
-        return Err(SolveError::new(format!("bad oci-layout source {spec:?}")));
-    }
-    Ok(name)
-}
-
-/// Parses an HTTP date (`Sun, 06 Nov 1994 08:49:37 GMT`) to unix seconds.
-fn httpdate_to_unix(s: &str) -> Option<i64> {
-    let parts: Vec<&str> = s.split_whitespace().collect();
-    if parts.len() != 6 {
-        return None;
-    }
-    let day: i64 = parts[1].parse().ok()?;
-    let month = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ]
-    .iter()
-    .position(|m| *m == parts[2])? as i64
-        + 1;
-    let year: i64 = parts[3].parse().ok()?;
-    let hms: Vec<i64> = parts[4].split(':').filter_map(|x| x.parse().ok()).collect();
-    if hms.len() != 3 {
-        return None;
-    }
-    // Days from civil (Howard Hinnant).
-    let y = if month <= 2 { year - 1 } else { year };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (month + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    Some(days * 86400 + hms[0] * 3600 + hms[1] * 60 + hms[2])
 }
 
 /// `kiln/<tag>` when step cgroups can be made here, else None (steps then
@@ -456,7 +419,7 @@ impl Worker {
     ) -> Result<(String, Vec<u8>), String> {
         let (ctx, _) = self
             .sync_local(
-                layout_context(spec).map_err(|e| e.message.to_string())?,
+                sources::layout_context(spec).map_err(|e| e.message.to_string())?,
                 contexts,
                 None,
             )
@@ -487,226 +450,6 @@ impl Worker {
         .await
         .map_err(serr)?
         .map_err(serr)
-    }
-
-    async fn source_impl(
-        self: Arc<Self>,
-        v: Vertex,
-        job: Arc<Job>,
-    ) -> Result<(Output, String, bool), SolveError> {
-        let Some(pb::op::Op::Source(src)) = &v.op.op else {
-            return Err(SolveError::new("not a source op"));
-        };
-        let id = src.identifier.as_str();
-        if let Some(name) = id.strip_prefix("local://") {
-            let follow = if name == "context" {
-                job.context_paths.clone()
-            } else {
-                None
-            };
-            let (ctx, unchanged) = self.sync_local(name, &job.contexts, follow).await?;
-            let digest = ctx.mirror.tree_digest();
-            return Ok((
-                Output::Context(Arc::new(ctx)),
-                format!("context:{digest}"),
-                unchanged,
-            ));
-        }
-        if let Some(spec) = id.strip_prefix("oci-layout://") {
-            let platform = v.op.platform.clone().unwrap_or_default();
-            let (ctx, _) = self
-                .sync_local(layout_context(spec)?, &job.contexts, None)
-                .await?;
-            let (root, spec2) = (ctx.root.clone(), spec.to_string());
-            let img = tokio::task::spawn_blocking(move || {
-                let (name, sel) = kiln_registry::layout::Selector::split(&spec2)?;
-                kiln_registry::layout::resolve(
-                    &root,
-                    &name,
-                    &sel,
-                    &platform.os,
-                    &platform.architecture,
-                    &platform.variant,
-                )
-                .map_err(|e| e.to_string())
-            })
-            .await
-            .map_err(serr)?
-            .map_err(SolveError::new)?;
-            // Fetched now, while the layout's mirror is held for this build.
-            let chain = RemoteChain {
-                layers: img.layers.clone(),
-                source: BlobSource::Layout {
-                    root: ctx.root.clone(),
-                },
-                key: None,
-                description: format!("oci-layout://{spec}"),
-            };
-            let local = self.unpacked(&chain);
-            let fetched = local.is_none();
-            let output = match local {
-                Some(id) => Output::Snapshot(id),
-                None => self.materialize(Output::Remote(Arc::new(chain))).await?,
-            };
-            drop(ctx);
-            return Ok((output, format!("image:{}", img.manifest_digest), !fetched));
-        }
-        if let Some(r) = id.strip_prefix("docker-image://") {
-            let platform = v.op.platform.clone().unwrap_or_default();
-            let lock = {
-                let mut m = self.image_locks.lock().unwrap_or_else(|p| p.into_inner());
-                m.entry(r.to_string()).or_default().clone()
-            };
-            let _guard = lock.lock().await;
-            let host = kiln_registry::parse_reference(r)
-                .map_err(serr)?
-                .resolve_registry()
-                .to_string();
-            let creds = job
-                .contexts
-                .credentials(host)
-                .await
-                .map_err(SolveError::new)?;
-            let img = self
-                .registry
-                .resolve(
-                    r,
-                    &platform.os,
-                    &platform.architecture,
-                    &platform.variant,
-                    creds.as_ref(),
-                )
-                .await
-                .map_err(serr)?;
-            // The layers are fetched when a step or an export needs the
-            // files: under fully cached steps the base is never pulled.
-            let chain = RemoteChain {
-                layers: img.layers.clone(),
-                source: BlobSource::Registry {
-                    reference: r.to_string(),
-                    creds,
-                },
-                key: None,
-                description: format!("pulling {r}"),
-            };
-            let output = match self.unpacked(&chain) {
-                Some(id) => Output::Snapshot(id),
-                None => Output::Remote(Arc::new(chain)),
-            };
-            let local = matches!(output, Output::Snapshot(_));
-            return Ok((output, format!("image:{}", img.manifest_digest), local));
-        }
-        if let Some(remote) = id.strip_prefix("git:") {
-            let attr = |k: &str| {
-                src.attrs
-                    .iter()
-                    .find(|a| a.key == k)
-                    .map(|a| a.value.clone())
-                    .unwrap_or_default()
-            };
-            let git = git::GitSource {
-                remote: remote.to_string(),
-                reference: attr("ref"),
-                subdir: attr("subdir"),
-                keep_git_dir: attr("keep-git-dir") == "true",
-                checksum: attr("checksum"),
-            };
-            let (snapshot, commit, cached) = self.git_checkout(git).await.map_err(serr)?;
-            return Ok((Output::Snapshot(snapshot), format!("git:{commit}"), cached));
-        }
-        if id.starts_with("http://") || id.starts_with("https://") {
-            let checksum = src
-                .attrs
-                .iter()
-                .find(|a| a.key == "checksum")
-                .map(|a| a.value.clone());
-            let (snapshot, digest) = self
-                .clone()
-                .download(id.to_string(), checksum)
-                .await
-                .map_err(serr)?;
-            return Ok((Output::Snapshot(snapshot), format!("http:{digest}"), false));
-        }
-        Err(SolveError::new(format!("unsupported source {id:?}")))
-    }
-
-    /// ADD <url>: streams the body into the content store (verified against
-    /// --checksum when given) and makes a snapshot holding just that file.
-    async fn download(
-        self: Arc<Self>,
-        url: String,
-        checksum: Option<String>,
-    ) -> Result<(String, Digest), WorkerError> {
-        let resp = reqwest::get(&url)
-            .await
-            .map_err(|e| WorkerError::Other(format!("ADD {url}: {e}")))?;
-        if !resp.status().is_success() {
-            return Err(WorkerError::Other(format!(
-                "ADD {url}: HTTP {}",
-                resp.status()
-            )));
-        }
-        let modified = resp
-            .headers()
-            .get(reqwest::header::LAST_MODIFIED)
-            .and_then(|v| v.to_str().ok())
-            .and_then(httpdate_to_unix);
-        let mut w = self.content.writer()?;
-        let mut stream = resp.bytes_stream();
-        use futures_util::StreamExt as _;
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| WorkerError::Other(format!("ADD {url}: {e}")))?;
-            std::io::Write::write_all(&mut w, &chunk)
-                .map_err(|e| WorkerError::Other(format!("ADD {url}: {e}")))?;
-        }
-        let expected = match &checksum {
-            Some(c) => Some(
-                c.parse::<Digest>()
-                    .map_err(|e| WorkerError::Other(format!("ADD --checksum={c}: {e}")))?,
-            ),
-            None => None,
-        };
-        let (digest, _) = w.commit(expected.as_ref()).map_err(|e| match e {
-            kiln_content::ContentError::DigestMismatch { expected, actual } => WorkerError::Other(
-                format!("ADD {url}: checksum mismatch: expected {expected}, got {actual}"),
-            ),
-            other => other.into(),
-        })?;
-        let w2 = self.clone();
-        let d2 = digest.clone();
-        let id = tokio::task::spawn_blocking(move || -> Result<String, WorkerError> {
-            let active = w2.snapshots.prepare(&[])?;
-            let file = active.path().join(kiln_definition::url_filename(&url));
-            fs::copy(w2.content.path(&d2), &file)
-                .map_err(|e| WorkerError::Other(format!("{}: {e}", file.display())))?;
-            fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o600))
-                .map_err(|e| WorkerError::Other(e.to_string()))?;
-            if let Some(t) = modified {
-                let t = filetime::FileTime::from_unix_time(t, 0);
-                let _ = filetime::set_file_times(&file, t, t);
-            }
-            let id = active.commit()?;
-            let rec = SnapshotRecord {
-                parent: None,
-                created: now(),
-                size: w2.snapshots.disk_usage(&id),
-                description: format!("ADD {url}"),
-                layers: vec![],
-            };
-            let cache = CacheRecord {
-                snapshot: id.clone(),
-                description: format!("ADD {url}"),
-                created: now(),
-                last_used: now(),
-                usage_count: 1,
-            };
-            w2.meta
-                .add_snapshot(&id, &rec, Some((&format!("http-snapshot:{d2}"), &cache)))?;
-            Ok(id)
-        })
-        .await
-        .map_err(|e| WorkerError::Other(e.to_string()))??;
-        Ok((id, digest))
     }
 
     fn exec_blocking(

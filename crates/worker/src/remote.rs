@@ -80,6 +80,36 @@ pub(crate) fn chain_keys(layers: &[LayerDesc]) -> Vec<String> {
 }
 
 impl Worker {
+    /// Resolves a registry image for one platform (`os`, `arch`, `variant`)
+    /// with the client's credentials for its registry, which are returned
+    /// too (its blobs are fetched with them later).
+    pub async fn resolve_image(
+        &self,
+        reference: &str,
+        (os, arch, variant): (&str, &str, &str),
+        contexts: &Arc<dyn crate::ContextProvider>,
+    ) -> Result<
+        (
+            kiln_registry::ResolvedImage,
+            Option<kiln_registry::Credentials>,
+        ),
+        kiln_registry::RegistryError,
+    > {
+        let r = kiln_registry::parse_reference(reference)?;
+        let creds = contexts
+            .credentials(r.resolve_registry().to_string())
+            .await
+            .map_err(|message| kiln_registry::RegistryError::Registry {
+                reference: r.whole(),
+                message,
+            })?;
+        let img = self
+            .registry
+            .resolve(reference, os, arch, variant, creds.as_ref())
+            .await?;
+        Ok((img, creds))
+    }
+
     /// The result recorded under `key` in an imported cache: a snapshot when
     /// its layers are already unpacked here, else a remote chain.
     pub(crate) fn lookup_imported(

@@ -114,23 +114,8 @@ impl CacheOutput {
             Some("max") => true,
             Some(o) => return Err(bad(format!("--cache-to mode={o:?}: use min or max"))),
         };
-        let name = attrs
-            .get("compression")
-            .map(String::as_str)
-            .unwrap_or("gzip");
-        let codec = Codec::parse(name).ok_or_else(|| {
-            bad(format!(
-                "--cache-to compression={name:?}: use gzip, zstd or uncompressed"
-            ))
-        })?;
-        let mut compression = LayerCompression::new(codec);
-        if let Some(l) = attrs.get("compression-level") {
-            let level: i32 = l
-                .parse()
-                .map_err(|_| bad(format!("compression-level={l:?} is not a number")))?;
-            compression.level = codec.check_level(level).map_err(bad)?;
-        }
-        compression.force = bool_attr(attrs, "force-compression", false)?;
+        let compression = super::images::parse_compression(attrs, None)?;
+        let codec = compression.codec;
         // As buildx: OCI media types unless turned off (zstd needs them).
         let oci_mediatypes = bool_attr(attrs, "oci-mediatypes", true)? || codec == Codec::Zstd;
         let image_manifest = bool_attr(attrs, "image-manifest", false)?;
@@ -354,14 +339,7 @@ impl CacheOutput {
                 let r = kiln_registry::parse_reference(reference)
                     .map_err(|e| ExportError::Option(e.to_string()))?;
                 let creds = env.credentials(r.resolve_registry().to_string()).await?;
-                let mut blobs: Vec<PushBlob> = layers
-                    .iter()
-                    .map(|l| PushBlob {
-                        digest: l.digest.clone(),
-                        size: l.size,
-                        mount_from: l.source.clone(),
-                    })
-                    .collect();
+                let mut blobs = super::push::layer_blobs(&layers);
                 blobs.push(PushBlob {
                     digest: config_digest,
                     size: config.len() as u64,

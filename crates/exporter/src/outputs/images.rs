@@ -33,29 +33,10 @@ impl ImageExportOptions {
         kind: &str,
         extra: &[&str],
     ) -> Result<Self, ExportError> {
-        let bad = ExportError::Option;
-        let name = attrs
-            .get("compression")
-            .map(String::as_str)
-            .unwrap_or("gzip");
         // `docker load` reads plain layer tars.
-        let codec = if kind == "docker" {
-            Codec::Uncompressed
-        } else {
-            Codec::parse(name).ok_or_else(|| {
-                bad(format!(
-                    "unknown compression {name:?} (gzip, zstd, uncompressed)"
-                ))
-            })?
-        };
-        let mut compression = LayerCompression::new(codec);
-        if let Some(l) = attrs.get("compression-level") {
-            let level: i32 = l
-                .parse()
-                .map_err(|_| bad(format!("compression-level={l:?} is not a number")))?;
-            compression.level = codec.check_level(level).map_err(bad)?;
-        }
-        compression.force = bool_attr(attrs, "force-compression", false)?;
+        let compression =
+            parse_compression(attrs, (kind == "docker").then_some(Codec::Uncompressed))?;
+        let codec = compression.codec;
         let mut known = vec![
             "name",
             "compression",
@@ -88,6 +69,36 @@ impl ImageExportOptions {
             insecure: bool_attr(attrs, "registry.insecure", false)?,
         })
     }
+}
+
+/// `compression=`, `compression-level=` and `force-compression=` of an
+/// output (`forced`: the only codec the output can hold).
+pub(crate) fn parse_compression(
+    attrs: &BTreeMap<String, String>,
+    forced: Option<Codec>,
+) -> Result<LayerCompression, ExportError> {
+    let bad = ExportError::Option;
+    let name = attrs
+        .get("compression")
+        .map(String::as_str)
+        .unwrap_or("gzip");
+    let codec = match forced {
+        Some(c) => c,
+        None => Codec::parse(name).ok_or_else(|| {
+            bad(format!(
+                "unknown compression {name:?} (gzip, zstd, uncompressed)"
+            ))
+        })?,
+    };
+    let mut compression = LayerCompression::new(codec);
+    if let Some(l) = attrs.get("compression-level") {
+        let level: i32 = l
+            .parse()
+            .map_err(|_| bad(format!("compression-level={l:?} is not a number")))?;
+        compression.level = codec.check_level(level).map_err(bad)?;
+    }
+    compression.force = bool_attr(attrs, "force-compression", false)?;
+    Ok(compression)
 }
 
 fn now() -> i64 {

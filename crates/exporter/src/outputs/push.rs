@@ -47,18 +47,21 @@ impl PushOutput {
     }
 }
 
-/// The blobs of one image: its layers (with where they may be mounted
-/// from) and its config.
-fn image_blobs(img: &BuiltImage) -> Vec<PushBlob> {
-    let mut blobs: Vec<PushBlob> = img
-        .layers
+/// Layers as blobs to push, with where each may be mounted from.
+pub(crate) fn layer_blobs(layers: &[crate::Layer]) -> Vec<PushBlob> {
+    layers
         .iter()
         .map(|l| PushBlob {
             digest: l.digest.clone(),
             size: l.size,
             mount_from: l.source.clone(),
         })
-        .collect();
+        .collect()
+}
+
+/// The blobs of one image: its layers and its config.
+fn image_blobs(img: &BuiltImage) -> Vec<PushBlob> {
+    let mut blobs = layer_blobs(&img.layers);
     blobs.push(PushBlob {
         digest: img.config_digest.clone(),
         size: img.config.len() as u64,
