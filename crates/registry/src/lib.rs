@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod layout;
+mod manifest;
 
 use std::io::Write;
 
@@ -249,14 +250,7 @@ impl RegistryClient {
     fn client_for(&self, r: &Reference, force_http: bool) -> oci_client::Client {
         let host = r.resolve_registry().to_string();
         let cfg = self.config.hosts.get(&host).cloned().unwrap_or_default();
-        // As in Docker, loopback registries may be plain HTTP without any
-        // setting, unless TLS settings were given for them.
-        let tls_configured = !cfg.ca_pem.is_empty() || cfg.insecure;
-        let http = force_http
-            || cfg.http
-            || self.config.insecure.contains(&host)
-            || (is_local(&host) && !tls_configured);
-        let protocol = if http {
+        let protocol = if self.uses_http(r, force_http) {
             ClientProtocol::Http
         } else {
             ClientProtocol::Https
@@ -278,6 +272,19 @@ impl RegistryClient {
             use_monolithic_push: true,
             ..Default::default()
         })
+    }
+
+    /// Whether `r`'s registry is spoken to in plain HTTP. As in Docker,
+    /// loopback registries may be, without any setting, unless TLS settings
+    /// were given for them.
+    fn uses_http(&self, r: &Reference, force_http: bool) -> bool {
+        let host = r.resolve_registry().to_string();
+        let cfg = self.config.hosts.get(&host).cloned().unwrap_or_default();
+        let tls_configured = !cfg.ca_pem.is_empty() || cfg.insecure;
+        force_http
+            || cfg.http
+            || self.config.insecure.contains(&host)
+            || (is_local(&host) && !tls_configured)
     }
 
     /// Where to pull `r` from: its mirrors in order, then the registry itself.
@@ -358,12 +365,8 @@ impl RegistryClient {
     ) -> Result<ResolvedImage, RegistryError> {
         let r = r.clone();
         let client = self.client(&r);
-        let auth = Self::auth(creds);
         let accepted = [OCI_INDEX, DOCKER_LIST, OCI_MANIFEST, DOCKER_MANIFEST];
-        let (bytes, digest) = client
-            .pull_manifest_raw(&r, &auth, &accepted)
-            .await
-            .map_err(|e| err(&r, e))?;
+        let (bytes, digest) = self.get_manifest(&client, &r, creds, &accepted).await?;
         let mut doc: serde_json::Value =
             serde_json::from_slice(&bytes).map_err(|e| err(&r, format!("bad manifest: {e}")))?;
         let mut manifest_digest = digest;
@@ -380,10 +383,9 @@ impl RegistryClient {
                 r.repository().to_string(),
                 d.clone(),
             );
-            let (bytes, digest) = client
-                .pull_manifest_raw(&pinned, &auth, &accepted)
-                .await
-                .map_err(|e| err(&r, e))?;
+            let (bytes, digest) = self
+                .get_manifest(&client, &pinned, creds, &accepted)
+                .await?;
             doc = serde_json::from_slice(&bytes)
                 .map_err(|e| err(&r, format!("bad manifest: {e}")))?;
             manifest_digest = digest;
@@ -398,7 +400,6 @@ impl RegistryClient {
                 media_type: mt,
             });
         }
-        let manifest_digest: Digest = manifest_digest.parse().map_err(|e| err(&r, e))?;
         let pinned = Reference::with_digest(
             r.resolve_registry().to_string(),
             r.repository().to_string(),
@@ -437,14 +438,9 @@ impl RegistryClient {
         creds: Option<&Credentials>,
     ) -> Result<(Vec<u8>, Digest), RegistryError> {
         let r = parse_reference(reference)?;
-        let client = self.client(&r);
         let accepted = [OCI_INDEX, DOCKER_LIST, OCI_MANIFEST, DOCKER_MANIFEST];
-        let (bytes, digest) = client
-            .pull_manifest_raw(&r, &Self::auth(creds), &accepted)
+        self.get_manifest(&self.client(&r), &r, creds, &accepted)
             .await
-            .map_err(|e| err(&r, e))?;
-        let digest = digest.parse().map_err(|e| err(&r, e))?;
-        Ok((bytes.to_vec(), digest))
     }
 
     /// A small blob (a config) of `reference`'s repository, held in memory:

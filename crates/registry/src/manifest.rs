@@ -1,0 +1,185 @@
+//! Manifest GETs with a size bound. oci-client reads a manifest's body
+//! whole, so a registry that answers `FROM` or `--cache-from` with gigabytes
+//! would have kilnd hold them all. The auth handshake stays oci-client's
+//! (`Client::auth` gives the bearer token it negotiated); the GET is ours,
+//! streamed and cut at [`MAX_MANIFEST`], and verified against its digest.
+
+use futures::StreamExt;
+use kiln_digest::Digest;
+use oci_client::{Reference, RegistryOperation};
+
+use crate::{Credentials, RegistryClient, RegistryError, err};
+
+/// The largest manifest or index read (real ones are kilobytes; BuildKit
+/// caps them at 4 MiB too).
+pub const MAX_MANIFEST: u64 = 4 << 20;
+
+impl RegistryClient {
+    /// A reqwest client with the same TLS settings as `client_for`.
+    fn http_client(&self, r: &Reference) -> Result<reqwest::Client, RegistryError> {
+        let cfg = self
+            .config
+            .hosts
+            .get(r.resolve_registry())
+            .cloned()
+            .unwrap_or_default();
+        let mut b = reqwest::Client::builder().danger_accept_invalid_certs(cfg.insecure);
+        for pem in &cfg.ca_pem {
+            let cert = reqwest::Certificate::from_pem(pem).map_err(|e| err(r, e))?;
+            b = b.add_root_certificate(cert);
+        }
+        b.build().map_err(|e| err(r, e))
+    }
+
+    /// The document `r` names, as stored: its bytes (at most
+    /// [`MAX_MANIFEST`]) and digest.
+    /// `client` is the oci-client that negotiates (and keeps) the auth.
+    pub(crate) async fn get_manifest(
+        &self,
+        client: &oci_client::Client,
+        r: &Reference,
+        creds: Option<&Credentials>,
+        accepted: &[&str],
+    ) -> Result<(Vec<u8>, Digest), RegistryError> {
+        let token = client
+            .auth(r, &Self::auth(creds), RegistryOperation::Pull)
+            .await
+            .map_err(|e| err(r, e))?;
+        let scheme = if self.uses_http(r, false) {
+            "http"
+        } else {
+            "https"
+        };
+        let reference = r
+            .digest()
+            .map(str::to_string)
+            .unwrap_or_else(|| r.tag().unwrap_or("latest").to_string());
+        let url = format!(
+            "{scheme}://{}/v2/{}/manifests/{reference}",
+            r.resolve_registry(),
+            r.repository()
+        );
+        let mut req = self
+            .http_client(r)?
+            .get(&url)
+            .header(http::header::ACCEPT, accepted.join(", "));
+        req = match (token, creds) {
+            (Some(t), _) => req.bearer_auth(t),
+            (None, Some(c)) if !c.username.is_empty() => {
+                req.basic_auth(&c.username, Some(&c.password))
+            }
+            _ => req,
+        };
+        let res = req.send().await.map_err(|e| err(r, e))?;
+        let status = res.status();
+        if !status.is_success() {
+            return Err(err(r, format!("manifest: HTTP {status}")));
+        }
+        if res.content_length().is_some_and(|n| n > MAX_MANIFEST) {
+            return Err(err(
+                r,
+                format!("the registry sends a manifest of more than {MAX_MANIFEST} bytes"),
+            ));
+        }
+        let header_digest = res
+            .headers()
+            .get("docker-content-digest")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let mut body = Vec::new();
+        let mut stream = res.bytes_stream();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| err(r, e))?;
+            if (body.len() + chunk.len()) as u64 > MAX_MANIFEST {
+                return Err(err(
+                    r,
+                    format!("the registry sends a manifest of more than {MAX_MANIFEST} bytes"),
+                ));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        let digest = Digest::of(&body);
+        // By digest: the bytes must be those. By tag: the registry's own
+        // digest header, when it sends one, must agree.
+        let expected = r.digest().map(str::to_string).or(header_digest);
+        if let Some(e) = expected
+            && e != digest.as_str()
+        {
+            return Err(err(
+                r,
+                format!("manifest does not match its digest {e} (content is {digest})"),
+            ));
+        }
+        Ok((body, digest))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{BufRead, BufReader, Write};
+
+    use super::*;
+
+    /// A registry that answers every manifest GET with `size` bytes, with
+    /// or without saying so up front.
+    fn hostile_registry(size: usize, say_length: bool) -> String {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        std::thread::spawn(move || {
+            for conn in l.incoming().flatten() {
+                let mut r = BufReader::new(conn.try_clone().unwrap());
+                let mut line = String::new();
+                let _ = r.read_line(&mut line);
+                // Headers up to the blank line.
+                loop {
+                    let mut h = String::new();
+                    if r.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
+                        break;
+                    }
+                }
+                let mut w = conn;
+                if line.starts_with("GET /v2/ ") {
+                    let _ = w.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}");
+                    continue;
+                }
+                let head = if say_length {
+                    format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: application/vnd.oci.image.manifest.v1+json\r\nContent-Length: {size}\r\n\r\n"
+                    )
+                } else {
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/vnd.oci.image.manifest.v1+json\r\nConnection: close\r\n\r\n".to_string()
+                };
+                let _ = w.write_all(head.as_bytes());
+                let chunk = vec![b' '; 64 << 10];
+                let mut sent = 0;
+                while sent < size {
+                    if w.write_all(&chunk).is_err() {
+                        break;
+                    }
+                    sent += chunk.len();
+                }
+            }
+        });
+        addr
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_huge_manifest_is_refused_not_held() {
+        let client = RegistryClient::new(Default::default());
+        for say_length in [true, false] {
+            let addr = hostile_registry(64 << 20, say_length);
+            let e = client
+                .resolve(&format!("{addr}/x/y:big"), "linux", "amd64", "", None)
+                .await
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("more than 4194304 bytes"), "{say_length}: {e}");
+            let e = client
+                .fetch_manifest(&format!("{addr}/x/y:big"), None)
+                .await
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("more than 4194304 bytes"), "{say_length}: {e}");
+        }
+    }
+}
