@@ -70,7 +70,9 @@ pub(crate) fn fingerprint(v: &Vertex, inputs: &[Resolved<Output>]) -> Fingerprin
         Some(pb::op::Op::Exec(e)) => {
             if let Some(m) = &e.meta {
                 fp.args = m.args.clone();
-                fp.env = m.env.clone();
+                // Values are kept as short hashes: an ARG someone used for
+                // a token must not sit in metadata.db in the clear.
+                fp.env = m.env.iter().map(|e| hashed_env(e)).collect();
                 fp.cwd = m.cwd.clone();
                 fp.user = m.user.clone();
             }
@@ -252,7 +254,14 @@ impl Worker {
     }
 }
 
-/// ARG/ENV values added, removed or changed, by name.
+/// `NAME=<short hash of the value>`.
+fn hashed_env(entry: &str) -> String {
+    let (name, value) = entry.split_once('=').unwrap_or((entry, ""));
+    let digest = kiln_definition::Digest::of(value.as_bytes());
+    format!("{name}={}", &digest.hex()[..16])
+}
+
+/// ARG/ENV values added, removed or changed, by name (values are hashed).
 fn env_changes(old: &[String], new: &[String]) -> Vec<String> {
     let split = |env: &[String]| -> BTreeMap<String, String> {
         env.iter()
@@ -266,11 +275,9 @@ fn env_changes(old: &[String], new: &[String]) -> Vec<String> {
     let mut out = Vec::new();
     for k in o.keys().chain(n.keys()).collect::<BTreeSet<_>>() {
         match (o.get(k), n.get(k)) {
-            (Some(a), Some(b)) if a != b => {
-                out.push(format!("{k} changed ({} → {})", shown(a), shown(b)))
-            }
-            (Some(_), None) => out.push(format!("{k} is no longer set")),
-            (None, Some(b)) => out.push(format!("{k} is new ({})", shown(b))),
+            (Some(a), Some(b)) if a != b => out.push(format!("ARG/ENV {k} changed")),
+            (Some(_), None) => out.push(format!("ARG/ENV {k} is no longer set")),
+            (None, Some(_)) => out.push(format!("ARG/ENV {k} is new")),
             _ => {}
         }
     }
@@ -282,15 +289,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn env_changes_name_each_variable() {
-        let old = vec!["A=1".to_string(), "B=2".into(), "C=3".into()];
-        let new = vec!["A=1".to_string(), "B=20".into(), "D=4".into()];
+    fn env_changes_name_each_variable_and_keep_no_value() {
+        let h = |v: &[&str]| v.iter().map(|e| hashed_env(e)).collect::<Vec<_>>();
+        let old = h(&["A=1", "B=2", "C=3", "TOKEN=hunter2"]);
+        let new = h(&["A=1", "B=20", "D=4", "TOKEN=hunter2"]);
+        assert!(old.iter().all(|e| !e.contains("hunter2")));
         assert_eq!(
             env_changes(&old, &new),
             vec![
-                "B changed (\"2\" → \"20\")".to_string(),
-                "C is no longer set".into(),
-                "D is new (\"4\")".into()
+                "ARG/ENV B changed".to_string(),
+                "ARG/ENV C is no longer set".into(),
+                "ARG/ENV D is new".into()
             ]
         );
         let long = "x".repeat(100);
