@@ -551,9 +551,9 @@ fn oci_layout_named_context() {
 }
 
 /// `git daemon` serving the repositories under a directory on loopback.
-struct GitDaemon(std::process::Child, u16);
+pub(crate) struct GitDaemon(std::process::Child, pub(crate) u16);
 impl GitDaemon {
-    fn start(base: &Path) -> GitDaemon {
+    pub(crate) fn start(base: &Path) -> GitDaemon {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -589,7 +589,7 @@ impl Drop for GitDaemon {
     }
 }
 
-fn git_in(dir: &Path, args: &[&str]) -> String {
+pub(crate) fn git_in(dir: &Path, args: &[&str]) -> String {
     let out = std::process::Command::new("git")
         .args([
             "-c",

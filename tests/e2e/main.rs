@@ -8,5 +8,6 @@ mod farm;
 mod gc;
 mod lifecycle;
 mod parity;
+mod provenance;
 mod registry;
 mod run;

@@ -274,6 +274,7 @@ fn tls_registry_with_a_ca_from_the_config_and_push_options() {
         &[
             "build",
             c,
+            "--provenance=false",
             "-o",
             &format!("type=image,name={image},push=true,compression=zstd,compression-level=9,force-compression=true"),
         ],
@@ -522,9 +523,94 @@ fn multi_platform_builds_make_an_index() {
         "built for amd64\n"
     );
 
-    // Push: the manifest list under the tag; skopeo copies every platform.
+    // A push carries provenance by default, as with buildx: an OCI index
+    // with one attestation manifest per platform, as BuildKit lays it out.
+    let attested = format!("{}/multi/app:attested", reg.addr);
+    d.ok(&[
+        "build",
+        c,
+        "--platform",
+        platforms,
+        "-t",
+        &attested,
+        "--push",
+    ]);
+    let index: serde_json::Value = serde_json::from_str(&tool(
+        "skopeo",
+        &[
+            "inspect",
+            "--tls-verify=false",
+            "--raw",
+            &format!("docker://{attested}"),
+        ],
+    ))
+    .unwrap();
+    assert_eq!(
+        index["mediaType"],
+        "application/vnd.oci.image.index.v1+json"
+    );
+    let manifests = index["manifests"].as_array().unwrap();
+    assert_eq!(manifests.len(), 4, "{index}");
+    for m in &manifests[2..] {
+        assert_eq!(m["platform"]["os"], "unknown");
+        assert_eq!(
+            m["annotations"]["vnd.docker.reference.type"],
+            "attestation-manifest"
+        );
+        let target = m["annotations"]["vnd.docker.reference.digest"]
+            .as_str()
+            .unwrap();
+        assert!(manifests[..2].iter().any(|p| p["digest"] == target));
+        let get = |what: &str, digest: &str| -> serde_json::Value {
+            let url = format!("http://{}/v2/multi/app/{what}/{digest}", reg.addr);
+            let body = tool(
+                "curl",
+                &[
+                    "-sf",
+                    "-H",
+                    "Accept: application/vnd.oci.image.manifest.v1+json",
+                    &url,
+                ],
+            );
+            serde_json::from_str(&body).unwrap()
+        };
+        let att = get("manifests", m["digest"].as_str().unwrap());
+        assert_eq!(
+            att["artifactType"],
+            "application/vnd.docker.attestation.manifest.v1+json"
+        );
+        assert_eq!(att["subject"]["digest"], target);
+        let layer = &att["layers"][0];
+        assert_eq!(layer["mediaType"], "application/vnd.in-toto+json");
+        assert_eq!(
+            layer["annotations"]["in-toto.io/predicate-type"],
+            "https://slsa.dev/provenance/v1"
+        );
+        let stmt = get("blobs", layer["digest"].as_str().unwrap());
+        assert_eq!(stmt["_type"], "https://in-toto.io/Statement/v1");
+        assert_eq!(
+            stmt["subject"][0]["digest"]["sha256"],
+            target.trim_start_matches("sha256:")
+        );
+        assert!(
+            stmt["subject"][0]["name"]
+                .as_str()
+                .unwrap()
+                .starts_with("pkg:docker/")
+        );
+    }
+    // Push without provenance: the manifest list under the tag; skopeo copies every platform.
     let image = format!("{}/multi/app:1", reg.addr);
-    d.ok(&["build", c, "--platform", platforms, "-t", &image, "--push"]);
+    d.ok(&[
+        "build",
+        c,
+        "--platform",
+        platforms,
+        "-t",
+        &image,
+        "--push",
+        "--provenance=false",
+    ]);
     let raw: serde_json::Value = serde_json::from_str(&tool(
         "skopeo",
         &[

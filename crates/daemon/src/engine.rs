@@ -212,6 +212,17 @@ impl Engine {
             .iter()
             .any(|e| e.attrs.get("inline-cache").is_some_and(|v| v != "false"));
         let attrs = &req.frontend_attrs;
+        let started = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        // `attest:provenance` as buildx sends it; only image outputs carry it.
+        let provenance = match attrs.get("attest:provenance") {
+            Some(v) => {
+                kiln_exporter::provenance::ProvenanceRequest::parse(v).map_err(export_error)?
+            }
+            None => None,
+        };
         let dockerfile = req.frontend_inputs.get("dockerfile").ok_or_else(|| {
             EngineError::InvalidArgument("the request carries no Dockerfile".into())
         })?;
@@ -321,11 +332,10 @@ impl Engine {
             context_paths: context_paths.map(|p| p.into_iter().collect()),
         });
         // Platforms build at the same time; identical steps run once.
-        let solved = futures::future::try_join_all(
-            builds
-                .iter()
-                .map(|(_, c)| self.solve_converted(c, job.clone(), opts.no_cache)),
-        )
+        let solved = futures::future::try_join_all(builds.iter().map(|(p, c)| {
+            let prov = provenance.as_ref().map(|r| (r.max, p.format()));
+            self.solve_converted(c, job.clone(), opts.no_cache, prov)
+        }))
         .await?;
         let mut result = BuildResult {
             epoch,
@@ -336,7 +346,24 @@ impl Engine {
         // The result's files are fetched only when something is exported:
         // a build that only checks the cache downloads nothing.
         let exporting = !outputs.is_empty() || !cache_outputs.is_empty();
-        for ((platform, converted), (solved, steps)) in builds.into_iter().zip(solved) {
+        if let Some(req) = provenance {
+            let graphs: Vec<Graph> = builds
+                .iter()
+                .filter_map(|(_, c)| Graph::from_definition(&c.definition).ok())
+                .collect();
+            result.provenance = Some((
+                req,
+                crate::provenance::build_facts(
+                    attrs,
+                    dockerfile,
+                    &opts.filename,
+                    &graphs.iter().collect::<Vec<_>>(),
+                    started,
+                    epoch,
+                ),
+            ));
+        }
+        for ((platform, converted), (solved, steps, facts)) in builds.into_iter().zip(solved) {
             let chain = match solved {
                 Some(r) if exporting => self.chain_of(r.output).await?,
                 _ => Vec::new(),
@@ -345,6 +372,7 @@ impl Engine {
                 chain,
                 platform: platform.format(),
                 image: converted.image,
+                provenance: facts,
             });
             for s in steps {
                 if !result.steps.iter().any(|x| x.key == s.key) {
@@ -361,6 +389,27 @@ impl Engine {
         for output in outputs.iter().chain(&cache_outputs) {
             response.extend(output.export(&result, &env).await.map_err(export_error)?);
         }
+        // As buildx: the provenance predicate in the metadata, per platform
+        // when there are several.
+        if let Some((req, facts)) = &result.provenance {
+            let mut facts = facts.clone();
+            facts.finished = epoch.unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs() as i64)
+                    .unwrap_or(0)
+            });
+            let multi = result.platforms.len() > 1;
+            for p in &result.platforms {
+                let predicate = kiln_exporter::provenance::predicate(req, &facts, &p.provenance);
+                let key = if multi {
+                    format!("buildx.build.provenance/{}", p.platform)
+                } else {
+                    "buildx.build.provenance".to_string()
+                };
+                response.insert(key, predicate.to_string());
+            }
+        }
         // Imported results that were fetched are recorded here, so later
         // builds hit them without the import.
         for s in &result.steps {
@@ -375,14 +424,17 @@ impl Engine {
 
     /// Solves one converted Dockerfile: its result (None for an empty,
     /// scratch, result) and every step's cache record.
+    /// With `provenance` (max mode, platform), also what its sources
+    /// resolved to.
     async fn solve_converted(
         &self,
         converted: &kiln_dockerfile::Converted,
         job: Arc<Job>,
         no_cache: bool,
-    ) -> Result<(Option<Resolved<Output>>, Vec<StepRecord>), EngineError> {
+        provenance: Option<(bool, String)>,
+    ) -> Result<Solution, EngineError> {
         if converted.scratch {
-            return Ok((None, Vec::new()));
+            return Ok((None, Vec::new(), Default::default()));
         }
         let graph = Graph::from_definition(&converted.definition)
             .map_err(|e| EngineError::Build(e.to_string()))?;
@@ -428,7 +480,13 @@ impl Engine {
                 output: r.output.clone(),
             });
         }
-        Ok((Some(solved.result), steps))
+        let facts = match provenance {
+            Some((max, platform)) => {
+                crate::provenance::platform_facts(&graph, &solved.vertices, &platform, max)
+            }
+            None => Default::default(),
+        };
+        Ok((Some(solved.result), steps, facts))
     }
 
     /// The snapshot chain of a result, fetching it first if it is remote.
@@ -576,6 +634,13 @@ fn declared_cache_mounts(builds: &[(Platform, kiln_dockerfile::Converted)]) -> V
     }
     dirs.into_iter().collect()
 }
+
+/// One platform's solve: its result, its steps' records and its provenance facts.
+type Solution = (
+    Option<Resolved<Output>>,
+    Vec<StepRecord>,
+    kiln_exporter::provenance::PlatformFacts,
+);
 
 fn export_error(e: ExportError) -> EngineError {
     match e {

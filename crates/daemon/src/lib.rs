@@ -8,6 +8,7 @@ pub mod config;
 pub mod engine;
 pub mod gc;
 pub mod progress;
+pub mod provenance;
 pub mod service;
 pub mod session;
 

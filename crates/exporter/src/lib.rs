@@ -35,6 +35,7 @@ impl ExportError {
 
 pub mod output;
 mod outputs;
+pub mod provenance;
 pub use output::{
     BuildResult, ExportEnv, ExporterInstance, PlatformResult, StepRecord, WriteFn, resolve,
 };
@@ -113,6 +114,9 @@ pub struct BuiltImage {
     pub manifest_media_type: String,
     pub layers: Vec<Layer>,
     pub platform: PlatformDesc,
+    /// Annotations of its descriptor in an index (an attestation manifest's
+    /// `vnd.docker.reference.*`).
+    pub index_annotations: BTreeMap<String, String>,
 }
 
 /// A multi-platform index (OCI image index or Docker manifest list).
@@ -139,7 +143,7 @@ pub fn build_index(images: &[BuiltImage], oci_mediatypes: bool) -> Result<BuiltI
                 media_type: i.manifest_media_type.clone(),
                 digest: i.manifest_digest.to_string(),
                 size: i.manifest.len() as u64,
-                annotations: BTreeMap::new(),
+                annotations: i.index_annotations.clone(),
                 platform: Some(i.platform.clone()),
             })
             .collect(),
@@ -260,6 +264,7 @@ pub fn build_image(
         manifest,
         manifest_media_type: mt.into(),
         layers: kept,
+        index_annotations: BTreeMap::new(),
         platform: PlatformDesc {
             architecture: img.architecture.clone(),
             os: img.os.clone(),

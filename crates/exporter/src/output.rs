@@ -23,6 +23,8 @@ pub struct PlatformResult {
     /// The result's snapshot chain, nearest first (empty for scratch).
     pub chain: Vec<String>,
     pub image: Image,
+    /// What this platform's build resolved, for its provenance.
+    pub provenance: crate::provenance::PlatformFacts,
 }
 
 /// A step of this build with its cache key and result (what cache
@@ -50,6 +52,11 @@ pub struct BuildResult {
     /// The cache mounts the build's RUN steps declare (their directory
     /// names), which `cache-mounts=true` cache exports carry.
     pub cache_mounts: Vec<String>,
+    /// Attach SLSA provenance to image outputs (`--provenance`).
+    pub provenance: Option<(
+        crate::provenance::ProvenanceRequest,
+        crate::provenance::BuildFacts,
+    )>,
 }
 
 impl BuildResult {

@@ -161,6 +161,13 @@ struct BuildArgs {
     /// the cache mounts it carries
     #[arg(long = "cache-from")]
     cache_from: Vec<String>,
+    /// SLSA provenance for image outputs: true, false, min, max, or
+    /// mode=min|max[,version=v1|v0.2][,builder-id=URL] (default: min when pushing)
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    provenance: Option<String>,
+    /// Attestations: type=provenance[,mode=min|max,version=...]
+    #[arg(long = "attest")]
+    attest: Vec<String>,
     /// Say, for each step that runs, why it was not in the cache (what changed
     /// since the closest earlier build of it); always in --progress rawjson
     #[arg(long = "explain-cache")]
@@ -765,6 +772,25 @@ async fn build(targets: &targets::Targets, b: BuildArgs) -> anyhow::Result<()> {
             });
         }
     }
+    // Provenance: asked for, or (as buildx) min when the image is pushed.
+    let mut provenance = b.provenance.clone();
+    for a in &b.attest {
+        match a.split(',').find_map(|f| f.strip_prefix("type=")) {
+            Some("provenance") => provenance = Some(a.clone()),
+            Some("sbom") => bail!("--attest {a:?}: SBOM attestations are not supported yet"),
+            _ => bail!("--attest {a:?}: expected type=provenance[,mode=min|max,...]"),
+        }
+    }
+    let pushes = exporters.iter().any(|e| {
+        e.r#type == "registry"
+            || (e.r#type == "image" && e.attrs.get("push").is_some_and(|p| p != "false"))
+    });
+    if provenance.is_none() && pushes {
+        provenance = Some("mode=min".into());
+    }
+    if let Some(p) = provenance {
+        attrs.insert("attest:provenance".into(), p);
+    }
     let mut cache_exports = Vec::new();
     for spec in &b.cache_to {
         let mut e = parse_cache_entry("--cache-to", spec)?;
@@ -866,7 +892,16 @@ async fn build(targets: &targets::Targets, b: BuildArgs) -> anyhow::Result<()> {
     if let Some(p) = &b.metadata_file {
         let mut j = serde_json::Map::new();
         for (k, v) in &meta {
-            j.insert(k.clone(), serde_json::Value::String(v.clone()));
+            // As buildx: the provenance is a JSON object, not a string.
+            let value = match serde_json::from_str(v) {
+                Ok(obj @ serde_json::Value::Object(_))
+                    if k.starts_with("buildx.build.provenance") =>
+                {
+                    obj
+                }
+                _ => serde_json::Value::String(v.clone()),
+            };
+            j.insert(k.clone(), value);
         }
         if !b.tags.is_empty() && !j.contains_key("image.name") {
             j.insert(

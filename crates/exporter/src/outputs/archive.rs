@@ -41,7 +41,7 @@ impl ExporterInstance for ArchiveOutput {
                     "type=docker holds one platform (docker load has no manifest lists); use type=oci for several platforms".into(),
                 ));
             }
-            let (images, index) = build_images(result, &self.opts, env).await?;
+            let (images, index) = build_images(result, &self.opts, env, !self.docker).await?;
             let (imgs, idx, names) = (images.clone(), index.clone(), self.opts.names.clone());
             let (worker, docker, epoch) = (env.worker().clone(), self.docker, result.epoch);
             let send = env.send(

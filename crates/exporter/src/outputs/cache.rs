@@ -205,16 +205,19 @@ fn layers_of(
     epoch: Option<i64>,
     oci: bool,
 ) -> Result<(Vec<ExportRecord>, Vec<Layer>), ExportError> {
-    let created = crate::rfc3339(epoch.unwrap_or_else(|| {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs() as i64)
-            .unwrap_or(0)
-    }));
     let mut records = Vec::new();
     let mut all_layers: Vec<Layer> = Vec::new();
     let mut seen = HashSet::new();
     for (key, inputs, id) in picked {
+        // When the result was made (or the epoch): the same cache exported
+        // twice gives the same config, so nothing new is written.
+        let made = worker
+            .meta
+            .snapshot(&id)
+            .map_err(ExportError::failed)?
+            .map(|s| s.created)
+            .unwrap_or(0);
+        let created = crate::rfc3339(epoch.unwrap_or(made));
         let chain = worker.chain(&id).map_err(ExportError::failed)?;
         let layers = chain_layers(worker, &chain, compression, epoch)?;
         let chain: Vec<ExportLayer> = layers

@@ -23,6 +23,8 @@ pub(crate) struct ImageExportOptions {
     pub push_by_digest: bool,
     /// `registry.insecure=true`: plain HTTP to the registry.
     pub insecure: bool,
+    /// `oci-mediatypes=false` was asked for (attestations then cannot be).
+    pub docker_types_asked: bool,
 }
 
 impl ImageExportOptions {
@@ -67,6 +69,7 @@ impl ImageExportOptions {
             names: name_list(attrs),
             push_by_digest: bool_attr(attrs, "push-by-digest", false)?,
             insecure: bool_attr(attrs, "registry.insecure", false)?,
+            docker_types_asked: !bool_attr(attrs, "oci-mediatypes", true)?,
         })
     }
 }
@@ -110,11 +113,26 @@ fn now() -> i64 {
 
 /// One image per platform result (layers compressed once and reused), and
 /// the index over them when there are several.
+/// `attach`: add the build's attestations (not for `docker load` archives,
+/// which have no place for them).
 pub(crate) async fn build_images(
     result: &BuildResult,
     opts: &ImageExportOptions,
     env: &dyn ExportEnv,
+    attach: bool,
 ) -> Result<(Vec<BuiltImage>, Option<BuiltIndex>), ExportError> {
+    let attach = attach && result.provenance.is_some();
+    let mut opts = opts.clone();
+    if attach {
+        // As BuildKit: attestations need OCI media types, so they turn them on.
+        if opts.docker_types_asked {
+            return Err(ExportError::Option(
+                "attestations need OCI media types: drop oci-mediatypes=false, or turn provenance off (--provenance=false)".into(),
+            ));
+        }
+        opts.oci_mediatypes = true;
+    }
+    let opts = &opts;
     let mut images = Vec::new();
     let work = async {
         for r in &result.platforms {
@@ -159,12 +177,56 @@ pub(crate) async fn build_images(
     }
     .boxed();
     env.phase("exporting layers".into(), work).await?;
-    let index = if images.len() > 1 {
+    // Attestations make an index even of one platform, as in BuildKit.
+    let attested = match (&result.provenance, attach) {
+        (Some((req, facts)), true) => {
+            let attestations = attest(result, req, facts, &images, &opts.names, env)?;
+            images.extend(attestations);
+            true
+        }
+        _ => false,
+    };
+    let index = if images.len() > 1 || attested {
         Some(crate::build_index(&images, opts.oci_mediatypes)?)
     } else {
         None
     };
     Ok((images, index))
+}
+
+/// One attestation manifest per platform image, holding its provenance.
+fn attest(
+    result: &BuildResult,
+    req: &crate::provenance::ProvenanceRequest,
+    facts: &crate::provenance::BuildFacts,
+    images: &[BuiltImage],
+    names: &[String],
+    env: &dyn ExportEnv,
+) -> Result<Vec<BuiltImage>, ExportError> {
+    use crate::provenance as p;
+    let mut facts = facts.clone();
+    // Finished when exported; with SOURCE_DATE_EPOCH, at the epoch.
+    facts.finished = result.epoch.unwrap_or_else(now);
+    let predicate_type = if req.v02 { p::SLSA_V02 } else { p::SLSA_V1 };
+    let mut out = Vec::new();
+    for (img, plat) in images.iter().zip(&result.platforms) {
+        let predicate = p::predicate(req, &facts, &plat.provenance);
+        let stmt = p::statement(
+            predicate_type,
+            predicate,
+            names,
+            &plat.platform,
+            &img.manifest_digest,
+        );
+        let bytes = serde_json::to_vec(&stmt).map_err(ExportError::failed)?;
+        let content = &env.worker().content;
+        out.push(p::attestation_manifest(
+            img,
+            &[(predicate_type.to_string(), bytes)],
+            |data| content.put(data).map_err(ExportError::from),
+        )?);
+    }
+    Ok(out)
 }
 
 /// The layers of a snapshot chain (base first) in one compression,

@@ -78,7 +78,7 @@ impl ExporterInstance for PushOutput {
     ) -> BoxFuture<'a, Result<BTreeMap<String, String>, ExportError>> {
         async move {
             let opts = &self.opts;
-            let (images, index) = build_images(result, opts, env).await?;
+            let (images, index) = build_images(result, opts, env, true).await?;
             let worker = env.worker();
             for n in &opts.names {
                 let r = kiln_registry::parse_reference(n)
