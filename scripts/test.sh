@@ -21,7 +21,9 @@ if [ -z "${KILN_CORPUS:-}" ] && [ ! -d ../shared/corpus ]; then
   echo "note: conformance corpus not found at ../shared/corpus; set KILN_CORPUS (its tests will fail loudly)" >&2
 fi
 
-# The Kubernetes manifests of the farm (docs/farm.md), against the API schemas.
+# Validators from PyPI the tests use (target/tools/venv), then the farm's
+# Kubernetes manifests (docs/farm.md) against the API schemas.
+./scripts/tools.sh
 ./scripts/validate-k8s.sh
 
 # End-to-end tests run the built kilnd/kilnctl binaries.

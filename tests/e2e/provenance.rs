@@ -36,6 +36,31 @@ fn statement(layout: &Path) -> serde_json::Value {
     blob(layout, manifest["layers"][0]["digest"].as_str().unwrap())
 }
 
+/// Checks statements with the in-toto framework's own bindings (PyPI
+/// in-toto-attestation, installed by scripts/tools.sh, which scripts/test.sh runs).
+fn validate_in_toto(stmt: &serde_json::Value, dir: &Path) {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let python = repo.join("target/tools/venv/bin/python");
+    assert!(
+        python.exists(),
+        "{} is missing: run ./scripts/tools.sh (scripts/test.sh does)",
+        python.display()
+    );
+    let file = dir.join("statement.json");
+    std::fs::write(&file, serde_json::to_vec(stmt).unwrap()).unwrap();
+    let o = std::process::Command::new(python)
+        .arg(repo.join("scripts/validate-intoto.py"))
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "in-toto validation failed:\n{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
 #[test]
 fn provenance_names_the_base_the_git_commit_and_no_secret() {
     require_root!();
@@ -102,6 +127,7 @@ fn provenance_names_the_base_the_git_commit_and_no_secret() {
     ]);
     let stmt = statement(&layout);
     assert_eq!(stmt["predicateType"], "https://slsa.dev/provenance/v1");
+    validate_in_toto(&stmt, work.path());
     let p = &stmt["predicate"];
     let deps = p["buildDefinition"]["resolvedDependencies"]
         .as_array()
