@@ -175,6 +175,41 @@ fn provenance_names_the_base_the_git_commit_and_no_secret() {
         m["buildx.build.provenance"]["buildDefinition"].is_object(),
         "{m}"
     );
+    // Pushed (min by default), and read back with imagetools inspect, from
+    // the registry and from the layout.
+    let image = format!("{}/kiln/app:1", reg.addr);
+    d.ok(&[
+        "build",
+        ctx.path().to_str().unwrap(),
+        "--secret",
+        &format!("id=token,src={}", secret.display()),
+        "-t",
+        &image,
+        "--push",
+    ]);
+    let shown =
+        String::from_utf8_lossy(&d.ok(&["imagetools", "inspect", &image]).stdout).to_string();
+    assert!(
+        shown.contains("Platform:    linux/") && shown.contains("attestation-manifest"),
+        "{shown}"
+    );
+    for target in [image.clone(), format!("oci-layout://{}", layout.display())] {
+        let o = d.ok(&[
+            "imagetools",
+            "inspect",
+            &target,
+            "--format",
+            "{{json .Provenance}}",
+        ]);
+        let prov: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let deps = prov["SLSA"]["buildDefinition"]["resolvedDependencies"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{target}: {prov}"));
+        assert!(
+            deps.iter().any(|d| d["digest"]["sha1"] == commit.as_str()),
+            "{prov}"
+        );
+    }
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! kilnctl: the kiln command-line client.
 
 mod cache_cmds;
+mod imagetools;
 mod progress;
 mod targets;
 
@@ -78,10 +79,33 @@ enum Cmd {
         #[arg(short, long)]
         force: bool,
     },
+    /// Image tools: inspect an image's index, platforms and attestations
+    Imagetools {
+        #[command(subcommand)]
+        cmd: ImagetoolsCmd,
+    },
     /// Debugging helpers
     Debug {
         #[command(subcommand)]
         cmd: DebugCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ImagetoolsCmd {
+    /// Show an image (REGISTRY/REPO:TAG, or oci-layout://DIR[:TAG]): its
+    /// manifests, platforms and attestations
+    #[command(
+        after_help = "Examples:\n  kilnctl imagetools inspect reg.lan/app:1\n  kilnctl imagetools inspect reg.lan/app:1 --format '{{json .Provenance}}'\n  kilnctl imagetools inspect oci-layout://./out --raw"
+    )]
+    Inspect {
+        reference: String,
+        /// '{{json .Provenance}}', '{{json .SBOM}}' or '{{json .Manifest}}'
+        #[arg(long)]
+        format: Option<String>,
+        /// Print the top manifest or index as stored
+        #[arg(long)]
+        raw: bool,
     },
 }
 
@@ -327,6 +351,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             cache_cmds::print_removed(&r?);
             Ok(())
         }
+        Cmd::Imagetools {
+            cmd:
+                ImagetoolsCmd::Inspect {
+                    reference,
+                    format,
+                    raw,
+                },
+        } => imagetools::inspect(&reference, format.as_deref(), raw).await,
         Cmd::Debug { cmd } => match cmd {
             DebugCmd::Workers => {
                 let conn = connect(&targets, None).await?;
