@@ -162,8 +162,14 @@ impl Engine {
         };
         progress.close();
         self.jobs.remove(&req.r#ref);
-        // Within the policies before the client hears the build is done.
-        if let Err(e) = self.collect_garbage(false).await {
+        // Within the policies before the client hears the build is done;
+        // what this build just used stays (its records may share the second
+        // of their last use with older ones).
+        let (r, used) = match r {
+            Ok((resp, used)) => (Ok(resp), used),
+            Err(e) => (Err(e), Vec::new()),
+        };
+        if let Err(e) = self.collect_garbage(false, &used).await {
             tracing::warn!("garbage collection: {e}");
         }
         if let Some(f) = self.config.after_build {
@@ -177,7 +183,7 @@ impl Engine {
         req: &SolveRequest,
         progress: Arc<JobProgress>,
         session: Arc<Session>,
-    ) -> Result<SolveResponse, EngineError> {
+    ) -> Result<(SolveResponse, Vec<String>), EngineError> {
         let _guard = self.gc.read().await;
         if req.frontend != "dockerfile.v0" && !req.frontend.is_empty() {
             return Err(EngineError::InvalidArgument(format!(
@@ -417,9 +423,13 @@ impl Engine {
                 self.worker.local_snapshot(&s.output);
             }
         }
-        Ok(SolveResponse {
-            exporter_response: response.into_iter().collect(),
-        })
+        let used = result.steps.iter().map(|s| s.key.clone()).collect();
+        Ok((
+            SolveResponse {
+                exporter_response: response.into_iter().collect(),
+            },
+            used,
+        ))
     }
 
     /// Solves one converted Dockerfile: its result (None for an empty,
@@ -540,7 +550,7 @@ impl Engine {
             let mut m = measured.lock().unwrap_or_else(|p| p.into_inner());
             // An explicit prune always measures.
             m.clear();
-            crate::gc::prune(&worker, &policy, &mut m)
+            crate::gc::prune(&worker, &policy, &mut m, &Default::default())
         })
         .await
         .map_err(|e| EngineError::Storage(e.to_string()))?
@@ -561,7 +571,7 @@ impl Engine {
                 if engine.shutdown.is_cancelled() {
                     break;
                 }
-                if let Err(e) = engine.collect_garbage(true).await {
+                if let Err(e) = engine.collect_garbage(true, &[]).await {
                     tracing::warn!("garbage collection: {e}");
                 }
             }
@@ -571,7 +581,13 @@ impl Engine {
     /// Applies the configured GC policies, unless a build is running (a
     /// build never waits for the collector; the last build to end runs it).
     /// `timer`: a periodic run, which measures the state dir afresh.
-    pub async fn collect_garbage(&self, timer: bool) -> Result<Vec<UsageRecord>, EngineError> {
+    /// `protect`: cache keys kept whatever the policies say (the steps of
+    /// the build that just ended).
+    pub async fn collect_garbage(
+        &self,
+        timer: bool,
+        protect: &[String],
+    ) -> Result<Vec<UsageRecord>, EngineError> {
         if !self.config.gc.enabled || self.gc_policies.is_empty() {
             return Ok(Vec::new());
         }
@@ -583,6 +599,7 @@ impl Engine {
             self.gc_policies.clone(),
             self.gc_measured.clone(),
         );
+        let protect: std::collections::HashSet<String> = protect.iter().cloned().collect();
         let removed = tokio::task::spawn_blocking(move || {
             let mut m = measured.lock().unwrap_or_else(|p| p.into_inner());
             if timer {
@@ -590,7 +607,7 @@ impl Engine {
             }
             let mut removed = Vec::new();
             for p in &policies {
-                removed.extend(crate::gc::prune(&worker, p, &mut m)?);
+                removed.extend(crate::gc::prune(&worker, p, &mut m, &protect)?);
             }
             Ok::<_, crate::gc::GcError>(removed)
         })

@@ -390,10 +390,13 @@ fn subdirs(dir: &Path) -> Vec<(String, std::path::PathBuf, i64)> {
 
 /// Applies one policy; returns what was removed. The caller holds the GC
 /// lock exclusively (no build is using anything).
+/// `protect`: cache keys never removed (a snapshot goes only when none of
+/// its records is protected).
 pub fn prune(
     worker: &Worker,
     policy: &Policy,
     measured: &mut Measured,
+    protect: &HashSet<String>,
 ) -> Result<Vec<UsageRecord>, GcError> {
     let now = now();
     let mut records: HashMap<String, kiln_cache::CacheRecord> =
@@ -439,7 +442,8 @@ pub fn prune(
     // As BuildKit: the age limit and the filters pick the candidates; the
     // size limits say how many of them (least recently used first) go.
     candidates.retain(|c| {
-        policy.filters.matches(c, now)
+        !c.keys.iter().any(|k| protect.contains(k))
+            && policy.filters.matches(c, now)
             && (policy.keep_duration == 0 || c.last_used < now - policy.keep_duration)
     });
     candidates.sort_by_key(|c| c.last_used);
