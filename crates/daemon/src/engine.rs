@@ -218,10 +218,7 @@ impl Engine {
             .iter()
             .any(|e| e.attrs.get("inline-cache").is_some_and(|v| v != "false"));
         let attrs = &req.frontend_attrs;
-        let started = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs() as i64)
-            .unwrap_or(0);
+        let started = unix_now();
         // `attest:provenance` as buildx sends it; only image outputs carry it.
         let provenance = match attrs.get("attest:provenance") {
             Some(v) => {
@@ -330,6 +327,18 @@ impl Engine {
             &progress,
         )
         .await;
+        // Each platform's graph, made once (None for an empty, scratch, result).
+        let graphs: Vec<Option<Graph>> = builds
+            .iter()
+            .map(|(_, c)| {
+                if c.scratch {
+                    Ok(None)
+                } else {
+                    Graph::from_definition(&c.definition).map(Some)
+                }
+            })
+            .collect::<Result<_, _>>()
+            .map_err(|e| EngineError::Build(e.to_string()))?;
         let job = Arc::new(Job {
             cache_imports,
             progress: progress.clone(),
@@ -338,33 +347,31 @@ impl Engine {
             context_paths: context_paths.map(|p| p.into_iter().collect()),
         });
         // Platforms build at the same time; identical steps run once.
-        let solved = futures::future::try_join_all(builds.iter().map(|(p, c)| {
-            let prov = provenance.as_ref().map(|r| (r.max, p.format()));
-            self.solve_converted(c, job.clone(), opts.no_cache, prov)
-        }))
-        .await?;
+        let solved =
+            futures::future::try_join_all(builds.iter().zip(&graphs).map(|((p, _), g)| {
+                let prov = provenance.as_ref().map(|r| (r.max, p.format()));
+                self.solve_converted(g.as_ref(), job.clone(), opts.no_cache, prov)
+            }))
+            .await?;
         let mut result = BuildResult {
             epoch,
             inline_cache,
-            cache_mounts: declared_cache_mounts(&builds),
+            cache_mounts: declared_cache_mounts(graphs.iter().flatten()),
             ..Default::default()
         };
         // The result's files are fetched only when something is exported:
         // a build that only checks the cache downloads nothing.
         let exporting = !outputs.is_empty() || !cache_outputs.is_empty();
         if let Some(req) = provenance {
-            let graphs: Vec<Graph> = builds
-                .iter()
-                .filter_map(|(_, c)| Graph::from_definition(&c.definition).ok())
-                .collect();
             result.provenance = Some((
                 req,
                 crate::provenance::build_facts(
                     attrs,
                     dockerfile,
                     &opts.filename,
-                    &graphs.iter().collect::<Vec<_>>(),
-                    started,
+                    &graphs.iter().flatten().collect::<Vec<_>>(),
+                    // Finished: solved (exports follow, as in BuildKit).
+                    (started, unix_now()),
                     epoch,
                 ),
             ));
@@ -398,16 +405,10 @@ impl Engine {
         // As buildx: the provenance predicate in the metadata, per platform
         // when there are several.
         if let Some((req, facts)) = &result.provenance {
-            let mut facts = facts.clone();
-            facts.finished = epoch.unwrap_or_else(|| {
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_secs() as i64)
-                    .unwrap_or(0)
-            });
             let multi = result.platforms.len() > 1;
             for p in &result.platforms {
-                let predicate = kiln_exporter::provenance::predicate(req, &facts, &p.provenance);
+                // The same predicate the image outputs attached (same facts).
+                let predicate = kiln_exporter::provenance::predicate(req, facts, &p.provenance);
                 let key = if multi {
                     format!("buildx.build.provenance/{}", p.platform)
                 } else {
@@ -438,19 +439,17 @@ impl Engine {
     /// resolved to.
     async fn solve_converted(
         &self,
-        converted: &kiln_dockerfile::Converted,
+        graph: Option<&Graph>,
         job: Arc<Job>,
         no_cache: bool,
         provenance: Option<(bool, String)>,
     ) -> Result<Solution, EngineError> {
-        if converted.scratch {
+        let Some(graph) = graph else {
             return Ok((None, Vec::new(), Default::default()));
-        }
-        let graph = Graph::from_definition(&converted.definition)
-            .map_err(|e| EngineError::Build(e.to_string()))?;
+        };
         let solved = self
             .solver
-            .solve_all(&graph, job, no_cache)
+            .solve_all(graph, job, no_cache)
             .await
             .map_err(|e| {
                 let loc = e
@@ -492,7 +491,7 @@ impl Engine {
         }
         let facts = match provenance {
             Some((max, platform)) => {
-                crate::provenance::platform_facts(&graph, &solved.vertices, &platform, max)
+                crate::provenance::platform_facts(graph, &solved.vertices, &platform, max)
             }
             None => Default::default(),
         };
@@ -632,13 +631,10 @@ impl Engine {
 
 /// The cache mounts the build's RUN steps declare, by directory (those
 /// seeded `from=` a stage are that stage's and stay here).
-fn declared_cache_mounts(builds: &[(Platform, kiln_dockerfile::Converted)]) -> Vec<String> {
+fn declared_cache_mounts<'a>(graphs: impl Iterator<Item = &'a Graph>) -> Vec<String> {
     use kiln_definition::pb;
     let mut dirs = std::collections::BTreeSet::new();
-    for (_, c) in builds {
-        let Ok(graph) = Graph::from_definition(&c.definition) else {
-            continue;
-        };
+    for graph in graphs {
         for v in graph.vertices.values() {
             if let Some(pb::op::Op::Exec(e)) = &v.op.op {
                 for m in &e.mounts {
@@ -650,6 +646,13 @@ fn declared_cache_mounts(builds: &[(Platform, kiln_dockerfile::Converted)]) -> V
         }
     }
     dirs.into_iter().collect()
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
 }
 
 /// One platform's solve: its result, its steps' records and its provenance facts.

@@ -215,6 +215,25 @@ impl Measured {
     }
 }
 
+/// The digests of a snapshot's layer blobs.
+fn snapshot_blobs(s: &kiln_cache::SnapshotRecord) -> impl Iterator<Item = &str> {
+    s.layers
+        .iter()
+        .flat_map(|l| l.blobs.iter().map(|b| b.digest.as_str()))
+}
+
+/// A snapshot's bytes, as `du` counts them: its directory and its layer
+/// blobs (what `u` has not counted already).
+fn snapshot_bytes(worker: &Worker, u: &mut Usage, id: &str, s: &kiln_cache::SnapshotRecord) -> u64 {
+    let mut n = u.add(&worker.snapshots.dir(id));
+    for d in snapshot_blobs(s) {
+        if let Ok(d) = d.parse() {
+            n += u.add(&worker.content.path(&d));
+        }
+    }
+    n
+}
+
 /// Bytes of each snapshot (its directory and its layer blobs), counted once.
 struct Sizes {
     snapshots: HashMap<String, u64>,
@@ -229,12 +248,7 @@ fn sizes(worker: &Worker) -> Result<Sizes, GcError> {
     let mut snapshots = HashMap::new();
     let mut sum = 0;
     for (id, s) in worker.meta.snapshots().map_err(gerr)? {
-        let mut n = u.add(&worker.snapshots.dir(&id));
-        for b in s.layers.iter().flat_map(|l| l.blobs.iter()) {
-            if let Ok(d) = b.digest.parse() {
-                n += u.add(&worker.content.path(&d));
-            }
-        }
+        let n = snapshot_bytes(worker, &mut u, &id, &s);
         sum += n;
         snapshots.insert(id, n);
     }
@@ -305,13 +319,8 @@ pub fn disk_usage(worker: &Worker) -> Result<Vec<UsageRecord>, GcError> {
     let mut out = Vec::new();
     let mut blobs_of_snapshots = HashSet::new();
     for (id, s) in &snaps {
-        let mut size = u.add(&worker.snapshots.dir(id));
-        for b in s.layers.iter().flat_map(|l| l.blobs.iter()) {
-            blobs_of_snapshots.insert(b.digest.clone());
-            if let Ok(d) = b.digest.parse() {
-                size += u.add(&worker.content.path(&d));
-            }
-        }
+        let size = snapshot_bytes(worker, &mut u, id, s);
+        blobs_of_snapshots.extend(snapshot_blobs(s).map(str::to_string));
         let (last, count) = used.get(id.as_str()).copied().unwrap_or((s.created, 0));
         out.push(UsageRecord {
             id: id.clone(),
@@ -522,13 +531,8 @@ fn remove(
     let mut counted: HashSet<String> = HashSet::new();
     for id in &dead {
         let s = &snaps[id];
-        let mut size = u.add(&worker.snapshots.dir(id));
-        for b in s.layers.iter().flat_map(|l| l.blobs.iter()) {
-            counted.insert(b.digest.clone());
-            if let Ok(d) = b.digest.parse() {
-                size += u.add(&worker.content.path(&d));
-            }
-        }
+        let size = snapshot_bytes(worker, &mut u, id, s);
+        counted.extend(snapshot_blobs(s).map(str::to_string));
         worker.snapshots.remove(id).map_err(gerr)?;
         removed.push(UsageRecord {
             id: id.clone(),
@@ -543,11 +547,7 @@ fn remove(
     let live_blobs: HashSet<String> = snaps
         .iter()
         .filter(|(id, _)| live.contains(*id))
-        .flat_map(|(_, s)| {
-            s.layers
-                .iter()
-                .flat_map(|l| l.blobs.iter().map(|b| b.digest.clone()))
-        })
+        .flat_map(|(_, s)| snapshot_blobs(s).map(str::to_string))
         .collect();
     for (d, size) in worker.content.list().map_err(gerr)? {
         if !live_blobs.contains(d.as_str()) {

@@ -18,7 +18,7 @@ pub fn build_facts(
     dockerfile: &[u8],
     filename: &str,
     graphs: &[&Graph],
-    started: i64,
+    (started, finished): (i64, i64),
     epoch: Option<i64>,
 ) -> BuildFacts {
     let args: BTreeMap<String, String> = attrs
@@ -80,7 +80,7 @@ pub fn build_facts(
         filename: filename.to_string(),
         dockerfile: dockerfile.to_vec(),
         started: epoch.unwrap_or(started),
-        finished: 0,
+        finished: epoch.unwrap_or(finished),
         builder_platform: kiln_dockerfile::Platform::host().format(),
         reproducible: epoch.is_some(),
     }

@@ -204,13 +204,10 @@ fn attest(
     env: &dyn ExportEnv,
 ) -> Result<Vec<BuiltImage>, ExportError> {
     use crate::provenance as p;
-    let mut facts = facts.clone();
-    // Finished when exported; with SOURCE_DATE_EPOCH, at the epoch.
-    facts.finished = result.epoch.unwrap_or_else(now);
     let predicate_type = if req.v02 { p::SLSA_V02 } else { p::SLSA_V1 };
     let mut out = Vec::new();
     for (img, plat) in images.iter().zip(&result.platforms) {
-        let predicate = p::predicate(req, &facts, &plat.provenance);
+        let predicate = p::predicate(req, facts, &plat.provenance);
         let stmt = p::statement(
             predicate_type,
             predicate,
