@@ -2,11 +2,12 @@
 # The validators the tests use that come from PyPI, in one venv under
 # target/tools/venv (pinned): kubernetes-validate (the farm's manifests
 # against the API schemas) and in-toto-attestation (the in-toto framework's
-# own bindings, for provenance statements).
+# own bindings, for provenance statements) and spdx-tools (the SPDX
+# project's validator, for SBOMs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=target/tools/venv
-WANT="kubernetes-validate==1.37.0 in-toto-attestation==0.9.3"
+WANT="kubernetes-validate==1.37.0 in-toto-attestation==0.9.3 spdx-tools==0.8.5"
 STAMP=$VENV/.installed
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
   python3 -m venv "$VENV"

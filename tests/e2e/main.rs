@@ -11,3 +11,4 @@ mod parity;
 mod provenance;
 mod registry;
 mod run;
+mod sbom;

@@ -10,13 +10,13 @@ use kiln_e2e::{Daemon, Registry, busybox_context, require_root, tool};
 use super::builds::{GitDaemon, git_in};
 
 /// The OCI layout of an `-o type=oci,tar=false` output: its top index.
-fn top_index(layout: &Path) -> serde_json::Value {
+pub(super) fn top_index(layout: &Path) -> serde_json::Value {
     let index: serde_json::Value =
         serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
     blob(layout, index["manifests"][0]["digest"].as_str().unwrap())
 }
 
-fn blob(layout: &Path, digest: &str) -> serde_json::Value {
+pub(super) fn blob(layout: &Path, digest: &str) -> serde_json::Value {
     let p: PathBuf = layout
         .join("blobs/sha256")
         .join(digest.trim_start_matches("sha256:"));
@@ -38,7 +38,7 @@ fn statement(layout: &Path) -> serde_json::Value {
 
 /// Checks statements with the in-toto framework's own bindings (PyPI
 /// in-toto-attestation, installed by scripts/tools.sh, which scripts/test.sh runs).
-fn validate_in_toto(stmt: &serde_json::Value, dir: &Path) {
+pub(super) fn validate_in_toto(stmt: &serde_json::Value, dir: &Path) {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let python = repo.join("target/tools/venv/bin/python");
     assert!(

@@ -12,6 +12,7 @@ use kiln_definition::Graph;
 use kiln_definition::image::Image;
 use kiln_digest::Digest;
 use kiln_dockerfile::{ConvertOptions, ImageResolver, Platform};
+use kiln_exporter::sbom::{ScanRoot, ScanTarget};
 use kiln_exporter::{BuildResult, ExportEnv, ExportError, PlatformResult, StepRecord, WriteFn};
 use kiln_proto::control::{SolveRequest, SolveResponse, UsageRecord};
 use kiln_solver::{Resolved, Solver};
@@ -226,6 +227,19 @@ impl Engine {
             }
             None => None,
         };
+        // `attest:sbom`: kiln scans with its own scanner.
+        let sbom = match attrs.get("attest:sbom") {
+            Some(v) => kiln_exporter::sbom::SbomRequest::parse(v).map_err(export_error)?,
+            None => None,
+        };
+        if let Some(g) = sbom.as_ref().and_then(|s| s.generator.as_ref()) {
+            progress.warning(
+                format!(
+                    "sbom: generator={g} is not run: kiln makes SBOMs with its built-in scanner"
+                ),
+                String::new(),
+            );
+        }
         let dockerfile = req.frontend_inputs.get("dockerfile").ok_or_else(|| {
             EngineError::InvalidArgument("the request carries no Dockerfile".into())
         })?;
@@ -236,6 +250,8 @@ impl Engine {
                 .unwrap_or_else(|| "Dockerfile".into()),
             target: attrs.get("target").filter(|t| !t.is_empty()).cloned(),
             no_cache: attrs.contains_key("no-cache"),
+            sbom_scan_stages: sbom.as_ref().is_some_and(|s| s.scan_stages),
+            sbom_scan_context: sbom.as_ref().is_some_and(|s| s.scan_context),
             ..Default::default()
         };
         for (k, v) in attrs {
@@ -348,9 +364,10 @@ impl Engine {
         });
         // Platforms build at the same time; identical steps run once.
         let solved =
-            futures::future::try_join_all(builds.iter().zip(&graphs).map(|((p, _), g)| {
+            futures::future::try_join_all(builds.iter().zip(&graphs).map(|((p, c), g)| {
                 let prov = provenance.as_ref().map(|r| (r.max, p.format()));
-                self.solve_converted(g.as_ref(), job.clone(), opts.no_cache, prov)
+                let stages: &[_] = if sbom.is_some() { &c.sbom_stages } else { &[] };
+                self.solve_converted(g.as_ref(), job.clone(), opts.no_cache, prov, stages)
             }))
             .await?;
         let mut result = BuildResult {
@@ -376,16 +393,48 @@ impl Engine {
                 ),
             ));
         }
-        for ((platform, converted), (solved, steps, facts)) in builds.into_iter().zip(solved) {
+        result.sbom = sbom;
+        for ((platform, converted), (solved, steps, facts, stage_outputs)) in
+            builds.into_iter().zip(solved)
+        {
             let chain = match solved {
                 Some(r) if exporting => self.chain_of(r.output).await?,
                 _ => Vec::new(),
             };
+            let mut sbom_scans = Vec::new();
+            if exporting && result.sbom.is_some() {
+                for (name, output) in stage_outputs {
+                    let chain = match output {
+                        Some(o) => self.chain_of(o).await?,
+                        None => Vec::new(),
+                    };
+                    sbom_scans.push(ScanTarget {
+                        name,
+                        root: ScanRoot::Chain(chain),
+                    });
+                }
+                if converted.sbom_context {
+                    // The whole context, not only what the build read.
+                    let dir = self
+                        .worker
+                        .client_dir(
+                            kiln_dockerfile::convert::CONTEXT_SOURCE.trim_start_matches("local://"),
+                            &contexts,
+                        )
+                        .await
+                        .map_err(|e| EngineError::Build(e.message.to_string()))?;
+                    sbom_scans.push(ScanTarget {
+                        name: "context".into(),
+                        root: ScanRoot::Dir(dir),
+                    });
+                }
+            }
             result.platforms.push(PlatformResult {
                 chain,
                 platform: platform.format(),
                 image: converted.image,
                 provenance: facts,
+                sbom_scans,
             });
             for s in steps {
                 if !result.steps.iter().any(|x| x.key == s.key) {
@@ -443,9 +492,11 @@ impl Engine {
         job: Arc<Job>,
         no_cache: bool,
         provenance: Option<(bool, String)>,
+        sbom_stages: &[(String, Option<kiln_definition::OutputRef>)],
     ) -> Result<Solution, EngineError> {
         let Some(graph) = graph else {
-            return Ok((None, Vec::new(), Default::default()));
+            let scratch = sbom_stages.iter().map(|(n, _)| (n.clone(), None)).collect();
+            return Ok((None, Vec::new(), Default::default(), scratch));
         };
         let solved = self
             .solver
@@ -495,7 +546,25 @@ impl Engine {
             }
             None => Default::default(),
         };
-        Ok((Some(solved.result), steps, facts))
+        // The stages the SBOM covers: their results were solved on the way.
+        let mut stage_outputs = Vec::new();
+        for (name, state) in sbom_stages {
+            let output = match state {
+                Some(r) => Some(
+                    solved
+                        .vertices
+                        .iter()
+                        .find(|(d, _)| *d == r.digest)
+                        .map(|(_, v)| v.output.clone())
+                        .ok_or_else(|| {
+                            EngineError::Build(format!("sbom: stage {name} was not built"))
+                        })?,
+                ),
+                None => None,
+            };
+            stage_outputs.push((name.clone(), output));
+        }
+        Ok((Some(solved.result), steps, facts, stage_outputs))
     }
 
     /// The snapshot chain of a result, fetching it first if it is remote.
@@ -660,6 +729,8 @@ type Solution = (
     Option<Resolved<Output>>,
     Vec<StepRecord>,
     kiln_exporter::provenance::PlatformFacts,
+    // The SBOM's stages: name and result (None: scratch).
+    Vec<(String, Option<Output>)>,
 );
 
 fn export_error(e: ExportError) -> EngineError {

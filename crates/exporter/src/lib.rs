@@ -36,6 +36,7 @@ impl ExportError {
 pub mod output;
 mod outputs;
 pub mod provenance;
+pub mod sbom;
 pub use output::{
     BuildResult, ExportEnv, ExporterInstance, PlatformResult, StepRecord, WriteFn, resolve,
 };

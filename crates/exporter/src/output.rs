@@ -25,6 +25,8 @@ pub struct PlatformResult {
     pub image: Image,
     /// What this platform's build resolved, for its provenance.
     pub provenance: crate::provenance::PlatformFacts,
+    /// With an SBOM: the stages (and context) it covers besides the image.
+    pub sbom_scans: Vec<crate::sbom::ScanTarget>,
 }
 
 /// A step of this build with its cache key and result (what cache
@@ -57,6 +59,8 @@ pub struct BuildResult {
         crate::provenance::ProvenanceRequest,
         crate::provenance::BuildFacts,
     )>,
+    /// Attach an SBOM to image outputs (`--sbom`).
+    pub sbom: Option<crate::sbom::SbomRequest>,
 }
 
 impl BuildResult {

@@ -155,6 +155,30 @@ fn by_platform(key: &str, found: Vec<(String, Value)>) -> Value {
     }
 }
 
+/// The SBOMs as buildx prints them: per platform, the image's document as
+/// `SPDX` and the stages' and context's as `AdditionalSPDXs`.
+fn sboms(found: Vec<(String, Value)>) -> Value {
+    let mut platforms: Vec<(String, Value)> = Vec::new();
+    for (platform, doc) in found {
+        match platforms.iter_mut().find(|(p, _)| *p == platform) {
+            Some((_, v)) => {
+                if v.get("AdditionalSPDXs").is_none() {
+                    v["AdditionalSPDXs"] = json!([]);
+                }
+                if let Some(a) = v["AdditionalSPDXs"].as_array_mut() {
+                    a.push(doc);
+                }
+            }
+            None => platforms.push((platform, json!({ "SPDX": doc }))),
+        }
+    }
+    match platforms.len() {
+        0 => json!({}),
+        1 => platforms.remove(0).1,
+        _ => Value::Object(platforms.into_iter().collect()),
+    }
+}
+
 pub async fn inspect(reference: &str, format: Option<&str>, raw: bool) -> anyhow::Result<()> {
     let source = Source::open(reference)?;
     let (bytes, digest) = source
@@ -176,10 +200,7 @@ pub async fn inspect(reference: &str, format: Option<&str>, raw: bool) -> anyhow
         }
         Some("{{json .SBOM}}") => {
             let found = attested(&source, &top, "https://spdx.dev/Document").await?;
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&by_platform("SPDX", found))?
-            );
+            println!("{}", serde_json::to_string_pretty(&sboms(found))?);
         }
         Some("{{json .Manifest}}") => println!("{}", serde_json::to_string_pretty(&top)?),
         Some(other) => bail!(

@@ -189,7 +189,12 @@ struct BuildArgs {
     /// mode=min|max[,version=v1|v0.2][,builder-id=URL] (default: min when pushing)
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     provenance: Option<String>,
-    /// Attestations: type=provenance[,mode=min|max,version=...]
+    /// An SPDX SBOM of the image (and of stages that set BUILDKIT_SBOM_SCAN_STAGE)
+    /// for image outputs: true, false, or scan-stage=true[,scan-context=true]
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    sbom: Option<String>,
+    /// Attestations: type=provenance[,mode=min|max,version=...] |
+    /// type=sbom[,scan-stage=true,scan-context=true]
     #[arg(long = "attest")]
     attest: Vec<String>,
     /// Say, for each step that runs, why it was not in the cache (what changed
@@ -806,12 +811,18 @@ async fn build(targets: &targets::Targets, b: BuildArgs) -> anyhow::Result<()> {
     }
     // Provenance: asked for, or (as buildx) min when the image is pushed.
     let mut provenance = b.provenance.clone();
+    let mut sbom = b.sbom.clone();
     for a in &b.attest {
         match a.split(',').find_map(|f| f.strip_prefix("type=")) {
             Some("provenance") => provenance = Some(a.clone()),
-            Some("sbom") => bail!("--attest {a:?}: SBOM attestations are not supported yet"),
-            _ => bail!("--attest {a:?}: expected type=provenance[,mode=min|max,...]"),
+            Some("sbom") => sbom = Some(a.clone()),
+            _ => bail!(
+                "--attest {a:?}: expected type=provenance[,mode=min|max,...] or type=sbom[,...]"
+            ),
         }
+    }
+    if let Some(s) = sbom {
+        attrs.insert("attest:sbom".into(), s);
     }
     let pushes = exporters.iter().any(|e| {
         e.r#type == "registry"

@@ -121,13 +121,13 @@ pub(crate) async fn build_images(
     env: &dyn ExportEnv,
     attach: bool,
 ) -> Result<(Vec<BuiltImage>, Option<BuiltIndex>), ExportError> {
-    let attach = attach && result.provenance.is_some();
+    let attach = attach && (result.provenance.is_some() || result.sbom.is_some());
     let mut opts = opts.clone();
     if attach {
         // As BuildKit: attestations need OCI media types, so they turn them on.
         if opts.docker_types_asked {
             return Err(ExportError::Option(
-                "attestations need OCI media types: drop oci-mediatypes=false, or turn provenance off (--provenance=false)".into(),
+                "attestations need OCI media types: drop oci-mediatypes=false, or turn provenance and SBOM off (--provenance=false --sbom=false)".into(),
             ));
         }
         opts.oci_mediatypes = true;
@@ -178,14 +178,11 @@ pub(crate) async fn build_images(
     .boxed();
     env.phase("exporting layers".into(), work).await?;
     // Attestations make an index even of one platform, as in BuildKit.
-    let attested = match (&result.provenance, attach) {
-        (Some((req, facts)), true) => {
-            let attestations = attest(result, req, facts, &images, &opts.names, env)?;
-            images.extend(attestations);
-            true
-        }
-        _ => false,
-    };
+    let attested = attach;
+    if attach {
+        let attestations = attest(result, &images, &opts.names, env).await?;
+        images.extend(attestations);
+    }
     let index = if images.len() > 1 || attested {
         Some(crate::build_index(&images, opts.oci_mediatypes)?)
     } else {
@@ -194,34 +191,77 @@ pub(crate) async fn build_images(
     Ok((images, index))
 }
 
-/// One attestation manifest per platform image, holding its provenance.
-fn attest(
+/// One attestation manifest per platform image, holding its provenance
+/// and its SBOMs (the image's first, then the stages' and the context's).
+async fn attest(
     result: &BuildResult,
-    req: &crate::provenance::ProvenanceRequest,
-    facts: &crate::provenance::BuildFacts,
     images: &[BuiltImage],
     names: &[String],
     env: &dyn ExportEnv,
 ) -> Result<Vec<BuiltImage>, ExportError> {
     use crate::provenance as p;
-    let predicate_type = if req.v02 { p::SLSA_V02 } else { p::SLSA_V1 };
     let mut out = Vec::new();
     for (img, plat) in images.iter().zip(&result.platforms) {
-        let predicate = p::predicate(req, facts, &plat.provenance);
-        let stmt = p::statement(
-            predicate_type,
-            predicate,
-            names,
-            &plat.platform,
-            &img.manifest_digest,
-        );
-        let bytes = serde_json::to_vec(&stmt).map_err(ExportError::failed)?;
+        let mut statements = Vec::new();
+        if let Some((req, facts)) = &result.provenance {
+            let predicate_type = if req.v02 { p::SLSA_V02 } else { p::SLSA_V1 };
+            let predicate = p::predicate(req, facts, &plat.provenance);
+            statements.push((predicate_type, predicate));
+        }
+        if result.sbom.is_some() {
+            let core = crate::sbom::ScanTarget {
+                name: names.first().cloned().unwrap_or_else(|| "image".into()),
+                root: crate::sbom::ScanRoot::Chain(plat.chain.clone()),
+            };
+            let targets: Vec<_> = std::iter::once(core)
+                .chain(plat.sbom_scans.iter().cloned())
+                .collect();
+            let worker = env.worker().clone();
+            let created = result.epoch.unwrap_or_else(now);
+            let scan = async {
+                let (docs, notes) = tokio::task::spawn_blocking(move || {
+                    let mut docs = Vec::new();
+                    let mut notes = Vec::new();
+                    for t in &targets {
+                        let (doc, n) =
+                            crate::sbom::scan_document(&worker, &t.name, &t.root, created)?;
+                        docs.push(doc);
+                        notes.extend(n);
+                    }
+                    Ok::<_, ExportError>((docs, notes))
+                })
+                .await
+                .map_err(ExportError::failed)??;
+                for n in notes {
+                    env.warning(n);
+                }
+                for doc in docs {
+                    statements.push((kiln_sbom::spdx::PREDICATE_TYPE, doc));
+                }
+                Ok(())
+            };
+            env.phase(
+                format!("generating sbom for {}", plat.platform),
+                scan.boxed(),
+            )
+            .await?;
+        }
+        let mut encoded = Vec::new();
+        for (predicate_type, predicate) in statements {
+            let stmt = p::statement(
+                predicate_type,
+                predicate,
+                names,
+                &plat.platform,
+                &img.manifest_digest,
+            );
+            let bytes = serde_json::to_vec(&stmt).map_err(ExportError::failed)?;
+            encoded.push((predicate_type.to_string(), bytes));
+        }
         let content = &env.worker().content;
-        out.push(p::attestation_manifest(
-            img,
-            &[(predicate_type.to_string(), bytes)],
-            |data| content.put(data).map_err(ExportError::from),
-        )?);
+        out.push(p::attestation_manifest(img, &encoded, |data| {
+            content.put(data).map_err(ExportError::from)
+        })?);
     }
     Ok(out)
 }

@@ -263,7 +263,11 @@ impl Ctx<'_> {
                     if is_secret_name(&name) {
                         self.warn("SecretsUsedInArgOrEnv", &format!("Do not use ARG or ENV instructions for sensitive data (ARG {name:?})"), line);
                     }
-                    if let Some(v) = &value {
+                    // The SBOM switches steer the scan and are no variables
+                    // (BuildKit's nonEnvArgs).
+                    if let Some(v) = &value
+                        && !SBOM_SCAN_ARGS.contains(&name.as_str())
+                    {
                         add_or_replace(&mut st.result.run_env, &name, v);
                     }
                     st.args.push((name.clone(), value.clone()));

@@ -139,6 +139,11 @@ pub struct ConvertOptions {
     /// Named build contexts: name -> `local:NAME` (a directory the client
     /// serves as context NAME) or `docker-image://REF`.
     pub named_contexts: BTreeMap<String, String>,
+    /// `--attest type=sbom,scan-stage=true`: scan every built stage, as if
+    /// each set `BUILDKIT_SBOM_SCAN_STAGE=true`.
+    pub sbom_scan_stages: bool,
+    /// `scan-context=true`: scan the build context.
+    pub sbom_scan_context: bool,
 }
 
 impl Default for ConvertOptions {
@@ -151,6 +156,8 @@ impl Default for ConvertOptions {
             build_platform: Platform::host(),
             no_cache: false,
             named_contexts: BTreeMap::new(),
+            sbom_scan_stages: false,
+            sbom_scan_context: false,
         }
     }
 }
@@ -172,6 +179,28 @@ pub struct Converted {
     pub context_paths: Option<Vec<String>>,
     /// Whether the result is an empty filesystem (no ops at all).
     pub scratch: bool,
+    /// The stages besides the target whose filesystems the SBOM covers too
+    /// (`BUILDKIT_SBOM_SCAN_STAGE`): name and final state (None: scratch).
+    /// Only stages the target is built from, as in BuildKit.
+    pub sbom_stages: Vec<(String, Option<OutputRef>)>,
+    /// `BUILDKIT_SBOM_SCAN_CONTEXT` in the target: the SBOM covers the
+    /// build context as well.
+    pub sbom_context: bool,
+}
+
+/// BuildKit's SBOM switches: ARGs that are not variables.
+pub(crate) const SBOM_SCAN_STAGE: &str = "BUILDKIT_SBOM_SCAN_STAGE";
+pub(crate) const SBOM_SCAN_CONTEXT: &str = "BUILDKIT_SBOM_SCAN_CONTEXT";
+pub(crate) const SBOM_SCAN_ARGS: [&str; 2] = [SBOM_SCAN_STAGE, SBOM_SCAN_CONTEXT];
+
+/// Whether an SBOM switch's value turns scanning on for `stage`: a boolean,
+/// or a comma-separated list of stage names (BuildKit's isEnabledForStage).
+fn sbom_enabled_for(stage: &str, value: &str) -> bool {
+    match value {
+        "1" | "t" | "T" | "true" | "TRUE" | "True" => true,
+        "0" | "f" | "F" | "false" | "FALSE" | "False" => false,
+        list => list.split(',').any(|s| s == stage),
+    }
 }
 
 const DEFAULT_SHELL: [&str; 2] = ["/bin/sh", "-c"];
@@ -223,6 +252,8 @@ struct Ctx<'a> {
     context_paths: Option<std::collections::BTreeSet<String>>,
     /// The stage being converted.
     current: usize,
+    /// Per converted stage: (scan the stage, scan the context) for the SBOM.
+    sbom_scans: HashMap<usize, (bool, bool)>,
 }
 
 struct StageState {
@@ -560,6 +591,7 @@ fn convert_here(
         context: None,
         context_paths: Some(Default::default()),
         current: 0,
+        sbom_scans: HashMap::new(),
     };
     for w in &ast.warnings {
         ctx.warn("NoEmptyContinuation", &w.short, w.start_line);
@@ -689,6 +721,19 @@ fn convert_here(
             ));
         }
     }
+    let mut sbom_stages = Vec::new();
+    let mut stage_ids: Vec<&usize> = ctx.done.keys().filter(|i| **i != target).collect();
+    stage_ids.sort();
+    for idx in stage_ids {
+        if ctx.sbom_scans.get(idx).is_some_and(|s| s.0) {
+            let name = ctx.stages[*idx]
+                .name
+                .clone()
+                .unwrap_or_else(|| format!("stage-{idx}"));
+            sbom_stages.push((name, ctx.done[idx].state.clone()));
+        }
+    }
+    let sbom_context = ctx.sbom_scans.get(&target).is_some_and(|s| s.1);
     let (definition, scratch) = match &result.state {
         Some(s) => (ctx.builder.finish(s), false),
         None => (Default::default(), true),
@@ -699,6 +744,8 @@ fn convert_here(
         warnings,
         scratch,
         context_paths: ctx.context_paths.map(|p| p.into_iter().collect()),
+        sbom_stages,
+        sbom_context,
     })
 }
 

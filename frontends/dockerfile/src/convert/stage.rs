@@ -191,6 +191,28 @@ impl Ctx<'_> {
         }
         self.current = outer;
         self.in_progress.remove(&idx);
+        // The SBOM switches: the global value, then the stage's own ARG.
+        let stage_name = self.stages[idx].name.clone().unwrap_or_default();
+        let meta = self.meta_env();
+        let mut scans = (false, false);
+        for (name, flag) in [
+            (SBOM_SCAN_STAGE, &mut scans.0),
+            (SBOM_SCAN_CONTEXT, &mut scans.1),
+        ] {
+            if let Some((_, v)) = meta.iter().rev().find(|(k, _)| k == name) {
+                *flag = sbom_enabled_for(&stage_name, v);
+            }
+            for (k, v) in &st.args {
+                if k == name
+                    && let Some(v) = v
+                {
+                    *flag = sbom_enabled_for(&stage_name, v);
+                }
+            }
+        }
+        scans.0 |= self.opts.sbom_scan_stages;
+        scans.1 |= self.opts.sbom_scan_context;
+        self.sbom_scans.insert(idx, scans);
         self.done.insert(idx, st.result.clone());
         Ok(st.result)
     }

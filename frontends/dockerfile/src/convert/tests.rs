@@ -380,3 +380,48 @@ fn every_stage_is_checked_even_unused_ones() {
         c.image.config.env
     );
 }
+
+#[test]
+fn sbom_scan_switches_pick_built_stages_as_buildkit() {
+    // BuildKit's own case (dockerfile_sbom_test.go): base2 is never built,
+    // the target is the core scan, not an extra.
+    let df = "ARG BUILDKIT_SBOM_SCAN_CONTEXT=true\nFROM scratch as file\nARG BUILDKIT_SBOM_SCAN_STAGE=true\nCOPY <<EOF /file\ndata\nEOF\nFROM scratch as base\nARG BUILDKIT_SBOM_SCAN_STAGE=true\nCOPY --from=file /file /foo\nFROM scratch as base2\nARG BUILDKIT_SBOM_SCAN_STAGE=true\nCOPY --from=file /file /bar\nFROM base\nARG BUILDKIT_SBOM_SCAN_STAGE=true\nRUN env\n";
+    let c = conv(df).unwrap();
+    let names: Vec<&str> = c.sbom_stages.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["file", "base"]);
+    assert!(c.sbom_context);
+    // The switches are not variables of the build.
+    let graph = kiln_definition::Graph::from_definition(&c.definition).unwrap();
+    let run = graph
+        .vertices
+        .values()
+        .find_map(|v| match &v.op.op {
+            Some(pb::op::Op::Exec(e)) => e.meta.clone(),
+            _ => None,
+        })
+        .unwrap();
+    assert!(
+        !run.env.iter().any(|e| e.starts_with("BUILDKIT_SBOM")),
+        "{:?}",
+        run.env
+    );
+    // A build arg turns it off where the ARG is declared; a list names stages.
+    let mut opts = ConvertOptions::default();
+    opts.build_args
+        .insert("BUILDKIT_SBOM_SCAN_STAGE".into(), "false".into());
+    let c = convert(df.as_bytes(), &opts, &NoImages).unwrap();
+    assert!(c.sbom_stages.is_empty());
+    opts.build_args
+        .insert("BUILDKIT_SBOM_SCAN_STAGE".into(), "base".into());
+    let c = convert(df.as_bytes(), &opts, &NoImages).unwrap();
+    let names: Vec<&str> = c.sbom_stages.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["base"]);
+    // Undeclared, a build arg changes nothing.
+    let c = convert(
+        b"FROM scratch AS a\nCOPY x /x\nFROM scratch\nCOPY --from=a /x /y\n",
+        &opts,
+        &NoImages,
+    )
+    .unwrap();
+    assert!(c.sbom_stages.is_empty() && !c.sbom_context);
+}
