@@ -3,11 +3,12 @@
 # target/tools/venv (pinned): kubernetes-validate (the farm's manifests
 # against the API schemas) and in-toto-attestation (the in-toto framework's
 # own bindings, for provenance statements) and spdx-tools (the SPDX
-# project's validator, for SBOMs).
+# project's validator, for SBOMs), cryptography and PyNaCl (an independent
+# check of cosign signatures: scripts/cosign-check.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=target/tools/venv
-WANT="kubernetes-validate==1.37.0 in-toto-attestation==0.9.3 spdx-tools==0.8.5"
+WANT="kubernetes-validate==1.37.0 in-toto-attestation==0.9.3 spdx-tools==0.8.5 cryptography==44.0.2 PyNaCl==1.5.0"
 STAMP=$VENV/.installed
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
   python3 -m venv "$VENV"

@@ -12,3 +12,4 @@ mod provenance;
 mod registry;
 mod run;
 mod sbom;
+mod sign;

@@ -3,6 +3,7 @@
 mod cache_cmds;
 mod imagetools;
 mod progress;
+mod sign;
 mod targets;
 
 use std::collections::BTreeMap;
@@ -13,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use kiln_client::{BuildRequest, Client, LocalContext};
+use kiln_digest::Digest;
 use kiln_proto::control as ctl;
 
 const DEFAULT_ADDR: &str = "unix:///run/kiln/kilnd.sock";
@@ -83,6 +85,34 @@ enum Cmd {
     Imagetools {
         #[command(subcommand)]
         cmd: ImagetoolsCmd,
+    },
+    /// Write a cosign-compatible key pair: PREFIX.key (encrypted with
+    /// $COSIGN_PASSWORD) and PREFIX.pub
+    GenerateKeyPair {
+        #[arg(long, default_value = "cosign")]
+        output_key_prefix: String,
+    },
+    /// Sign pushed images as cosign does (the signature goes to the registry
+    /// under the sha256-<digest>.sig tag); the key's password comes from
+    /// $COSIGN_PASSWORD
+    #[command(after_help = "Examples:
+  COSIGN_PASSWORD=... kilnctl sign --key cosign.key reg.lan/app:1
+  kilnctl build . -t reg.lan/app:1 -o type=image,push=true,sign=cosign-key=cosign.key")]
+    Sign {
+        /// Private key: cosign's encrypted format, or a PEM key (PKCS#8 or SEC1)
+        #[arg(long)]
+        key: PathBuf,
+        /// Images to sign (REGISTRY/REPO:TAG or @DIGEST)
+        #[arg(required = true)]
+        references: Vec<String>,
+    },
+    /// Check an image's cosign signatures with a public key; prints the
+    /// verified payloads and fails if none verifies
+    Verify {
+        /// Public key (PEM), e.g. cosign.pub
+        #[arg(long)]
+        key: PathBuf,
+        reference: String,
     },
     /// Debugging helpers
     Debug {
@@ -364,6 +394,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     raw,
                 },
         } => imagetools::inspect(&reference, format.as_deref(), raw).await,
+        Cmd::GenerateKeyPair { output_key_prefix } => sign::generate_key_pair(&output_key_prefix),
+        Cmd::Sign { key, references } => {
+            let key = sign::load_key(&key)?;
+            for r in &references {
+                let signed = sign::sign(&key, r, None).await?;
+                eprintln!("Signed {signed}");
+            }
+            Ok(())
+        }
+        Cmd::Verify { key, reference } => sign::verify(&key, &reference).await,
         Cmd::Debug { cmd } => match cmd {
             DebugCmd::Workers => {
                 let conn = connect(&targets, None).await?;
@@ -684,8 +724,21 @@ async fn build(targets: &targets::Targets, b: BuildArgs) -> anyhow::Result<()> {
             .collect(),
         });
     }
+    // Outputs to sign once pushed: (names, key), keys loaded before the build.
+    let mut signing = Vec::new();
     for o in &b.outputs {
         let mut e = parse_output(o)?;
+        if let Some(v) = e.attrs.remove("sign") {
+            let pushes = e.r#type == "registry"
+                || (e.r#type == "image" && e.attrs.get("push").is_some_and(|p| p != "false"));
+            if !pushes {
+                bail!(
+                    "invalid --output {o:?}: sign= needs a pushed image (type=registry, or type=image,push=true)"
+                );
+            }
+            let key = sign::load_key(&sign::output_key(&v)?)?;
+            signing.push((kiln_exporter::output::name_list(&e.attrs), key));
+        }
         if (e.r#type == "oci" || e.r#type == "docker")
             && !b.tags.is_empty()
             && !e.attrs.contains_key("name")
@@ -927,6 +980,18 @@ async fn build(targets: &targets::Targets, b: BuildArgs) -> anyhow::Result<()> {
     conn.close().await;
     let resp = result?;
     let meta: BTreeMap<String, String> = resp.exporter_response.into_iter().collect();
+    if !signing.is_empty() {
+        let digest: Digest = meta
+            .get("containerimage.digest")
+            .ok_or_else(|| anyhow::anyhow!("the daemon reported no image digest to sign"))?
+            .parse()?;
+        for (names, key) in &signing {
+            for name in names {
+                let signed = sign::sign(key, name, Some(&digest)).await?;
+                eprintln!("Signed {signed}");
+            }
+        }
+    }
     if mode == progress::Mode::Quiet
         && let Some(d) = meta.get("containerimage.digest")
     {

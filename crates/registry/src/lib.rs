@@ -34,6 +34,8 @@ pub enum RegistryError {
         reference: String,
         media_type: String,
     },
+    #[error("{reference}: not found")]
+    NotFound { reference: String },
     #[error(transparent)]
     Content(#[from] kiln_content::ContentError),
 }
@@ -551,6 +553,39 @@ impl RegistryClient {
             .await;
         for res in results {
             res?;
+        }
+        let ct = http::HeaderValue::from_str(manifest_media_type).map_err(|e| err(&r, e))?;
+        client
+            .push_manifest_raw(&r, manifest.to_vec(), ct)
+            .await
+            .map_err(|e| err(&r, e))
+    }
+
+    /// Pushes small blobs held in memory (a signature's payloads and
+    /// config), skipping ones the registry has, then the manifest.
+    pub async fn push_small(
+        &self,
+        reference: &str,
+        blobs: &[&[u8]],
+        (manifest, manifest_media_type): (&[u8], &str),
+        creds: Option<&Credentials>,
+        force_http: bool,
+    ) -> Result<String, RegistryError> {
+        let r = parse_reference(reference)?;
+        let client = self.client_for(&r, force_http);
+        client
+            .auth(&r, &Self::auth(creds), oci_client::RegistryOperation::Push)
+            .await
+            .map_err(|e| err(&r, e))?;
+        for data in blobs {
+            let d = Digest::of(data);
+            if client.blob_exists(&r, d.as_str()).await.unwrap_or(false) {
+                continue;
+            }
+            client
+                .push_blob(&r, data.to_vec(), d.as_str())
+                .await
+                .map_err(|e| err(&r, format!("pushing blob {d}: {e}")))?;
         }
         let ct = http::HeaderValue::from_str(manifest_media_type).map_err(|e| err(&r, e))?;
         client

@@ -72,6 +72,11 @@ impl RegistryClient {
         };
         let res = req.send().await.map_err(|e| err(r, e))?;
         let status = res.status();
+        if status == http::StatusCode::NOT_FOUND {
+            return Err(RegistryError::NotFound {
+                reference: r.whole(),
+            });
+        }
         if !status.is_success() {
             return Err(err(r, format!("manifest: HTTP {status}")));
         }
