@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
-for pkg in umoci skopeo oci-image-tool tar runc busybox-static docker-registry apache2-utils git openssl openssh-client debootstrap gcc libc6-dev gzip curl python3-venv; do
+for pkg in umoci skopeo oci-image-tool tar runc busybox-static docker-registry apache2-utils git openssl openssh-client debootstrap gcc libc6-dev gzip curl python3-venv qemu-user-static; do
   # busybox-static specifically: FROM scratch steps need a static binary.
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
@@ -25,6 +25,9 @@ fi
 # Kubernetes manifests (docs/farm.md) against the API schemas.
 ./scripts/tools.sh
 ./scripts/validate-k8s.sh
+# An arm64 busybox for the emulated multi-platform test (the machine's own
+# package lists get arm64 added once).
+./scripts/foreign-busybox.sh arm64
 
 # End-to-end tests run the built kilnd/kilnctl binaries.
 cargo build --workspace --all-targets

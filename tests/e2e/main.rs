@@ -3,6 +3,7 @@
 mod builds;
 mod cache;
 mod containment;
+mod emulation;
 mod errors;
 mod farm;
 mod gc;

@@ -664,6 +664,9 @@ fn multi_platform_builds_make_an_index() {
 
     // RUN for a platform this host cannot execute: a clear error (unless
     // binfmt_misc emulation for aarch64 is registered on this machine).
+    let _state = super::emulation::BINFMT_STATE
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
     if !std::path::Path::new("/proc/sys/fs/binfmt_misc/qemu-aarch64").exists() {
         let ctx2 = tempfile::tempdir().unwrap();
         std::fs::write(ctx2.path().join("sh"), fake_arm64_elf()).unwrap();

@@ -108,7 +108,6 @@ impl Control for ControlService {
         &self,
         _: Request<ListWorkersRequest>,
     ) -> Result<Response<ListWorkersResponse>, Status> {
-        let p = kiln_dockerfile::Platform::host();
         let mut labels = std::collections::HashMap::new();
         let snapshotter = match self.0.snapshot_mode() {
             kiln_snapshot::Mode::Overlay => "overlayfs",
@@ -131,7 +130,10 @@ impl Control for ControlService {
             record: vec![WorkerRecord {
                 id: "local".into(),
                 labels: labels.into_iter().collect(),
-                platforms: vec![format!("{}/{}", p.os, p.architecture)],
+                // Native first, then what registered emulators run.
+                platforms: kiln_worker::emulation::runnable_platforms(std::path::Path::new(
+                    kiln_worker::emulation::BINFMT_DIR,
+                )),
                 parallelism: self.0.config.parallelism() as i64,
             }],
         }))

@@ -56,6 +56,11 @@ struct Args {
     /// CPU cores' worth of time one RUN step may use (1.5); 0: unlimited
     #[arg(long)]
     step_cpus: Option<f64>,
+    /// Register Debian's qemu-user-static binfmt_misc handlers (from
+    /// /usr/lib/binfmt.d) so RUN steps for other platforms run, then exit:
+    /// all of them, or a comma-separated list of architectures (arm64,riscv64)
+    #[arg(long, num_args = 0..=1, default_missing_value = "all", value_name = "ARCHS")]
+    install_emulators: Option<String>,
     /// Log filter (error, warn, info, debug, trace, or a tracing directive)
     #[arg(long, default_value = "info", env = "KILND_LOG")]
     log_level: String,
@@ -83,6 +88,9 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
+    if let Some(archs) = &args.install_emulators {
+        return install_emulators(archs);
+    }
     let default_cfg = PathBuf::from("/etc/kiln/kilnd.toml");
     let mut config = match &args.config {
         Some(p) => Config::load(p)?,
@@ -190,4 +198,29 @@ fn release_memory() {
     unsafe {
         libc::malloc_trim(0);
     }
+}
+
+/// `--install-emulators[=ARCHS]`: registers the handlers and says what runs.
+fn install_emulators(archs: &str) -> anyhow::Result<()> {
+    use kiln_worker::emulation as emu;
+    let archs: Vec<String> = archs
+        .split(',')
+        .map(str::trim)
+        .filter(|a| !a.is_empty() && *a != "all")
+        .map(|a| a.trim_start_matches("linux/").to_string())
+        .collect();
+    let dir = std::path::Path::new(emu::BINFMT_DIR);
+    let (added, present) = emu::install(dir, std::path::Path::new(emu::BINFMT_CONF_DIR), &archs)
+        .map_err(anyhow::Error::msg)?;
+    for a in &added {
+        println!("registered {a}");
+    }
+    for p in &present {
+        println!("already registered {p}");
+    }
+    println!(
+        "platforms RUN steps can use: {}",
+        emu::runnable_platforms(dir).join(", ")
+    );
+    Ok(())
 }

@@ -240,6 +240,16 @@ impl Worker {
             .find(|m| m.dest == "/")
             .ok_or_else(|| WorkerError::Other("exec op has no root mount".into()))?;
         let base = Self::input_snapshot(&inputs, root_mount.input)?;
+        // A foreign platform's step needs an emulator; say which, rather than
+        // letting it fail with "exec format error".
+        if let Some(p) = &v.op.platform {
+            crate::emulation::check_runnable(
+                std::path::Path::new(crate::emulation::BINFMT_DIR),
+                &p.os,
+                &p.architecture,
+            )
+            .map_err(WorkerError::Other)?;
+        }
         // Entitlements: the build must ask for them and the daemon must allow them.
         let net = pb::NetMode::try_from(e.network).unwrap_or(pb::NetMode::NetUnset);
         if net == pb::NetMode::NetHost && !job.entitlements.contains("network.host") {

@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 mod cache_mounts;
+pub mod emulation;
 pub mod exec;
 mod explain;
 pub mod fileop;
