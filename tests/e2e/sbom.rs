@@ -209,3 +209,55 @@ fn sbom_is_reproducible_and_off_when_asked() {
         String::from_utf8_lossy(&o.stderr)
     );
 }
+
+#[test]
+fn local_outputs_get_attestation_files_as_buildkit_writes_them() {
+    require_root!();
+    let d = Daemon::start();
+    let ctx = busybox_context(
+        "FROM busybox\nCOPY Cargo.lock /app/\n",
+        &[("Cargo.lock", CARGO_LOCK)],
+    );
+    let out = tempfile::tempdir().unwrap();
+    let dest = out.path().join("fs");
+    d.ok(&[
+        "build",
+        ctx.path().to_str().unwrap(),
+        "--sbom=true",
+        "--provenance=mode=min",
+        "-o",
+        dest.to_str().unwrap(),
+    ]);
+    // The statements sit at the root, about every file exported.
+    let read = |name: &str| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(dest.join(name)).unwrap()).unwrap()
+    };
+    let sbom = read("sbom.spdx.json");
+    assert_eq!(sbom["predicateType"], "https://spdx.dev/Document");
+    assert!(
+        purls(&sbom["predicate"])
+            .iter()
+            .any(|p| p == "pkg:cargo/serde@1.0.200")
+    );
+    let lock = sbom["subject"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "app/Cargo.lock")
+        .unwrap_or_else(|| panic!("no subject for app/Cargo.lock in {}", sbom["subject"]));
+    assert_eq!(lock["digest"]["sha256"], {
+        use sha2::Digest as _;
+        format!("{:x}", sha2::Sha256::digest(CARGO_LOCK.as_bytes()))
+    });
+    let prov = read("provenance.json");
+    assert_eq!(prov["predicateType"], "https://slsa.dev/provenance/v1");
+    assert_eq!(prov["subject"], sbom["subject"]);
+    validate_in_toto(&prov, out.path());
+    validate_spdx(&sbom["predicate"], out.path());
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(dest.join("provenance.json"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+}

@@ -61,6 +61,17 @@ pub fn write_tar<W: Write>(
     out: W,
     opts: TarOptions,
 ) -> Result<(W, TarStats), ArchiveError> {
+    write_tar_with_files(root, out, opts, &[])
+}
+
+/// As [`write_tar`], then `extra` files (name, bytes) at the archive's
+/// root, mode 0600 (a local export's attestation statements).
+pub fn write_tar_with_files<W: Write>(
+    root: &Path,
+    out: W,
+    opts: TarOptions,
+    extra: &[(String, Vec<u8>)],
+) -> Result<(W, TarStats), ArchiveError> {
     let mut b = tar::Builder::new(out);
     b.follow_symlinks(false);
     let mut w = Walker {
@@ -71,6 +82,15 @@ pub fn write_tar<W: Write>(
     };
     w.dir(root, "")?;
     let stats = w.stats;
+    for (name, data) in extra {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_mode(0o600);
+        h.set_size(data.len() as u64);
+        h.set_mtime(opts.epoch.unwrap_or(0).max(0) as u64);
+        b.append_data(&mut h, name, data.as_slice())
+            .map_err(io_at(root))?;
+    }
     let out = b.into_inner().map_err(io_at(root))?;
     Ok((out, stats))
 }

@@ -33,6 +33,7 @@ impl ExportError {
     }
 }
 
+mod attest;
 pub mod output;
 mod outputs;
 pub mod provenance;

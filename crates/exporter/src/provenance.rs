@@ -264,6 +264,11 @@ pub fn statement(
             .map(|n| json!({"name": docker_purl(n, platform), "digest": digest}))
             .collect()
     };
+    statement_about(predicate_type, predicate, subjects)
+}
+
+/// An in-toto statement about `subjects` (`{"name", "digest"}` objects).
+pub fn statement_about(predicate_type: &str, predicate: Value, subjects: Vec<Value>) -> Value {
     json!({
         "_type": IN_TOTO_STATEMENT_V1,
         "subject": subjects,

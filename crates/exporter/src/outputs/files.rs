@@ -50,6 +50,12 @@ impl ExporterInstance for FilesOutput {
                     self.dest.clone()
                 };
                 let (worker, chain, epoch) = (env.worker().clone(), r.chain.clone(), result.epoch);
+                // Attestations go next to the files, as statements about them.
+                let attestations = if result.provenance.is_some() || result.sbom.is_some() {
+                    crate::attest::predicates(result, r, "result", env).await?
+                } else {
+                    Vec::new()
+                };
                 let kind = if self.as_dir { "dir" } else { "file" };
                 let send = env.send(
                     kind,
@@ -60,7 +66,21 @@ impl ExporterInstance for FilesOutput {
                             epoch,
                             overlay_upper: false,
                         };
-                        kiln_archive::write_tar(view.path(), w, opts)
+                        let mut files = Vec::new();
+                        if !attestations.is_empty() {
+                            let subjects = crate::attest::file_subjects(view.path())?;
+                            for a in attestations {
+                                let stmt = crate::provenance::statement_about(
+                                    a.predicate_type,
+                                    a.predicate,
+                                    subjects.clone(),
+                                );
+                                let bytes = serde_json::to_vec_pretty(&stmt)
+                                    .map_err(|e| e.to_string())?;
+                                files.push((a.file_name, bytes));
+                            }
+                        }
+                        kiln_archive::write_tar_with_files(view.path(), w, opts, &files)
                             .map(|_| ())
                             .map_err(|e| e.to_string())
                     }),

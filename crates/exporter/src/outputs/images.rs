@@ -104,7 +104,7 @@ pub(crate) fn parse_compression(
     Ok(compression)
 }
 
-fn now() -> i64 {
+pub(crate) fn now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
@@ -202,61 +202,18 @@ async fn attest(
     use crate::provenance as p;
     let mut out = Vec::new();
     for (img, plat) in images.iter().zip(&result.platforms) {
-        let mut statements = Vec::new();
-        if let Some((req, facts)) = &result.provenance {
-            let predicate_type = if req.v02 { p::SLSA_V02 } else { p::SLSA_V1 };
-            let predicate = p::predicate(req, facts, &plat.provenance);
-            statements.push((predicate_type, predicate));
-        }
-        if result.sbom.is_some() {
-            let core = crate::sbom::ScanTarget {
-                name: names.first().cloned().unwrap_or_else(|| "image".into()),
-                root: crate::sbom::ScanRoot::Chain(plat.chain.clone()),
-            };
-            let targets: Vec<_> = std::iter::once(core)
-                .chain(plat.sbom_scans.iter().cloned())
-                .collect();
-            let worker = env.worker().clone();
-            let created = result.epoch.unwrap_or_else(now);
-            let scan = async {
-                let (docs, notes) = tokio::task::spawn_blocking(move || {
-                    let mut docs = Vec::new();
-                    let mut notes = Vec::new();
-                    for t in &targets {
-                        let (doc, n) =
-                            crate::sbom::scan_document(&worker, &t.name, &t.root, created)?;
-                        docs.push(doc);
-                        notes.extend(n);
-                    }
-                    Ok::<_, ExportError>((docs, notes))
-                })
-                .await
-                .map_err(ExportError::failed)??;
-                for n in notes {
-                    env.warning(n);
-                }
-                for doc in docs {
-                    statements.push((kiln_sbom::spdx::PREDICATE_TYPE, doc));
-                }
-                Ok(())
-            };
-            env.phase(
-                format!("generating sbom for {}", plat.platform),
-                scan.boxed(),
-            )
-            .await?;
-        }
+        let core_name = names.first().cloned().unwrap_or_else(|| "image".into());
         let mut encoded = Vec::new();
-        for (predicate_type, predicate) in statements {
+        for a in crate::attest::predicates(result, plat, &core_name, env).await? {
             let stmt = p::statement(
-                predicate_type,
-                predicate,
+                a.predicate_type,
+                a.predicate,
                 names,
                 &plat.platform,
                 &img.manifest_digest,
             );
             let bytes = serde_json::to_vec(&stmt).map_err(ExportError::failed)?;
-            encoded.push((predicate_type.to_string(), bytes));
+            encoded.push((a.predicate_type.to_string(), bytes));
         }
         let content = &env.worker().content;
         out.push(p::attestation_manifest(img, &encoded, |data| {
