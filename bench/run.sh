@@ -238,9 +238,11 @@ kiln_oci() { kiln_cold; local t0; t0=$(now_ms); "$KILNCTL" --addr "unix://$W/kil
 for round in $(seq "$ROUNDS"); do
   record "11a cold, 10 steps, -o type=oci" kiln "$(kiln_oci)"
   record "11b the same with --provenance mode=max" kiln "$(kiln_oci --provenance mode=max)"
+  record "11e the same with --provenance mode=max --sbom=true" kiln "$(kiln_oci --provenance mode=max --sbom=true)"
   if [ -x "$W/debian/bin/sh" ] 2>/dev/null && [ -d "$W/ctx/apt" ]; then
     t0=$(now_ms); kiln_cold; "$KILNCTL" --addr "unix://$W/kilnd.sock" build "$W/ctx/apt" --progress quiet -o "type=oci,dest=$W/p.tar" >/dev/null 2>>"$W/kiln.err"; record "11c Debian apt-get install hello, cold, -o type=oci" kiln $(( $(now_ms) - t0 ))
     t0=$(now_ms); kiln_cold; "$KILNCTL" --addr "unix://$W/kilnd.sock" build "$W/ctx/apt" --progress quiet -o "type=oci,dest=$W/p.tar" --provenance mode=max >/dev/null 2>>"$W/kiln.err"; record "11d the same with --provenance mode=max" kiln $(( $(now_ms) - t0 ))
+    t0=$(now_ms); kiln_cold; "$KILNCTL" --addr "unix://$W/kilnd.sock" build "$W/ctx/apt" --progress quiet -o "type=oci,dest=$W/p.tar" --provenance mode=max --sbom=true >/dev/null 2>>"$W/kiln.err"; record "11f the same with --provenance mode=max --sbom=true" kiln $(( $(now_ms) - t0 ))
   fi
 done
 
@@ -290,7 +292,7 @@ OUT=bench/results$([ $SMOKE = 1 ] && echo -smoke).md
   echo
   echo "| case | kiln ms | BuildKit ms | buildah ms | kiln/BuildKit | kiln/buildah |"
   echo "| --- | ---: | ---: | ---: | ---: | ---: |"
-  for c in "1 cold, 10 steps" "2 no-op rebuild" "2b no-op rebuild, $SMALL_FILES-file context (all read)" "3 incremental (one COPY'd file)" "4 3 parallel stages x 2s CPU (ideal on $(nproc) cores: $(( 2000 * 3 / $(nproc) > 2000 ? 2000 * 3 / $(nproc) : 2000 )) ms)" "5 $BIG_MB MB + $SMALL_FILES-file context (reads 21 files), first build" "5b same context unchanged, rebuild" "6 $TRIVIAL_RUNS x RUN true, cold" "6r $TRIVIAL_RUNS x RUN true, cold (kiln with runc)" "$DEB_CASE, cold" "$DEB_CASE, warm" "9 $CONCURRENT concurrent builds" "10a cache export, unchanged build" "10b cache export, one file changed" "10c cache import into an empty builder, unchanged build" "10d cache import into an empty builder, one file changed" "11a cold, 10 steps, -o type=oci" "11b the same with --provenance mode=max" "11c Debian apt-get install hello, cold, -o type=oci" "11d the same with --provenance mode=max"; do
+  for c in "1 cold, 10 steps" "2 no-op rebuild" "2b no-op rebuild, $SMALL_FILES-file context (all read)" "3 incremental (one COPY'd file)" "4 3 parallel stages x 2s CPU (ideal on $(nproc) cores: $(( 2000 * 3 / $(nproc) > 2000 ? 2000 * 3 / $(nproc) : 2000 )) ms)" "5 $BIG_MB MB + $SMALL_FILES-file context (reads 21 files), first build" "5b same context unchanged, rebuild" "6 $TRIVIAL_RUNS x RUN true, cold" "6r $TRIVIAL_RUNS x RUN true, cold (kiln with runc)" "$DEB_CASE, cold" "$DEB_CASE, warm" "9 $CONCURRENT concurrent builds" "10a cache export, unchanged build" "10b cache export, one file changed" "10c cache import into an empty builder, unchanged build" "10d cache import into an empty builder, one file changed" "11a cold, 10 steps, -o type=oci" "11b the same with --provenance mode=max" "11e the same with --provenance mode=max --sbom=true" "11c Debian apt-get install hello, cold, -o type=oci" "11d the same with --provenance mode=max" "11f the same with --provenance mode=max --sbom=true"; do
     peer="$c"; [[ "$c" == 6r* ]] && peer="6 $TRIVIAL_RUNS x RUN true, cold"  # the peers' per-RUN case is the same build
     k=$(echo "${RES["$c|kiln"]:-}" | median); bk=$(echo "${RES["$peer|bk"]:-}" | median); bh=$(echo "${RES["$peer|bh"]:-}" | median)
     r1=n/a; r2=n/a
@@ -324,7 +326,7 @@ OUT=bench/results$([ $SMOKE = 1 ] && echo -smoke).md
   echo "kilnd RSS: idle $((KILN_IDLE_RSS / 1024)) MB, peak during builds $((KILN_PEAK_RSS / 1024)) MB, peak after the $BIG_MB MB exports and pushes $((KILN_EXPORT_RSS / 1024)) MB."
   echo "kiln keeps results in its cache (no export); BuildKit and buildah store an image."
   echo "10: kiln exports and imports its registry cache (mode=max); BuildKit builds with inline cache and pushes the image (export), or builds on an empty builder with --cache-from the pushed image (import)."
-  echo "11: kiln alone (Docker 20.10's BuildKit makes no provenance): 11b minus 11a (11d minus 11c) is what --provenance mode=max costs."
+  echo "11: kiln alone (Docker 20.10's BuildKit makes no provenance): 11b minus 11a (11d minus 11c) is what --provenance mode=max costs, 11e minus 11b (11f minus 11d) what --sbom=true adds."
   if grep -qv WARNING "$W/kiln.err" 2>/dev/null; then echo; echo "kiln errors:"; grep -v WARNING "$W/kiln.err" | head -5 | sed 's/^/    /'; fi
 } > "$OUT"
 cat "$OUT"

@@ -77,7 +77,7 @@ fn sbom_lists_the_image_and_scanned_stages_packages_and_nothing_of_the_host() {
     let dockerfile = format!(
         "FROM scratch AS deps\nARG BUILDKIT_SBOM_SCAN_STAGE=true\nCOPY go.sum poetry.lock /src/\n\
          FROM busybox AS unused\nARG BUILDKIT_SBOM_SCAN_STAGE=true\n\
-         FROM busybox\nCOPY status /var/lib/dpkg/status\nCOPY os-release /etc/os-release\n\
+         FROM busybox\nARG BUILDKIT_SBOM_SCAN_CONTEXT=true\nCOPY status /var/lib/dpkg/status\nCOPY os-release /etc/os-release\n\
          COPY Cargo.lock package-lock.json requirements.txt /app/\n\
          COPY --from=deps /src/go.sum /app/go.sum\n\
          RUN mkdir -p /app/evil && ln -s {h}/requirements.txt /app/evil/requirements.txt && ln -s {h} /app/hostdir\n",
@@ -92,6 +92,8 @@ fn sbom_lists_the_image_and_scanned_stages_packages_and_nothing_of_the_host() {
             ("package-lock.json", NPM_LOCK),
             ("requirements.txt", "requests==2.31.0\nnumpy>=1\n"),
             ("go.sum", "golang.org/x/text v0.14.0 h1:abc=\n"),
+            // Only in the context: its SBOM lists it, the image's does not.
+            ("tools/requirements-dev.txt", "contextonly==1.0\n"),
             (
                 "poetry.lock",
                 "[[package]]\nname = \"attrs\"\nversion = \"23.1.0\"\n",
@@ -111,8 +113,8 @@ fn sbom_lists_the_image_and_scanned_stages_packages_and_nothing_of_the_host() {
     let log = String::from_utf8_lossy(&o.stderr);
     assert!(log.contains("generating sbom"), "{log}");
     let stmts = sbom_statements(&layout);
-    // The image, then the one scanned stage that was built (not `unused`).
-    assert_eq!(stmts.len(), 2, "{stmts:#?}");
+    // The image, the one scanned stage that was built (not `unused`), the context.
+    assert_eq!(stmts.len(), 3, "{stmts:#?}");
     let core = &stmts[0]["predicate"];
     let p = purls(core);
     for want in [
@@ -135,6 +137,14 @@ fn sbom_lists_the_image_and_scanned_stages_packages_and_nothing_of_the_host() {
     let stage = &stmts[1]["predicate"];
     assert_eq!(stage["name"], "deps");
     assert!(purls(stage).iter().any(|x| x == "pkg:pypi/attrs@23.1.0"));
+    let context = &stmts[2]["predicate"];
+    assert_eq!(context["name"], "context");
+    assert!(
+        purls(context)
+            .iter()
+            .any(|x| x == "pkg:pypi/contextonly@1.0")
+    );
+    assert!(!p.iter().any(|x| x.contains("contextonly")));
     for s in &stmts {
         assert_eq!(s["predicateType"], "https://spdx.dev/Document");
         validate_in_toto(s, out.path());
@@ -151,6 +161,7 @@ fn sbom_lists_the_image_and_scanned_stages_packages_and_nothing_of_the_host() {
     let shown: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(shown["SPDX"], *core);
     assert_eq!(shown["AdditionalSPDXs"][0], *stage);
+    assert_eq!(shown["AdditionalSPDXs"][1], *context);
 }
 
 #[test]
