@@ -219,7 +219,7 @@ fn build_raw(d: &Daemon, ctx: &Path, extra: &[&str]) -> Vec<serde_json::Value> {
 fn completed(events: &[serde_json::Value]) -> Vec<(String, bool)> {
     events
         .iter()
-        .filter(|e| e["completed"].is_number())
+        .filter(|e| e["completed"].is_string())
         .map(|e| {
             (
                 e["name"].as_str().unwrap_or("").to_string(),
@@ -266,7 +266,7 @@ fn rebuilds_are_cached_and_only_changed_copies_rerun() {
     assert!(
         fifth
             .iter()
-            .filter(|(n, _)| n.starts_with("COPY"))
+            .filter(|(n, _)| n.contains("COPY "))
             .all(|(_, c)| !c),
         "{fifth:?}"
     );
@@ -939,7 +939,7 @@ fn copy_link_is_independent_of_the_layers_below() {
             let copies: Vec<_> = steps
                 .iter()
                 .filter(|(n, _)| {
-                    n.starts_with("COPY") && n.contains("/dst") && !n.ends_with("(link)")
+                    n.contains("COPY ") && n.contains("/dst") && !n.ends_with("(link)")
                 })
                 .collect();
             assert_eq!(copies.len(), 2, "{steps:?}");

@@ -49,7 +49,7 @@ fn random_context(base: &str) -> tempfile::TempDir {
 fn steps(stdout: &[u8]) -> Vec<(String, bool)> {
     raw_events(stdout)
         .iter()
-        .filter(|e| e["completed"].is_number() && !kiln_e2e::is_export_phase(e))
+        .filter(|e| e["completed"].is_string() && !kiln_e2e::is_export_phase(e))
         .filter_map(|e| {
             let name = e["name"].as_str()?.to_string();
             (name.contains("RUN") || name.contains("COPY")).then(|| (name, e["cached"] == true))
@@ -413,7 +413,7 @@ fn inline_cache_pushed_by_buildkit_is_read_without_error() {
         events.iter().any(|e| e["name"]
             .as_str()
             .is_some_and(|n| n.starts_with("importing cache manifest from"))
-            && e["completed"].is_number()
+            && e["completed"].is_string()
             && e["error"].is_null()),
         "{events:?}"
     );
@@ -462,13 +462,13 @@ fn explain_cache_names_what_changed() {
     assert!(
         raw_events(&o.stdout)
             .iter()
-            .all(|e| e["cache_miss"].is_null())
+            .all(|e| e["cacheMiss"].is_null())
     );
     // rawjson carries the explanation of each step that ran.
     std::fs::write(ctx.path().join("app/a.txt"), "A\n").unwrap();
     let o = d.ok(&["build", dir, "--progress", "rawjson", "--build-arg", "V=2"]);
     assert!(
-        raw_events(&o.stdout).iter().any(|e| e["cache_miss"]
+        raw_events(&o.stdout).iter().any(|e| e["cacheMiss"]
             .as_str()
             .is_some_and(|r| r.contains("app/a.txt"))),
         "{}",

@@ -9,6 +9,7 @@ mod farm;
 mod gc;
 mod lifecycle;
 mod parity;
+mod progress;
 mod provenance;
 mod registry;
 mod run;

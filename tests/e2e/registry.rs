@@ -86,7 +86,7 @@ fn push_then_build_from_the_pushed_image_in_another_state_dir() {
         assert!(
             ev.iter().any(|e| kiln_e2e::is_export_phase(e)
                 && e["name"].as_str().is_some_and(|n| n.starts_with(phase))
-                && e["completed"].is_number()
+                && e["completed"].is_string()
                 && e["error"].is_null()),
             "{phase}: {ev:?}"
         );

@@ -401,7 +401,7 @@ fn independent_stages_run_at_the_same_time() {
     let spans: Vec<(i64, i64)> = ev
         .iter()
         .filter(|e| {
-            e["name"].as_str().is_some_and(|n| n.contains("sleep 2")) && e["completed"].is_number()
+            e["name"].as_str().is_some_and(|n| n.contains("sleep 2")) && e["completed"].is_string()
         })
         .map(|e| {
             (

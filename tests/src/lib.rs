@@ -276,12 +276,37 @@ pub fn write_tree(dir: &Path, files: &[(&str, &str)]) {
     }
 }
 
-/// Parses rawjson progress lines.
+/// Parses rawjson progress (one BuildKit SolveStatus object per line) into
+/// one event per vertex update, log chunk (`data` decoded) and warning
+/// (`warning`: the short text, decoded).
 pub fn raw_events(stdout: &[u8]) -> Vec<serde_json::Value> {
-    String::from_utf8_lossy(stdout)
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
+    use base64::Engine as _;
+    let b64 = |v: &serde_json::Value| {
+        base64::engine::general_purpose::STANDARD
+            .decode(v.as_str().unwrap_or_default())
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    };
+    let mut events = Vec::new();
+    for line in String::from_utf8_lossy(stdout).lines() {
+        let Ok(status) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        for v in status["vertexes"].as_array().into_iter().flatten() {
+            events.push(v.clone());
+        }
+        for l in status["logs"].as_array().into_iter().flatten() {
+            let mut e = l.clone();
+            e["data"] = serde_json::Value::String(b64(&l["data"]));
+            events.push(e);
+        }
+        for w in status["warnings"].as_array().into_iter().flatten() {
+            let mut e = w.clone();
+            e["warning"] = serde_json::Value::String(b64(&w["short"]));
+            events.push(e);
+        }
+    }
+    events
 }
 
 /// The exporter's own steps (exporting layers, sending the tarball,
@@ -304,7 +329,7 @@ pub fn all_steps_cached(stdout: &[u8]) -> bool {
     let events = raw_events(stdout);
     let done: Vec<_> = events
         .iter()
-        .filter(|e| e["completed"].is_number() && !is_export_phase(e))
+        .filter(|e| e["completed"].is_string() && !is_export_phase(e))
         .collect();
     !done.is_empty() && done.iter().all(|e| e["cached"] == true)
 }

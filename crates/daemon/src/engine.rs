@@ -297,6 +297,7 @@ impl Engine {
         for (i, platform) in platforms.iter().enumerate() {
             let mut opts2 = opts.clone();
             opts2.target_platform = platform.clone();
+            opts2.multi_platform = platforms.len() > 1;
             let dockerfile = dockerfile.clone();
             let resolver = RegistryImages {
                 worker: self.worker.clone(),

@@ -108,6 +108,13 @@ impl GraphBuilder {
         OutputRef { digest, index: 0 }
     }
 
+    /// Renames an op already added (its name is display only: not in its digest).
+    pub fn set_description(&mut self, digest: &Digest, description: &str) {
+        if let Some(m) = self.meta.get_mut(digest) {
+            m.description = description.to_string();
+        }
+    }
+
     pub fn set_ignore_cache(&mut self, digest: &Digest) {
         if let Some(m) = self.meta.get_mut(digest) {
             m.ignore_cache = true;

@@ -695,17 +695,25 @@ async fn build(targets: &targets::Targets, b: BuildArgs) -> anyhow::Result<()> {
             filename: df_name.clone(),
             target: b.target.clone(),
             build_args: build_args.clone(),
+            check_only: true,
             ..Default::default()
         };
         let c = kiln_dockerfile::convert(&dockerfile, &opts, &UnresolvedImages)?;
+        let text = String::from_utf8_lossy(&dockerfile);
+        let lines: Vec<&str> = text.lines().collect();
         for w in &c.warnings {
-            eprintln!(
-                "WARNING: {} - {}:{}: {}",
-                w.rule, df_name, w.line, w.message
-            );
+            eprint!("{}", check_report(&df_name, &lines, w));
         }
-        if c.warnings.is_empty() {
-            eprintln!("Check complete, no warnings found.");
+        match c.warnings.len() {
+            0 => eprintln!("Check complete, no warnings found."),
+            1 => {
+                eprintln!("Check complete, 1 warning has been found!");
+                std::process::exit(1);
+            }
+            n => {
+                eprintln!("Check complete, {n} warnings have been found!");
+                std::process::exit(1);
+            }
         }
         return Ok(());
     }
@@ -976,9 +984,22 @@ async fn build(targets: &targets::Targets, b: BuildArgs) -> anyhow::Result<()> {
     if let Some(t) = ticker {
         t.abort();
     }
-    display.lock().unwrap_or_else(|p| p.into_inner()).draw(true);
+    let failure = result.as_ref().err().map(|e| format!("{e:#}"));
+    display
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .finish(failure.as_deref());
     conn.close().await;
-    let resp = result?;
+    // The progress showed the failing step's output: the error need not
+    // repeat it.
+    let shown_output = mode != progress::Mode::Quiet && mode != progress::Mode::RawJson;
+    let resp = result.map_err(|e| {
+        let text = format!("{e:#}");
+        match text.split_once("\n--- last output lines ---") {
+            Some((head, _)) if shown_output => anyhow::anyhow!("{head}"),
+            _ => anyhow::Error::from(e),
+        }
+    })?;
     let meta: BTreeMap<String, String> = resp.exporter_response.into_iter().collect();
     if !signing.is_empty() {
         let digest: Digest = meta
@@ -1023,6 +1044,35 @@ async fn build(targets: &targets::Targets, b: BuildArgs) -> anyhow::Result<()> {
         )?;
     }
     Ok(())
+}
+
+/// One `--check` violation as buildx prints it: the rule and its page, the
+/// message, and the Dockerfile's line in context.
+fn check_report(file: &str, lines: &[&str], w: &kiln_dockerfile::convert::BuildWarning) -> String {
+    let mut kebab = String::new();
+    let chars: Vec<char> = w.rule.chars().collect();
+    for (i, c) in chars.iter().enumerate() {
+        let next_lower = chars.get(i + 1).is_some_and(|n| n.is_lowercase());
+        let prev = i.checked_sub(1).map(|p| chars[p]);
+        if c.is_uppercase() && i > 0 && (prev.is_some_and(|p| p.is_lowercase()) || next_lower) {
+            kebab.push('-');
+        }
+        kebab.extend(c.to_lowercase());
+    }
+    let mut out = format!(
+        "WARNING: {} - https://docs.docker.com/go/dockerfile/rule/{kebab}/\n{}\n{file}:{}\n",
+        w.rule, w.message, w.line
+    );
+    if w.line > 0 && w.line <= lines.len() {
+        out.push_str("--------------------\n");
+        for n in w.line.saturating_sub(2).max(1)..=w.line {
+            let mark = if n == w.line { ">>>" } else { "   " };
+            out.push_str(&format!(" {n:>3} | {mark} {}\n", lines[n - 1]));
+        }
+        out.push_str("--------------------\n");
+    }
+    out.push('\n');
+    out
 }
 
 fn write_file(p: &Path, data: &[u8]) -> anyhow::Result<()> {

@@ -12,8 +12,9 @@ use crate::SbomError;
 
 /// At most this many directory entries are looked at per scan.
 pub const MAX_ENTRIES: usize = 2_000_000;
-/// A package database or lockfile larger than this is skipped.
-pub const MAX_FILE_BYTES: u64 = 64 << 20;
+/// A package database or lockfile larger than this is skipped (parsed JSON
+/// and TOML take several times their size in memory).
+pub const MAX_FILE_BYTES: u64 = 32 << 20;
 
 /// Files the scanners read, by path relative to the root.
 #[derive(Debug, Default)]

@@ -56,10 +56,29 @@ fn shown(s: &str) -> String {
     }
 }
 
+/// A step's name without its progress label (`[stage 2/5] RUN x` → `RUN x`):
+/// the label numbers steps, so inserting one elsewhere changes it.
+fn without_step_label(name: &str) -> &str {
+    if let Some(rest) = name.strip_prefix('[')
+        && let Some((label, after)) = rest.split_once("] ")
+        && let Some((_, count)) = label
+            .rsplit_once([' ', '['])
+            .or(Some(("", label)))
+        && let Some((i, n)) = count.split_once('/')
+        && !i.trim().is_empty()
+        && i.trim().chars().all(|c| c.is_ascii_digit())
+        && !n.is_empty()
+        && n.chars().all(|c| c.is_ascii_digit())
+    {
+        return after;
+    }
+    name
+}
+
 /// What `v` is made from, with its inputs as resolved.
 pub(crate) fn fingerprint(v: &Vertex, inputs: &[Resolved<Output>]) -> Fingerprint {
     let mut fp = Fingerprint {
-        name: v.name().to_string(),
+        name: without_step_label(v.name()).to_string(),
         location: v.meta.location.clone(),
         op: v.digest.to_string(),
         ..Default::default()
@@ -287,6 +306,20 @@ fn env_changes(old: &[String], new: &[String]) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn step_labels_are_not_part_of_the_instruction() {
+        assert_eq!(without_step_label("[2/5] RUN x"), "RUN x");
+        assert_eq!(without_step_label("[builder  2/10] COPY a b"), "COPY a b");
+        assert_eq!(
+            without_step_label("[linux/amd64 stage-0 1/3] FROM x"),
+            "FROM x"
+        );
+        assert_eq!(
+            without_step_label("[internal] load build context"),
+            "[internal] load build context"
+        );
+    }
 
     #[test]
     fn env_changes_name_each_variable_and_keep_no_value() {

@@ -81,6 +81,124 @@ impl Ctx<'_> {
     }
 }
 
+impl Ctx<'_> {
+    /// The rules BuildKit checks over the whole Dockerfile, every stage
+    /// whether built or not: one casing for instructions, no reserved stage
+    /// names, no CMD/ENTRYPOINT/HEALTHCHECK that a later one overrides, and
+    /// FROM --platform values that say something.
+    pub(super) fn check_whole_file(&mut self) {
+        // The keyword as written (the parser keeps it lower-cased).
+        let written = |n: &Node| {
+            n.original
+                .split_whitespace()
+                .next()
+                .unwrap_or_default()
+                .to_string()
+        };
+        let consistent = |w: &str| w == w.to_lowercase() || w == w.to_uppercase();
+        let mut nodes: Vec<(String, usize)> = Vec::new();
+        for st in &self.stages {
+            nodes.push((written(&st.from_node), st.from_node.start_line));
+            for c in &st.commands {
+                nodes.push((written(c), c.start_line));
+            }
+        }
+        let lower = nodes
+            .iter()
+            .filter(|(w, _)| consistent(w) && *w == w.to_lowercase())
+            .count();
+        let upper = nodes
+            .iter()
+            .filter(|(w, _)| consistent(w) && *w != w.to_lowercase())
+            .count();
+        let majority_lower = lower > upper;
+        for (w, line) in nodes {
+            let casing = if majority_lower && w != w.to_lowercase() {
+                "lowercase"
+            } else if !majority_lower && w != w.to_uppercase() {
+                "uppercase"
+            } else {
+                continue;
+            };
+            self.warn(
+                "ConsistentInstructionCasing",
+                &format!("Command '{w}' should match the case of the command majority ({casing})"),
+                line,
+            );
+        }
+        let meta = self.meta_env();
+        for idx in 0..self.stages.len() {
+            let stage = &self.stages[idx];
+            let (name, from_line) = (stage.name.clone(), stage.from_node.start_line);
+            if let Some(n) = name
+                .as_deref()
+                .filter(|n| matches!(*n, "scratch" | "context"))
+            {
+                self.warn(
+                    "ReservedStageName",
+                    &format!("Stage name should not use the same name as reserved stage {n:?}"),
+                    from_line,
+                );
+            }
+            // Only the last of these counts: the earlier ones are reported.
+            let mut last: HashMap<String, usize> = HashMap::new();
+            let mut repeated = Vec::new();
+            for c in &self.stages[idx].commands {
+                if matches!(c.keyword.as_str(), "cmd" | "entrypoint" | "healthcheck")
+                    && let Some(prev) = last.insert(c.keyword.clone(), c.start_line)
+                {
+                    repeated.push((written(c), prev));
+                }
+            }
+            for (w, prev) in repeated {
+                self.warn(
+                    "MultipleInstructionsDisallowed",
+                    &format!("Multiple {} instructions should not be used in the same stage because only the last one will be used", w.to_uppercase()),
+                    prev,
+                );
+            }
+            let Some(flag) = self.stages[idx].platform.clone() else {
+                continue;
+            };
+            let Ok(x) = self.lex.process(&flag, &meta) else {
+                continue;
+            };
+            if x.matched.len() == 1 && x.unmatched.is_empty() {
+                let target = meta
+                    .iter()
+                    .rev()
+                    .find(|(k, _)| k == "TARGETPLATFORM")
+                    .map(|(_, v)| v.clone());
+                if x.matched.iter().any(|m| m == "TARGETPLATFORM")
+                    && target.as_deref() == Some(x.result.as_str())
+                {
+                    self.warn(
+                        "RedundantTargetPlatform",
+                        &format!("Setting platform to predefined {flag} in FROM is redundant as this is the default behavior"),
+                        from_line,
+                    );
+                }
+            } else if x.matched.is_empty()
+                && x.unmatched.is_empty()
+                && let Some(p) = Platform::parse(&x.result)
+            {
+                // A stage named for its platform (build-arm64) may pin it.
+                let stage_name = name.unwrap_or_default();
+                if !stage_name.contains(&p.os) && !stage_name.contains(&p.architecture) {
+                    self.warn(
+                        "FromPlatformFlagConstDisallowed",
+                        &format!(
+                            "FROM --platform flag should not use constant value {:?}",
+                            x.result
+                        ),
+                        from_line,
+                    );
+                }
+            }
+        }
+    }
+}
+
 pub(super) fn is_secret_name(name: &str) -> bool {
     let l = name.to_lowercase();
     [

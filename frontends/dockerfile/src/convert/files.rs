@@ -354,8 +354,9 @@ impl Ctx<'_> {
                     .collect::<String>(),
                 dest_raw
             );
-            let state = self.file_op(below, extra, actions, &desc, node, &st.platform);
-            st.result.state = Some(self.stack_link(st, state, link, &desc, node));
+            let shown = st.step_name(&desc);
+            let state = self.file_op(below, extra, actions, &shown, node, &st.platform);
+            st.result.state = Some(self.stack_link(st, state, link, &shown, node));
             commit(
                 &mut st.result.image,
                 format!(
@@ -370,8 +371,9 @@ impl Ctx<'_> {
             return Ok(());
         }
         let desc = format!("{name} {} {}", srcs.join(" "), dest_raw);
-        let state = self.file_op(below, extra, actions, &desc, node, &st.platform);
-        st.result.state = Some(self.stack_link(st, state, link, &desc, node));
+        let shown = st.step_name(&desc);
+        let state = self.file_op(below, extra, actions, &shown, node, &st.platform);
+        st.result.state = Some(self.stack_link(st, state, link, &shown, node));
         commit(&mut st.result.image, format!("{desc} # buildkit"), true);
         Ok(())
     }

@@ -35,6 +35,15 @@ impl Ctx<'_> {
                     updates.push((key, value));
                 }
                 for (k, v) in updates {
+                    if is_secret_name(&k) {
+                        self.warn(
+                            "SecretsUsedInArgOrEnv",
+                            &format!(
+                                "Do not use ARG or ENV instructions for sensitive data (ENV {k:?})"
+                            ),
+                            line,
+                        );
+                    }
                     set_env(&mut img.config.env, &k, &v);
                     add_or_replace(&mut st.result.run_env, &k, &v);
                 }
@@ -91,11 +100,12 @@ impl Ctx<'_> {
                             chown,
                         })),
                     };
+                    let shown = st.step_name(&format!("WORKDIR {wd}"));
                     st.result.state = Some(self.file_op(
                         st.result.state.clone(),
                         vec![],
                         vec![action],
-                        &format!("WORKDIR {wd}"),
+                        &shown,
                         node,
                         &st.platform,
                     ));

@@ -139,6 +139,11 @@ pub struct ConvertOptions {
     /// Named build contexts: name -> `local:NAME` (a directory the client
     /// serves as context NAME) or `docker-image://REF`.
     pub named_contexts: BTreeMap<String, String>,
+    /// Several platforms are built: step labels name the platform.
+    pub multi_platform: bool,
+    /// `--check`: report every violation instead of failing on the first
+    /// under `# check=error=true`.
+    pub check_only: bool,
     /// `--attest type=sbom,scan-stage=true`: scan every built stage, as if
     /// each set `BUILDKIT_SBOM_SCAN_STAGE=true`.
     pub sbom_scan_stages: bool,
@@ -156,6 +161,8 @@ impl Default for ConvertOptions {
             build_platform: Platform::host(),
             no_cache: false,
             named_contexts: BTreeMap::new(),
+            multi_platform: false,
+            check_only: false,
             sbom_scan_stages: false,
             sbom_scan_context: false,
         }
@@ -261,9 +268,29 @@ struct StageState {
     args: Vec<(String, Option<String>)>,
     cmd_set: bool,
     platform: Platform,
+    /// BuildKit's step labels, `[label index/total] `: the label is the
+    /// platform (multi-platform builds) and the stage's name (Dockerfiles
+    /// of several stages); the total counts FROM an image, ADD, COPY, RUN
+    /// and WORKDIR.
+    step_label: String,
+    step_index: usize,
+    step_total: usize,
 }
 
 impl StageState {
+    /// `text` as the progress shows it: with the stage's next step label.
+    fn step_name(&mut self, text: &str) -> String {
+        if self.step_total == 0 {
+            return text.to_string();
+        }
+        self.step_index += 1;
+        let width = self.step_total.to_string().len();
+        format!(
+            "[{}{:>width$}/{}] {text}",
+            self.step_label, self.step_index, self.step_total
+        )
+    }
+
     /// Variables visible to expansion and to RUN.
     fn expansion_env(&self) -> Vec<(String, String)> {
         self.result.run_env.clone()
@@ -688,6 +715,7 @@ fn convert_here(
         return Err(ctx.err(0, "the Dockerfile has no FROM instruction"));
     }
     ctx.validate_all_stages()?;
+    ctx.check_whole_file();
     let target = match &opts.target {
         Some(t) => ctx.stage_named(t, usize::MAX).ok_or_else(|| {
             let names: Vec<String> = ctx.stages.iter().filter_map(|s| s.name.clone()).collect();
@@ -711,12 +739,19 @@ fn convert_here(
                 .iter()
                 .any(|s| s == "all" || s.eq_ignore_ascii_case(&w.rule))
         });
-        if error && let Some(w) = warnings.first() {
+        if error
+            && !opts.check_only
+            && let Some(w) = warnings.first()
+        {
+            let mut rules: Vec<&str> = warnings.iter().map(|w| w.rule.as_str()).collect();
+            rules.sort();
+            rules.dedup();
             return Err(ctx.err(
                 w.line,
                 format!(
-                    "lint violation: {}: {} (# check=error=true)",
-                    w.rule, w.message
+                    "lint violation found for rules: {} (# check=error=true; first: {})",
+                    rules.join(", "),
+                    w.message
                 ),
             ));
         }

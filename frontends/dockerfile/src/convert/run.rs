@@ -172,8 +172,8 @@ impl Ctx<'_> {
             })),
             platform: Some(st.platform.to_pb()),
         };
-        let shown = node.original.trim();
-        let r = self.builder.add(&op, shown, &self.loc(node));
+        let shown = st.step_name(node.original.trim());
+        let r = self.builder.add(&op, &shown, &self.loc(node));
         if self.opts.no_cache {
             self.builder.set_ignore_cache(&r.digest);
         }

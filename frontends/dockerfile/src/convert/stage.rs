@@ -95,6 +95,8 @@ impl Ctx<'_> {
             Some(Err(image)) => image.clone(),
             _ => base,
         };
+        // The FROM step of an image base (renamed with its label below).
+        let mut from_image: Option<(OutputRef, String)> = None;
         let mut result = if let Some(Ok(local)) = named {
             // A directory as a base: its files become the root filesystem.
             let src = self.local_source(&local);
@@ -142,6 +144,7 @@ impl Ctx<'_> {
                 .map_err(|e| self.err(from_line, e))?;
             let loc = self.loc(&self.stages[idx].from_node);
             let r = self.image_source_op(&pinned, &platform, &loc);
+            from_image = Some((r.clone(), pinned.clone()));
             StageResult {
                 state: Some(r),
                 image,
@@ -180,12 +183,37 @@ impl Ctx<'_> {
         }
         commands.extend(self.stages[idx].commands.clone());
         let outer = std::mem::replace(&mut self.current, idx);
+        let mut step_label = String::new();
+        if self.opts.multi_platform {
+            step_label.push_str(&platform.format());
+            step_label.push(' ');
+        }
+        if self.stages.len() > 1 {
+            let name = self.stages[idx]
+                .name
+                .clone()
+                .unwrap_or_else(|| format!("stage-{idx}"));
+            step_label.push_str(&name);
+            step_label.push(' ');
+        }
+        let step_total = usize::from(from_image.is_some())
+            + commands
+                .iter()
+                .filter(|n| matches!(n.keyword.as_str(), "add" | "copy" | "run" | "workdir"))
+                .count();
         let mut st = StageState {
             result,
             args: Vec::new(),
             cmd_set: false,
             platform,
+            step_label,
+            step_index: 0,
+            step_total,
         };
+        if let Some((op, pinned)) = from_image {
+            let name = st.step_name(&format!("FROM {pinned}"));
+            self.builder.set_description(&op.digest, &name);
+        }
         for node in &commands {
             self.dispatch(&mut st, node)?;
         }

@@ -425,3 +425,108 @@ fn sbom_scan_switches_pick_built_stages_as_buildkit() {
     .unwrap();
     assert!(c.sbom_stages.is_empty() && !c.sbom_context);
 }
+
+fn rules(df: &str) -> Vec<(String, usize, String)> {
+    let c = convert(df.as_bytes(), &ConvertOptions::default(), &AnyImageForTests).unwrap();
+    c.warnings
+        .into_iter()
+        .map(|w| (w.rule, w.line, w.message))
+        .collect()
+}
+
+fn has(rules: &[(String, usize, String)], rule: &str, line: usize, message: &str) -> bool {
+    rules
+        .iter()
+        .any(|(r, l, m)| r == rule && *l == line && m == message)
+}
+
+#[test]
+fn buildkit_rules_kiln_lacked() {
+    // ConsistentInstructionCasing: the majority is upper case.
+    let r = rules("FROM scratch\nCOPY a /a\ncopy b /b\nCmd [\"x\"]\n");
+    assert!(
+        has(
+            &r,
+            "ConsistentInstructionCasing",
+            3,
+            "Command 'copy' should match the case of the command majority (uppercase)"
+        ),
+        "{r:?}"
+    );
+    assert!(
+        has(
+            &r,
+            "ConsistentInstructionCasing",
+            4,
+            "Command 'Cmd' should match the case of the command majority (uppercase)"
+        ),
+        "{r:?}"
+    );
+    assert!(!r.iter().any(|(_, l, _)| *l == 2));
+    // ReservedStageName.
+    let r = rules("FROM scratch AS context\nFROM scratch\n");
+    assert!(
+        has(
+            &r,
+            "ReservedStageName",
+            1,
+            "Stage name should not use the same name as reserved stage \"context\""
+        ),
+        "{r:?}"
+    );
+    // MultipleInstructionsDisallowed: the overridden one is reported.
+    let r = rules("FROM scratch\nCMD [\"a\"]\nENTRYPOINT [\"e\"]\nCMD [\"b\"]\n");
+    assert!(
+        has(
+            &r,
+            "MultipleInstructionsDisallowed",
+            2,
+            "Multiple CMD instructions should not be used in the same stage because only the last one will be used"
+        ),
+        "{r:?}"
+    );
+    assert!(
+        !r.iter()
+            .any(|(x, l, _)| x == "MultipleInstructionsDisallowed" && *l == 4)
+    );
+    // RedundantTargetPlatform and FromPlatformFlagConstDisallowed.
+    let r = rules("FROM --platform=$TARGETPLATFORM scratch\n");
+    assert!(
+        has(
+            &r,
+            "RedundantTargetPlatform",
+            1,
+            "Setting platform to predefined $TARGETPLATFORM in FROM is redundant as this is the default behavior"
+        ),
+        "{r:?}"
+    );
+    let r = rules("FROM --platform=linux/arm64 scratch AS build\n");
+    assert!(
+        has(
+            &r,
+            "FromPlatformFlagConstDisallowed",
+            1,
+            "FROM --platform flag should not use constant value \"linux/arm64\""
+        ),
+        "{r:?}"
+    );
+    let r = rules("FROM --platform=linux/arm64 scratch AS build-arm64\n");
+    assert!(
+        !r.iter()
+            .any(|(x, _, _)| x == "FromPlatformFlagConstDisallowed"),
+        "{r:?}"
+    );
+    let r = rules("FROM --platform=$BUILDPLATFORM scratch\n");
+    assert!(r.is_empty(), "{r:?}");
+    // SecretsUsedInArgOrEnv for ENV, as for ARG.
+    let r = rules("FROM scratch\nENV DB_PASSWORD=hunter2\n");
+    assert!(
+        has(
+            &r,
+            "SecretsUsedInArgOrEnv",
+            2,
+            "Do not use ARG or ENV instructions for sensitive data (ENV \"DB_PASSWORD\")"
+        ),
+        "{r:?}"
+    );
+}
