@@ -91,3 +91,48 @@ fn unreachable_daemon_is_a_clear_error() {
         "{e}"
     );
 }
+
+#[test]
+fn check_lists_every_violation_and_fails_as_buildx() {
+    require_root!();
+    let d = Daemon::start();
+    let ctx = tempfile::tempdir().unwrap();
+    let df = ctx.path().join("Dockerfile");
+    std::fs::write(
+        &df,
+        "FROM scratch AS Base\ncopy a /a\nCOPY b /b\nENV DB_PASSWORD=x\nCMD echo hi\n",
+    )
+    .unwrap();
+    let o = d.kilnctl(&["build", ctx.path().to_str().unwrap(), "--check"]);
+    assert_eq!(o.status.code(), Some(1), "violations fail the check");
+    let err = String::from_utf8_lossy(&o.stderr);
+    for want in [
+        "WARNING: StageNameCasing - https://docs.docker.com/go/dockerfile/rule/stage-name-casing/",
+        "WARNING: ConsistentInstructionCasing - https://docs.docker.com/go/dockerfile/rule/consistent-instruction-casing/",
+        "WARNING: SecretsUsedInArgOrEnv",
+        "WARNING: JSONArgsRecommended - https://docs.docker.com/go/dockerfile/rule/json-args-recommended/",
+        "Dockerfile:2\n",
+        ">>> copy a /a",
+        "Check complete, 4 warnings have been found!",
+    ] {
+        assert!(err.contains(want), "{want:?} missing:\n{err}");
+    }
+    // With `# check=error=true` a build fails naming every rule.
+    std::fs::write(
+        &df,
+        "# check=error=true\nFROM scratch AS Base\ncopy a /a\nCOPY b /b\n",
+    )
+    .unwrap();
+    std::fs::write(ctx.path().join("a"), "a").unwrap();
+    std::fs::write(ctx.path().join("b"), "b").unwrap();
+    let e = d.fails(&["build", ctx.path().to_str().unwrap()]);
+    assert!(
+        e.contains("lint violation found for rules: ConsistentInstructionCasing, StageNameCasing"),
+        "{e}"
+    );
+    // A clean Dockerfile passes.
+    std::fs::write(&df, "FROM scratch\nCOPY a /a\n").unwrap();
+    let o = d.kilnctl(&["build", ctx.path().to_str().unwrap(), "--check"]);
+    assert!(o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("Check complete, no warnings found."));
+}

@@ -405,8 +405,8 @@ fn independent_stages_run_at_the_same_time() {
         })
         .map(|e| {
             (
-                e["started"].as_i64().unwrap(),
-                e["completed"].as_i64().unwrap(),
+                kiln_e2e::rfc3339_ns(e["started"].as_str().unwrap()),
+                kiln_e2e::rfc3339_ns(e["completed"].as_str().unwrap()),
             )
         })
         .collect();

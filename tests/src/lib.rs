@@ -557,3 +557,32 @@ pub fn absent_or_empty_dir(p: &Path) -> bool {
         Ok(m) => m.is_dir() && std::fs::read_dir(p).is_ok_and(|mut d| d.next().is_none()),
     }
 }
+
+/// Unix nanoseconds of an RFC 3339 UTC time as rawjson writes them
+/// (`2023-11-14T22:13:20.123Z`).
+pub fn rfc3339_ns(s: &str) -> i64 {
+    let (date, time) = s
+        .trim_end_matches('Z')
+        .split_once('T')
+        .expect("RFC 3339 time");
+    let d: Vec<i64> = date.split('-').map(|x| x.parse().expect("date")).collect();
+    let (hms, frac) = time.split_once('.').unwrap_or((time, ""));
+    let t: Vec<i64> = hms.split(':').map(|x| x.parse().expect("time")).collect();
+    let nanos: i64 = if frac.is_empty() {
+        0
+    } else {
+        format!("{frac:0<9}")[..9].parse().expect("fraction")
+    };
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let (y, m) = if d[1] <= 2 {
+        (d[0] - 1, d[1] + 9)
+    } else {
+        (d[0], d[1] - 3)
+    };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * m + 2) / 5 + d[2] - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    ((days * 86_400 + t[0] * 3600 + t[1] * 60 + t[2]) * 1_000_000_000) + nanos
+}

@@ -114,6 +114,13 @@ enum Cmd {
         key: PathBuf,
         reference: String,
     },
+    /// Show kilnctl's version and the daemon's (version, root, platforms)
+    Version,
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell)
+    #[command(
+        after_help = "Examples:\n  kilnctl completion bash > /etc/bash_completion.d/kilnctl\n  kilnctl completion zsh > \"${fpath[1]}/_kilnctl\"\n  kilnctl completion fish > ~/.config/fish/completions/kilnctl.fish"
+    )]
+    Completion { shell: clap_complete::Shell },
     /// Debugging helpers
     Debug {
         #[command(subcommand)]
@@ -157,6 +164,9 @@ enum DebugCmd {
 }
 
 #[derive(Parser, Debug)]
+#[command(
+    after_help = "Examples:\n  kilnctl build . -t app:1 -o type=oci,dest=app.tar\n  kilnctl build . -t reg.lan/app:1 --push --platform linux/amd64,linux/arm64\n  kilnctl build . -o out/                      # the result's files\n  kilnctl build . --target test --progress plain\n  kilnctl build . --check                      # lint only; exit 1 on violations\n  kilnctl build . --cache-to type=registry,ref=reg.lan/app:cache,mode=max --cache-from reg.lan/app:cache"
+)]
 struct BuildArgs {
     /// Context directory
     context: PathBuf,
@@ -166,13 +176,15 @@ struct BuildArgs {
     /// Image name(s)
     #[arg(short = 't', long = "tag")]
     tags: Vec<String>,
-    /// Build stage to stop at
+    /// Build stage to stop at (its name)
     #[arg(long)]
     target: Option<String>,
     /// Build-time variable (KEY=VALUE, or KEY to take it from the environment)
     #[arg(long = "build-arg")]
     build_args: Vec<String>,
-    /// Output: type=oci|local|tar,dest=PATH[,...]; a bare PATH means type=local
+    /// Output: type=oci|docker|tar|local,dest=PATH[,...] | type=image,name=REF,push=true
+    /// | type=registry,name=REF (options in docs/cli.md); a bare PATH means type=local,
+    /// `-` a tar on stdout
     #[arg(short = 'o', long = "output")]
     outputs: Vec<String>,
     /// Progress output: auto, tty, plain, rawjson, quiet
@@ -184,16 +196,18 @@ struct BuildArgs {
     /// Do not use the cache
     #[arg(long)]
     no_cache: bool,
-    /// Target platform (must match this machine for now)
+    /// Target platform(s), comma-separated (linux/amd64,linux/arm64): one image per
+    /// platform in one index; foreign RUN steps need qemu (kilnd --install-emulators)
     #[arg(long)]
     platform: Option<String>,
-    /// Only run the Dockerfile checks and report their warnings
+    /// Only run the Dockerfile checks: list every violation, exit 1 if there is any
     #[arg(long)]
     check: bool,
     /// Allow extra privileged entitlements (network.host, security.insecure)
     #[arg(long = "allow")]
     allow: Vec<String>,
-    /// Named build context: NAME=DIR or NAME=docker-image://REF (replaces FROM NAME / --from=NAME)
+    /// Named build context: NAME=DIR, NAME=docker-image://REF or
+    /// NAME=oci-layout://PATH[:TAG][@DIGEST] (replaces FROM NAME / --from=NAME)
     #[arg(long = "build-context")]
     build_contexts: Vec<String>,
     /// Push the image to its registry (-t names); shorthand for -o type=image,push=true
@@ -314,6 +328,10 @@ async fn connect(targets: &targets::Targets, route: Option<&str>) -> anyhow::Res
     let root = std::env::var_os("KILN_ROOT")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(DEFAULT_ROOT));
+    eprintln!(
+        "note: no kiln daemon at {DEFAULT_ADDR}; building in-process on {}",
+        root.display()
+    );
     let lock = kiln_daemon::lock_root(&root).with_context(|| {
         format!(
             "no daemon at {DEFAULT_ADDR} and the embedded engine cannot use {}",
@@ -404,6 +422,37 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Verify { key, reference } => sign::verify(&key, &reference).await,
+        Cmd::Version => {
+            println!("Client: kilnctl {}", env!("CARGO_PKG_VERSION"));
+            let addrs = if targets.addrs.is_empty() {
+                vec![DEFAULT_ADDR.to_string()]
+            } else {
+                targets.addrs.clone()
+            };
+            for addr in &addrs {
+                let info = match kiln_client::connect(addr).await {
+                    Ok(c) => c.info().await.map_err(anyhow::Error::from),
+                    Err(e) => Err(anyhow::Error::from(e)),
+                };
+                match info {
+                    Ok(i) => println!("Server: kilnd {} at {addr} (root {})", i.version, i.root),
+                    Err(e) => {
+                        println!("Server: none reachable at {addr} ({e:#}); builds run in-process")
+                    }
+                }
+            }
+            Ok(())
+        }
+        Cmd::Completion { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "kilnctl",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
         Cmd::Debug { cmd } => match cmd {
             DebugCmd::Workers => {
                 let conn = connect(&targets, None).await?;
@@ -1082,6 +1131,61 @@ fn write_file(p: &Path, data: &[u8]) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `--name` tokens in the first cell of each row of the table after `heading`.
+    fn documented_flags(doc: &str, heading: &str) -> Vec<String> {
+        let start = doc.find(heading).expect("heading in docs/cli.md");
+        let mut out = Vec::new();
+        for line in doc[start..].lines().skip(1) {
+            if line.starts_with("## ") {
+                break;
+            }
+            let Some(cell) = line.strip_prefix("| ").and_then(|l| l.split(" |").next()) else {
+                continue;
+            };
+            let mut rest = cell;
+            while let Some(i) = rest.find("--") {
+                let name: String = rest[i + 2..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_lowercase() || *c == '-')
+                    .collect();
+                if name.starts_with(|c: char| c.is_ascii_lowercase()) {
+                    out.push(format!("--{name}"));
+                }
+                rest = &rest[i + 2..];
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn docs_cli_md_documents_every_build_flag_and_only_real_ones() {
+        use clap::CommandFactory;
+        let cli = Cli::command();
+        let build = cli.find_subcommand("build").expect("build");
+        let real: Vec<String> = build
+            .get_arguments()
+            .filter_map(|a| a.get_long().map(|l| format!("--{l}")))
+            .collect();
+        let doc = include_str!("../../../docs/cli.md");
+        let documented = documented_flags(doc, "## build");
+        for f in &real {
+            let global = cli.get_arguments().any(|a| a.get_long() == Some(&f[2..]));
+            if f == "--help" || global {
+                continue;
+            }
+            assert!(
+                documented.contains(f),
+                "kilnctl build {f} is not in docs/cli.md's build table"
+            );
+        }
+        for f in &documented {
+            assert!(
+                real.contains(f),
+                "docs/cli.md documents kilnctl build {f}, which does not exist"
+            );
+        }
+    }
 
     #[test]
     fn outputs() {

@@ -61,9 +61,7 @@ fn shown(s: &str) -> String {
 fn without_step_label(name: &str) -> &str {
     if let Some(rest) = name.strip_prefix('[')
         && let Some((label, after)) = rest.split_once("] ")
-        && let Some((_, count)) = label
-            .rsplit_once([' ', '['])
-            .or(Some(("", label)))
+        && let Some((_, count)) = label.rsplit_once([' ', '[']).or(Some(("", label)))
         && let Some((i, n)) = count.split_once('/')
         && !i.trim().is_empty()
         && i.trim().chars().all(|c| c.is_ascii_digit())

@@ -43,7 +43,7 @@ pub const MAX_DOCKERFILE_BYTES: usize = 16 << 20;
 const CONVERT_STACK: usize = 256 << 20;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{file}:{line}: {}{}", bounded(message, MAX_MESSAGE), snippet(*line, source_line, token.as_deref()))]
+#[error("{}{}{}", place(file, *line), bounded(message, MAX_MESSAGE), snippet(*line, source_line, token.as_deref()))]
 pub struct FrontendError {
     pub file: String,
     /// 1-based; 0 when the error is about the whole file.
@@ -52,6 +52,15 @@ pub struct FrontendError {
     pub message: String,
     /// The word on the line the error is about; shown with a caret under it.
     pub token: Option<String>,
+}
+
+/// `file:line: `, or `file: ` for an error about the whole file.
+fn place(file: &str, line: usize) -> String {
+    if line == 0 {
+        format!("{file}: ")
+    } else {
+        format!("{file}:{line}: ")
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -719,12 +728,16 @@ fn convert_here(
     let target = match &opts.target {
         Some(t) => ctx.stage_named(t, usize::MAX).ok_or_else(|| {
             let names: Vec<String> = ctx.stages.iter().filter_map(|s| s.name.clone()).collect();
+            let known = if names.is_empty() {
+                "the Dockerfile names no stage (FROM ... AS NAME)".to_string()
+            } else {
+                format!("stages: {}", names.join(", "))
+            };
             ctx.err(
                 0,
                 format!(
-                    "target stage {t:?} could not be found{} (stages: {})",
+                    "target stage {t:?} could not be found{} ({known})",
                     did_you_mean(t, names.iter().map(String::as_str)),
-                    names.join(", ")
                 ),
             )
         })?,
