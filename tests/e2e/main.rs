@@ -2,6 +2,7 @@
 
 mod builds;
 mod cache;
+mod cli;
 mod containment;
 mod emulation;
 mod errors;

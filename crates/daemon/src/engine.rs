@@ -249,7 +249,21 @@ impl Engine {
                 .cloned()
                 .unwrap_or_else(|| "Dockerfile".into()),
             target: attrs.get("target").filter(|t| !t.is_empty()).cloned(),
-            no_cache: attrs.contains_key("no-cache"),
+            // `no-cache` alone: every step; with stage names (buildx's
+            // --no-cache-filter): those stages' steps.
+            no_cache: attrs.get("no-cache").is_some_and(|v| v.is_empty()),
+            no_cache_stages: attrs
+                .get("no-cache")
+                .map(|v| {
+                    v.split(',')
+                        .map(str::trim)
+                        .filter(|s| !s.is_empty())
+                        .map(str::to_string)
+                        .collect()
+                })
+                .unwrap_or_default(),
+            // buildx's --network.
+            default_network: attrs.get("force-network-mode").cloned(),
             sbom_scan_stages: sbom.as_ref().is_some_and(|s| s.scan_stages),
             sbom_scan_context: sbom.as_ref().is_some_and(|s| s.scan_context),
             ..Default::default()
@@ -260,6 +274,9 @@ impl Engine {
             }
             if let Some(name) = k.strip_prefix("context:") {
                 opts.named_contexts.insert(name.to_string(), v.clone());
+            }
+            if let Some(name) = k.strip_prefix("label:") {
+                opts.labels.insert(name.to_string(), v.clone());
             }
         }
         // `--platform a,b`: one build per platform, exported as one index.

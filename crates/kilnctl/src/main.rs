@@ -190,6 +190,29 @@ struct BuildArgs {
     /// Progress output: auto, tty, plain, rawjson, quiet
     #[arg(long, default_value = "auto")]
     progress: String,
+    /// No progress; print the image's digest (as buildx -q)
+    #[arg(short = 'q', long)]
+    quiet: bool,
+    /// Write the image ID (config digest; an index's digest for several
+    /// platforms) to FILE
+    #[arg(long)]
+    iidfile: Option<PathBuf>,
+    /// Set a label on the image: KEY=VALUE (repeatable)
+    #[arg(long = "label")]
+    labels: Vec<String>,
+    /// Annotate image outputs: KEY=VALUE, or manifest:KEY=VALUE (repeatable)
+    #[arg(long = "annotation")]
+    annotations: Vec<String>,
+    /// Network of RUN steps that do not set --network: default, none or host
+    #[arg(long)]
+    network: Option<String>,
+    /// Do not use the cache for the steps of these stages (repeatable)
+    #[arg(long = "no-cache-filter")]
+    no_cache_filter: Vec<String>,
+    /// Check the registry for newer base images (kiln always resolves tags
+    /// against the registry; accepted for buildx scripts)
+    #[arg(long)]
+    pull: bool,
     /// Write build result metadata (digests, names) to this JSON file
     #[arg(long)]
     metadata_file: Option<PathBuf>,
@@ -714,18 +737,65 @@ fn parse_output(spec: &str) -> anyhow::Result<ctl::Exporter> {
     Ok(ctl::Exporter { r#type: typ, attrs })
 }
 
-async fn build(targets: &targets::Targets, b: BuildArgs) -> anyhow::Result<()> {
+/// Reads all of stdin (a Dockerfile or a context tar), bounded.
+fn read_stdin(what: &str, limit: u64) -> anyhow::Result<Vec<u8>> {
+    use std::io::Read;
+    if std::io::stdin().is_terminal() {
+        bail!(
+            "{what} is `-` but stdin is a terminal: pipe it in (e.g. `kilnctl build - < ctx.tar`)"
+        );
+    }
+    let mut data = Vec::new();
+    std::io::stdin()
+        .take(limit + 1)
+        .read_to_end(&mut data)
+        .with_context(|| format!("reading {what} from stdin"))?;
+    if data.len() as u64 > limit {
+        bail!("{what} on stdin is larger than {limit} bytes");
+    }
+    Ok(data)
+}
+
+async fn build(targets: &targets::Targets, mut b: BuildArgs) -> anyhow::Result<()> {
+    let df_stdin = b.file.as_deref() == Some(Path::new("-"));
+    // `-` as the context: a tar on stdin, unpacked into a directory of ours.
+    let _stdin_context = if b.context == Path::new("-") {
+        if df_stdin {
+            bail!("the context and the Dockerfile cannot both come from stdin (-)");
+        }
+        let dir = std::env::temp_dir().join(format!("kilnctl-context-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let dir = tempdir::Dir(dir);
+        let data = read_stdin("the context", 16 << 30)?;
+        tar::Archive::new(std::io::Cursor::new(data))
+            .unpack(&dir.0)
+            .context("unpacking the context tar from stdin")?;
+        b.context = dir.0.clone();
+        Some(dir)
+    } else {
+        None
+    };
     let ctx_md = std::fs::metadata(&b.context)
         .with_context(|| format!("context {}", b.context.display()))?;
     if !ctx_md.is_dir() {
         bail!("context {} is not a directory", b.context.display());
     }
-    let df_path = b
-        .file
-        .clone()
-        .unwrap_or_else(|| b.context.join("Dockerfile"));
-    let dockerfile = std::fs::read(&df_path)
-        .with_context(|| format!("reading Dockerfile {}", df_path.display()))?;
+    let df_path = match &b.file {
+        Some(f) if df_stdin => b.context.join(f),
+        Some(f) => f.clone(),
+        None => b.context.join("Dockerfile"),
+    };
+    let dockerfile = if df_stdin {
+        read_stdin("the Dockerfile", 2 << 20)?
+    } else {
+        std::fs::read(&df_path)
+            .with_context(|| format!("reading Dockerfile {}", df_path.display()))?
+    };
+    let df_path = if df_stdin {
+        b.context.join("Dockerfile")
+    } else {
+        df_path
+    };
     let mut build_args = parse_build_args(&b.build_args)?;
     // As buildx: SOURCE_DATE_EPOCH in the environment is a build argument.
     if let Ok(epoch) = std::env::var("SOURCE_DATE_EPOCH")
@@ -810,6 +880,24 @@ async fn build(targets: &targets::Targets, b: BuildArgs) -> anyhow::Result<()> {
         }
         exporters.push(e);
     }
+    for a in &b.annotations {
+        let (k, v) = a
+            .split_once('=')
+            .ok_or_else(|| anyhow::anyhow!("--annotation {a:?}: expected KEY=VALUE"))?;
+        let key = match k.split_once(':') {
+            Some(("manifest", k)) => format!("annotation-manifest.{k}"),
+            Some((other, _)) if !other.contains('.') && !other.contains('/') => bail!(
+                "--annotation {a:?}: kiln annotates manifests (KEY=VALUE or manifest:KEY=VALUE), not {other:?}"
+            ),
+            _ => format!("annotation.{k}"),
+        };
+        for e in exporters
+            .iter_mut()
+            .filter(|e| matches!(e.r#type.as_str(), "image" | "registry" | "oci" | "docker"))
+        {
+            e.attrs.insert(key.clone(), v.to_string());
+        }
+    }
     if exporters.is_empty() {
         eprintln!(
             "WARNING: No output specified; the build result will only remain in the build cache. Use -o type=oci,dest=FILE or -o DIR."
@@ -833,6 +921,23 @@ async fn build(targets: &targets::Targets, b: BuildArgs) -> anyhow::Result<()> {
     }
     if b.no_cache {
         attrs.insert("no-cache".into(), String::new());
+    } else if !b.no_cache_filter.is_empty() {
+        attrs.insert("no-cache".into(), b.no_cache_filter.join(","));
+    }
+    for l in &b.labels {
+        let (k, v) = l
+            .split_once('=')
+            .ok_or_else(|| anyhow::anyhow!("--label {l:?}: expected KEY=VALUE"))?;
+        attrs.insert(format!("label:{k}"), v.to_string());
+    }
+    if let Some(n) = &b.network {
+        if !matches!(n.as_str(), "default" | "none" | "host") {
+            bail!("--network {n:?}: expected default, none or host");
+        }
+        attrs.insert("force-network-mode".into(), n.clone());
+    }
+    if b.pull {
+        attrs.insert("image-resolve-mode".into(), "pull".into());
     }
     if let Some(p) = &b.platform {
         attrs.insert("platform".into(), p.clone());
@@ -985,7 +1090,12 @@ async fn build(targets: &targets::Targets, b: BuildArgs) -> anyhow::Result<()> {
         }
         cache_imports.push(e);
     }
-    let mode = match b.progress.as_str() {
+    let progress_mode = if b.quiet {
+        "quiet"
+    } else {
+        b.progress.as_str()
+    };
+    let mode = match progress_mode {
         "auto" => {
             if std::io::stderr().is_terminal() {
                 progress::Mode::Tty
@@ -1062,10 +1172,27 @@ async fn build(targets: &targets::Targets, b: BuildArgs) -> anyhow::Result<()> {
             }
         }
     }
-    if mode == progress::Mode::Quiet
+    // The image ID as buildx reports it: the config digest of a single
+    // image, else the index's digest.
+    let image_id = meta
+        .get("containerimage.config.digest")
+        .or(meta.get("containerimage.digest"));
+    if b.quiet
+        && let Some(d) = image_id
+    {
+        println!("{d}");
+    } else if mode == progress::Mode::Quiet
         && let Some(d) = meta.get("containerimage.digest")
     {
         println!("{d}");
+    }
+    if let Some(p) = &b.iidfile {
+        let id = image_id.ok_or_else(|| {
+            anyhow::anyhow!(
+                "--iidfile: the build made no image (add an image output: -o type=oci|docker|image)"
+            )
+        })?;
+        write_file(p, id.as_bytes())?;
     }
     if let Some(p) = &b.metadata_file {
         let mut j = serde_json::Map::new();

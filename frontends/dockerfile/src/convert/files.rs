@@ -38,7 +38,7 @@ impl Ctx<'_> {
             platform: Some(platform.to_pb()),
         };
         let r = self.builder.add(&op, description, &self.loc(node));
-        if self.opts.no_cache {
+        if self.ignores_cache() {
             self.builder.set_ignore_cache(&r.digest);
         }
         r

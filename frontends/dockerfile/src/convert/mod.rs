@@ -150,6 +150,13 @@ pub struct ConvertOptions {
     pub named_contexts: BTreeMap<String, String>,
     /// Several platforms are built: step labels name the platform.
     pub multi_platform: bool,
+    /// `--no-cache-filter`: stages whose steps run even when cached.
+    pub no_cache_stages: Vec<String>,
+    /// `--label K=V`: labels set on the result's image config.
+    pub labels: BTreeMap<String, String>,
+    /// `--network`: the network of RUN steps that do not choose one
+    /// (BuildKit's force-network-mode: none, host or default).
+    pub default_network: Option<String>,
     /// `--check`: report every violation instead of failing on the first
     /// under `# check=error=true`.
     pub check_only: bool,
@@ -171,6 +178,9 @@ impl Default for ConvertOptions {
             no_cache: false,
             named_contexts: BTreeMap::new(),
             multi_platform: false,
+            no_cache_stages: Vec::new(),
+            labels: BTreeMap::new(),
+            default_network: None,
             check_only: false,
             sbom_scan_stages: false,
             sbom_scan_context: false,
@@ -331,6 +341,18 @@ impl Ctx<'_> {
 
     fn loc(&self, node: &Node) -> String {
         format!("{}:{}", self.opts.filename, node.start_line)
+    }
+
+    /// Whether the current stage's steps ignore the cache (`--no-cache`, or
+    /// `--no-cache-filter` naming it).
+    fn ignores_cache(&self) -> bool {
+        self.opts.no_cache
+            || self.stages[self.current].name.as_ref().is_some_and(|n| {
+                self.opts
+                    .no_cache_stages
+                    .iter()
+                    .any(|s| s.eq_ignore_ascii_case(n))
+            })
     }
 
     /// A local source served by the client under `name`.
@@ -743,7 +765,11 @@ fn convert_here(
         })?,
         None => ctx.stages.len() - 1,
     };
-    let result = ctx.convert_stage(target)?;
+    let mut result = ctx.convert_stage(target)?;
+    // As BuildKit: --label goes on the final image, over the Dockerfile's.
+    for (k, v) in &opts.labels {
+        result.image.config.labels.insert(k.clone(), v.clone());
+    }
     let mut warnings = std::mem::take(&mut ctx.warnings);
     if let Some(check) = &ast.directives.check {
         let (skip, error) = parse_check_directive(check);

@@ -77,7 +77,11 @@ impl Ctx<'_> {
                 env.push(format!("{name}={value}"));
             }
         }
-        let network = match flags.get("network").map(String::as_str) {
+        let chosen = flags
+            .get("network")
+            .map(String::as_str)
+            .or(self.opts.default_network.as_deref());
+        let network = match chosen {
             None | Some("default") => pb::NetMode::NetUnset,
             Some("none") => pb::NetMode::NetNone,
             Some("host") => pb::NetMode::NetHost,
@@ -174,7 +178,7 @@ impl Ctx<'_> {
         };
         let shown = st.step_name(node.original.trim());
         let r = self.builder.add(&op, &shown, &self.loc(node));
-        if self.opts.no_cache {
+        if self.ignores_cache() {
             self.builder.set_ignore_cache(&r.digest);
         }
         st.result.state = Some(r);
