@@ -1,6 +1,7 @@
 //! kilnctl: the kiln command-line client.
 
 mod cache_cmds;
+mod call;
 mod imagetools;
 mod progress;
 mod sign;
@@ -226,6 +227,10 @@ struct BuildArgs {
     /// Only run the Dockerfile checks: list every violation, exit 1 if there is any
     #[arg(long)]
     check: bool,
+    /// Run a subrequest instead of building: check (as --check), targets (the
+    /// stages and their descriptions) or outline (the target's build args)
+    #[arg(long)]
+    call: Option<String>,
     /// Allow extra privileged entitlements (network.host, security.insecure)
     #[arg(long = "allow")]
     allow: Vec<String>,
@@ -809,6 +814,19 @@ async fn build(targets: &targets::Targets, mut b: BuildArgs) -> anyhow::Result<(
         .file_name()
         .map(|n| n.to_string_lossy().to_string())
         .unwrap_or_else(|| "Dockerfile".into());
+    match b.call.as_deref() {
+        None | Some("build") => {}
+        Some("check") => b.check = true,
+        Some("targets") => {
+            print!("{}", call::targets(&dockerfile)?);
+            return Ok(());
+        }
+        Some("outline") => {
+            print!("{}", call::outline(&dockerfile, b.target.as_deref())?);
+            return Ok(());
+        }
+        Some(o) => bail!("--call {o:?}: expected build, check, outline or targets"),
+    }
     if b.check {
         let opts = kiln_dockerfile::ConvertOptions {
             filename: df_name.clone(),
