@@ -960,3 +960,37 @@ fn copy_link_is_independent_of_the_layers_below() {
     );
     assert_ne!(a[n - 1], b[n - 1], "the last RUN saw a different /v");
 }
+
+/// The README's example (scripts/quickstart.sh): it builds, and its
+/// filesystem runs.
+#[test]
+fn the_readme_example_builds_an_image_that_runs() {
+    require_root!();
+    let d = Daemon::start();
+    let ctx = tempfile::tempdir().unwrap();
+    let example = kiln_e2e::testdata().join("examples/hello");
+    for e in ["Dockerfile", "greeting.txt", "hello.sh", "conf/app.conf"] {
+        let to = ctx.path().join(e);
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(example.join(e), &to).unwrap();
+    }
+    std::fs::copy("/bin/busybox", ctx.path().join("busybox")).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let rootfs = out.path().join("rootfs");
+    d.ok(&[
+        "build",
+        ctx.path().to_str().unwrap(),
+        "-o",
+        rootfs.to_str().unwrap(),
+    ]);
+    let o = std::process::Command::new("chroot")
+        .arg(&rootfs)
+        .arg("/usr/local/bin/hello")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        std::fs::read_to_string(example.join("greeting.txt")).unwrap()
+    );
+}

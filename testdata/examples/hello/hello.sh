@@ -1,2 +1,2 @@
 #!/bin/sh
-cat "$GREETING_FILE"
+cat "${GREETING_FILE:-/srv/greeting.txt}"
