@@ -136,3 +136,45 @@ fn check_lists_every_violation_and_fails_as_buildx() {
     assert!(o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("Check complete, no warnings found."));
 }
+
+#[test]
+fn errors_name_the_cause_a_person_can_act_on() {
+    require_root!();
+    let d = Daemon::start();
+    // A bad tag is refused before anything is built.
+    let c = ctx("FROM scratch\nCOPY a /a\n", &[("a", "a")]);
+    let e = d.fails(&["build", c.path().to_str().unwrap(), "-t", "Bad/Name:x"]);
+    assert!(
+        e.contains("invalid tag \"Bad/Name:x\": repository name must be lowercase"),
+        "{e}"
+    );
+    // A build arg nothing declares is reported, as Docker does.
+    let o = d.ok(&[
+        "build",
+        c.path().to_str().unwrap(),
+        "--build-arg",
+        "UNUSED_THING=1",
+        "--progress",
+        "plain",
+    ]);
+    assert!(
+        String::from_utf8_lossy(&o.stderr)
+            .contains("One or more build-args [UNUSED_THING] were not consumed"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // An unreachable registry says why.
+    let c = ctx("FROM 127.0.0.1:1/nope/img:1\nRUN true\n", &[]);
+    let e = d.fails(&["build", c.path().to_str().unwrap()]);
+    assert!(
+        e.contains("Connection refused") && e.contains("Dockerfile:1"),
+        "{e}"
+    );
+    // The whole-file errors carry no line 0.
+    let c = ctx("FROM scratch\n", &[]);
+    let e = d.fails(&["build", c.path().to_str().unwrap(), "--target", "nosuch"]);
+    assert!(
+        !e.contains("Dockerfile:0") && e.contains("names no stage"),
+        "{e}"
+    );
+}

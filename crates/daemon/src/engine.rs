@@ -328,6 +328,15 @@ impl Engine {
             .map_err(|e| EngineError::Build(e.to_string()))??;
             // The checks are the same for every platform: report them once.
             if i == 0 {
+                if !converted.unused_build_args.is_empty() {
+                    progress.warning(
+                        format!(
+                            "One or more build-args [{}] were not consumed",
+                            converted.unused_build_args.join(" ")
+                        ),
+                        String::new(),
+                    );
+                }
                 for w in &converted.warnings {
                     progress.warning(
                         format!("{}: {}", w.rule, w.message),

@@ -854,6 +854,18 @@ async fn build(targets: &targets::Targets, mut b: BuildArgs) -> anyhow::Result<(
         }
         return Ok(());
     }
+    // Names are checked before anything is sent: `-t Bad/Name` is no image name.
+    for t in &b.tags {
+        let repo = t.split('@').next().unwrap_or(t);
+        let repo = repo
+            .rsplit_once(':')
+            .filter(|(_, tag)| !tag.contains('/'))
+            .map_or(repo, |(r, _)| r);
+        if repo.chars().any(|c| c.is_ascii_uppercase()) {
+            bail!("invalid tag {t:?}: repository name must be lowercase");
+        }
+        kiln_registry::parse_reference(t).map_err(|e| anyhow::anyhow!("invalid tag {t:?}: {e}"))?;
+    }
     let mut exporters = Vec::new();
     if b.push {
         if b.tags.is_empty() {
@@ -915,6 +927,16 @@ async fn build(targets: &targets::Targets, mut b: BuildArgs) -> anyhow::Result<(
         {
             e.attrs.insert(key.clone(), v.to_string());
         }
+    }
+    // A tar written to stdout must not end up in a terminal.
+    if exporters
+        .iter()
+        .any(|e| e.attrs.get("dest").is_some_and(|d| d == "-"))
+        && std::io::stdout().is_terminal()
+    {
+        bail!(
+            "refusing to write a tar to the terminal: redirect stdout (-o - > out.tar) or give dest=FILE"
+        );
     }
     if exporters.is_empty() {
         eprintln!(

@@ -231,6 +231,22 @@ pub struct RegistryClient {
     config: RegistryConfig,
 }
 
+/// An error with its causes (`error sending request: ... : Connection
+/// refused`): the outermost message alone often drops what a person can act on.
+pub(crate) fn cause(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(s) = next {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        next = s.source();
+    }
+    out
+}
+
 fn err(r: &Reference, e: impl std::fmt::Display) -> RegistryError {
     RegistryError::Registry {
         reference: r.whole(),
@@ -421,7 +437,7 @@ impl RegistryClient {
         client
             .pull_blob(&pinned, config_digest.as_str(), &mut config)
             .await
-            .map_err(|e| err(&r, e))?;
+            .map_err(|e| err(&r, cause(&e)))?;
         let config = config.0;
         let layers = manifest_layers(&doc).map_err(|e| err(&r, e))?;
         Ok(ResolvedImage {
@@ -462,7 +478,7 @@ impl RegistryClient {
         client
             .pull_blob(&r, digest.as_str(), &mut buf)
             .await
-            .map_err(|e| err(&r, e))?;
+            .map_err(|e| err(&r, cause(&e)))?;
         if Digest::of(&buf.0) != *digest {
             return Err(err(&r, format!("blob {digest} does not match its digest")));
         }
@@ -511,12 +527,12 @@ impl RegistryClient {
         let mut stream = client
             .pull_blob_stream(&r, layer.digest.as_str())
             .await
-            .map_err(|e| err(&r, e))?;
+            .map_err(|e| err(&r, cause(&e)))?;
         let mut w = store.writer()?;
         while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| err(&r, e))?;
+            let chunk = chunk.map_err(|e| err(&r, cause(&e)))?;
             // Small synchronous writes to a local file; the download dominates.
-            w.write_all(&chunk).map_err(|e| err(&r, e))?;
+            w.write_all(&chunk).map_err(|e| err(&r, cause(&e)))?;
         }
         // The store verifies the digest before the blob gets its name.
         w.commit(Some(&layer.digest))?;
@@ -539,7 +555,7 @@ impl RegistryClient {
         client
             .auth(&r, &auth, oci_client::RegistryOperation::Push)
             .await
-            .map_err(|e| err(&r, e))?;
+            .map_err(|e| err(&r, cause(&e)))?;
         // Blobs go up concurrently (a few at a time); the manifest only after all of them.
         // (A loop, not a closure: a closure over the borrows is not general
         // enough for the Send bound of the daemon's futures.)
@@ -554,11 +570,12 @@ impl RegistryClient {
         for res in results {
             res?;
         }
-        let ct = http::HeaderValue::from_str(manifest_media_type).map_err(|e| err(&r, e))?;
+        let ct =
+            http::HeaderValue::from_str(manifest_media_type).map_err(|e| err(&r, cause(&e)))?;
         client
             .push_manifest_raw(&r, manifest.to_vec(), ct)
             .await
-            .map_err(|e| err(&r, e))
+            .map_err(|e| err(&r, cause(&e)))
     }
 
     /// Pushes small blobs held in memory (a signature's payloads and
@@ -576,7 +593,7 @@ impl RegistryClient {
         client
             .auth(&r, &Self::auth(creds), oci_client::RegistryOperation::Push)
             .await
-            .map_err(|e| err(&r, e))?;
+            .map_err(|e| err(&r, cause(&e)))?;
         for data in blobs {
             let d = Digest::of(data);
             if client.blob_exists(&r, d.as_str()).await.unwrap_or(false) {
@@ -587,11 +604,12 @@ impl RegistryClient {
                 .await
                 .map_err(|e| err(&r, format!("pushing blob {d}: {e}")))?;
         }
-        let ct = http::HeaderValue::from_str(manifest_media_type).map_err(|e| err(&r, e))?;
+        let ct =
+            http::HeaderValue::from_str(manifest_media_type).map_err(|e| err(&r, cause(&e)))?;
         client
             .push_manifest_raw(&r, manifest.to_vec(), ct)
             .await
-            .map_err(|e| err(&r, e))
+            .map_err(|e| err(&r, cause(&e)))
     }
 
     /// One blob: skipped if the registry has it, mounted from the repository

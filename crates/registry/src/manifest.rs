@@ -8,7 +8,7 @@ use futures::StreamExt;
 use kiln_digest::Digest;
 use oci_client::{Reference, RegistryOperation};
 
-use crate::{Credentials, RegistryClient, RegistryError, err};
+use crate::{Credentials, RegistryClient, RegistryError, cause, err};
 
 /// The largest manifest or index read (real ones are kilobytes; BuildKit
 /// caps them at 4 MiB too).
@@ -25,10 +25,10 @@ impl RegistryClient {
             .unwrap_or_default();
         let mut b = reqwest::Client::builder().danger_accept_invalid_certs(cfg.insecure);
         for pem in &cfg.ca_pem {
-            let cert = reqwest::Certificate::from_pem(pem).map_err(|e| err(r, e))?;
+            let cert = reqwest::Certificate::from_pem(pem).map_err(|e| err(r, cause(&e)))?;
             b = b.add_root_certificate(cert);
         }
-        b.build().map_err(|e| err(r, e))
+        b.build().map_err(|e| err(r, cause(&e)))
     }
 
     /// The document `r` names, as stored: its bytes (at most
@@ -44,7 +44,7 @@ impl RegistryClient {
         let token = client
             .auth(r, &Self::auth(creds), RegistryOperation::Pull)
             .await
-            .map_err(|e| err(r, e))?;
+            .map_err(|e| err(r, cause(&e)))?;
         let scheme = if self.uses_http(r, false) {
             "http"
         } else {
@@ -70,7 +70,7 @@ impl RegistryClient {
             }
             _ => req,
         };
-        let res = req.send().await.map_err(|e| err(r, e))?;
+        let res = req.send().await.map_err(|e| err(r, cause(&e)))?;
         let status = res.status();
         if status == http::StatusCode::NOT_FOUND {
             return Err(RegistryError::NotFound {
@@ -94,7 +94,7 @@ impl RegistryClient {
         let mut body = Vec::new();
         let mut stream = res.bytes_stream();
         while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| err(r, e))?;
+            let chunk = chunk.map_err(|e| err(r, cause(&e)))?;
             if (body.len() + chunk.len()) as u64 > MAX_MANIFEST {
                 return Err(err(
                     r,

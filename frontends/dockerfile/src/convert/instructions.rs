@@ -257,6 +257,7 @@ impl Ctx<'_> {
                     if name.is_empty() {
                         return Err(self.err(line, "ARG names can not be blank"));
                     }
+                    self.declared_args.insert(name.clone());
                     let value = self
                         .opts
                         .build_args

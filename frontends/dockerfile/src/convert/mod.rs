@@ -212,6 +212,8 @@ pub struct Converted {
     /// `BUILDKIT_SBOM_SCAN_CONTEXT` in the target: the SBOM covers the
     /// build context as well.
     pub sbom_context: bool,
+    /// `--build-arg`s no ARG of the build declares (sorted).
+    pub unused_build_args: Vec<String>,
 }
 
 /// BuildKit's SBOM switches: ARGs that are not variables.
@@ -280,6 +282,9 @@ struct Ctx<'a> {
     current: usize,
     /// Per converted stage: (scan the stage, scan the context) for the SBOM.
     sbom_scans: HashMap<usize, (bool, bool)>,
+    /// ARG names declared globally or in a converted stage: the build args
+    /// nothing declares are reported as not consumed.
+    declared_args: HashSet<String>,
 }
 
 struct StageState {
@@ -650,6 +655,7 @@ fn convert_here(
         context_paths: Some(Default::default()),
         current: 0,
         sbom_scans: HashMap::new(),
+        declared_args: HashSet::new(),
     };
     for w in &ast.warnings {
         ctx.warn("NoEmptyContinuation", &w.short, w.start_line);
@@ -730,6 +736,7 @@ fn convert_here(
                     }
                     None => (w.clone(), None),
                 };
+                ctx.declared_args.insert(k.clone());
                 ctx.meta_args.push((k, v));
             }
         } else {
@@ -820,6 +827,19 @@ fn convert_here(
         context_paths: ctx.context_paths.map(|p| p.into_iter().collect()),
         sbom_stages,
         sbom_context,
+        unused_build_args: opts
+            .build_args
+            .keys()
+            .filter(|k| {
+                !ctx.declared_args.contains(*k)
+                    && !PROXY_ARGS.contains(&k.as_str())
+                    && !k.starts_with("BUILDKIT_")
+                    && !matches!(k.as_str(), "SOURCE_DATE_EPOCH")
+                    && !k.starts_with("TARGET")
+                    && !k.starts_with("BUILD")
+            })
+            .cloned()
+            .collect(),
     })
 }
 
