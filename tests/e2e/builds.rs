@@ -207,6 +207,19 @@ fn multi_stage_scratch_image_is_what_docker_would_make() {
             .starts_with("sha256:")
     );
     assert_eq!(m["image.name"], "example.com/demo:v1");
+    // As buildx: the top descriptor as an object, and the build's reference.
+    assert_eq!(m["containerimage.descriptor"]["digest"], inspect["Digest"]);
+    assert_eq!(
+        m["containerimage.descriptor"]["mediaType"],
+        "application/vnd.oci.image.manifest.v1+json"
+    );
+    assert!(m["containerimage.descriptor"]["size"].as_u64().unwrap() > 0);
+    assert!(
+        m["buildx.build.ref"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("kilnd/local/")),
+        "{m}"
+    );
 }
 
 fn build_raw(d: &Daemon, ctx: &Path, extra: &[&str]) -> Vec<serde_json::Value> {
@@ -977,12 +990,18 @@ fn the_readme_example_builds_an_image_that_runs() {
     std::fs::copy("/bin/busybox", ctx.path().join("busybox")).unwrap();
     let out = tempfile::tempdir().unwrap();
     let rootfs = out.path().join("rootfs");
+    let meta = out.path().join("meta.json");
     d.ok(&[
         "build",
         ctx.path().to_str().unwrap(),
         "-o",
         rootfs.to_str().unwrap(),
+        "--metadata-file",
+        meta.to_str().unwrap(),
     ]);
+    // A local output's metadata still names the build, as buildx's does.
+    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(&meta).unwrap()).unwrap();
+    assert!(m["buildx.build.ref"].is_string(), "{m}");
     let o = std::process::Command::new("chroot")
         .arg(&rootfs)
         .arg("/usr/local/bin/hello")

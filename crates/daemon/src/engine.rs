@@ -493,6 +493,11 @@ impl Engine {
                 response.insert(key, predicate.to_string());
             }
         }
+        // As buildx: the build's reference (builder/node/ref), for every output.
+        response.insert(
+            "buildx.build.ref".into(),
+            format!("kilnd/local/{}", req.r#ref),
+        );
         // Imported results that were fetched are recorded here, so later
         // builds hit them without the import.
         for s in &result.steps {

@@ -1240,7 +1240,8 @@ async fn build(targets: &targets::Targets, mut b: BuildArgs) -> anyhow::Result<(
             // As buildx: the provenance is a JSON object, not a string.
             let value = match serde_json::from_str(v) {
                 Ok(obj @ serde_json::Value::Object(_))
-                    if k.starts_with("buildx.build.provenance") =>
+                    if k.starts_with("buildx.build.provenance")
+                        || k == "containerimage.descriptor" =>
                 {
                     obj
                 }

@@ -285,9 +285,18 @@ pub(crate) fn image_digests(
     index: Option<&BuiltIndex>,
     response: &mut BTreeMap<String, String>,
 ) {
+    // buildx also reports the top descriptor (as JSON).
+    let descriptor = |media_type: &str, digest: &kiln_digest::Digest, size: usize| {
+        serde_json::json!({"mediaType": media_type, "digest": digest.to_string(), "size": size})
+            .to_string()
+    };
     match index {
         Some(i) => {
             response.insert("containerimage.digest".into(), i.digest.to_string());
+            response.insert(
+                "containerimage.descriptor".into(),
+                descriptor(&i.media_type, &i.digest, i.bytes.len()),
+            );
         }
         None => {
             if let Some(img) = images.first() {
@@ -298,6 +307,14 @@ pub(crate) fn image_digests(
                 response.insert(
                     "containerimage.config.digest".into(),
                     img.config_digest.to_string(),
+                );
+                response.insert(
+                    "containerimage.descriptor".into(),
+                    descriptor(
+                        &img.manifest_media_type,
+                        &img.manifest_digest,
+                        img.manifest.len(),
+                    ),
                 );
             }
         }
