@@ -29,7 +29,7 @@ fn buildx_flags_quiet_iidfile_label_annotation_network_and_stdin() {
     require_root!();
     let d = Daemon::start();
     let ctx = busybox_context(
-        "FROM busybox AS base\nRUN cat /proc/net/dev > /net && head -c 16 /dev/urandom | od -x > /t\nFROM base\nLABEL from=dockerfile\n",
+        "FROM busybox AS base\nRUN cat /proc/net/dev > /net && cat /etc/hosts > /hosts && head -c 16 /dev/urandom | od -x > /t\nFROM base\nLABEL from=dockerfile\n",
         &[],
     );
     let out = tempfile::tempdir().unwrap();
@@ -87,9 +87,21 @@ fn buildx_flags_quiet_iidfile_label_annotation_network_and_stdin() {
         ctx.path().to_str().unwrap(),
         "--network",
         "none",
+        "--add-host",
+        "db.internal:10.1.2.3",
         "-o",
         fs.to_str().unwrap(),
     ]);
+    let hosts = std::fs::read_to_string(fs.join("hosts")).unwrap();
+    assert!(hosts.contains("10.1.2.3\tdb.internal\n"), "{hosts}");
+    // Nothing but a host name and an address gets in.
+    let e = d.fails(&[
+        "build",
+        ctx.path().to_str().unwrap(),
+        "--add-host",
+        "x:not-an-ip",
+    ]);
+    assert!(e.contains("is not an IP address"), "{e}");
     let net = std::fs::read_to_string(fs.join("net")).unwrap();
     let ifaces: Vec<&str> = net
         .lines()
@@ -105,6 +117,8 @@ fn buildx_flags_quiet_iidfile_label_annotation_network_and_stdin() {
         ctx.path().to_str().unwrap(),
         "--network",
         "none",
+        "--add-host",
+        "db.internal:10.1.2.3",
         "--no-cache-filter",
         "base",
         "-o",

@@ -264,6 +264,23 @@ impl Engine {
                 .unwrap_or_default(),
             // buildx's --network.
             default_network: attrs.get("force-network-mode").cloned(),
+            // buildx's --add-host: `host=ip` (or `host:ip`), comma-separated.
+            extra_hosts: attrs
+                .get("add-hosts")
+                .map(|v| {
+                    v.split(',')
+                        .filter(|e| !e.trim().is_empty())
+                        .map(|e| {
+                            let e = e.trim();
+                            let (h, ip) = e
+                                .split_once('=')
+                                .or_else(|| e.split_once(':'))
+                                .unwrap_or((e, ""));
+                            (h.to_string(), ip.to_string())
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
             sbom_scan_stages: sbom.as_ref().is_some_and(|s| s.scan_stages),
             sbom_scan_context: sbom.as_ref().is_some_and(|s| s.scan_context),
             ..Default::default()

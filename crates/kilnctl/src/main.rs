@@ -204,6 +204,9 @@ struct BuildArgs {
     /// Annotate image outputs: KEY=VALUE, or manifest:KEY=VALUE (repeatable)
     #[arg(long = "annotation")]
     annotations: Vec<String>,
+    /// Add a host to RUN steps' /etc/hosts: HOST:IP (repeatable)
+    #[arg(long = "add-host")]
+    add_hosts: Vec<String>,
     /// Network of RUN steps that do not set --network: default, none or host
     #[arg(long)]
     network: Option<String>,
@@ -978,6 +981,21 @@ async fn build(targets: &targets::Targets, mut b: BuildArgs) -> anyhow::Result<(
     }
     if b.pull {
         attrs.insert("image-resolve-mode".into(), "pull".into());
+    }
+    if !b.add_hosts.is_empty() {
+        let mut entries = Vec::new();
+        for h in &b.add_hosts {
+            // HOST:IP, where an IPv6 address has colons of its own.
+            let (host, ip) = h
+                .split_once(':')
+                .or_else(|| h.split_once('='))
+                .ok_or_else(|| anyhow::anyhow!("--add-host {h:?}: expected HOST:IP"))?;
+            if ip.parse::<std::net::IpAddr>().is_err() {
+                bail!("--add-host {h:?}: {ip:?} is not an IP address");
+            }
+            entries.push(format!("{host}={ip}"));
+        }
+        attrs.insert("add-hosts".into(), entries.join(","));
     }
     if let Some(p) = &b.platform {
         attrs.insert("platform".into(), p.clone());

@@ -66,6 +66,34 @@ fn read_db(root: &Path, file: &str) -> Vec<Vec<String>> {
 /// in it) and a uid/gid/mode other than the defaults (BuildKit bases such a
 /// cache on a directory made with them, and the base is part of its
 /// identity). The same on every daemon, so caches can travel.
+/// `--add-host` entries as /etc/hosts lines. The names and addresses come
+/// from the build request: each must be a plain host name and an IP
+/// address, so nothing else can be written into the file.
+pub fn extra_hosts_lines(hosts: &[pb::HostIp]) -> Result<String, WorkerError> {
+    let mut out = String::new();
+    for h in hosts.iter().take(256) {
+        let ip: std::net::IpAddr = h.ip.parse().map_err(|_| {
+            WorkerError::Other(format!(
+                "--add-host {}: {:?} is not an IP address",
+                h.host, h.ip
+            ))
+        })?;
+        let valid = !h.host.is_empty()
+            && h.host.len() <= 253
+            && h.host
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.' || c == '_');
+        if !valid {
+            return Err(WorkerError::Other(format!(
+                "--add-host {:?}: not a host name",
+                h.host
+            )));
+        }
+        out.push_str(&format!("{ip}\t{}\n", h.host));
+    }
+    Ok(out)
+}
+
 pub fn cache_mount_dir(m: &pb::Mount, seed_key: Option<&str>) -> String {
     let mut id_src = match seed_key {
         Some(k) => format!("{}\n{k}\n{}", m.cache_id, m.selector),
@@ -322,11 +350,11 @@ impl Worker {
         fs::set_permissions(&bundle, fs::Permissions::from_mode(0o700))
             .map_err(|err| WorkerError::Other(err.to_string()))?;
         let hosts = bundle.join("hosts");
-        fs::write(
-            &hosts,
+        let mut hosts_text = String::from(
             "127.0.0.1\tlocalhost buildkitsandbox\n::1\tlocalhost ip6-localhost ip6-loopback\n",
-        )
-        .map_err(|err| WorkerError::Other(err.to_string()))?;
+        );
+        hosts_text.push_str(&extra_hosts_lines(&meta.extra_hosts)?);
+        fs::write(&hosts, hosts_text).map_err(|err| WorkerError::Other(err.to_string()))?;
         let resolv = bundle.join("resolv.conf");
         let host_resolv = fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
         fs::write(
@@ -749,6 +777,20 @@ impl Drop for DirGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn extra_hosts_cannot_inject_lines() {
+        let h = |host: &str, ip: &str| pb::HostIp {
+            host: host.into(),
+            ip: ip.into(),
+        };
+        assert_eq!(
+            extra_hosts_lines(&[h("db.internal", "10.1.2.3"), h("v6", "::1")]).unwrap(),
+            "10.1.2.3\tdb.internal\n::1\tv6\n"
+        );
+        assert!(extra_hosts_lines(&[h("evil\n6.6.6.6 bank.example", "10.0.0.1")]).is_err());
+        assert!(extra_hosts_lines(&[h("ok", "10.0.0.1\n6.6.6.6 bank")]).is_err());
+    }
 
     #[test]
     fn users_from_passwd() {

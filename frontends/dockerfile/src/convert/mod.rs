@@ -152,6 +152,8 @@ pub struct ConvertOptions {
     pub multi_platform: bool,
     /// `--no-cache-filter`: stages whose steps run even when cached.
     pub no_cache_stages: Vec<String>,
+    /// `--add-host`: (host, ip) entries for every RUN step's /etc/hosts.
+    pub extra_hosts: Vec<(String, String)>,
     /// `--label K=V`: labels set on the result's image config.
     pub labels: BTreeMap<String, String>,
     /// `--network`: the network of RUN steps that do not choose one
@@ -179,6 +181,7 @@ impl Default for ConvertOptions {
             named_contexts: BTreeMap::new(),
             multi_platform: false,
             no_cache_stages: Vec::new(),
+            extra_hosts: Vec::new(),
             labels: BTreeMap::new(),
             default_network: None,
             check_only: false,

@@ -169,6 +169,15 @@ impl Ctx<'_> {
                     cwd: wd,
                     user: img.config.user.clone(),
                     hostname: String::new(),
+                    extra_hosts: self
+                        .opts
+                        .extra_hosts
+                        .iter()
+                        .map(|(host, ip)| pb::HostIp {
+                            host: host.clone(),
+                            ip: ip.clone(),
+                        })
+                        .collect(),
                 }),
                 mounts,
                 network: network as i32,
