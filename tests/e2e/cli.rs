@@ -155,3 +155,114 @@ fn buildx_flags_quiet_iidfile_label_annotation_network_and_stdin() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("cannot both come from stdin"));
 }
+
+/// A private Docker engine (Debian's docker.io), as bench/ starts one.
+struct Dockerd {
+    child: std::process::Child,
+    dir: tempfile::TempDir,
+}
+
+impl Dockerd {
+    fn start() -> Dockerd {
+        assert!(
+            std::path::Path::new("/usr/sbin/dockerd").exists(),
+            "/usr/sbin/dockerd is missing: apt-get install docker.io (scripts/test.sh does)"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let p = |n: &str| dir.path().join(n).display().to_string();
+        let child = Command::new("/usr/sbin/dockerd")
+            .args([
+                "-H",
+                &format!("unix://{}", p("docker.sock")),
+                "--data-root",
+                &p("root"),
+                "--exec-root",
+                &p("exec"),
+                "--pidfile",
+                &p("docker.pid"),
+                "--iptables=false",
+                "--bridge=none",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let d = Dockerd { child, dir };
+        let start = std::time::Instant::now();
+        while !d.docker(&["info"]).status.success() {
+            assert!(start.elapsed().as_secs() < 60, "dockerd did not start");
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+        d
+    }
+
+    fn host(&self) -> String {
+        format!("unix://{}", self.dir.path().join("docker.sock").display())
+    }
+
+    fn docker(&self, args: &[&str]) -> std::process::Output {
+        Command::new("docker")
+            .env("DOCKER_HOST", self.host())
+            .args(args)
+            .output()
+            .unwrap()
+    }
+}
+
+impl Drop for Dockerd {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn load_puts_the_image_into_the_docker_engine() {
+    require_root!();
+    let d = Daemon::start();
+    let ctx = busybox_context(
+        "FROM busybox\nRUN echo loaded > /f\nCMD [\"cat\", \"/f\"]\n",
+        &[],
+    );
+    // No engine: said before anything is built.
+    let o = d.kilnctl_env(
+        &[
+            "build",
+            ctx.path().to_str().unwrap(),
+            "-t",
+            "kiln-e2e-load:1",
+            "--load",
+        ],
+        &[("DOCKER_HOST", "unix:///nonexistent/docker.sock")],
+    );
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr)
+            .contains("no Docker engine answers at unix:///nonexistent/docker.sock"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let engine = Dockerd::start();
+    let host = engine.host();
+    let o = d.kilnctl_env(
+        &[
+            "build",
+            ctx.path().to_str().unwrap(),
+            "-t",
+            "kiln-e2e-load:1",
+            "--load",
+        ],
+        &[("DOCKER_HOST", host.as_str())],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let run = engine.docker(&["run", "--rm", "--network", "none", "kiln-e2e-load:1"]);
+    assert_eq!(
+        String::from_utf8_lossy(&run.stdout),
+        "loaded\n",
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+}

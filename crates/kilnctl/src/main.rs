@@ -3,6 +3,7 @@
 mod cache_cmds;
 mod call;
 mod imagetools;
+mod load;
 mod progress;
 mod sign;
 mod targets;
@@ -204,6 +205,10 @@ struct BuildArgs {
     /// Annotate image outputs: KEY=VALUE, or manifest:KEY=VALUE (repeatable)
     #[arg(long = "annotation")]
     annotations: Vec<String>,
+    /// Load the image into the local Docker engine (DOCKER_HOST, or
+    /// /var/run/docker.sock), as buildx's docker driver does
+    #[arg(long)]
+    load: bool,
     /// Add a host to RUN steps' /etc/hosts: HOST:IP (repeatable)
     #[arg(long = "add-host")]
     add_hosts: Vec<String>,
@@ -317,6 +322,14 @@ mod tempdir {
     impl Drop for Dir {
         fn drop(&mut self) {
             let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// A private file removed on drop.
+    pub struct File(pub std::path::PathBuf);
+    impl Drop for File {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
         }
     }
 }
@@ -884,6 +897,27 @@ async fn build(targets: &targets::Targets, mut b: BuildArgs) -> anyhow::Result<(
             .collect(),
         });
     }
+    // --load: a docker archive into a file of ours, posted to the engine
+    // after the build; the engine is checked first.
+    let load_to = if b.load {
+        let socket = load::engine_socket()?;
+        if b.tags.is_empty() {
+            bail!("--load needs a name: -t NAME");
+        }
+        let file = std::env::temp_dir().join(format!("kilnctl-load-{}.tar", std::process::id()));
+        exporters.push(ctl::Exporter {
+            r#type: "docker".into(),
+            attrs: [
+                ("dest".to_string(), file.display().to_string()),
+                ("name".to_string(), b.tags.join(",")),
+            ]
+            .into_iter()
+            .collect(),
+        });
+        Some((socket, tempdir::File(file)))
+    } else {
+        None
+    };
     // Outputs to sign once pushed: (names, key), keys loaded before the build.
     let mut signing = Vec::new();
     for o in &b.outputs {
@@ -1243,6 +1277,10 @@ async fn build(targets: &targets::Targets, mut b: BuildArgs) -> anyhow::Result<(
         && let Some(d) = meta.get("containerimage.digest")
     {
         println!("{d}");
+    }
+    if let Some((socket, file)) = &load_to {
+        load::load(socket, &file.0)?;
+        eprintln!("Loaded {} into the Docker engine", b.tags.join(", "));
     }
     if let Some(p) = &b.iidfile {
         let id = image_id.ok_or_else(|| {
