@@ -1013,3 +1013,61 @@ fn the_readme_example_builds_an_image_that_runs() {
         std::fs::read_to_string(example.join("greeting.txt")).unwrap()
     );
 }
+
+/// Remote contexts as buildx takes them: a git repository with
+/// `#REF:SUBDIR`, and a tarball over HTTP.
+#[test]
+fn remote_contexts_git_with_ref_and_subdir_and_a_tarball() {
+    require_root!();
+    let d = Daemon::start();
+    let base = tempfile::tempdir().unwrap();
+    let repo = base.path().join("app.git");
+    std::fs::create_dir_all(repo.join("sub")).unwrap();
+    git_in(&repo, &["init", "-q"]);
+    std::fs::write(repo.join("sub/Dockerfile"), "FROM scratch\nCOPY v.txt /v\n").unwrap();
+    std::fs::write(repo.join("sub/v.txt"), "one\n").unwrap();
+    git_in(&repo, &["add", "-A"]);
+    git_in(&repo, &["commit", "-q", "-m", "one"]);
+    git_in(&repo, &["tag", "v1"]);
+    std::fs::write(repo.join("sub/v.txt"), "two\n").unwrap();
+    git_in(&repo, &["commit", "-q", "-am", "two"]);
+    let daemon = GitDaemon::start(base.path());
+    let out = tempfile::tempdir().unwrap();
+    for (reference, want) in [("v1", "one\n"), ("main", "two\n")] {
+        let dest = out.path().join(reference);
+        d.ok(&[
+            "build",
+            &format!("git://127.0.0.1:{}/app.git#{reference}:sub", daemon.1),
+            "-o",
+            dest.to_str().unwrap(),
+        ]);
+        assert_eq!(std::fs::read_to_string(dest.join("v")).unwrap(), want);
+    }
+    // A tarball of a context over HTTP.
+    let web = tempfile::tempdir().unwrap();
+    let mut tar = tar::Builder::new(flate2::write::GzEncoder::new(
+        Vec::new(),
+        flate2::Compression::fast(),
+    ));
+    tar.append_dir_all(".", repo.join("sub")).unwrap();
+    std::fs::write(
+        web.path().join("ctx.tar.gz"),
+        tar.into_inner().unwrap().finish().unwrap(),
+    )
+    .unwrap();
+    let http = HttpServer::start(web.path());
+    let dest = out.path().join("tarball");
+    d.ok(&[
+        "build",
+        &format!("http://127.0.0.1:{}/ctx.tar.gz", http.1),
+        "-o",
+        dest.to_str().unwrap(),
+    ]);
+    assert_eq!(std::fs::read_to_string(dest.join("v")).unwrap(), "two\n");
+    // A subdirectory may not leave the repository.
+    let e = d.fails(&[
+        "build",
+        &format!("git://127.0.0.1:{}/app.git#main:../x", daemon.1),
+    ]);
+    assert!(e.contains("must stay inside the repository"), "{e}");
+}

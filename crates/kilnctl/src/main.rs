@@ -5,6 +5,7 @@ mod call;
 mod imagetools;
 mod load;
 mod progress;
+mod remote_context;
 mod sign;
 mod targets;
 
@@ -170,7 +171,9 @@ enum DebugCmd {
     after_help = "Examples:\n  kilnctl build . -t app:1 -o type=oci,dest=app.tar\n  kilnctl build . -t reg.lan/app:1 --push --platform linux/amd64,linux/arm64\n  kilnctl build . -o out/                      # the result's files\n  kilnctl build . --target test --progress plain\n  kilnctl build . --check                      # lint only; exit 1 on violations\n  kilnctl build . --cache-to type=registry,ref=reg.lan/app:cache,mode=max --cache-from reg.lan/app:cache"
 )]
 struct BuildArgs {
-    /// Context directory
+    /// Context: a directory, `-` (a tar on stdin), a git URL
+    /// (https://host/repo.git#REF:SUBDIR, git@host:repo.git, github.com/o/r)
+    /// or an https URL of a tarball
     context: PathBuf,
     /// Dockerfile (default: CONTEXT/Dockerfile)
     #[arg(short = 'f', long = "file")]
@@ -792,6 +795,17 @@ async fn build(targets: &targets::Targets, mut b: BuildArgs) -> anyhow::Result<(
             .unpack(&dir.0)
             .context("unpacking the context tar from stdin")?;
         b.context = dir.0.clone();
+        Some(dir)
+    } else {
+        None
+    };
+    // A remote context: fetched into a directory of ours first.
+    let context_spec = b.context.display().to_string();
+    let _remote_context = if remote_context::is_remote(&context_spec) {
+        let dir = std::env::temp_dir().join(format!("kilnctl-remote-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let dir = tempdir::Dir(dir);
+        b.context = remote_context::fetch(&context_spec, &dir.0).await?;
         Some(dir)
     } else {
         None
