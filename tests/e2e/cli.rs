@@ -266,3 +266,39 @@ fn load_puts_the_image_into_the_docker_engine() {
         String::from_utf8_lossy(&run.stderr)
     );
 }
+
+#[test]
+fn shm_size_and_ulimit_reach_run_steps_in_both_runtimes() {
+    require_root!();
+    for (name, flags) in kiln_e2e::runtimes() {
+        let d = Daemon::start_with(&flags);
+        let ctx = busybox_context(
+            "FROM busybox\nRUN df -k /dev/shm | tail -1 > /shm && ulimit -n > /soft && ulimit -Hn > /hard\n",
+            &[],
+        );
+        let out = tempfile::tempdir().unwrap();
+        d.ok(&[
+            "build",
+            ctx.path().to_str().unwrap(),
+            "--shm-size",
+            "128m",
+            "--ulimit",
+            "nofile=1000:2000",
+            "-o",
+            out.path().to_str().unwrap(),
+        ]);
+        let read = |f: &str| std::fs::read_to_string(out.path().join(f)).unwrap();
+        let shm_kb: u64 = read("shm")
+            .split_whitespace()
+            .nth(1)
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(shm_kb, 128 * 1024, "[{name}] {}", read("shm"));
+        assert_eq!(read("soft").trim(), "1000", "[{name}]");
+        assert_eq!(read("hard").trim(), "2000", "[{name}]");
+        // An unknown limit is a clear error.
+        let e = d.fails(&["build", ctx.path().to_str().unwrap(), "--ulimit", "bogus=1"]);
+        assert!(e.contains("unknown limit"), "[{name}] {e}");
+    }
+}

@@ -264,6 +264,18 @@ impl Engine {
                 .unwrap_or_default(),
             // buildx's --network.
             default_network: attrs.get("force-network-mode").cloned(),
+            // buildx's --shm-size (bytes) and --ulimit (`name=soft[:hard]`,
+            // comma or space separated).
+            shm_size: match attrs.get("shm-size") {
+                Some(v) => v.parse().map_err(|_| {
+                    EngineError::InvalidArgument(format!("shm-size {v:?} is not a number of bytes"))
+                })?,
+                None => 0,
+            },
+            ulimits: match attrs.get("ulimit") {
+                Some(v) => parse_ulimits(v).map_err(EngineError::InvalidArgument)?,
+                None => Vec::new(),
+            },
             // buildx's --add-host: `host=ip` (or `host:ip`), comma-separated.
             extra_hosts: attrs
                 .get("add-hosts")
@@ -902,4 +914,26 @@ fn which(name: &str) -> Option<PathBuf> {
             .map(|d| d.join(name))
             .find(|p| p.is_file())
     })
+}
+
+/// `nofile=1024:2048,nproc=512`: (name, soft, hard); a lone value is both;
+/// -1 is unlimited.
+fn parse_ulimits(v: &str) -> Result<Vec<(String, i64, i64)>, String> {
+    v.split([',', ' '])
+        .filter(|s| !s.is_empty())
+        .map(|u| {
+            let (name, values) = u
+                .split_once('=')
+                .ok_or_else(|| format!("ulimit {u:?}: expected NAME=SOFT[:HARD]"))?;
+            let num = |s: &str| {
+                s.parse::<i64>()
+                    .map_err(|_| format!("ulimit {u:?}: {s:?} is not a number"))
+            };
+            let (soft, hard) = match values.split_once(':') {
+                Some((s, h)) => (num(s)?, num(h)?),
+                None => (num(values)?, num(values)?),
+            };
+            Ok((name.to_lowercase(), soft, hard))
+        })
+        .collect()
 }

@@ -66,6 +66,10 @@ pub struct RunSpec {
     /// The step's cgroup, relative to the daemon's own (None: no cgroup).
     pub cgroup: Option<String>,
     pub limits: Limits,
+    /// Size of /dev/shm in bytes (None: 64 MiB, Docker's default).
+    pub shm_size: Option<u64>,
+    /// Process resource limits: (RLIMIT_ name, soft, hard).
+    pub rlimits: Vec<(String, u64, u64)>,
     /// Host files (secrets) the runtime may unlink once they are mounted:
     /// the mount keeps them readable in the step and nowhere else.
     pub unlink_after_mount: Vec<PathBuf>,
@@ -172,8 +176,26 @@ pub fn spec(r: &RunSpec) -> Result<Spec, ExecError> {
         // image work in a step (`USER app` then `RUN sudo ...`); the step
         // stays confined by its namespaces, capabilities and seccomp.
         .no_new_privileges(false)
+        .rlimits(
+            r.rlimits
+                .iter()
+                .map(|(name, soft, hard)| {
+                    let typ = serde_json::from_value::<oci_spec::runtime::PosixRlimitType>(
+                        serde_json::Value::String(name.clone()),
+                    )
+                    .map_err(|_| ExecError::Spec(format!("unknown rlimit {name}")))?;
+                    oci_spec::runtime::PosixRlimitBuilder::default()
+                        .typ(typ)
+                        .soft(*soft)
+                        .hard(*hard)
+                        .build()
+                        .map_err(serr)
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+        )
         .build()
         .map_err(serr)?;
+    let shm = format!("size={}k", r.shm_size.unwrap_or(64 << 20).div_ceil(1024));
     let mut mounts = vec![
         mnt("/proc", "proc", "proc", &["nosuid", "noexec", "nodev"])?,
         mnt(
@@ -199,7 +221,7 @@ pub fn spec(r: &RunSpec) -> Result<Spec, ExecError> {
             "/dev/shm",
             "tmpfs",
             "shm",
-            &["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"],
+            &["nosuid", "noexec", "nodev", "mode=1777", &shm],
         )?,
         mnt(
             "/dev/mqueue",
@@ -772,6 +794,8 @@ mod tests {
             resolv_file: "/rc".into(),
             cgroup: Some("kiln/t/step".into()),
             limits: Limits::default(),
+            shm_size: None,
+            rlimits: Vec::new(),
             unlink_after_mount: vec![],
         };
         let s = spec(&r).unwrap();

@@ -212,6 +212,12 @@ struct BuildArgs {
     /// /var/run/docker.sock), as buildx's docker driver does
     #[arg(long)]
     load: bool,
+    /// Size of RUN steps' /dev/shm (e.g. 128m, 1g; default 64m)
+    #[arg(long)]
+    shm_size: Option<String>,
+    /// A resource limit of RUN steps: NAME=SOFT[:HARD], e.g. nofile=1024:2048 (repeatable)
+    #[arg(long = "ulimit")]
+    ulimits: Vec<String>,
     /// Add a host to RUN steps' /etc/hosts: HOST:IP (repeatable)
     #[arg(long = "add-host")]
     add_hosts: Vec<String>,
@@ -761,6 +767,25 @@ fn parse_output(spec: &str) -> anyhow::Result<ctl::Exporter> {
     Ok(ctl::Exporter { r#type: typ, attrs })
 }
 
+/// A size as Docker reads `--shm-size`: a number with b, k, m or g
+/// (powers of 1024; `kb`/`mb`/`gb` too).
+fn ram_bytes(s: &str) -> Option<u64> {
+    let l = s.trim().to_lowercase();
+    let l = l
+        .strip_suffix('b')
+        .filter(|r| !r.is_empty() && !r.ends_with(|c: char| c.is_ascii_digit()))
+        .unwrap_or(&l);
+    let (num, mult) = match l.chars().last()? {
+        'k' => (&l[..l.len() - 1], 1u64 << 10),
+        'm' => (&l[..l.len() - 1], 1 << 20),
+        'g' => (&l[..l.len() - 1], 1 << 30),
+        'b' => (&l[..l.len() - 1], 1),
+        _ => (l, 1),
+    };
+    let n: f64 = num.trim().parse().ok()?;
+    (n > 0.0).then(|| (n * mult as f64) as u64)
+}
+
 /// Reads all of stdin (a Dockerfile or a context tar), bounded.
 fn read_stdin(what: &str, limit: u64) -> anyhow::Result<Vec<u8>> {
     use std::io::Read;
@@ -1029,6 +1054,15 @@ async fn build(targets: &targets::Targets, mut b: BuildArgs) -> anyhow::Result<(
     }
     if b.pull {
         attrs.insert("image-resolve-mode".into(), "pull".into());
+    }
+    if let Some(size) = &b.shm_size {
+        let bytes = ram_bytes(size).ok_or_else(|| {
+            anyhow::anyhow!("--shm-size {size:?}: expected a size such as 128m or 1g")
+        })?;
+        attrs.insert("shm-size".into(), bytes.to_string());
+    }
+    if !b.ulimits.is_empty() {
+        attrs.insert("ulimit".into(), b.ulimits.join(","));
     }
     if !b.add_hosts.is_empty() {
         let mut entries = Vec::new();
@@ -1394,6 +1428,15 @@ mod tests {
             }
         }
         out
+    }
+
+    #[test]
+    fn shm_sizes_read_as_docker_reads_them() {
+        assert_eq!(ram_bytes("128m"), Some(128 << 20));
+        assert_eq!(ram_bytes("1g"), Some(1 << 30));
+        assert_eq!(ram_bytes("64MB"), Some(64 << 20));
+        assert_eq!(ram_bytes("4096"), Some(4096));
+        assert_eq!(ram_bytes("lots"), None);
     }
 
     #[test]

@@ -552,6 +552,33 @@ fn to_caps(set: &Option<oci_spec::runtime::Capabilities>) -> caps::CapsHashSet {
 }
 
 /// Becomes the container process; returns only on failure.
+/// One of the spec's process rlimits, applied to this process (inherited
+/// through exec).
+fn set_rlimit(l: &oci_spec::runtime::PosixRlimit) -> Result<(), String> {
+    use nix::sys::resource::Resource;
+    use oci_spec::runtime::PosixRlimitType as T;
+    let r = match l.typ() {
+        T::RlimitCpu => Resource::RLIMIT_CPU,
+        T::RlimitFsize => Resource::RLIMIT_FSIZE,
+        T::RlimitData => Resource::RLIMIT_DATA,
+        T::RlimitStack => Resource::RLIMIT_STACK,
+        T::RlimitCore => Resource::RLIMIT_CORE,
+        T::RlimitRss => Resource::RLIMIT_RSS,
+        T::RlimitNproc => Resource::RLIMIT_NPROC,
+        T::RlimitNofile => Resource::RLIMIT_NOFILE,
+        T::RlimitMemlock => Resource::RLIMIT_MEMLOCK,
+        T::RlimitAs => Resource::RLIMIT_AS,
+        T::RlimitLocks => Resource::RLIMIT_LOCKS,
+        T::RlimitSigpending => Resource::RLIMIT_SIGPENDING,
+        T::RlimitMsgqueue => Resource::RLIMIT_MSGQUEUE,
+        T::RlimitNice => Resource::RLIMIT_NICE,
+        T::RlimitRtprio => Resource::RLIMIT_RTPRIO,
+        T::RlimitRttime => Resource::RLIMIT_RTTIME,
+    };
+    nix::sys::resource::setrlimit(r, l.soft(), l.hard())
+        .map_err(|e| format!("setrlimit {:?} {}:{}: {e}", l.typ(), l.soft(), l.hard()))
+}
+
 fn exec_process(p: &oci_spec::runtime::Process, filters: &[seccompiler::BpfProgram]) -> String {
     let cwd = p.cwd();
     if let Err(e) = std::env::set_current_dir(cwd) {
@@ -562,6 +589,12 @@ fn exec_process(p: &oci_spec::runtime::Process, filters: &[seccompiler::BpfProgr
     // (`yes | head` then never ends); the forwarding handlers are reset by
     // exec anyway, the mask is not.
     reset_signals();
+    // `--ulimit`: while still root, so a hard limit may be raised.
+    for l in p.rlimits().clone().unwrap_or_default() {
+        if let Err(e) = set_rlimit(&l) {
+            return e;
+        }
+    }
     // Before privileges drop, so no_new_privs is not required for it; the
     // profile allows everything the rest of this function calls.
     if let Err(e) = seccomp::install(filters) {

@@ -66,6 +66,51 @@ fn read_db(root: &Path, file: &str) -> Vec<Vec<String>> {
 /// in it) and a uid/gid/mode other than the defaults (BuildKit bases such a
 /// cache on a directory made with them, and the base is part of its
 /// identity). The same on every daemon, so caches can travel.
+/// `--ulimit` entries as (RLIMIT_ name, soft, hard): known names only, soft
+/// not above hard, -1 meaning unlimited.
+pub fn rlimits(ulimits: &[pb::Ulimit]) -> Result<Vec<(String, u64, u64)>, WorkerError> {
+    const NAMES: [&str; 16] = [
+        "cpu",
+        "fsize",
+        "data",
+        "stack",
+        "core",
+        "rss",
+        "nproc",
+        "nofile",
+        "memlock",
+        "as",
+        "locks",
+        "sigpending",
+        "msgqueue",
+        "nice",
+        "rtprio",
+        "rttime",
+    ];
+    let value = |v: i64| if v < 0 { u64::MAX } else { v as u64 };
+    ulimits
+        .iter()
+        .take(NAMES.len())
+        .map(|u| {
+            if !NAMES.contains(&u.name.as_str()) {
+                return Err(WorkerError::Other(format!(
+                    "--ulimit {}: unknown limit (known: {})",
+                    u.name,
+                    NAMES.join(", ")
+                )));
+            }
+            let (soft, hard) = (value(u.soft), value(u.hard));
+            if soft > hard {
+                return Err(WorkerError::Other(format!(
+                    "--ulimit {}={}:{}: the soft limit is above the hard one",
+                    u.name, u.soft, u.hard
+                )));
+            }
+            Ok((format!("RLIMIT_{}", u.name.to_uppercase()), soft, hard))
+        })
+        .collect()
+}
+
 /// `--add-host` entries as /etc/hosts lines. The names and addresses come
 /// from the build request: each must be a plain host name and an IP
 /// address, so nothing else can be written into the file.
@@ -636,6 +681,8 @@ impl Worker {
                 .as_ref()
                 .map(|p| format!("{p}/{bundle_id}")),
             limits: self.limits,
+            shm_size: (meta.shm_size > 0).then_some(meta.shm_size as u64),
+            rlimits: rlimits(&meta.ulimit)?,
             unlink_after_mount,
         };
         let spec = kiln_executor::spec(&run).map_err(|err| WorkerError::Other(err.to_string()))?;

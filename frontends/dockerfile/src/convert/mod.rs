@@ -154,6 +154,10 @@ pub struct ConvertOptions {
     pub no_cache_stages: Vec<String>,
     /// `--add-host`: (host, ip) entries for every RUN step's /etc/hosts.
     pub extra_hosts: Vec<(String, String)>,
+    /// `--shm-size` in bytes (0: the default).
+    pub shm_size: i64,
+    /// `--ulimit`: (name, soft, hard) for every RUN step.
+    pub ulimits: Vec<(String, i64, i64)>,
     /// `--label K=V`: labels set on the result's image config.
     pub labels: BTreeMap<String, String>,
     /// `--network`: the network of RUN steps that do not choose one
@@ -182,6 +186,8 @@ impl Default for ConvertOptions {
             multi_platform: false,
             no_cache_stages: Vec::new(),
             extra_hosts: Vec::new(),
+            shm_size: 0,
+            ulimits: Vec::new(),
             labels: BTreeMap::new(),
             default_network: None,
             check_only: false,

@@ -178,6 +178,17 @@ impl Ctx<'_> {
                             ip: ip.clone(),
                         })
                         .collect(),
+                    shm_size: self.opts.shm_size,
+                    ulimit: self
+                        .opts
+                        .ulimits
+                        .iter()
+                        .map(|(name, soft, hard)| pb::Ulimit {
+                            name: name.clone(),
+                            soft: *soft,
+                            hard: *hard,
+                        })
+                        .collect(),
                 }),
                 mounts,
                 network: network as i32,
