@@ -783,7 +783,7 @@ fn ram_bytes(s: &str) -> Option<u64> {
         _ => (l, 1),
     };
     let n: f64 = num.trim().parse().ok()?;
-    (n > 0.0).then(|| (n * mult as f64) as u64)
+    (n > 0.0).then_some((n * mult as f64) as u64)
 }
 
 /// Reads all of stdin (a Dockerfile or a context tar), bounded.
