@@ -264,6 +264,10 @@ impl Engine {
                 .unwrap_or_default(),
             // buildx's --network.
             default_network: attrs.get("force-network-mode").cloned(),
+            dockerignore: attrs
+                .get("dockerignore")
+                .map(|v| v.lines().map(str::to_string).collect())
+                .unwrap_or_default(),
             // buildx's --shm-size (bytes) and --ulimit (`name=soft[:hard]`,
             // comma or space separated).
             shm_size: match attrs.get("shm-size") {

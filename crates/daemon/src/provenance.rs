@@ -23,7 +23,8 @@ pub fn build_facts(
 ) -> BuildFacts {
     let args: BTreeMap<String, String> = attrs
         .iter()
-        .filter(|(k, _)| !k.starts_with("attest:"))
+        // The .dockerignore patterns only feed a lint rule: not a build input.
+        .filter(|(k, _)| !k.starts_with("attest:") && *k != "dockerignore")
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     let (mut secrets, mut ssh, mut locals) = (BTreeSet::new(), BTreeSet::new(), BTreeSet::new());

@@ -856,6 +856,17 @@ async fn build(targets: &targets::Targets, mut b: BuildArgs) -> anyhow::Result<(
     } else {
         df_path
     };
+    // .dockerignore: <Dockerfile>.dockerignore next to the Dockerfile wins.
+    let specific = PathBuf::from(format!("{}.dockerignore", df_path.display()));
+    let ignore_file = if specific.exists() {
+        specific
+    } else {
+        b.context.join(".dockerignore")
+    };
+    let ignore = match std::fs::read(&ignore_file) {
+        Ok(d) => kiln_context::dockerignore::read_patterns(&d),
+        Err(_) => Vec::new(),
+    };
     let mut build_args = parse_build_args(&b.build_args)?;
     // As buildx: SOURCE_DATE_EPOCH in the environment is a build argument.
     if let Ok(epoch) = std::env::var("SOURCE_DATE_EPOCH")
@@ -887,6 +898,7 @@ async fn build(targets: &targets::Targets, mut b: BuildArgs) -> anyhow::Result<(
             filename: df_name.clone(),
             target: b.target.clone(),
             build_args: build_args.clone(),
+            dockerignore: ignore.clone(),
             check_only: true,
             ..Default::default()
         };
@@ -1019,19 +1031,12 @@ async fn build(targets: &targets::Targets, mut b: BuildArgs) -> anyhow::Result<(
             "WARNING: No output specified; the build result will only remain in the build cache. Use -o type=oci,dest=FILE or -o DIR."
         );
     }
-    // .dockerignore: <Dockerfile>.dockerignore next to the Dockerfile wins.
-    let specific = PathBuf::from(format!("{}.dockerignore", df_path.display()));
-    let ignore_file = if specific.exists() {
-        specific
-    } else {
-        b.context.join(".dockerignore")
-    };
-    let ignore = match std::fs::read(&ignore_file) {
-        Ok(d) => kiln_context::dockerignore::read_patterns(&d),
-        Err(_) => Vec::new(),
-    };
     let mut attrs = BTreeMap::new();
     attrs.insert("filename".to_string(), df_name);
+    // For the CopyIgnoredFile check; the files themselves never leave.
+    if !ignore.is_empty() {
+        attrs.insert("dockerignore".to_string(), ignore.join("\n"));
+    }
     if let Some(t) = &b.target {
         attrs.insert("target".into(), t.clone());
     }

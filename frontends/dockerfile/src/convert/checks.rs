@@ -82,6 +82,39 @@ impl Ctx<'_> {
 }
 
 impl Ctx<'_> {
+    /// CopyIgnoredFile: a COPY/ADD source from the main context that
+    /// .dockerignore excludes (it or a parent directory).
+    pub(super) fn check_ignored_source(&mut self, src: &str, add: bool, line: usize) {
+        let Some(m) = &self.ignore else {
+            return;
+        };
+        let clean = kiln_context::dockerignore::clean(src);
+        let clean = clean.trim_start_matches('/').to_string();
+        if clean.is_empty() || clean == "." {
+            return;
+        }
+        let mut prefix = String::new();
+        let mut matched = false;
+        for comp in clean.split('/') {
+            if !prefix.is_empty() {
+                prefix.push('/');
+            }
+            prefix.push_str(comp);
+            if m.matches(&prefix) {
+                matched = true;
+                break;
+            }
+        }
+        if matched {
+            let cmd = if add { "Add" } else { "Copy" };
+            self.warn(
+                "CopyIgnoredFile",
+                &format!("Attempting to {cmd} file {clean:?} that is excluded by .dockerignore"),
+                line,
+            );
+        }
+    }
+
     /// The rules BuildKit checks over the whole Dockerfile, every stage
     /// whether built or not: one casing for instructions, no reserved stage
     /// names, no CMD/ENTRYPOINT/HEALTHCHECK that a later one overrides, and

@@ -293,6 +293,7 @@ impl Ctx<'_> {
                 None => {
                     for src in &non_heredoc {
                         self.note_context_path(src);
+                        self.check_ignored_source(src, node.keyword == "add", node.start_line);
                     }
                     (self.context(), String::new())
                 }

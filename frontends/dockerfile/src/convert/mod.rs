@@ -154,6 +154,8 @@ pub struct ConvertOptions {
     pub no_cache_stages: Vec<String>,
     /// `--add-host`: (host, ip) entries for every RUN step's /etc/hosts.
     pub extra_hosts: Vec<(String, String)>,
+    /// The context's .dockerignore patterns (for CopyIgnoredFile).
+    pub dockerignore: Vec<String>,
     /// `--shm-size` in bytes (0: the default).
     pub shm_size: i64,
     /// `--ulimit`: (name, soft, hard) for every RUN step.
@@ -186,6 +188,7 @@ impl Default for ConvertOptions {
             multi_platform: false,
             no_cache_stages: Vec::new(),
             extra_hosts: Vec::new(),
+            dockerignore: Vec::new(),
             shm_size: 0,
             ulimits: Vec::new(),
             labels: BTreeMap::new(),
@@ -294,6 +297,9 @@ struct Ctx<'a> {
     /// ARG names declared globally or in a converted stage: the build args
     /// nothing declares are reported as not consumed.
     declared_args: HashSet<String>,
+    /// The .dockerignore matcher, when there are patterns and none re-include
+    /// (as BuildKit: exclusions make the rule undecidable statically).
+    ignore: Option<kiln_context::dockerignore::Matcher>,
 }
 
 struct StageState {
@@ -665,6 +671,10 @@ fn convert_here(
         current: 0,
         sbom_scans: HashMap::new(),
         declared_args: HashSet::new(),
+        ignore: (!opts.dockerignore.is_empty())
+            .then(|| kiln_context::dockerignore::Matcher::new(&opts.dockerignore).ok())
+            .flatten()
+            .filter(|m| !m.has_exclusions()),
     };
     for w in &ast.warnings {
         ctx.warn("NoEmptyContinuation", &w.short, w.start_line);

@@ -530,3 +530,39 @@ fn buildkit_rules_kiln_lacked() {
         "{r:?}"
     );
 }
+
+#[test]
+fn copy_ignored_file_as_buildkit() {
+    let mut opts = ConvertOptions {
+        dockerignore: vec!["secret.txt".into(), "build/".into()],
+        ..Default::default()
+    };
+    let df =
+        b"FROM scratch\nCOPY secret.txt /s\nADD build/out.bin /o\nCOPY ok.txt /ok\nCOPY . /all\n";
+    let c = convert(df, &opts, &NoImages).unwrap();
+    let w: Vec<(usize, String)> = c
+        .warnings
+        .iter()
+        .filter(|w| w.rule == "CopyIgnoredFile")
+        .map(|w| (w.line, w.message.clone()))
+        .collect();
+    assert_eq!(
+        w,
+        [
+            (
+                2,
+                "Attempting to Copy file \"secret.txt\" that is excluded by .dockerignore"
+                    .to_string()
+            ),
+            (
+                3,
+                "Attempting to Add file \"build/out.bin\" that is excluded by .dockerignore"
+                    .to_string()
+            ),
+        ]
+    );
+    // Exclusions (!) make it undecidable: BuildKit then says nothing.
+    opts.dockerignore.push("!build/keep".into());
+    let c = convert(df, &opts, &NoImages).unwrap();
+    assert!(c.warnings.iter().all(|w| w.rule != "CopyIgnoredFile"));
+}
