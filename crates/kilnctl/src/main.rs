@@ -1414,7 +1414,8 @@ mod tests {
         let start = doc.find(heading).expect("heading in docs/cli.md");
         let mut out = Vec::new();
         for line in doc[start..].lines().skip(1) {
-            if line.starts_with("## ") {
+            // The flags table ends where the next section (or buildx's table) starts.
+            if line.starts_with("## ") || line.starts_with("### ") {
                 break;
             }
             let Some(cell) = line.strip_prefix("| ").and_then(|l| l.split(" |").next()) else {
