@@ -115,6 +115,54 @@ impl Ctx<'_> {
         }
     }
 
+    /// InvalidDefinitionDescription (experimental in BuildKit: reported only
+    /// when `# check=experimental=...` enables it): a comment right above
+    /// `FROM ... AS name` or `ARG name` should start with that name.
+    pub(super) fn check_descriptions(&mut self, top: &[Node]) {
+        let mut found = Vec::new();
+        for n in top {
+            let keys: Vec<String> = match n.keyword.as_str() {
+                "arg" => n
+                    .args
+                    .iter()
+                    .map(|a| a.split('=').next().unwrap_or(a).to_string())
+                    .collect(),
+                "from" => match n.args.as_slice() {
+                    [_, kw, name] if kw.eq_ignore_ascii_case("as") => vec![name.clone()],
+                    _ => continue,
+                },
+                _ => continue,
+            };
+            let Some(last) = n.comments.last() else {
+                continue;
+            };
+            let first = last
+                .trim_start_matches('#')
+                .trim()
+                .split(' ')
+                .next()
+                .unwrap_or("");
+            if keys.is_empty() || keys.iter().any(|k| k == first) {
+                continue;
+            }
+            let example = if keys.len() > 1 {
+                "<arg_key>".to_string()
+            } else {
+                keys[0].clone()
+            };
+            found.push((n.keyword.to_uppercase(), example, n.start_line));
+        }
+        for (instruction, key, line) in found {
+            self.warn(
+                "InvalidDefinitionDescription",
+                &format!(
+                    "Comment for {instruction} should follow the format: `# {key} <description>`"
+                ),
+                line,
+            );
+        }
+    }
+
     /// The rules BuildKit checks over the whole Dockerfile, every stage
     /// whether built or not: one casing for instructions, no reserved stage
     /// names, no CMD/ENTRYPOINT/HEALTHCHECK that a later one overrides, and

@@ -773,6 +773,9 @@ fn convert_here(
     }
     ctx.validate_all_stages()?;
     ctx.check_whole_file();
+    // Every instruction, global ones and every stage's (as BuildKit parses them).
+    let all_nodes: Vec<Node> = ast.children.clone();
+    ctx.check_descriptions(&all_nodes);
     let target = match &opts.target {
         Some(t) => ctx.stage_named(t, usize::MAX).ok_or_else(|| {
             let names: Vec<String> = ctx.stages.iter().filter_map(|s| s.name.clone()).collect();
@@ -797,6 +800,19 @@ fn convert_here(
         result.image.config.labels.insert(k.clone(), v.clone());
     }
     let mut warnings = std::mem::take(&mut ctx.warnings);
+    // Experimental rules count only when the directive enables them.
+    let experimental = ast
+        .directives
+        .check
+        .as_deref()
+        .map(parse_experimental)
+        .unwrap_or_default();
+    warnings.retain(|w| {
+        w.rule != "InvalidDefinitionDescription"
+            || experimental
+                .iter()
+                .any(|e| e == "all" || e.eq_ignore_ascii_case(&w.rule))
+    });
     if let Some(check) = &ast.directives.check {
         let (skip, error) = parse_check_directive(check);
         warnings.retain(|w| {
@@ -860,6 +876,15 @@ fn convert_here(
             .cloned()
             .collect(),
     })
+}
+
+/// `# check=experimental=RuleA,RuleB` (or `all`).
+fn parse_experimental(v: &str) -> Vec<String> {
+    v.split(';')
+        .filter_map(|part| part.trim().strip_prefix("experimental="))
+        .flat_map(|list| list.split(',').map(|s| s.trim().to_string()))
+        .filter(|s| !s.is_empty())
+        .collect()
 }
 
 /// `# check=skip=RuleA,RuleB;error=true`

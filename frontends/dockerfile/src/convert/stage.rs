@@ -142,6 +142,25 @@ impl Ctx<'_> {
                 .images
                 .resolve(&base, &platform)
                 .map_err(|e| self.err(from_line, e))?;
+            // A single-platform image of another platform is used, with a
+            // warning, as in BuildKit.
+            if !image.architecture.is_empty()
+                && (image.os != platform.os || image.architecture != platform.architecture)
+            {
+                let actual = if image.variant.is_empty() {
+                    format!("{}/{}", image.os, image.architecture)
+                } else {
+                    format!("{}/{}/{}", image.os, image.architecture, image.variant)
+                };
+                self.warn(
+                    "InvalidBaseImagePlatform",
+                    &format!(
+                        "Base image {base} was pulled with platform {actual:?}, expected {:?} for current build",
+                        platform.format()
+                    ),
+                    from_line,
+                );
+            }
             let loc = self.loc(&self.stages[idx].from_node);
             let r = self.image_source_op(&pinned, &platform, &loc);
             from_image = Some((r.clone(), pinned.clone()));

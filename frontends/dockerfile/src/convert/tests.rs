@@ -566,3 +566,54 @@ fn copy_ignored_file_as_buildkit() {
     let c = convert(df, &opts, &NoImages).unwrap();
     assert!(c.warnings.iter().all(|w| w.rule != "CopyIgnoredFile"));
 }
+
+struct ArmOnly;
+impl ImageResolver for ArmOnly {
+    fn resolve(&self, r: &str, _: &Platform) -> Result<(String, Image), String> {
+        Ok((r.to_string(), Image::empty("linux", "arm64", "")))
+    }
+}
+
+#[test]
+fn invalid_base_image_platform_and_definition_descriptions() {
+    let mut opts = ConvertOptions::default();
+    opts.target_platform = Platform::parse("linux/amd64").unwrap();
+    let c = convert(b"FROM example.com/only-arm:1\n", &opts, &ArmOnly).unwrap();
+    assert!(
+        c.warnings.iter().any(|w| w.rule == "InvalidBaseImagePlatform"
+            && w.message
+                == "Base image example.com/only-arm:1 was pulled with platform \"linux/arm64\", expected \"linux/amd64\" for current build"),
+        "{:?}",
+        c.warnings
+    );
+    // Experimental: reported only when the directive asks for it.
+    let df = "# check=experimental=InvalidDefinitionDescription\n# the toolchain\nARG GO=1\n# base the first stage\nFROM scratch AS base\n# builds it\nFROM base AS build\n";
+    let w: Vec<(usize, String)> = conv(df)
+        .unwrap()
+        .warnings
+        .into_iter()
+        .filter(|w| w.rule == "InvalidDefinitionDescription")
+        .map(|w| (w.line, w.message))
+        .collect();
+    assert_eq!(
+        w,
+        [
+            (
+                3,
+                "Comment for ARG should follow the format: `# GO <description>`".to_string()
+            ),
+            (
+                7,
+                "Comment for FROM should follow the format: `# build <description>`".to_string()
+            ),
+        ]
+    );
+    let plain = df.replacen("# check=experimental=InvalidDefinitionDescription\n", "", 1);
+    assert!(
+        conv(&plain)
+            .unwrap()
+            .warnings
+            .iter()
+            .all(|w| w.rule != "InvalidDefinitionDescription")
+    );
+}
