@@ -576,8 +576,10 @@ impl ImageResolver for ArmOnly {
 
 #[test]
 fn invalid_base_image_platform_and_definition_descriptions() {
-    let mut opts = ConvertOptions::default();
-    opts.target_platform = Platform::parse("linux/amd64").unwrap();
+    let opts = ConvertOptions {
+        target_platform: Platform::parse("linux/amd64").unwrap(),
+        ..Default::default()
+    };
     let c = convert(b"FROM example.com/only-arm:1\n", &opts, &ArmOnly).unwrap();
     assert!(
         c.warnings.iter().any(|w| w.rule == "InvalidBaseImagePlatform"
