@@ -40,12 +40,7 @@ fn statement(layout: &Path) -> serde_json::Value {
 /// in-toto-attestation, installed by scripts/tools.sh, which scripts/test.sh runs).
 pub(super) fn validate_in_toto(stmt: &serde_json::Value, dir: &Path) {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let python = repo.join("target/tools/venv/bin/python");
-    assert!(
-        python.exists(),
-        "{} is missing: run ./scripts/tools.sh (scripts/test.sh does)",
-        python.display()
-    );
+    let python = kiln_e2e::venv_tool("python");
     let file = dir.join("statement.json");
     std::fs::write(&file, serde_json::to_vec(stmt).unwrap()).unwrap();
     let o = std::process::Command::new(python)

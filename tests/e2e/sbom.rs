@@ -45,13 +45,7 @@ fn purls(doc: &serde_json::Value) -> Vec<String> {
 
 /// The SPDX project's validator (PyPI spdx-tools, from scripts/tools.sh).
 fn validate_spdx(doc: &serde_json::Value, dir: &Path) {
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let tool = repo.join("target/tools/venv/bin/pyspdxtools");
-    assert!(
-        tool.exists(),
-        "{} is missing: run ./scripts/tools.sh (scripts/test.sh does)",
-        tool.display()
-    );
+    let tool = kiln_e2e::venv_tool("pyspdxtools");
     let file = dir.join("doc.spdx.json");
     std::fs::write(&file, serde_json::to_vec(doc).unwrap()).unwrap();
     let o = std::process::Command::new(tool)

@@ -25,13 +25,7 @@ fn ok_env(d: &Daemon, args: &[&str]) -> String {
 /// scripts/cosign-check.py with the tools venv's Python.
 fn checker(args: &[&str]) -> std::process::Output {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let python = repo.join("target/tools/venv/bin/python");
-    assert!(
-        python.exists(),
-        "{} is missing: run ./scripts/tools.sh (scripts/test.sh does)",
-        python.display()
-    );
-    Command::new(python)
+    Command::new(kiln_e2e::venv_tool("python"))
         .arg(repo.join("scripts/cosign-check.py"))
         .args(args)
         .output()

@@ -586,3 +586,17 @@ pub fn rfc3339_ns(s: &str) -> i64 {
     let days = era * 146_097 + doe - 719_468;
     ((days * 86_400 + t[0] * 3600 + t[1] * 60 + t[2]) * 1_000_000_000) + nanos
 }
+
+/// A program of the PyPI tools venv (scripts/tools.sh, which scripts/test.sh
+/// runs): `python`, `pyspdxtools`, ...
+pub fn venv_tool(name: &str) -> PathBuf {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/tools/venv/bin")
+        .join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: run ./scripts/tools.sh (scripts/test.sh does)",
+        p.display()
+    );
+    p
+}

@@ -5,6 +5,7 @@
 
 pub mod image;
 pub mod text;
+pub mod time;
 
 use std::collections::{BTreeMap, HashMap};
 

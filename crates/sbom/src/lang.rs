@@ -9,18 +9,7 @@ use serde_json::Value;
 use crate::{Ecosystem, Package};
 
 fn package(ecosystem: Ecosystem, name: &str, version: &str, found_at: &str) -> Package {
-    Package {
-        ecosystem,
-        name: name.to_string(),
-        version: version.to_string(),
-        arch: None,
-        source_package: None,
-        license: None,
-        supplier: None,
-        homepage: None,
-        description: None,
-        found_at: found_at.to_string(),
-    }
+    Package::new(ecosystem, name, version, found_at)
 }
 
 /// Every package of a Cargo.lock (any lockfile version), read by RustSec's

@@ -80,6 +80,22 @@ pub struct Package {
 }
 
 impl Package {
+    /// A package with only what every reader knows.
+    pub fn new(ecosystem: Ecosystem, name: &str, version: &str, found_at: &str) -> Package {
+        Package {
+            ecosystem,
+            name: name.to_string(),
+            version: version.to_string(),
+            arch: None,
+            source_package: None,
+            license: None,
+            supplier: None,
+            homepage: None,
+            description: None,
+            found_at: found_at.to_string(),
+        }
+    }
+
     /// The package URL (github.com/package-url/purl-spec), as syft writes
     /// them for the same packages.
     pub fn purl(&self, distro: Option<&Distro>) -> String {
@@ -240,18 +256,7 @@ mod tests {
     use super::*;
 
     fn pkg(e: Ecosystem, name: &str, version: &str) -> Package {
-        Package {
-            ecosystem: e,
-            name: name.into(),
-            version: version.into(),
-            arch: None,
-            source_package: None,
-            license: None,
-            supplier: None,
-            homepage: None,
-            description: None,
-            found_at: "/x".into(),
-        }
+        Package::new(e, name, version, "/x")
     }
 
     #[test]
