@@ -167,7 +167,16 @@ fn errors_name_the_cause_a_person_can_act_on() {
     let c = ctx("FROM 127.0.0.1:1/nope/img:1\nRUN true\n", &[]);
     let e = d.fails(&["build", c.path().to_str().unwrap()]);
     assert!(
-        e.contains("Connection refused") && e.contains("Dockerfile:1"),
+        e.contains("cannot reach 127.0.0.1:1: connection refused (is the registry running")
+            && e.contains("Dockerfile:1"),
+        "{e}"
+    );
+    // A registry that wants a login says so, with the hint.
+    let reg = kiln_e2e::Registry::start_with_auth("kiln", "secret");
+    let c = ctx(&format!("FROM {}/private/img:1\n", reg.addr), &[]);
+    let e = d.fails(&["build", c.path().to_str().unwrap()]);
+    assert!(
+        e.contains("unauthorized (log in with `docker login`"),
         "{e}"
     );
     // The whole-file errors carry no line 0.

@@ -250,8 +250,38 @@ pub(crate) fn cause(e: &dyn std::error::Error) -> String {
 fn err(r: &Reference, e: impl std::fmt::Display) -> RegistryError {
     RegistryError::Registry {
         reference: r.whole(),
-        message: e.to_string(),
+        message: explain(r.resolve_registry(), &e.to_string()),
     }
+}
+
+/// The cause first and one hint, for the failures people hit most; the
+/// library's own words follow in parentheses.
+fn explain(host: &str, message: &str) -> String {
+    let lower = message.to_lowercase();
+    let (cause, hint) = if lower.contains("connection refused") {
+        (
+            format!("cannot reach {host}: connection refused"),
+            "is the registry running and listening on that port?",
+        )
+    } else if lower.contains("dns error") || lower.contains("failed to lookup address") {
+        (
+            format!("cannot resolve {host}"),
+            "check the registry's name and the machine's DNS",
+        )
+    } else if lower.contains("401") || lower.contains("unauthorized") {
+        (
+            format!("{host}: unauthorized"),
+            "log in with `docker login` (kilnctl reads ~/.docker/config.json)",
+        )
+    } else if lower.contains("certificate") || lower.contains("tls") {
+        (
+            format!("{host}: TLS failed"),
+            "for a private CA or a plain-HTTP registry, see docs/daemon-config.md (registry TLS settings, insecure_registries)",
+        )
+    } else {
+        return message.to_string();
+    };
+    format!("{cause} ({hint}) [{message}]")
 }
 
 impl RegistryClient {
@@ -677,6 +707,22 @@ impl RegistryClient {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn common_failures_say_their_cause_first() {
+        let m = explain(
+            "127.0.0.1:1",
+            "error sending request for url (http://127.0.0.1:1/v2/): client error (Connect): tcp connect error: Connection refused (os error 111)",
+        );
+        assert!(
+            m.starts_with("cannot reach 127.0.0.1:1: connection refused (is the registry"),
+            "{m}"
+        );
+        assert!(
+            explain("r", "manifest: HTTP 401 Unauthorized").starts_with("r: unauthorized (log in")
+        );
+        assert_eq!(explain("r", "something else"), "something else");
+    }
 
     #[test]
     fn docker_normalisation() {
