@@ -29,7 +29,17 @@ fn tmux(args: &[&str]) -> String {
 /// Runs `kilnctl ARGS` in a detached tmux pane of `w`×`h` and returns the
 /// whole pane (history included, wrapped lines joined, escapes kept) once
 /// it finished.
-fn in_tmux(d: &Daemon, args: &[&str], (w, h): (u16, u16)) -> String {
+fn in_tmux(d: &Daemon, args: &[&str], size: (u16, u16)) -> String {
+    in_tmux_resized(d, args, size, None)
+}
+
+/// As [`in_tmux`], resizing the window to `resize` one second in.
+fn in_tmux_resized(
+    d: &Daemon,
+    args: &[&str],
+    (w, h): (u16, u16),
+    resize: Option<(u16, u16)>,
+) -> String {
     let session = format!("kiln-progress-{}-{w}x{h}", std::process::id());
     let done = d.dir.path().join(format!("{session}.done"));
     let mut cmd = format!("{} --addr {}", bin("kilnctl").display(), d.addr);
@@ -52,6 +62,18 @@ fn in_tmux(d: &Daemon, args: &[&str], (w, h): (u16, u16)) -> String {
         &script,
     ]);
     let start = Instant::now();
+    if let Some((w2, h2)) = resize {
+        std::thread::sleep(Duration::from_secs(1));
+        tmux(&[
+            "resize-window",
+            "-t",
+            &session,
+            "-x",
+            &w2.to_string(),
+            "-y",
+            &h2.to_string(),
+        ]);
+    }
     while !done.exists() {
         assert!(
             start.elapsed() < Duration::from_secs(120),
@@ -135,6 +157,47 @@ fn tty_progress_fits_the_terminal_and_leaves_no_stale_frames() {
             "{text}"
         );
     }
+}
+
+#[test]
+fn a_resize_refits_the_next_frames() {
+    require_root!();
+    let d = Daemon::start();
+    let mut df = String::from("FROM busybox\n");
+    for i in 0..12 {
+        df.push_str(&format!(
+            "RUN echo step {i} with a long line of output that is wider than fifty columns && sleep 0.25\n"
+        ));
+    }
+    let ctx = busybox_context(&df, &[]);
+    let out = tempfile::tempdir().unwrap();
+    let pane = in_tmux_resized(
+        &d,
+        &[
+            "build",
+            ctx.path().to_str().unwrap(),
+            "--progress",
+            "tty",
+            "--no-cache",
+            "-o",
+            out.path().to_str().unwrap(),
+        ],
+        (100, 30),
+        Some((50, 20)),
+    );
+    let text = plain_text(&pane);
+    // The frames after the resize, the last one included, fit 50 columns.
+    // (What the terminal did to the frame on screen when it narrowed, tmux
+    // rewraps it and may push it into the scrollback, is not the display's
+    // to undo, as with BuildKit's.)
+    let last = text.rfind("[+] Building").unwrap();
+    for l in text[last..].lines() {
+        assert!(
+            l.chars().count() <= 50,
+            "wider than the resized terminal: {l:?}"
+        );
+    }
+    assert!(text.contains("FINISHED"), "{text}");
 }
 
 #[test]
