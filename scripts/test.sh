@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
-for pkg in umoci skopeo oci-image-tool tar runc busybox-static docker-registry apache2-utils git openssl openssh-client debootstrap gcc libc6-dev gzip curl python3-venv qemu-user-static tmux docker.io; do
+for pkg in umoci skopeo oci-image-tool tar runc busybox-static docker-registry apache2-utils git openssl openssh-client debootstrap gcc libc6-dev gzip curl python3-venv qemu-user-static tmux docker.io systemd; do
   # busybox-static specifically: FROM scratch steps need a static binary.
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done

@@ -208,3 +208,141 @@ fn concurrent_builds_of_one_context_do_not_deadlock() {
         assert!(status.unwrap().success());
     }
 }
+
+/// kilnd started the way systemd starts it from kilnd.socket: the socket is
+/// opened first and passed as fd 3 with LISTEN_FDS/LISTEN_PID
+/// (systemd-socket-activate does exactly that), and kilnd serves it. The
+/// start-up log says what the daemon is, without colour codes in a file.
+#[test]
+fn socket_activation_and_the_startup_log() {
+    kiln_e2e::require_root!();
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("kilnd.sock");
+    let log = std::fs::File::create(dir.path().join("kilnd.log")).unwrap();
+    let mut child = std::process::Command::new("systemd-socket-activate")
+        .arg("-l")
+        .arg(&sock)
+        .arg(kiln_e2e::bin("kilnd"))
+        .arg("--root")
+        .arg(dir.path().join("root"))
+        .stderr(log)
+        .spawn()
+        .expect("systemd-socket-activate (Debian's systemd package)");
+    let start = std::time::Instant::now();
+    while !sock.exists() {
+        assert!(start.elapsed().as_secs() < 20, "the socket was not opened");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // The first connection starts kilnd, which takes the socket over.
+    let o = std::process::Command::new(kiln_e2e::bin("kilnctl"))
+        .arg("--addr")
+        .arg(format!("unix://{}", sock.display()))
+        .args(["debug", "workers"])
+        .output()
+        .unwrap();
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let _ = child.wait();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("linux/amd64"));
+    let log = std::fs::read_to_string(dir.path().join("kilnd.log")).unwrap();
+    assert!(
+        log.contains("kilnd listening on sockets from systemd"),
+        "{log}"
+    );
+    for field in [
+        "version=",
+        "snapshotter=",
+        "executor=",
+        "platforms=",
+        "parallelism=",
+        "config=",
+    ] {
+        assert!(
+            log.contains(field),
+            "{field} missing from the start-up log:\n{log}"
+        );
+    }
+    assert!(
+        !log.contains('\u{1b}'),
+        "colour codes in a log file:\n{log}"
+    );
+}
+
+#[test]
+fn kilnd_says_it_needs_root_and_logs_json_on_request() {
+    kiln_e2e::require_root!();
+    let o = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(kiln_e2e::bin("kilnd"))
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr)
+            .contains("kilnd must run as root (rootless mode is not supported yet)"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // --log-format json: one JSON object per line.
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new(kiln_e2e::bin("kilnd"))
+        .arg("--root")
+        .arg(dir.path().join("root"))
+        .arg("--addr")
+        .arg(format!("unix://{}", dir.path().join("k.sock").display()))
+        .args(["--log-format", "json"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while !dir.path().join("k.sock").exists() {
+        assert!(start.elapsed().as_secs() < 20, "kilnd did not start");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(
+        lines.iter().any(
+            |l| l["fields"]["message"] == "kilnd started" && l["fields"]["version"].is_string()
+        ),
+        "{text}"
+    );
+}
+
+/// deploy/systemd's units are valid for systemd.
+#[test]
+fn the_systemd_units_verify() {
+    let units = tempfile::tempdir().unwrap();
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/systemd");
+    for u in ["kilnd.socket", "kilnd.service"] {
+        // The binary where this build put it (the units name /usr/local/bin).
+        let text = std::fs::read_to_string(repo.join(u)).unwrap().replace(
+            "/usr/local/bin/kilnd",
+            &kiln_e2e::bin("kilnd").display().to_string(),
+        );
+        std::fs::write(units.path().join(u), text).unwrap();
+    }
+    let o = std::process::Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(units.path().join("kilnd.socket"))
+        .arg(units.path().join("kilnd.service"))
+        .output()
+        .expect("systemd-analyze (Debian's systemd package)");
+    assert!(
+        o.status.success() && o.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}

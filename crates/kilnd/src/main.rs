@@ -61,6 +61,10 @@ struct Args {
     /// all of them, or a comma-separated list of architectures (arm64,riscv64)
     #[arg(long, num_args = 0..=1, default_missing_value = "all", value_name = "ARCHS")]
     install_emulators: Option<String>,
+    /// Log format: text (plain when stderr is not a terminal) or json (one
+    /// object per line, for log collectors)
+    #[arg(long, default_value = "text")]
+    log_format: String,
     /// Log filter (error, warn, info, debug, trace, or a tracing directive)
     #[arg(long, default_value = "info", env = "KILND_LOG")]
     log_level: String,
@@ -71,13 +75,25 @@ fn main() -> std::process::ExitCode {
     kiln_sandbox::maybe_run();
     limit_arenas();
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&args.log_level)
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    match args.log_format.as_str() {
+        "json" => tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init(),
+        "text" => tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            // Colour codes only for a person at a terminal, not in a file.
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .with_writer(std::io::stderr)
+            .init(),
+        other => {
+            eprintln!("kilnd: --log-format {other:?}: expected text or json");
+            return std::process::ExitCode::FAILURE;
+        }
+    }
     match run(args) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -88,13 +104,22 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
+    // Namespaces, overlay mounts and cgroups need root: say so first,
+    // rather than "Permission denied" on some path later.
+    if !nix::unistd::Uid::effective().is_root() {
+        anyhow::bail!("kilnd must run as root (rootless mode is not supported yet)");
+    }
     if let Some(archs) = &args.install_emulators {
         return install_emulators(archs);
     }
     let default_cfg = PathBuf::from("/etc/kiln/kilnd.toml");
-    let mut config = match &args.config {
+    let config_file = match &args.config {
+        Some(p) => Some(p.clone()),
+        None if default_cfg.exists() => Some(default_cfg),
+        None => None,
+    };
+    let mut config = match &config_file {
         Some(p) => Config::load(p)?,
-        None if default_cfg.exists() => Config::load(&default_cfg)?,
         None => Config::default(),
     };
     if let Some(r) = args.root {
@@ -141,15 +166,45 @@ fn run(args: Args) -> anyhow::Result<()> {
     }
     config.after_build = Some(release_memory);
     let _lock = kiln_daemon::lock_root(&config.root)?;
+    // Before any thread exists: the variables are read and removed here.
+    let activated = systemd_listeners()?;
     let rt = kiln_daemon::runtime().context("starting the async runtime")?;
     rt.block_on(async move {
         let engine = Arc::new(Engine::open(config.clone())?);
         engine.start_background_gc();
         let mut listeners = Vec::new();
-        for a in &config.addr {
-            listeners.push(kiln_daemon::bind(a, config.group.as_deref(), &config.tls)?);
-            tracing::info!(addr = %a, root = %config.root.display(), "kilnd listening");
+        // systemd socket activation: the listening sockets it passes win
+        // over --addr (kilnd.socket names them).
+        let activated_count = activated.len();
+        for l in activated {
+            listeners.push(kiln_daemon::Listener::Unix(
+                tokio::net::UnixListener::from_std(l)?,
+            ));
         }
+        if activated_count > 0 {
+            tracing::info!(sockets = activated_count, "kilnd listening on sockets from systemd");
+        } else {
+            for a in &config.addr {
+                listeners.push(kiln_daemon::bind(a, config.group.as_deref(), &config.tls)?);
+                tracing::info!(addr = %a, "kilnd listening");
+            }
+        }
+        let platforms = kiln_worker::emulation::runnable_platforms(std::path::Path::new(
+            kiln_worker::emulation::BINFMT_DIR,
+        ));
+        tracing::info!(
+            version = env!("CARGO_PKG_VERSION"),
+            root = %config.root.display(),
+            config = %config_file.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "none (defaults)".into()),
+            snapshotter = ?engine.snapshot_mode(),
+            executor = %config.oci_runtime.clone().unwrap_or_else(|| "sandbox".into()),
+            platforms = %platforms.join(","),
+            parallelism = config.parallelism(),
+            step_memory = %if config.limits.memory.is_empty() { "unlimited".to_string() } else { config.limits.memory.clone() },
+            step_pids = config.limits.pids,
+            step_cpus = config.limits.cpus,
+            "kilnd started"
+        );
         let shutdown = async {
             let mut term =
                 tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -168,6 +223,45 @@ fn run(args: Args) -> anyhow::Result<()> {
         tracing::info!("kilnd stopped");
         r.map_err(anyhow::Error::from)
     })
+}
+
+/// The listening unix sockets systemd passed (sd_listen_fds(3)): fds 3..
+/// when LISTEN_PID is this process. The variables are removed so that no
+/// step inherits them.
+#[allow(unsafe_code)]
+fn systemd_listeners() -> anyhow::Result<Vec<std::os::unix::net::UnixListener>> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let pid_ok = std::env::var("LISTEN_PID")
+        .ok()
+        .and_then(|p| p.parse::<u32>().ok())
+        == Some(std::process::id());
+    let count: i32 = std::env::var("LISTEN_FDS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    // SAFETY: called before the runtime starts, while kilnd has one thread.
+    unsafe {
+        std::env::remove_var("LISTEN_PID");
+        std::env::remove_var("LISTEN_FDS");
+        std::env::remove_var("LISTEN_FDNAMES");
+    }
+    if !pid_ok || count <= 0 {
+        return Ok(Vec::new());
+    }
+    let mut out = Vec::new();
+    for fd in 3..3 + count.min(64) {
+        // SAFETY: by the sd_listen_fds protocol these descriptors were opened
+        // for this process, which owns them from here on; nothing else in
+        // kilnd has taken them (they are checked to be sockets below).
+        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+        let std_listener = std::os::unix::net::UnixListener::from(owned);
+        std_listener.local_addr().map_err(|e| {
+            anyhow::anyhow!("socket activation: fd {fd} is not a unix listening socket: {e}")
+        })?;
+        std_listener.set_nonblocking(true)?;
+        out.push(std_listener);
+    }
+    Ok(out)
 }
 
 /// Caps glibc's malloc arenas at one per core (its default is eight per
