@@ -288,7 +288,7 @@ fn kilnd_says_it_needs_root_and_logs_json_on_request() {
     );
     // --log-format json: one JSON object per line.
     let dir = tempfile::tempdir().unwrap();
-    let mut child = std::process::Command::new(kiln_e2e::bin("kilnd"))
+    let child = std::process::Command::new(kiln_e2e::bin("kilnd"))
         .arg("--root")
         .arg(dir.path().join("root"))
         .arg("--addr")
