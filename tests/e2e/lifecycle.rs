@@ -346,3 +346,74 @@ fn the_systemd_units_verify() {
         String::from_utf8_lossy(&o.stderr)
     );
 }
+
+/// `--metrics-addr`: Prometheus metrics a real Prometheus parser reads
+/// (PyPI prometheus-client's OpenMetrics parser), counting what was built.
+#[test]
+fn metrics_count_builds_and_steps() {
+    require_root!();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let d = Daemon::start_with(&["--metrics-addr", &addr]);
+    let ctx = kiln_e2e::busybox_context("FROM busybox\nRUN echo metered > /m\n", &[]);
+    d.ok(&["build", ctx.path().to_str().unwrap()]);
+    d.ok(&["build", ctx.path().to_str().unwrap()]);
+    let _ = d.kilnctl(&["build", "/nonexistent-context"]);
+    // Scrape like Prometheus does.
+    let mut s = std::net::TcpStream::connect(&addr).unwrap();
+    std::io::Write::write_all(&mut s, b"GET /metrics HTTP/1.1\r\nHost: kiln\r\n\r\n").unwrap();
+    let mut response = String::new();
+    std::io::Read::read_to_string(&mut s, &mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let mut parse = Command::new(kiln_e2e::venv_tool("python"))
+        .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/parse-metrics.py"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(parse.stdin.as_mut().unwrap(), body.as_bytes()).unwrap();
+    let out = parse.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "the Prometheus parser refused it:\n{}\n{body}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let samples: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let value = |name: &str, labels: &[(&str, &str)]| -> f64 {
+        samples
+            .iter()
+            .filter(|s| s["name"] == name && labels.iter().all(|(k, v)| s["labels"][*k] == *v))
+            .map(|s| s["value"].as_f64().unwrap())
+            .sum()
+    };
+    assert_eq!(value("kiln_builds_started_total", &[]), 2.0, "{body}");
+    assert_eq!(
+        value("kiln_builds_finished_total", &[("result", "success")]),
+        2.0,
+        "{body}"
+    );
+    assert_eq!(value("kiln_builds_active", &[]), 0.0, "{body}");
+    // The RUN ran once, then hit the cache.
+    assert_eq!(
+        value("kiln_steps_total", &[("kind", "RUN"), ("cache", "miss")]),
+        3.0,
+        "{body}"
+    );
+    assert!(
+        value("kiln_steps_total", &[("kind", "RUN"), ("cache", "hit")]) >= 1.0,
+        "{body}"
+    );
+    assert!(
+        value("kiln_step_duration_seconds_count", &[("kind", "RUN")]) >= 1.0,
+        "{body}"
+    );
+}

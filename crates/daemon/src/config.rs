@@ -37,6 +37,9 @@ pub struct Config {
     pub gc: GcConfig,
     /// `[tls]`: certificates of `tcp://` listeners (mutual TLS).
     pub tls: crate::TlsFiles,
+    /// Where Prometheus metrics are served (`HOST:PORT`, plain HTTP,
+    /// `/metrics`); empty: not served.
+    pub metrics_addr: String,
     /// Run (on a blocking thread) after every build: kilnd hands the
     /// allocator's free memory back to the system there.
     #[serde(skip)]
@@ -273,6 +276,7 @@ impl Default for Config {
             limits: StepLimits::default(),
             gc: GcConfig::default(),
             tls: Default::default(),
+            metrics_addr: String::new(),
             after_build: None,
         }
     }

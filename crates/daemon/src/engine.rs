@@ -148,6 +148,8 @@ impl Engine {
     }
 
     pub async fn solve(&self, req: SolveRequest) -> Result<SolveResponse, EngineError> {
+        let started = std::time::Instant::now();
+        crate::metrics::metrics().build_started();
         let progress = self.jobs.get(&req.r#ref);
         let r = match self.sessions.get(&req.session).await {
             None => Err(EngineError::InvalidArgument(format!(
@@ -170,6 +172,7 @@ impl Engine {
             Ok((resp, used)) => (Ok(resp), used),
             Err(e) => (Err(e), Vec::new()),
         };
+        crate::metrics::metrics().build_finished(r.is_ok(), started.elapsed().as_secs_f64());
         if let Err(e) = self.collect_garbage(false, &used).await {
             tracing::warn!("garbage collection: {e}");
         }
@@ -747,6 +750,7 @@ impl Engine {
         .await
         .map_err(|e| EngineError::Storage(e.to_string()))?
         .map_err(|e| EngineError::Storage(e.to_string()))?;
+        crate::metrics::metrics().gc_ran(removed.iter().map(|r| r.size.max(0) as u64).sum());
         if !removed.is_empty() {
             let bytes: i64 = removed.iter().map(|r| r.size).sum();
             tracing::info!(

@@ -131,6 +131,12 @@ impl ProgressSink for JobProgress {
                     .get(vertex.as_str())
                     .copied()
                     .unwrap_or(t);
+                crate::metrics::metrics().step_finished(
+                    &name,
+                    cached,
+                    error.is_some(),
+                    (t - started).max(0) as f64 / 1e9,
+                );
                 StatusResponse {
                     vertexes: vec![Vertex {
                         digest: vertex.to_string(),

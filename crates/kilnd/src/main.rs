@@ -61,6 +61,9 @@ struct Args {
     /// all of them, or a comma-separated list of architectures (arm64,riscv64)
     #[arg(long, num_args = 0..=1, default_missing_value = "all", value_name = "ARCHS")]
     install_emulators: Option<String>,
+    /// Serve Prometheus metrics on HOST:PORT (plain HTTP, GET /metrics)
+    #[arg(long)]
+    metrics_addr: Option<String>,
     /// Log format: text (plain when stderr is not a terminal) or json (one
     /// object per line, for log collectors)
     #[arg(long, default_value = "text")]
@@ -155,6 +158,9 @@ fn run(args: Args) -> anyhow::Result<()> {
     if args.tlscacert.is_some() {
         config.tls.ca = args.tlscacert;
     }
+    if let Some(m) = args.metrics_addr {
+        config.metrics_addr = m;
+    }
     if let Some(m) = args.step_memory {
         config.limits.memory = m;
     }
@@ -188,6 +194,13 @@ fn run(args: Args) -> anyhow::Result<()> {
                 listeners.push(kiln_daemon::bind(a, config.group.as_deref(), &config.tls)?);
                 tracing::info!(addr = %a, "kilnd listening");
             }
+        }
+        if !config.metrics_addr.is_empty() {
+            let l = tokio::net::TcpListener::bind(&config.metrics_addr)
+                .await
+                .with_context(|| format!("metrics listener {}", config.metrics_addr))?;
+            tracing::info!(addr = %l.local_addr()?, "serving Prometheus metrics on /metrics");
+            tokio::spawn(kiln_daemon::metrics::serve(l));
         }
         let platforms = kiln_worker::emulation::runnable_platforms(std::path::Path::new(
             kiln_worker::emulation::BINFMT_DIR,
