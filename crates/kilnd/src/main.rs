@@ -10,50 +10,54 @@ use kiln_daemon::{Config, Engine};
 #[derive(Parser, Debug)]
 #[command(name = "kilnd", version, about = "The kiln build daemon")]
 struct Args {
-    /// Listen address (repeatable): unix:///run/kiln/kilnd.sock, or tcp://HOST:PORT
-    /// (mutual TLS: needs --tlscert, --tlskey and --tlscacert)
+    /// Listen address (repeatable): unix:///path, or tcp://HOST:PORT (mutual TLS: needs
+    /// --tlscert, --tlskey and --tlscacert); sockets systemd passes win [default:
+    /// unix:///run/kiln/kilnd.sock]
     #[arg(long = "addr")]
     addr: Vec<String>,
-    /// Certificate (PEM) a TCP listener presents
+    /// Certificate (PEM) a TCP listener presents [default: none]
     #[arg(long)]
     tlscert: Option<PathBuf>,
-    /// Its private key (PEM)
+    /// Its private key (PEM) [default: none]
     #[arg(long)]
     tlskey: Option<PathBuf>,
     /// CA (PEM) that signs client certificates; clients without one are refused
+    /// [default: none]
     #[arg(long)]
     tlscacert: Option<PathBuf>,
-    /// State directory
+    /// State directory [default: /var/lib/kiln]
     #[arg(long)]
     root: Option<PathBuf>,
-    /// Config file (TOML); /etc/kiln/kilnd.toml is read when present
+    /// Config file (TOML) [default: /etc/kiln/kilnd.toml when present]
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Steps run at once (default: two per CPU core)
+    /// Steps run at once [default: two per CPU core]
     #[arg(long)]
     max_parallelism: Option<usize>,
-    /// Group allowed to use the socket (mode 0660)
+    /// Group allowed to use the socket (mode 0660) [default: none: root only]
     #[arg(long)]
     group: Option<String>,
-    /// OCI runtime for RUN steps (runc, crun or a path); default: the built-in sandbox
+    /// OCI runtime for RUN steps (runc, crun or a path) [default: the built-in sandbox]
     #[arg(long)]
     oci_runtime: Option<String>,
-    /// Network for steps without --network: host (default) or none
+    /// Network for steps without --network: host or none [default: host]
     #[arg(long)]
     network: Option<String>,
     /// Snapshots: auto (overlayfs when it mounts, else copies), overlayfs, native
+    /// [default: auto]
     #[arg(long)]
     snapshotter: Option<String>,
-    /// Allow builds to request an entitlement (network.host, security.insecure); repeatable
+    /// Allow builds to request an entitlement (network.host, security.insecure);
+    /// repeatable [default: none]
     #[arg(long = "allow-insecure-entitlement")]
     allow_insecure_entitlement: Vec<String>,
-    /// Memory one RUN step may use (512m, 4g); default: unlimited
+    /// Memory one RUN step may use (512m, 4g) [default: unlimited]
     #[arg(long)]
     step_memory: Option<String>,
     /// Processes and threads one RUN step may have; 0: unlimited [default: 4096]
     #[arg(long)]
     step_pids: Option<u64>,
-    /// CPU cores' worth of time one RUN step may use (1.5); 0: unlimited
+    /// CPU cores' worth of time one RUN step may use (1.5); 0: unlimited [default: 0]
     #[arg(long)]
     step_cpus: Option<f64>,
     /// Register Debian's qemu-user-static binfmt_misc handlers (from
@@ -61,7 +65,7 @@ struct Args {
     /// all of them, or a comma-separated list of architectures (arm64,riscv64)
     #[arg(long, num_args = 0..=1, default_missing_value = "all", value_name = "ARCHS")]
     install_emulators: Option<String>,
-    /// Serve Prometheus metrics on HOST:PORT (plain HTTP, GET /metrics)
+    /// Serve Prometheus metrics on HOST:PORT (plain HTTP, GET /metrics) [default: not served]
     #[arg(long)]
     metrics_addr: Option<String>,
     /// Log format: text (plain when stderr is not a terminal) or json (one
@@ -330,4 +334,34 @@ fn install_emulators(archs: &str) -> anyhow::Result<()> {
         emu::runnable_platforms(dir).join(", ")
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// `kilnd --help` states every default (docs/daemon-config.md's promise).
+    #[test]
+    fn help_states_every_default() {
+        let cmd = Args::command();
+        for a in cmd.get_arguments() {
+            let takes_value = a.get_num_args().is_none_or(|n| n.takes_values());
+            if !takes_value
+                || matches!(
+                    a.get_id().as_str(),
+                    "help" | "version" | "install_emulators"
+                )
+            {
+                continue;
+            }
+            let help = a.get_help().map(|h| h.to_string()).unwrap_or_default()
+                + &a.get_long_help().map(|h| h.to_string()).unwrap_or_default();
+            assert!(
+                help.contains("[default:") || !a.get_default_values().is_empty(),
+                "kilnd --{} does not say its default",
+                a.get_long().unwrap_or_default()
+            );
+        }
+    }
 }
