@@ -68,8 +68,8 @@ fn step_kind(name: &str) -> String {
 
 impl Metrics {
     fn new() -> Metrics {
-        let mut registry = Registry::with_prefix("kiln");
-        let m = Metrics {
+        let mut m = Metrics {
+            registry: Registry::with_prefix("kiln"),
             builds_started: Counter::default(),
             builds_finished: Family::default(),
             builds_active: Gauge::default(),
@@ -80,45 +80,46 @@ impl Metrics {
             }),
             gc_runs: Counter::default(),
             gc_removed_bytes: Counter::default(),
-            registry: Registry::default(),
         };
-        registry.register(
+        // Metric handles are shared: the registry keeps clones of them.
+        let r = &mut m.registry;
+        r.register(
             "builds_started",
             "Builds the daemon started",
             m.builds_started.clone(),
         );
-        registry.register(
+        r.register(
             "builds_finished",
             "Builds that ended, by result (success, failure)",
             m.builds_finished.clone(),
         );
-        registry.register(
+        r.register(
             "builds_active",
             "Builds running now",
             m.builds_active.clone(),
         );
-        registry.register(
+        r.register(
             "build_duration_seconds",
             "How long builds took, solve and exports",
             m.build_seconds.clone(),
         );
-        registry.register(
+        r.register(
             "steps",
             "Build steps that ended, by instruction and cache result (hit, miss, error)",
             m.steps.clone(),
         );
-        registry.register(
+        r.register(
             "step_duration_seconds",
             "How long steps that ran took, by instruction",
             m.step_seconds.clone(),
         );
-        registry.register("gc_runs", "Garbage collection runs", m.gc_runs.clone());
-        registry.register(
+        r.register("gc_runs", "Garbage collection runs", m.gc_runs.clone());
+        r.register(
             "gc_removed_bytes",
             "Bytes garbage collection removed",
             m.gc_removed_bytes.clone(),
         );
-        Metrics { registry, ..m }
+        m
     }
 
     pub fn build_started(&self) {

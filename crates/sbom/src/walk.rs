@@ -90,13 +90,13 @@ pub fn find(root: &Path) -> Result<Found, SbomError> {
                 continue;
             }
         };
-        let mut names: Vec<(String, std::fs::FileType)> = Vec::new();
         for entry in entries {
             seen += 1;
             if seen > MAX_ENTRIES {
                 found.notes.push(format!(
                     "more than {MAX_ENTRIES} files: the rest of the filesystem was not scanned"
                 ));
+                found.files.sort();
                 return Ok(found);
             }
             let entry = entry.map_err(|e| SbomError::Io {
@@ -110,10 +110,6 @@ pub fn find(root: &Path) -> Result<Found, SbomError> {
             let Ok(name) = entry.file_name().into_string() else {
                 continue;
             };
-            names.push((name, kind));
-        }
-        names.sort_by(|a, b| b.0.cmp(&a.0));
-        for (name, kind) in names {
             let rel = if dir.is_empty() {
                 name
             } else {
@@ -131,8 +127,7 @@ pub fn find(root: &Path) -> Result<Found, SbomError> {
             }
         }
     }
-    // Depth-first with names reversed on the stack visits in order; keep
-    // the order stable whatever the walk did.
+    // The walk's order is the file system's; the result's is stable.
     found.files.sort();
     Ok(found)
 }

@@ -180,6 +180,10 @@ pub fn check_runnable(dir: &Path, os: &str, arch: &str) -> Result<(), String> {
             "RUN steps for {os}/{arch} cannot run on this Linux daemon"
         ));
     }
+    // Native steps (nearly all) need no look at binfmt_misc.
+    if native_archs().contains(&arch) {
+        return Ok(());
+    }
     let platform = format!("linux/{arch}");
     if runnable_platforms(dir).contains(&platform) {
         return Ok(());

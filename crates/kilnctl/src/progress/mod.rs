@@ -39,8 +39,7 @@ pub(crate) struct Step {
     error: String,
     canceled: bool,
     /// The last lines of output, sanitised, with their time from the step's start.
-    logs: VecDeque<String>,
-    timed_logs: VecDeque<(f64, String)>,
+    logs: VecDeque<(f64, String)>,
     splitter: LineSplitter,
     /// Why the step was not in the cache.
     cache_miss: String,
@@ -139,11 +138,9 @@ impl State {
             };
             for line in s.splitter.push(&l.msg) {
                 plain.push((false, format!("#{} {at:.3} {line}", s.num)));
-                s.logs.push_back(line.clone());
-                s.timed_logs.push_back((at, line));
+                s.logs.push_back((at, line));
                 if s.logs.len() > KEPT_LINES {
                     s.logs.pop_front();
-                    s.timed_logs.pop_front();
                 }
             }
         }
@@ -180,7 +177,7 @@ impl State {
             return Vec::new();
         };
         let mut out = vec!["------".to_string(), format!(" > {}:", s.name)];
-        for (at, line) in &s.timed_logs {
+        for (at, line) in &s.logs {
             out.push(format!("{at:.3} {line}"));
         }
         if let Some(p) = s.splitter.partial() {

@@ -116,7 +116,12 @@ pub fn render(
         let running = step.completed == 0 && step.started > 0;
         if running && !last {
             let partial = step.splitter.partial().map(str::to_string);
-            let lines: Vec<&String> = step.logs.iter().chain(partial.as_ref()).collect();
+            let lines: Vec<&String> = step
+                .logs
+                .iter()
+                .map(|(_, l)| l)
+                .chain(partial.as_ref())
+                .collect();
             for l in &lines[lines.len().saturating_sub(LOG_TAIL)..] {
                 detail.push(cut(&format!(" => => # {l}"), width));
             }

@@ -774,8 +774,7 @@ fn convert_here(
     ctx.validate_all_stages()?;
     ctx.check_whole_file();
     // Every instruction, global ones and every stage's (as BuildKit parses them).
-    let all_nodes: Vec<Node> = ast.children.clone();
-    ctx.check_descriptions(&all_nodes);
+    ctx.check_descriptions(&ast.children);
     let target = match &opts.target {
         Some(t) => ctx.stage_named(t, usize::MAX).ok_or_else(|| {
             let names: Vec<String> = ctx.stages.iter().filter_map(|s| s.name.clone()).collect();
