@@ -8,6 +8,7 @@ mod emulation;
 mod errors;
 mod farm;
 mod gc;
+mod images;
 mod lifecycle;
 mod parity;
 mod progress;

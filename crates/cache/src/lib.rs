@@ -5,6 +5,10 @@
 
 use std::path::Path;
 
+mod images;
+
+pub use images::ImageRecord;
+
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
@@ -25,7 +29,7 @@ pub enum CacheError {
     },
 }
 
-fn dberr<E: std::fmt::Display>(e: E) -> CacheError {
+pub(crate) fn dberr<E: std::fmt::Display>(e: E) -> CacheError {
     CacheError::Db(e.to_string())
 }
 
@@ -75,7 +79,7 @@ pub struct SnapshotRecord {
 }
 
 pub struct MetadataStore {
-    db: redb::Database,
+    pub(crate) db: redb::Database,
 }
 
 impl MetadataStore {
@@ -85,11 +89,12 @@ impl MetadataStore {
         tx.open_table(RECORDS).map_err(dberr)?;
         tx.open_table(SNAPSHOTS).map_err(dberr)?;
         tx.open_table(FINGERPRINTS).map_err(dberr)?;
+        tx.open_table(images::IMAGES).map_err(dberr)?;
         tx.commit().map_err(dberr)?;
         Ok(MetadataStore { db })
     }
 
-    fn get<T: for<'de> Deserialize<'de>>(
+    pub(crate) fn get<T: for<'de> Deserialize<'de>>(
         &self,
         table: TableDefinition<&str, &[u8]>,
         key: &str,
@@ -107,7 +112,7 @@ impl MetadataStore {
         }
     }
 
-    fn all<T: for<'de> Deserialize<'de>>(
+    pub(crate) fn all<T: for<'de> Deserialize<'de>>(
         &self,
         table: TableDefinition<&str, &[u8]>,
     ) -> Result<Vec<(String, T)>, CacheError> {

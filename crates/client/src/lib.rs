@@ -261,6 +261,106 @@ impl Client {
             .record)
     }
 
+    /// Opens a client session (what the daemon asks the client for: files,
+    /// secrets, credentials, agents) and serves it until the task is aborted.
+    async fn attach_session(
+        &self,
+        session_id: &str,
+        infos: Vec<sp::ContextInfo>,
+        contexts: Contexts,
+        secrets: HashMap<String, SecretFrom>,
+        agents: HashMap<String, PathBuf>,
+    ) -> Result<tokio::task::JoinHandle<()>, ClientError> {
+        let (out_tx, out_rx) = mpsc::channel::<sp::ClientMessage>(16);
+        out_tx
+            .send(sp::ClientMessage {
+                msg: Some(CMsg::Hello(sp::Hello {
+                    session_id: session_id.to_string(),
+                    contexts: infos,
+                    ssh_ids: agents.keys().cloned().collect(),
+                })),
+            })
+            .await
+            .map_err(|_| ClientError::Local("session closed".into()))?;
+        let mut sess = SessionClient::new(self.channel.clone())
+            .max_decoding_message_size(MAX_MSG)
+            .max_encoding_message_size(MAX_MSG);
+        let inbound = sess.attach(ReceiverStream::new(out_rx)).await?.into_inner();
+        Ok(tokio::spawn(serve_session(
+            inbound, out_tx, contexts, secrets, agents,
+        )))
+    }
+
+    /// Images in the daemon's image store whose names contain `filter`.
+    pub async fn list_images(&self, filter: &str) -> Result<Vec<ctl::ImageRecord>, ClientError> {
+        Ok(self
+            .control()
+            .list_images(ctl::ListImagesRequest {
+                filter: filter.to_string(),
+            })
+            .await?
+            .into_inner()
+            .images)
+    }
+
+    pub async fn remove_images(
+        &self,
+        names: Vec<String>,
+    ) -> Result<ctl::RemoveImagesResponse, ClientError> {
+        Ok(self
+            .control()
+            .remove_images(ctl::RemoveImagesRequest { names })
+            .await?
+            .into_inner())
+    }
+
+    pub async fn tag_image(
+        &self,
+        source: &str,
+        target: &str,
+    ) -> Result<ctl::ImageRecord, ClientError> {
+        self.control()
+            .tag_image(ctl::TagImageRequest {
+                source: source.to_string(),
+                target: target.to_string(),
+            })
+            .await?
+            .into_inner()
+            .image
+            .ok_or_else(|| ClientError::Local("the daemon returned no image".into()))
+    }
+
+    /// Pushes a stored image; the daemon asks this client for registry
+    /// credentials through a session. Returns the pushed digest.
+    pub async fn push_image(
+        &self,
+        name: &str,
+        target: &str,
+        insecure: bool,
+    ) -> Result<String, ClientError> {
+        let session_id = random_id();
+        let session = self
+            .attach_session(
+                &session_id,
+                Vec::new(),
+                HashMap::new(),
+                HashMap::new(),
+                HashMap::new(),
+            )
+            .await?;
+        let r = self
+            .control()
+            .push_image(ctl::PushImageRequest {
+                name: name.to_string(),
+                target: target.to_string(),
+                session: session_id,
+                insecure,
+            })
+            .await;
+        session.abort();
+        Ok(r?.into_inner().digest)
+    }
+
     /// Runs a build; `on_status` sees every status message as it arrives.
     pub async fn build(
         &self,
@@ -288,28 +388,15 @@ impl Client {
             });
             contexts.insert(c.name.clone(), (dir, Arc::new(matcher)));
         }
-        let (out_tx, out_rx) = mpsc::channel::<sp::ClientMessage>(16);
-        out_tx
-            .send(sp::ClientMessage {
-                msg: Some(CMsg::Hello(sp::Hello {
-                    session_id: session_id.clone(),
-                    contexts: infos,
-                    ssh_ids: req.ssh.iter().map(|(id, _)| id.clone()).collect(),
-                })),
-            })
-            .await
-            .map_err(|_| ClientError::Local("session closed".into()))?;
-        let mut sess = SessionClient::new(self.channel.clone())
-            .max_decoding_message_size(MAX_MSG)
-            .max_encoding_message_size(MAX_MSG);
-        let inbound = sess.attach(ReceiverStream::new(out_rx)).await?.into_inner();
         let secrets: HashMap<String, SecretFrom> = req
             .secrets
             .iter()
             .map(|s| (s.id.clone(), s.from.clone()))
             .collect();
         let agents: HashMap<String, PathBuf> = req.ssh.iter().cloned().collect();
-        let session = tokio::spawn(serve_session(inbound, out_tx, contexts, secrets, agents));
+        let session = self
+            .attach_session(&session_id, infos, contexts, secrets, agents)
+            .await?;
 
         let mut status = self
             .control()

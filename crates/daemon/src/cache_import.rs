@@ -212,7 +212,12 @@ async fn import_registry(
     let mut out = Vec::new();
     for p in platforms {
         let img = match worker
-            .resolve_image(reference, (&p.os, &p.architecture, &p.variant), contexts)
+            .resolve_image(
+                reference,
+                (&p.os, &p.architecture, &p.variant),
+                contexts,
+                true,
+            )
             .await
         {
             Ok((img, _)) => img,

@@ -223,6 +223,8 @@ impl Engine {
             .any(|e| e.attrs.get("inline-cache").is_some_and(|v| v != "false"));
         let attrs = &req.frontend_attrs;
         let started = unix_now();
+        // `--pull`: base images come from their registry, not the image store.
+        let pull = attrs.get("image-resolve-mode").map(String::as_str) == Some("pull");
         // `attest:provenance` as buildx sends it; only image outputs carry it.
         let provenance = match attrs.get("attest:provenance") {
             Some(v) => {
@@ -356,6 +358,7 @@ impl Engine {
                 worker: self.worker.clone(),
                 handle: tokio::runtime::Handle::current(),
                 contexts: Arc::new(SessionContexts(session.clone())),
+                pull,
             };
             let converted = tokio::task::spawn_blocking(move || {
                 kiln_dockerfile::convert(&dockerfile, &opts2, &resolver)
@@ -424,6 +427,7 @@ impl Engine {
             contexts: Arc::new(SessionContexts(session.clone())),
             entitlements: req.entitlements.iter().cloned().collect(),
             context_paths: context_paths.map(|p| p.into_iter().collect()),
+            pull,
         });
         // Platforms build at the same time; identical steps run once.
         let solved =
@@ -653,6 +657,12 @@ impl Engine {
         }
     }
 
+    /// Builds and pushes hold it shared; whatever deletes blobs holds it
+    /// exclusively.
+    pub(crate) fn gc_lock(&self) -> &tokio::sync::RwLock<()> {
+        &self.gc
+    }
+
     /// How this daemon's snapshots are stacked.
     pub fn snapshot_mode(&self) -> kiln_snapshot::Mode {
         self.worker.snapshots.mode()
@@ -786,7 +796,7 @@ fn declared_cache_mounts<'a>(graphs: impl Iterator<Item = &'a Graph>) -> Vec<Str
     dirs.into_iter().collect()
 }
 
-fn unix_now() -> i64 {
+pub(crate) fn unix_now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
@@ -882,6 +892,8 @@ struct RegistryImages {
     worker: Arc<Worker>,
     handle: tokio::runtime::Handle,
     contexts: Arc<dyn kiln_worker::ContextProvider>,
+    /// `--pull`: skip the image store.
+    pull: bool,
 }
 
 impl ImageResolver for RegistryImages {
@@ -904,6 +916,7 @@ impl ImageResolver for RegistryImages {
                 reference,
                 (&p.os, &p.architecture, &p.variant),
                 &self.contexts,
+                self.pull,
             ))
             .map_err(|e| e.to_string())?;
         let config: Image = serde_json::from_slice(&img.config)

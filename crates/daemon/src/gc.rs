@@ -350,12 +350,17 @@ pub fn disk_usage(worker: &Worker) -> Result<Vec<UsageRecord>, GcError> {
             });
         }
     }
+    let stored = worker.meta.image_blobs().map_err(gerr)?;
     for (d, _) in worker.content.list().map_err(gerr)? {
         if !blobs_of_snapshots.contains(d.as_str()) {
             out.push(UsageRecord {
                 id: d.to_string(),
                 kind: BLOB.into(),
-                description: "blob no cache record uses (a config, a manifest)".into(),
+                description: if stored.contains(d.as_str()) {
+                    "blob of a stored image (kept until `kilnctl rmi`)".into()
+                } else {
+                    "blob no cache record uses (a config, a manifest)".into()
+                },
                 size: u.add(&worker.content.path(&d)) as i64,
                 ..Default::default()
             });
@@ -544,11 +549,14 @@ fn remove(
         });
     }
     worker.meta.remove_snapshots(&dead).map_err(gerr)?;
-    let live_blobs: HashSet<String> = snaps
-        .iter()
-        .filter(|(id, _)| live.contains(*id))
-        .flat_map(|(_, s)| snapshot_blobs(s).map(str::to_string))
-        .collect();
+    // Stored images keep every blob they name, whatever the cache drops.
+    let mut live_blobs: HashSet<String> = worker.meta.image_blobs().map_err(gerr)?;
+    live_blobs.extend(
+        snaps
+            .iter()
+            .filter(|(id, _)| live.contains(*id))
+            .flat_map(|(_, s)| snapshot_blobs(s).map(str::to_string)),
+    );
     for (d, size) in worker.content.list().map_err(gerr)? {
         if !live_blobs.contains(d.as_str()) {
             worker.content.delete(&d).map_err(gerr)?;
@@ -579,6 +587,24 @@ fn remove(
         worker.forget_mirrors();
     }
     Ok(removed)
+}
+
+/// Deletes the blobs no snapshot and no stored image needs (after names
+/// were removed); returns the bytes freed. The caller holds the GC lock
+/// exclusively.
+pub fn sweep_blobs(worker: &Worker) -> Result<u64, GcError> {
+    let mut live = worker.meta.image_blobs().map_err(gerr)?;
+    for (_, s) in worker.meta.snapshots().map_err(gerr)? {
+        live.extend(snapshot_blobs(&s).map(str::to_string));
+    }
+    let mut freed = 0;
+    for (d, size) in worker.content.list().map_err(gerr)? {
+        if !live.contains(d.as_str()) {
+            worker.content.delete(&d).map_err(gerr)?;
+            freed += size;
+        }
+    }
+    Ok(freed)
 }
 
 #[cfg(test)]

@@ -139,6 +139,47 @@ impl Control for ControlService {
         }))
     }
 
+    async fn list_images(
+        &self,
+        req: Request<ListImagesRequest>,
+    ) -> Result<Response<ListImagesResponse>, Status> {
+        let images = self.0.list_images(&req.into_inner().filter)?;
+        Ok(Response::new(ListImagesResponse { images }))
+    }
+
+    async fn remove_images(
+        &self,
+        req: Request<RemoveImagesRequest>,
+    ) -> Result<Response<RemoveImagesResponse>, Status> {
+        let (removed, freed) = self.0.remove_images(&req.into_inner().names).await?;
+        Ok(Response::new(RemoveImagesResponse {
+            removed,
+            freed: freed as i64,
+        }))
+    }
+
+    async fn tag_image(
+        &self,
+        req: Request<TagImageRequest>,
+    ) -> Result<Response<TagImageResponse>, Status> {
+        let r = req.into_inner();
+        let image = self.0.tag_image(&r.source, &r.target)?;
+        Ok(Response::new(TagImageResponse { image: Some(image) }))
+    }
+
+    async fn push_image(
+        &self,
+        req: Request<PushImageRequest>,
+    ) -> Result<Response<PushImageResponse>, Status> {
+        let r = req.into_inner();
+        tracing::info!(name = %r.name, "push");
+        let digest = self
+            .0
+            .push_image(&r.name, &r.target, &r.session, r.insecure)
+            .await?;
+        Ok(Response::new(PushImageResponse { digest }))
+    }
+
     async fn info(&self, _: Request<InfoRequest>) -> Result<Response<InfoResponse>, Status> {
         Ok(Response::new(InfoResponse {
             version: env!("CARGO_PKG_VERSION").into(),

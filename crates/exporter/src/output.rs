@@ -125,7 +125,7 @@ pub fn resolve(
 ) -> Result<Box<dyn ExporterInstance>, ExportError> {
     Ok(match kind {
         "local" | "tar" => Box::new(crate::outputs::files::FilesOutput::parse(kind, attrs)?),
-        "image" | "registry" => Box::new(crate::outputs::push::PushOutput::parse(kind, attrs)?),
+        "image" | "registry" => Box::new(crate::outputs::image::ImageOutput::parse(kind, attrs)?),
         "oci" | "docker" => Box::new(crate::outputs::archive::ArchiveOutput::parse(kind, attrs)?),
         other => {
             return Err(ExportError::Option(format!(

@@ -65,8 +65,8 @@ pub(crate) struct BuildArgs {
     /// Do not use the cache for the steps of these stages (repeatable)
     #[arg(long = "no-cache-filter")]
     no_cache_filter: Vec<String>,
-    /// Check the registry for newer base images (kiln always resolves tags
-    /// against the registry; accepted for buildx scripts)
+    /// Resolve base images from their registry even when the daemon's image
+    /// store has them
     #[arg(long)]
     pull: bool,
     /// Write build result metadata (digests, names) to this JSON file
@@ -544,7 +544,7 @@ pub(crate) async fn build(targets: &targets::Targets, mut b: BuildArgs) -> anyho
             let key = sign::load_key(&sign::output_key(&v)?)?;
             signing.push((kiln_exporter::output::name_list(&e.attrs), key));
         }
-        if (e.r#type == "oci" || e.r#type == "docker")
+        if ["oci", "docker", "image", "registry"].contains(&e.r#type.as_str())
             && !b.tags.is_empty()
             && !e.attrs.contains_key("name")
         {

@@ -3,6 +3,7 @@
 mod build;
 mod cache_cmds;
 mod call;
+mod images;
 mod imagetools;
 mod load;
 mod progress;
@@ -86,6 +87,35 @@ enum Cmd {
         /// Do not ask for confirmation
         #[arg(short, long)]
         force: bool,
+    },
+    /// List the images in the daemon's image store (built with
+    /// `-o type=image,name=REF` and no push)
+    Images {
+        /// Only images whose name contains this
+        filter: Option<String>,
+        /// table, or json
+        #[arg(long, default_value = "table")]
+        format: String,
+        /// Print only the digests
+        #[arg(short, long)]
+        quiet: bool,
+    },
+    /// Remove images from the daemon's image store (their blobs go unless
+    /// the build cache or another image still needs them)
+    Rmi {
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Name a stored image under another reference too
+    Tag { source: String, target: String },
+    /// Push a stored image to its registry (or to TARGET); the registry
+    /// credentials are this client's (docker login)
+    Push {
+        name: String,
+        target: Option<String>,
+        /// Plain HTTP to the registry
+        #[arg(long)]
+        insecure: bool,
     },
     /// Image tools: inspect an image's index, platforms and attestations
     Imagetools {
@@ -332,6 +362,61 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let r = conn.client.prune(req).await;
             conn.close().await;
             cache_cmds::print_removed(&r?);
+            Ok(())
+        }
+        Cmd::Images {
+            filter,
+            format,
+            quiet,
+        } => {
+            if format != "table" && format != "json" {
+                bail!("unknown --format {format:?} (table, json)");
+            }
+            let conn = connect(&targets, None).await?;
+            let r = conn
+                .client
+                .list_images(filter.as_deref().unwrap_or(""))
+                .await;
+            conn.close().await;
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs() as i64)
+                .unwrap_or(0);
+            print!("{}", images::render(&r?, &format, quiet, now));
+            Ok(())
+        }
+        Cmd::Rmi { names } => {
+            let conn = connect(&targets, None).await?;
+            let r = conn.client.remove_images(names).await;
+            conn.close().await;
+            let r = r?;
+            for n in &r.removed {
+                println!("Untagged: {n}");
+            }
+            println!("Freed: {}", cache_cmds::human(r.freed));
+            Ok(())
+        }
+        Cmd::Tag { source, target } => {
+            let conn = connect(&targets, None).await?;
+            let r = conn.client.tag_image(&source, &target).await;
+            conn.close().await;
+            let r = r?;
+            println!("{} {}", r.name, r.digest);
+            Ok(())
+        }
+        Cmd::Push {
+            name,
+            target,
+            insecure,
+        } => {
+            let conn = connect(&targets, None).await?;
+            let r = conn
+                .client
+                .push_image(&name, target.as_deref().unwrap_or(""), insecure)
+                .await;
+            conn.close().await;
+            let digest = r?;
+            println!("{}: digest: {digest}", target.as_deref().unwrap_or(&name));
             Ok(())
         }
         Cmd::Imagetools {

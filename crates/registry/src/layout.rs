@@ -151,8 +151,36 @@ pub fn resolve(
     variant: &str,
 ) -> Result<ResolvedImage, RegistryError> {
     let digest = selected(root, sel)?;
-    let mut manifest_digest = digest;
-    let mut doc = json(root, &read_verified(root, &manifest_digest)?, "manifest")?;
+    let read = |d: &Digest| read_verified(root, d);
+    resolve_in(
+        &read,
+        digest,
+        &format!("oci-layout://{name}"),
+        name,
+        (os, arch, variant),
+    )
+}
+
+/// Resolves the document `top` (an index or a manifest) to one platform's
+/// manifest, reading documents and the config through `read` (a layout, the
+/// daemon's image store). `label` names the image in errors; `pinned_name`
+/// is what `pinned` is made of.
+pub fn resolve_in(
+    read: &dyn Fn(&Digest) -> Result<Vec<u8>, RegistryError>,
+    top: Digest,
+    label: &str,
+    pinned_name: &str,
+    (os, arch, variant): (&str, &str, &str),
+) -> Result<ResolvedImage, RegistryError> {
+    let bad = |message: String| RegistryError::Registry {
+        reference: label.to_string(),
+        message,
+    };
+    let parse = |data: &[u8], what: &str| -> Result<serde_json::Value, RegistryError> {
+        serde_json::from_slice(data).map_err(|e| bad(format!("bad {what}: {e}")))
+    };
+    let mut manifest_digest = top;
+    let mut doc = parse(&read(&manifest_digest)?, "manifest")?;
     // Indexes may nest (an index pointing at a platform index); follow a few levels.
     for _ in 0..4 {
         let mt = doc["mediaType"].as_str().unwrap_or("");
@@ -162,20 +190,20 @@ pub fn resolve(
         }
         let d = choose_platform(&doc, os, arch, variant).map_err(|(wanted, available)| {
             RegistryError::NoPlatform {
-                reference: format!("oci-layout://{name}"),
+                reference: label.to_string(),
                 wanted,
                 available,
             }
         })?;
         manifest_digest = d
             .parse()
-            .map_err(|e| layout_err(root, format!("bad digest {d:?}: {e}")))?;
-        doc = json(root, &read_verified(root, &manifest_digest)?, "manifest")?;
+            .map_err(|e| bad(format!("bad digest {d:?}: {e}")))?;
+        doc = parse(&read(&manifest_digest)?, "manifest")?;
     }
     let mt = doc["mediaType"].as_str().unwrap_or(OCI_MANIFEST);
     if mt != OCI_MANIFEST && mt != DOCKER_MANIFEST {
         return Err(RegistryError::MediaType {
-            reference: format!("oci-layout://{name}"),
+            reference: label.to_string(),
             media_type: mt.to_string(),
         });
     }
@@ -183,11 +211,11 @@ pub fn resolve(
         .as_str()
         .unwrap_or("")
         .parse()
-        .map_err(|e| layout_err(root, format!("bad config digest: {e}")))?;
-    let config = read_verified(root, &config_digest)?;
-    let layers = manifest_layers(&doc).map_err(|e| layout_err(root, e))?;
+        .map_err(|e| bad(format!("bad config digest: {e}")))?;
+    let config = read(&config_digest)?;
+    let layers = manifest_layers(&doc).map_err(bad)?;
     Ok(ResolvedImage {
-        pinned: format!("{name}@{manifest_digest}"),
+        pinned: format!("{pinned_name}@{manifest_digest}"),
         manifest_digest,
         config,
         layers,

@@ -10,6 +10,7 @@ mod explain;
 pub mod fileop;
 pub mod git;
 mod image;
+pub mod image_store;
 pub mod remote;
 pub use cache_mounts::PackedCacheMount;
 pub use remote::{BlobSource, CacheImport, RemoteChain};
@@ -124,6 +125,8 @@ pub struct Job {
     pub entitlements: HashSet<String>,
     /// The main-context paths the build reads (None: all of it).
     pub context_paths: Option<Vec<String>>,
+    /// `--pull`: images resolve from their registry, not the image store.
+    pub pull: bool,
 }
 
 /// How the worker runs steps.

@@ -23,6 +23,8 @@ pub enum BlobSource {
     /// An OCI layout directory the client sent (its blobs are verified
     /// against their digests as they are read).
     Layout { root: PathBuf },
+    /// The daemon's image store: the blobs are already in the content store.
+    Store { reference: String },
 }
 
 impl BlobSource {
@@ -32,7 +34,7 @@ impl BlobSource {
             BlobSource::Registry { reference, .. } => kiln_registry::parse_reference(reference)
                 .ok()
                 .map(|r| format!("{}/{}", r.resolve_registry(), r.repository())),
-            BlobSource::Layout { .. } => None,
+            BlobSource::Layout { .. } | BlobSource::Store { .. } => None,
         }
     }
 }
@@ -80,21 +82,25 @@ pub(crate) fn chain_keys(layers: &[LayerDesc]) -> Vec<String> {
 }
 
 impl Worker {
-    /// Resolves a registry image for one platform (`os`, `arch`, `variant`)
-    /// with the client's credentials for its registry, which are returned
-    /// too (its blobs are fetched with them later).
+    /// Resolves an image for one platform (`os`, `arch`, `variant`): from
+    /// the daemon's image store first unless `pull` (`--pull`), else from
+    /// its registry with the client's credentials. Returns where its layer
+    /// blobs are fetched from.
     pub async fn resolve_image(
         &self,
         reference: &str,
         (os, arch, variant): (&str, &str, &str),
         contexts: &Arc<dyn crate::ContextProvider>,
-    ) -> Result<
-        (
-            kiln_registry::ResolvedImage,
-            Option<kiln_registry::Credentials>,
-        ),
-        kiln_registry::RegistryError,
-    > {
+        pull: bool,
+    ) -> Result<(kiln_registry::ResolvedImage, BlobSource), kiln_registry::RegistryError> {
+        if !pull && let Some(img) = self.resolve_stored(reference, (os, arch, variant))? {
+            return Ok((
+                img,
+                BlobSource::Store {
+                    reference: reference.to_string(),
+                },
+            ));
+        }
         let r = kiln_registry::parse_reference(reference)?;
         let creds = contexts
             .credentials(r.resolve_registry().to_string())
@@ -107,7 +113,13 @@ impl Worker {
             .registry
             .resolve(reference, os, arch, variant, creds.as_ref())
             .await?;
-        Ok((img, creds))
+        Ok((
+            img,
+            BlobSource::Registry {
+                reference: reference.to_string(),
+                creds,
+            },
+        ))
     }
 
     /// The result recorded under `key` in an imported cache: a snapshot when
@@ -134,6 +146,17 @@ impl Worker {
             return Some(Output::Remote(Arc::new(chain)));
         }
         None
+    }
+
+    /// Records exported snapshots under the keys of the layer chain they
+    /// were exported as (`(snapshot, layer blob)`, base first, empty layers
+    /// left out): an image made of these blobs then finds them unpacked.
+    pub fn record_layer_chain(&self, exported: &[(String, kiln_digest::Digest)]) {
+        let mut key = "layer-chain".to_string();
+        for (id, digest) in exported {
+            key = image::chain_key(&key, digest);
+            self.record_key(&key, id, &format!("layer {digest}"));
+        }
     }
 
     /// The snapshot of a chain whose every layer is already unpacked here.
@@ -237,6 +260,16 @@ impl Worker {
                 .await
                 .map_err(|e| WorkerError::Other(e.to_string()))?
                 .map_err(|e| WorkerError::Other(e.to_string()))
+            }
+            BlobSource::Store { reference } => {
+                if self.content.exists(&layer.digest) {
+                    Ok(())
+                } else {
+                    Err(WorkerError::Other(format!(
+                        "stored image {reference}: layer {} is missing from the content store",
+                        layer.digest
+                    )))
+                }
             }
         }
     }

@@ -114,11 +114,12 @@ impl Worker {
         }
         if let Some(r) = id.strip_prefix("docker-image://") {
             let platform = v.op.platform.clone().unwrap_or_default();
-            let (img, creds) = self
+            let (img, source) = self
                 .resolve_image(
                     r,
                     (&platform.os, &platform.architecture, &platform.variant),
                     &job.contexts,
+                    job.pull,
                 )
                 .await
                 .map_err(serr)?;
@@ -126,12 +127,12 @@ impl Worker {
             // files: under fully cached steps the base is never pulled.
             let chain = RemoteChain {
                 layers: img.layers.clone(),
-                source: BlobSource::Registry {
-                    reference: r.to_string(),
-                    creds,
+                description: match &source {
+                    BlobSource::Store { .. } => format!("unpacking stored image {r}"),
+                    _ => format!("pulling {r}"),
                 },
+                source,
                 key: None,
-                description: format!("pulling {r}"),
             };
             let output = match self.unpacked(&chain) {
                 Some(id) => Output::Snapshot(id),

@@ -342,7 +342,7 @@ impl CacheOutput {
                 let r = kiln_registry::parse_reference(reference)
                     .map_err(|e| ExportError::Option(e.to_string()))?;
                 let creds = env.credentials(r.resolve_registry().to_string()).await?;
-                let mut blobs = super::push::layer_blobs(&layers);
+                let mut blobs = super::image::layer_blobs(&layers);
                 blobs.push(PushBlob {
                     digest: config_digest,
                     size: config.len() as u64,

@@ -1,5 +1,5 @@
 //! `type=image` / `type=registry`: the image pushed to a registry under each
-//! of its names.
+//! of its names, or kept by name in the daemon's image store, or both.
 
 use std::collections::BTreeMap;
 
@@ -11,11 +11,15 @@ use super::images::{ImageExportOptions, build_images, image_digests};
 use crate::output::{BuildResult, ExportEnv, ExporterInstance, bool_attr};
 use crate::{BuiltImage, ExportError};
 
-pub(crate) struct PushOutput {
+pub(crate) struct ImageOutput {
     opts: ImageExportOptions,
+    push: bool,
+    /// Name the image in the daemon's image store (`store=`; by default
+    /// only when it is not pushed, so CI pushes do not fill the daemon).
+    store: bool,
 }
 
-impl PushOutput {
+impl ImageOutput {
     pub(crate) fn parse(kind: &str, attrs: &BTreeMap<String, String>) -> Result<Self, ExportError> {
         let push = kind == "registry" || bool_attr(attrs, "push", false)?;
         let opts = ImageExportOptions::parse(
@@ -38,12 +42,22 @@ impl PushOutput {
             kiln_registry::parse_reference(n)
                 .map_err(|e| ExportError::Option(format!("name={n:?}: {e}")))?;
         }
-        if !push {
-            return Err(ExportError::Option(
-                "type=image without push=true would only keep the image in the cache; this daemon has no image store yet (use push=true, type=oci or type=docker)".into(),
-            ));
+        let store = bool_attr(attrs, "store", !push)?;
+        if !push && !store {
+            return Err(ExportError::Option(format!(
+                "type={kind} with store=false and no push=true would export nothing"
+            )));
         }
-        Ok(PushOutput { opts })
+        if store {
+            for n in &opts.names {
+                if kiln_registry::parse_reference(n).is_ok_and(|r| r.digest().is_some()) {
+                    return Err(ExportError::Option(format!(
+                        "name={n:?}: a stored image needs a tag, not a digest"
+                    )));
+                }
+            }
+        }
+        Ok(ImageOutput { opts, push, store })
     }
 }
 
@@ -70,7 +84,7 @@ fn image_blobs(img: &BuiltImage) -> Vec<PushBlob> {
     blobs
 }
 
-impl ExporterInstance for PushOutput {
+impl ExporterInstance for ImageOutput {
     fn export<'a>(
         &'a self,
         result: &'a BuildResult,
@@ -80,7 +94,13 @@ impl ExporterInstance for PushOutput {
             let opts = &self.opts;
             let (images, index) = build_images(result, opts, env, true).await?;
             let worker = env.worker();
-            for n in &opts.names {
+            if self.store {
+                let store = store_images(result, &images, index.as_ref(), &opts.names, env);
+                env.phase(format!("naming {}", opts.names.join(", ")), store.boxed())
+                    .await?;
+            }
+            let names: &[String] = if self.push { &opts.names } else { &[] };
+            for n in names {
                 let r = kiln_registry::parse_reference(n)
                     .map_err(|e| ExportError::Option(e.to_string()))?;
                 let by_digest = |d: &kiln_digest::Digest| {
@@ -141,4 +161,57 @@ impl ExporterInstance for PushOutput {
         }
         .boxed()
     }
+}
+
+/// Keeps the built image in the daemon's image store under `names`: its
+/// manifests and index go into the content store (layers and configs are
+/// there already) and the names are recorded in one commit. The snapshots
+/// are recorded under the image's layer chain, so `FROM` it reuses them.
+async fn store_images(
+    result: &BuildResult,
+    images: &[BuiltImage],
+    index: Option<&crate::BuiltIndex>,
+    names: &[String],
+    env: &dyn ExportEnv,
+) -> Result<(), ExportError> {
+    let worker = env.worker().clone();
+    let mut documents: Vec<Vec<u8>> = images.iter().map(|i| i.manifest.clone()).collect();
+    let top = match index {
+        Some(i) => {
+            documents.push(i.bytes.clone());
+            i.digest.clone()
+        }
+        None => images
+            .first()
+            .map(|i| i.manifest_digest.clone())
+            .ok_or_else(|| ExportError::Failed("no image to store".into()))?,
+    };
+    // Platform images come first in `images`, in the order of the results.
+    let chains: Vec<(Vec<String>, Vec<crate::Layer>)> = result
+        .platforms
+        .iter()
+        .zip(images)
+        .map(|(p, i)| (p.chain.clone(), i.layers.clone()))
+        .collect();
+    let names = names.to_vec();
+    tokio::task::spawn_blocking(move || -> Result<(), ExportError> {
+        for d in &documents {
+            worker.content.put(d)?;
+        }
+        for (chain, layers) in &chains {
+            let exported: Vec<(String, kiln_digest::Digest)> = chain
+                .iter()
+                .rev()
+                .zip(layers)
+                .filter(|(_, l)| !l.empty)
+                .map(|(id, l)| (id.clone(), l.digest.clone()))
+                .collect();
+            worker.record_layer_chain(&exported);
+        }
+        worker
+            .store_image(&names, &top)
+            .map_err(|e| ExportError::Failed(format!("storing the image: {e}")))
+    })
+    .await
+    .map_err(ExportError::failed)?
 }
