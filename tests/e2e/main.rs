@@ -8,6 +8,7 @@ mod emulation;
 mod errors;
 mod farm;
 mod gc;
+mod history;
 mod images;
 mod lifecycle;
 mod parity;

@@ -5,8 +5,10 @@
 
 use std::path::Path;
 
+pub mod history;
 mod images;
 
+pub use history::{BuildRecord, HistoryLimits};
 pub use images::ImageRecord;
 
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
@@ -90,6 +92,8 @@ impl MetadataStore {
         tx.open_table(SNAPSHOTS).map_err(dberr)?;
         tx.open_table(FINGERPRINTS).map_err(dberr)?;
         tx.open_table(images::IMAGES).map_err(dberr)?;
+        tx.open_table(history::HISTORY).map_err(dberr)?;
+        tx.open_table(history::HISTORY_LOGS).map_err(dberr)?;
         tx.commit().map_err(dberr)?;
         Ok(MetadataStore { db })
     }

@@ -291,6 +291,51 @@ impl Client {
         )))
     }
 
+    /// Recorded builds, newest first (`want`: a ref, a unique prefix, ^N or
+    /// empty for all).
+    pub async fn list_history(
+        &self,
+        want: &str,
+    ) -> Result<Vec<ctl::BuildHistoryRecord>, ClientError> {
+        Ok(self
+            .control()
+            .list_history(ctl::ListHistoryRequest {
+                r#ref: want.to_string(),
+            })
+            .await?
+            .into_inner()
+            .records)
+    }
+
+    /// A recorded build's progress messages.
+    pub async fn history_logs(&self, want: &str) -> Result<Vec<StatusResponse>, ClientError> {
+        let mut s = self
+            .control()
+            .history_logs(ctl::HistoryLogsRequest {
+                r#ref: want.to_string(),
+            })
+            .await?
+            .into_inner();
+        let mut out = Vec::new();
+        while let Some(m) = s.message().await? {
+            out.push(m);
+        }
+        Ok(out)
+    }
+
+    pub async fn remove_history(
+        &self,
+        refs: Vec<String>,
+        all: bool,
+    ) -> Result<Vec<String>, ClientError> {
+        Ok(self
+            .control()
+            .remove_history(ctl::RemoveHistoryRequest { refs, all })
+            .await?
+            .into_inner()
+            .removed)
+    }
+
     /// Images in the daemon's image store whose names contain `filter`.
     pub async fn list_images(&self, filter: &str) -> Result<Vec<ctl::ImageRecord>, ClientError> {
         Ok(self

@@ -35,6 +35,8 @@ pub struct Config {
     pub limits: StepLimits,
     /// `[gc]`: background garbage collection of the cache.
     pub gc: GcConfig,
+    /// `[history]`: how many finished builds `kilnctl history` keeps.
+    pub history: HistoryConfig,
     /// `[tls]`: certificates of `tcp://` listeners (mutual TLS).
     pub tls: crate::TlsFiles,
     /// Where Prometheus metrics are served (`HOST:PORT`, plain HTTP,
@@ -153,6 +155,48 @@ fn default_policies() -> Vec<GcPolicyConfig> {
         p(false, &[], "", "10%", "60%", "20%"),
         p(true, &[], "", "10%", "60%", "20%"),
     ]
+}
+
+/// `[history]`: finished builds are kept (with their logs, each at most
+/// 4 MiB) while they are among the newest `max_entries` and younger than
+/// `max_age` (BuildKit's defaults: 50 builds, 48 hours).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HistoryConfig {
+    pub max_entries: usize,
+    /// A duration (`48h`, `7d`); empty or `0` keeps them whatever their age.
+    pub max_age: String,
+}
+
+impl Default for HistoryConfig {
+    fn default() -> Self {
+        HistoryConfig {
+            max_entries: 50,
+            max_age: "48h".into(),
+        }
+    }
+}
+
+impl HistoryConfig {
+    /// Checked when the config is loaded; an unparsable age keeps all.
+    pub fn limits(&self) -> kiln_cache::HistoryLimits {
+        kiln_cache::HistoryLimits {
+            max_entries: self.max_entries,
+            max_age: if self.max_age.trim().is_empty() {
+                0
+            } else {
+                crate::gc::parse_duration(&self.max_age).unwrap_or(0)
+            },
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if !self.max_age.trim().is_empty() {
+            crate::gc::parse_duration(&self.max_age)
+                .map_err(|e| format!("history.max_age: {e}"))?;
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -275,6 +319,7 @@ impl Default for Config {
             registry: Default::default(),
             limits: StepLimits::default(),
             gc: GcConfig::default(),
+            history: HistoryConfig::default(),
             tls: Default::default(),
             metrics_addr: String::new(),
             after_build: None,

@@ -130,6 +130,16 @@ impl Engine {
             .gc
             .policies(crate::gc::disk_size(&config.root))
             .map_err(EngineError::InvalidArgument)?;
+        config
+            .history
+            .validate()
+            .map_err(EngineError::InvalidArgument)?;
+        // Builds a crash cut short show as interrupted, not running forever.
+        match worker.meta.history_interrupted() {
+            Ok(0) => {}
+            Ok(n) => tracing::warn!(builds = n, "builds the last daemon did not finish"),
+            Err(e) => tracing::warn!("reading the build history: {e}"),
+        }
         let gc_interval = crate::gc::parse_duration(&config.gc.interval)
             .map_err(|e| EngineError::InvalidArgument(format!("gc.interval: {e}")))?
             .max(1);
@@ -151,7 +161,13 @@ impl Engine {
         let started = std::time::Instant::now();
         crate::metrics::metrics().build_started();
         let progress = self.jobs.get(&req.r#ref);
-        let r = match self.sessions.get(&req.session).await {
+        let session = self.sessions.get(&req.session).await;
+        let context = session.as_ref().and_then(|s| {
+            kiln_worker::ContextProvider::shared_key(&SessionContexts(s.clone()), "context")
+        });
+        let record = crate::history::started(&req, context);
+        self.history_start(&record);
+        let r = match session {
             None => Err(EngineError::InvalidArgument(format!(
                 "no client session {:?} is attached",
                 req.session
@@ -164,7 +180,18 @@ impl Engine {
             },
         };
         progress.close();
+        let (messages, _) = progress.subscribe();
         self.jobs.remove(&req.r#ref);
+        let response: Result<BTreeMap<String, String>, &EngineError> = match &r {
+            Ok((resp, _)) => Ok(resp
+                .exporter_response
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect()),
+            Err(e) => Err(e),
+        };
+        self.history_finish(record, response.as_ref().map_err(|e| *e), messages)
+            .await;
         // Within the policies before the client hears the build is done;
         // what this build just used stays (its records may share the second
         // of their last use with older ones).

@@ -7,6 +7,7 @@ pub mod cache_import;
 pub mod config;
 pub mod engine;
 pub mod gc;
+pub mod history;
 pub mod images;
 pub mod metrics;
 pub mod progress;

@@ -180,6 +180,35 @@ impl Control for ControlService {
         Ok(Response::new(PushImageResponse { digest }))
     }
 
+    async fn list_history(
+        &self,
+        req: Request<ListHistoryRequest>,
+    ) -> Result<Response<ListHistoryResponse>, Status> {
+        let records = self.0.list_history(&req.into_inner().r#ref)?;
+        Ok(Response::new(ListHistoryResponse { records }))
+    }
+
+    type HistoryLogsStream = BoxStream<StatusResponse>;
+
+    async fn history_logs(
+        &self,
+        req: Request<HistoryLogsRequest>,
+    ) -> Result<Response<Self::HistoryLogsStream>, Status> {
+        let messages = self.0.history_logs(&req.into_inner().r#ref)?;
+        Ok(Response::new(Box::pin(futures::stream::iter(
+            messages.into_iter().map(Ok),
+        ))))
+    }
+
+    async fn remove_history(
+        &self,
+        req: Request<RemoveHistoryRequest>,
+    ) -> Result<Response<RemoveHistoryResponse>, Status> {
+        let r = req.into_inner();
+        let removed = self.0.remove_history(&r.refs, r.all)?;
+        Ok(Response::new(RemoveHistoryResponse { removed }))
+    }
+
     async fn info(&self, _: Request<InfoRequest>) -> Result<Response<InfoResponse>, Status> {
         Ok(Response::new(InfoResponse {
             version: env!("CARGO_PKG_VERSION").into(),

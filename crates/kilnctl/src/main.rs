@@ -3,6 +3,7 @@
 mod build;
 mod cache_cmds;
 mod call;
+mod history;
 mod images;
 mod imagetools;
 mod load;
@@ -117,6 +118,14 @@ enum Cmd {
         #[arg(long)]
         insecure: bool,
     },
+    /// The daemon's record of builds: list, inspect, replay logs, remove
+    #[command(
+        after_help = "Examples:\n  kilnctl history ls\n  kilnctl history inspect            # the newest build\n  kilnctl history inspect ^1 --format json\n  kilnctl history logs 3f2a\n  kilnctl history rm --all"
+    )]
+    History {
+        #[command(subcommand)]
+        cmd: HistoryCmd,
+    },
     /// Image tools: inspect an image's index, platforms and attestations
     Imagetools {
         #[command(subcommand)]
@@ -161,6 +170,42 @@ enum Cmd {
     Debug {
         #[command(subcommand)]
         cmd: DebugCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum HistoryCmd {
+    /// List recorded builds, newest first
+    Ls {
+        /// table, or json
+        #[arg(long, default_value = "table")]
+        format: String,
+    },
+    /// Show one build: context, Dockerfile, target, platforms, status,
+    /// error, times, steps, outputs, image digest and provenance
+    Inspect {
+        /// The build's ref, a unique prefix of it, or ^N (the Nth newest);
+        /// default: the newest
+        r#ref: Option<String>,
+        /// table, or json
+        #[arg(long, default_value = "table")]
+        format: String,
+    },
+    /// Print a build's progress as it was shown
+    Logs {
+        /// As for inspect; default: the newest
+        r#ref: Option<String>,
+        /// plain, or rawjson
+        #[arg(long, default_value = "plain")]
+        progress: String,
+    },
+    /// Remove recorded builds
+    Rm {
+        /// Refs or unique prefixes
+        refs: Vec<String>,
+        /// Every finished build
+        #[arg(long)]
+        all: bool,
     },
 }
 
@@ -217,6 +262,73 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+fn now_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
+}
+
+async fn history_cmd(client: &Client, cmd: HistoryCmd) -> anyhow::Result<()> {
+    let check = |format: &str, allowed: &[&str]| {
+        if allowed.contains(&format) {
+            Ok(())
+        } else {
+            Err(anyhow::anyhow!(
+                "unknown format {format:?} ({})",
+                allowed.join(", ")
+            ))
+        }
+    };
+    match cmd {
+        HistoryCmd::Ls { format } => {
+            check(&format, &["table", "json"])?;
+            let records = client.list_history("").await?;
+            print!("{}", history::render_ls(&records, &format, now_ns()));
+        }
+        HistoryCmd::Inspect { r#ref, format } => {
+            check(&format, &["table", "json"])?;
+            let want = r#ref.unwrap_or_else(|| "^0".into());
+            let records = client.list_history(&want).await?;
+            let Some(r) = records.first() else {
+                bail!("no build in the history");
+            };
+            print!("{}", history::render_inspect(r, &format, now_ns()));
+        }
+        HistoryCmd::Logs { r#ref, progress } => {
+            check(&progress, &["plain", "rawjson"])?;
+            let want = r#ref.unwrap_or_else(|| "^0".into());
+            let records = client.list_history(&want).await?;
+            let Some(r) = records.first() else {
+                bail!("no build in the history");
+            };
+            let messages = client.history_logs(&r.r#ref).await?;
+            let mut out = std::io::stdout().lock();
+            if progress == "rawjson" {
+                use std::io::Write;
+                for m in &messages {
+                    writeln!(out, "{}", progress::rawjson::solve_status(m))?;
+                }
+            } else {
+                let error = (!r.error.is_empty()).then_some(r.error.as_str());
+                progress::Display::replay_plain(&messages, error, &mut out)?;
+            }
+            if r.logs_truncated {
+                eprintln!("note: the log of this build was cut at 4 MiB");
+            }
+        }
+        HistoryCmd::Rm { refs, all } => {
+            if refs.is_empty() && !all {
+                bail!("name the builds to remove, or --all");
+            }
+            for r in client.remove_history(refs, all).await? {
+                println!("{r}");
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A connection, plus the in-process engine serving it when embedded.
@@ -418,6 +530,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let digest = r?;
             println!("{}: digest: {digest}", target.as_deref().unwrap_or(&name));
             Ok(())
+        }
+        Cmd::History { cmd } => {
+            let conn = connect(&targets, None).await?;
+            let r = history_cmd(&conn.client, cmd).await;
+            conn.close().await;
+            r
         }
         Cmd::Imagetools {
             cmd:

@@ -4,7 +4,7 @@
 //! status message) and quiet. A failed build ends with the failing step's
 //! last output between `------` rules, once.
 
-mod rawjson;
+pub(crate) mod rawjson;
 mod sanitize;
 mod tty;
 
@@ -230,6 +230,28 @@ impl Display {
                 self.state.apply(m);
             }
         }
+    }
+
+    /// A recorded build's progress as `--progress plain` showed it, into
+    /// `out` (`kilnctl history logs`), with the error block if it failed.
+    pub fn replay_plain(
+        messages: &[StatusResponse],
+        error: Option<&str>,
+        out: &mut dyn Write,
+    ) -> std::io::Result<()> {
+        let mut state = State::default();
+        for m in messages {
+            for (explanation, l) in state.apply(m) {
+                if !explanation {
+                    writeln!(out, "{l}")?;
+                }
+            }
+        }
+        state.finish(error);
+        for l in state.error_block() {
+            writeln!(out, "{l}")?;
+        }
+        Ok(())
     }
 
     /// Redraws the live view (tty mode only).
