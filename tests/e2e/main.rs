@@ -18,3 +18,4 @@ mod registry;
 mod run;
 mod sbom;
 mod sign;
+mod traces;

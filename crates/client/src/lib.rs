@@ -451,7 +451,7 @@ impl Client {
             .await?
             .into_inner();
         let mut control = self.control();
-        let solve = control.solve(SolveRequest {
+        let mut solve_req = tonic::Request::new(SolveRequest {
             r#ref: build_ref,
             frontend: "dockerfile.v0".into(),
             frontend_attrs: req.frontend_attrs,
@@ -464,6 +464,15 @@ impl Client {
             session: session_id,
             entitlements: req.entitlements,
         });
+        // The caller's trace (W3C TRACEPARENT, as BuildKit reads it): the
+        // daemon's spans for this build join it.
+        if let Some(tp) = std::env::var("TRACEPARENT")
+            .ok()
+            .and_then(|tp| tonic::metadata::MetadataValue::try_from(tp.trim()).ok())
+        {
+            solve_req.metadata_mut().insert("traceparent", tp);
+        }
+        let solve = control.solve(solve_req);
         tokio::pin!(solve);
         let mut status_done = false;
         let result = loop {

@@ -42,6 +42,9 @@ pub struct Config {
     /// Where Prometheus metrics are served (`HOST:PORT`, plain HTTP,
     /// `/metrics`); empty: not served.
     pub metrics_addr: String,
+    /// OTLP/HTTP base URL traces are exported to (`http://HOST:4318`);
+    /// empty: none (OTEL_EXPORTER_OTLP_ENDPOINT wins).
+    pub otlp_endpoint: String,
     /// Run (on a blocking thread) after every build: kilnd hands the
     /// allocator's free memory back to the system there.
     #[serde(skip)]
@@ -322,6 +325,7 @@ impl Default for Config {
             history: HistoryConfig::default(),
             tls: Default::default(),
             metrics_addr: String::new(),
+            otlp_endpoint: String::new(),
             after_build: None,
         }
     }

@@ -14,6 +14,7 @@ pub mod progress;
 pub mod provenance;
 pub mod service;
 pub mod session;
+pub mod trace;
 
 use std::fs::File;
 use std::os::unix::fs::PermissionsExt;

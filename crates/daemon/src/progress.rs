@@ -220,7 +220,13 @@ impl Phase {
         work: impl std::future::Future<Output = Result<T, E>>,
     ) -> Result<T, E> {
         let phase = Phase::start(progress, name);
-        let r = work.await;
+        // An exporter's step is a span too (`export` named like the step).
+        let span =
+            tracing::info_span!("export", otel.name = %phase.name, error = tracing::field::Empty);
+        let r = tracing::Instrument::instrument(work, span.clone()).await;
+        if let Err(e) = &r {
+            span.record("error", e.to_string());
+        }
         phase.finish(r)
     }
 

@@ -13,6 +13,7 @@ use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
 
 use crate::engine::{Engine, EngineError};
 use kiln_definition::text::{MAX_MESSAGE, bounded};
@@ -43,9 +44,10 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'stati
 #[tonic::async_trait]
 impl Control for ControlService {
     async fn solve(&self, req: Request<SolveRequest>) -> Result<Response<SolveResponse>, Status> {
+        let span = crate::trace::build_span(req.metadata(), &req.get_ref().r#ref);
         let req = req.into_inner();
         tracing::info!(r#ref = %req.r#ref, "solve");
-        match self.0.solve(req).await {
+        match self.0.solve(req).instrument(span).await {
             Ok(r) => Ok(Response::new(r)),
             Err(e) => {
                 tracing::info!(error = %bounded(&e.to_string(), MAX_MESSAGE), "build failed");

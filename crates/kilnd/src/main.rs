@@ -1,5 +1,7 @@
 //! kilnd: the kiln build daemon.
 
+mod telemetry;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -68,6 +70,10 @@ struct Args {
     /// Serve Prometheus metrics on HOST:PORT (plain HTTP, GET /metrics) [default: not served]
     #[arg(long)]
     metrics_addr: Option<String>,
+    /// Export OpenTelemetry traces over OTLP/HTTP to this base URL
+    /// (http://HOST:4318; OTEL_EXPORTER_OTLP_ENDPOINT wins) [default: none]
+    #[arg(long)]
+    otlp_endpoint: Option<String>,
     /// Log format: text (plain when stderr is not a terminal) or json (one
     /// object per line, for log collectors)
     #[arg(long, default_value = "text")]
@@ -82,25 +88,6 @@ fn main() -> std::process::ExitCode {
     kiln_sandbox::maybe_run();
     limit_arenas();
     let args = Args::parse();
-    let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    match args.log_format.as_str() {
-        "json" => tracing_subscriber::fmt()
-            .json()
-            .with_env_filter(filter)
-            .with_writer(std::io::stderr)
-            .init(),
-        "text" => tracing_subscriber::fmt()
-            .with_env_filter(filter)
-            // Colour codes only for a person at a terminal, not in a file.
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .with_writer(std::io::stderr)
-            .init(),
-        other => {
-            eprintln!("kilnd: --log-format {other:?}: expected text or json");
-            return std::process::ExitCode::FAILURE;
-        }
-    }
     match run(args) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -117,6 +104,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         anyhow::bail!("kilnd must run as root (rootless mode is not supported yet)");
     }
     if let Some(archs) = &args.install_emulators {
+        let _logs = telemetry::init(&args.log_format, &args.log_level, None)?;
         return install_emulators(archs);
     }
     let default_cfg = PathBuf::from("/etc/kiln/kilnd.toml");
@@ -174,6 +162,15 @@ fn run(args: Args) -> anyhow::Result<()> {
     if let Some(c) = args.step_cpus {
         config.limits.cpus = c;
     }
+    if let Some(e) = args.otlp_endpoint {
+        config.otlp_endpoint = e;
+    }
+    // Flushed when run() returns (after the runtime stopped).
+    let _traces = telemetry::init(
+        &args.log_format,
+        &args.log_level,
+        telemetry::traces_endpoint(&config.otlp_endpoint),
+    )?;
     config.after_build = Some(release_memory);
     let _lock = kiln_daemon::lock_root(&config.root)?;
     // Before any thread exists: the variables are read and removed here.

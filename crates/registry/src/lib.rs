@@ -516,6 +516,7 @@ impl RegistryClient {
     }
 
     /// Streams a blob into the content store, verified against its digest.
+    #[tracing::instrument(name = "pull", skip_all, fields(reference = %reference, layer = %layer.digest, size = layer.size))]
     pub async fn fetch_blob(
         &self,
         reference: &str,
@@ -570,6 +571,7 @@ impl RegistryClient {
     }
 
     /// Pushes blobs (skipping ones the registry has) and then the manifest.
+    #[tracing::instrument(name = "push", skip_all, fields(reference = %reference, blobs = blobs.len()))]
     pub async fn push(
         &self,
         reference: &str,

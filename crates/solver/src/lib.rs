@@ -13,6 +13,7 @@ use futures::future::{BoxFuture, Shared};
 use kiln_definition::{Graph, Vertex, pb};
 use kiln_digest::{Digest, Digester};
 use tokio::sync::Semaphore;
+use tracing::Instrument;
 
 /// A solve failure, attributed to the vertex where it happened.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -239,9 +240,12 @@ impl<W: Worker> Solver<W> {
             // futures would poll hundreds of frames deep on one stack. A
             // task is aborted once nobody awaits it (a dropped build).
             let (this, j, vv) = (self.clone(), job.clone(), v.clone());
-            let key_task = AbortOnDrop(tokio::spawn(async move {
-                this.key_phase(vv, input_keys, j, no_cache).await
-            }));
+            // Spawned tasks keep the build's span: step spans are its children.
+            let span = tracing::Span::current();
+            let key_task = AbortOnDrop(tokio::spawn(
+                async move { this.key_phase(vv, input_keys, j, no_cache).await }
+                    .instrument(span.clone()),
+            ));
             let key_fut = async move {
                 key_task
                     .await
@@ -252,9 +256,9 @@ impl<W: Worker> Solver<W> {
             // The result phase starts only when first awaited.
             let (this, j, k) = (self.clone(), job.clone(), key_fut.clone());
             let result_fut = async move {
-                let task = AbortOnDrop(tokio::spawn(async move {
-                    this.result_phase(v, k, input_results, j).await
-                }));
+                let task = AbortOnDrop(tokio::spawn(
+                    async move { this.result_phase(v, k, input_results, j).await }.instrument(span),
+                ));
                 task.await
                     .map_err(|e| SolveError::new(format!("step task failed: {e}")))?
             }
@@ -324,8 +328,16 @@ impl<W: Worker> Solver<W> {
             // or a context mirror another build holds until it finishes), and
             // a slot held while waiting for that build starves its next step.
             start();
-            return match self.worker.clone().source(v.clone(), job.clone()).await {
+            let span = vertex_span(&v);
+            let r = self
+                .worker
+                .clone()
+                .source(v.clone(), job.clone())
+                .instrument(span.clone())
+                .await;
+            return match r {
                 Ok((output, key, unchanged)) => {
+                    span.record("cached", unchanged);
                     complete(unchanged, None);
                     Ok(Keyed {
                         key: key.clone(),
@@ -337,6 +349,7 @@ impl<W: Worker> Solver<W> {
                     })
                 }
                 Err(e) => {
+                    span.record("error", e.message.to_string());
                     complete(false, Some(e.message.to_string()));
                     Err(with_vertex(e, &v.digest))
                 }
@@ -365,6 +378,7 @@ impl<W: Worker> Solver<W> {
                 .await
                 .map_err(|e| with_vertex(e, &v.digest))?
         {
+            vertex_span(&v).record("cached", true);
             start();
             complete(true, None);
             return Ok(Keyed {
@@ -430,7 +444,9 @@ impl<W: Worker> Solver<W> {
             .await
             .map_err(|e| SolveError::new(e.to_string()))?;
         start();
-        match fut.await {
+        let span = vertex_span(&v);
+        span.record("cached", false);
+        match fut.instrument(span.clone()).await {
             Ok(output) => {
                 complete(false, None);
                 Ok(Resolved {
@@ -440,11 +456,29 @@ impl<W: Worker> Solver<W> {
                 })
             }
             Err(e) => {
+                span.record("error", e.message.to_string());
                 complete(false, Some(e.message.to_string()));
                 Err(with_vertex(e, &v.digest))
             }
         }
     }
+}
+
+/// The span of one step (`otel.name` is the step as the progress names it,
+/// cut to 256 bytes: a RUN can be megabytes).
+fn vertex_span(v: &Vertex) -> tracing::Span {
+    let name = v.name();
+    let mut cut = name.len().min(256);
+    while !name.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    tracing::info_span!(
+        "vertex",
+        otel.name = &name[..cut],
+        vertex = %v.digest,
+        cached = tracing::field::Empty,
+        error = tracing::field::Empty,
+    )
 }
 
 /// A vertex after its key phase: its key, and its result when that is
