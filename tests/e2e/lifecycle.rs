@@ -347,24 +347,11 @@ fn the_systemd_units_verify() {
     );
 }
 
-/// `--metrics-addr`: Prometheus metrics a real Prometheus parser reads
-/// (PyPI prometheus-client's OpenMetrics parser), counting what was built.
-#[test]
-fn metrics_count_builds_and_steps() {
-    require_root!();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr = format!("127.0.0.1:{port}");
-    let d = Daemon::start_with(&["--metrics-addr", &addr]);
-    let ctx = kiln_e2e::busybox_context("FROM busybox\nRUN echo metered > /m\n", &[]);
-    d.ok(&["build", ctx.path().to_str().unwrap()]);
-    d.ok(&["build", ctx.path().to_str().unwrap()]);
-    let _ = d.kilnctl(&["build", "/nonexistent-context"]);
-    // Scrape like Prometheus does.
-    let mut s = std::net::TcpStream::connect(&addr).unwrap();
+/// Scrapes `addr` as Prometheus does and parses the text with the
+/// Prometheus project's own parser (PyPI prometheus-client); returns the
+/// samples and the text.
+fn scrape(addr: &str) -> (Vec<serde_json::Value>, String) {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
     std::io::Write::write_all(&mut s, b"GET /metrics HTTP/1.1\r\nHost: kiln\r\n\r\n").unwrap();
     let mut response = String::new();
     std::io::Read::read_to_string(&mut s, &mut response).unwrap();
@@ -384,36 +371,104 @@ fn metrics_count_builds_and_steps() {
         "the Prometheus parser refused it:\n{}\n{body}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let samples: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+    let samples = String::from_utf8_lossy(&out.stdout)
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    let value = |name: &str, labels: &[(&str, &str)]| -> f64 {
-        samples
-            .iter()
-            .filter(|s| s["name"] == name && labels.iter().all(|(k, v)| s["labels"][*k] == *v))
-            .map(|s| s["value"].as_f64().unwrap())
-            .sum()
-    };
-    assert_eq!(value("kiln_builds_started_total", &[]), 2.0, "{body}");
+    (samples, body.to_string())
+}
+
+fn value(samples: &[serde_json::Value], name: &str, labels: &[(&str, &str)]) -> f64 {
+    samples
+        .iter()
+        .filter(|s| s["name"] == name && labels.iter().all(|(k, v)| s["labels"][*k] == *v))
+        .map(|s| s["value"].as_f64().unwrap())
+        .sum()
+}
+
+/// `--metrics-addr`: Prometheus metrics a real Prometheus parser reads,
+/// counting builds, steps, bytes pushed, pulled and exported, and the
+/// stores' sizes.
+#[test]
+fn metrics_count_builds_steps_transfers_and_store_sizes() {
+    require_root!();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let reg = kiln_e2e::Registry::start();
+    let image = format!("{}/metered/app:1", reg.addr);
+    let d = Daemon::start_with(&["--metrics-addr", &addr]);
+    let ctx = kiln_e2e::busybox_context("FROM busybox\nRUN echo metered > /m\n", &[]);
+    d.ok(&[
+        "build",
+        ctx.path().to_str().unwrap(),
+        "-t",
+        &image,
+        "--push",
+    ]);
+    let out = tempfile::tempdir().unwrap();
+    let tar = out.path().join("img.tar");
+    d.ok(&[
+        "build",
+        ctx.path().to_str().unwrap(),
+        "-o",
+        &format!("type=oci,dest={}", tar.display()),
+        "-o",
+        "type=image,name=metered-local",
+    ]);
+    let _ = d.kilnctl(&["build", "/nonexistent-context"]);
+    let (samples, body) = scrape(&addr);
+    let v = |name: &str, labels: &[(&str, &str)]| value(&samples, name, labels);
+    assert_eq!(v("kiln_builds_started_total", &[]), 2.0, "{body}");
     assert_eq!(
-        value("kiln_builds_finished_total", &[("result", "success")]),
+        v("kiln_builds_finished_total", &[("result", "success")]),
         2.0,
         "{body}"
     );
-    assert_eq!(value("kiln_builds_active", &[]), 0.0, "{body}");
-    // The RUN ran once, then hit the cache.
+    assert_eq!(v("kiln_builds_active", &[]), 0.0, "{body}");
+    // The RUNs ran once (two of the busybox stage, one of the build), then hit the cache.
     assert_eq!(
-        value("kiln_steps_total", &[("kind", "RUN"), ("cache", "miss")]),
+        v("kiln_steps_total", &[("kind", "RUN"), ("cache", "miss")]),
         3.0,
         "{body}"
     );
     assert!(
-        value("kiln_steps_total", &[("kind", "RUN"), ("cache", "hit")]) >= 1.0,
+        v("kiln_steps_total", &[("kind", "RUN"), ("cache", "hit")]) >= 1.0,
         "{body}"
     );
     assert!(
-        value("kiln_step_duration_seconds_count", &[("kind", "RUN")]) >= 1.0,
+        v("kiln_step_duration_seconds_count", &[("kind", "RUN")]) >= 1.0,
         "{body}"
     );
+    // Pushed: at least busybox's layer; exported: the tarball, byte for byte.
+    assert!(
+        v("kiln_registry_pushed_bytes_total", &[]) > 500_000.0,
+        "{body}"
+    );
+    let tar_size = std::fs::metadata(&tar).unwrap().len() as f64;
+    assert_eq!(v("kiln_exported_bytes_total", &[]), tar_size, "{body}");
+    assert_eq!(v("kiln_stored_images", &[]), 1.0, "{body}");
+    assert!(v("kiln_content_store_bytes", &[]) > 500_000.0, "{body}");
+    assert!(v("kiln_cache_snapshot_bytes", &[]) > 500_000.0, "{body}");
+    assert_eq!(v("kiln_registry_pulled_bytes_total", &[]), 0.0, "{body}");
+    // A build from the pushed image pulls its layers once the cache is gone.
+    d.ok(&["rmi", "metered-local"]);
+    d.ok(&["prune", "-a", "-f"]);
+    let user = tempfile::tempdir().unwrap();
+    std::fs::write(
+        user.path().join("Dockerfile"),
+        format!("FROM {image}\nRUN cat /m\n"),
+    )
+    .unwrap();
+    d.ok(&["build", user.path().to_str().unwrap()]);
+    let (samples, body) = scrape(&addr);
+    let v = |name: &str, labels: &[(&str, &str)]| value(&samples, name, labels);
+    assert!(
+        v("kiln_registry_pulled_bytes_total", &[]) > 500_000.0,
+        "{body}"
+    );
+    assert_eq!(v("kiln_stored_images", &[]), 0.0, "{body}");
 }

@@ -872,8 +872,13 @@ impl ExportEnv for SessionExportEnv {
                 .await
                 .map_err(ExportError::Failed)?;
             let written = tokio::task::spawn_blocking(move || {
-                let r = write(&mut writer)
-                    .and_then(|_| std::io::Write::flush(&mut writer).map_err(|e| e.to_string()));
+                let mut counted = CountingWriter {
+                    inner: &mut writer,
+                    bytes: 0,
+                };
+                let r = write(&mut counted)
+                    .and_then(|_| std::io::Write::flush(&mut counted).map_err(|e| e.to_string()));
+                crate::metrics::metrics().exported(counted.bytes);
                 // Dropping the writer ends the stream, so the client can acknowledge.
                 drop(writer);
                 r
@@ -910,6 +915,23 @@ impl ExportEnv for SessionExportEnv {
         work: BoxFuture<'a, Result<(), ExportError>>,
     ) -> BoxFuture<'a, Result<(), ExportError>> {
         Phase::run(&self.progress, name, work).boxed()
+    }
+}
+
+/// Counts what an export writes (for the exported-bytes metric).
+struct CountingWriter<'a, W: std::io::Write> {
+    inner: &'a mut W,
+    bytes: u64,
+}
+
+impl<W: std::io::Write> std::io::Write for CountingWriter<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.bytes += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
     }
 }
 

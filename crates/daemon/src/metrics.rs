@@ -2,7 +2,7 @@
 //! client), served as text on `--metrics-addr` / kilnd.toml `metrics_addr`:
 //! builds started, finished by result and running; steps by instruction
 //! and cache result with their durations; garbage collection runs and what
-//! they removed.
+//! they removed; bytes pulled, pushed and exported; the stores' sizes.
 
 use std::sync::OnceLock;
 
@@ -42,6 +42,42 @@ pub struct Metrics {
     step_seconds: Family<KindLabel, Histogram>,
     gc_runs: Counter,
     gc_removed_bytes: Counter,
+    exported_bytes: Counter,
+    content_bytes: Gauge,
+    cache_snapshot_bytes: Gauge,
+    stored_images: Gauge,
+}
+
+/// Bytes pulled from and pushed to registries, counted by the registry
+/// client as they move, read at each scrape.
+#[derive(Debug)]
+struct Transfers;
+
+impl prometheus_client::collector::Collector for Transfers {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        use prometheus_client::metrics::counter::ConstCounter;
+        for (name, help, value) in [
+            (
+                "registry_pulled_bytes",
+                "Bytes of layer blobs downloaded from registries",
+                kiln_registry::transfer::pulled(),
+            ),
+            (
+                "registry_pushed_bytes",
+                "Bytes of blobs uploaded to registries (not those the registry had or mounted)",
+                kiln_registry::transfer::pushed(),
+            ),
+        ] {
+            let c = ConstCounter::new(value);
+            let m = encoder.encode_descriptor(name, help, None, c.metric_type())?;
+            c.encode(m)?;
+        }
+        Ok(())
+    }
 }
 
 /// The daemon's metrics (one set per process).
@@ -80,6 +116,10 @@ impl Metrics {
             }),
             gc_runs: Counter::default(),
             gc_removed_bytes: Counter::default(),
+            exported_bytes: Counter::default(),
+            content_bytes: Gauge::default(),
+            cache_snapshot_bytes: Gauge::default(),
+            stored_images: Gauge::default(),
         };
         // Metric handles are shared: the registry keeps clones of them.
         let r = &mut m.registry;
@@ -119,7 +159,48 @@ impl Metrics {
             "Bytes garbage collection removed",
             m.gc_removed_bytes.clone(),
         );
+        r.register(
+            "exported_bytes",
+            "Bytes outputs sent to clients (oci, docker, tar, local)",
+            m.exported_bytes.clone(),
+        );
+        r.register(
+            "content_store_bytes",
+            "Bytes of blobs in the content store (layers, configs, manifests)",
+            m.content_bytes.clone(),
+        );
+        r.register(
+            "cache_snapshot_bytes",
+            "Bytes of files in the cache's snapshots, as recorded when each was made",
+            m.cache_snapshot_bytes.clone(),
+        );
+        r.register(
+            "stored_images",
+            "Names in the image store",
+            m.stored_images.clone(),
+        );
+        r.register_collector(Box::new(Transfers));
         m
+    }
+
+    pub fn exported(&self, bytes: u64) {
+        self.exported_bytes.inc_by(bytes);
+    }
+
+    /// Measures the stores (at each scrape: a listing of the blobs and the
+    /// snapshot records, no walk of the files).
+    pub fn measure_stores(&self, worker: &kiln_worker::Worker) {
+        if let Ok(blobs) = worker.content.list() {
+            let total: u64 = blobs.iter().map(|(_, s)| s).sum();
+            self.content_bytes.set(total as i64);
+        }
+        if let Ok(snaps) = worker.meta.snapshots() {
+            let total: u64 = snaps.iter().map(|(_, s)| s.size).sum();
+            self.cache_snapshot_bytes.set(total as i64);
+        }
+        if let Ok(images) = worker.meta.images() {
+            self.stored_images.set(images.len() as i64);
+        }
     }
 
     pub fn build_started(&self) {
@@ -175,11 +256,12 @@ impl Metrics {
 
 /// Serves `GET /metrics` on `addr` until the task is dropped. A small
 /// HTTP/1.1 responder: requests are read up to 8 KiB, one response each.
-pub async fn serve(listener: tokio::net::TcpListener) {
+pub async fn serve(listener: tokio::net::TcpListener, worker: std::sync::Arc<kiln_worker::Worker>) {
     loop {
         let Ok((mut conn, _)) = listener.accept().await else {
             continue;
         };
+        let worker = worker.clone();
         tokio::spawn(async move {
             let mut buf = vec![0u8; 8192];
             let mut n = 0;
@@ -195,6 +277,8 @@ pub async fn serve(listener: tokio::net::TcpListener) {
             let request = String::from_utf8_lossy(&buf[..n]);
             let path = request.split_whitespace().nth(1).unwrap_or("");
             let (status, body, ctype) = if request.starts_with("GET ") && path == "/metrics" {
+                let _ =
+                    tokio::task::spawn_blocking(move || metrics().measure_stores(&worker)).await;
                 (
                     "200 OK",
                     metrics().encode(),

@@ -201,7 +201,7 @@ fn run(args: Args) -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("metrics listener {}", config.metrics_addr))?;
             tracing::info!(addr = %l.local_addr()?, "serving Prometheus metrics on /metrics");
-            tokio::spawn(kiln_daemon::metrics::serve(l));
+            tokio::spawn(kiln_daemon::metrics::serve(l, engine.worker.clone()));
         }
         let platforms = kiln_worker::emulation::runnable_platforms(std::path::Path::new(
             kiln_worker::emulation::BINFMT_DIR,

@@ -104,6 +104,29 @@ impl std::fmt::Debug for Credentials {
     }
 }
 
+/// Bytes moved to and from registries by this process (for metrics).
+pub mod transfer {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    static PULLED: AtomicU64 = AtomicU64::new(0);
+    static PUSHED: AtomicU64 = AtomicU64::new(0);
+
+    pub(crate) fn add_pulled(n: u64) {
+        PULLED.fetch_add(n, Ordering::Relaxed);
+    }
+    pub(crate) fn add_pushed(n: u64) {
+        PUSHED.fetch_add(n, Ordering::Relaxed);
+    }
+    /// Bytes of blobs downloaded (layers; not manifests or configs).
+    pub fn pulled() -> u64 {
+        PULLED.load(Ordering::Relaxed)
+    }
+    /// Bytes of blobs uploaded (blobs the registry had or mounted are not).
+    pub fn pushed() -> u64 {
+        PUSHED.load(Ordering::Relaxed)
+    }
+}
+
 /// A layer of a resolved image.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LayerDesc {
@@ -566,7 +589,8 @@ impl RegistryClient {
             w.write_all(&chunk).map_err(|e| err(&r, cause(&e)))?;
         }
         // The store verifies the digest before the blob gets its name.
-        w.commit(Some(&layer.digest))?;
+        let (_, size) = w.commit(Some(&layer.digest))?;
+        transfer::add_pulled(size);
         Ok(())
     }
 
@@ -693,6 +717,7 @@ impl RegistryClient {
                 .await
             {
                 Ok(_) => {
+                    transfer::add_pushed(*size);
                     last = None;
                     break;
                 }
