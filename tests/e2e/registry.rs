@@ -731,3 +731,60 @@ fn pushes_mount_base_layers_from_the_repository_they_came_from() {
         ],
     );
 }
+
+/// A no-op rebuild from a registry base reuses the daemon's connection to
+/// the registry and asks it one thing: what the tag points at (HEAD). The
+/// manifest and config of a digest already resolved are not fetched again.
+#[test]
+fn no_op_rebuilds_from_a_registry_base_reuse_connections_and_ask_once() {
+    require_root!();
+    let reg = Registry::start();
+    let proxy = kiln_e2e::CountingProxy::start(&reg.addr);
+    let base = format!("{}/pooled/base:1", proxy.addr);
+    let d = Daemon::start();
+    let ctx = busybox_context("FROM busybox\n", &[]);
+    d.ok(&["build", ctx.path().to_str().unwrap(), "-t", &base, "--push"]);
+    let user = tempfile::tempdir().unwrap();
+    std::fs::write(
+        user.path().join("Dockerfile"),
+        format!("FROM {base}\nRUN echo pooled > /p\nRUN cat /p > /q\n"),
+    )
+    .unwrap();
+    d.ok(&["build", user.path().to_str().unwrap()]);
+    let (conns0, reqs0) = proxy.counts();
+    for _ in 0..3 {
+        let o = d.ok(&[
+            "build",
+            user.path().to_str().unwrap(),
+            "--progress",
+            "rawjson",
+        ]);
+        assert!(kiln_e2e::all_steps_cached(&o.stdout));
+    }
+    let (conns, reqs) = proxy.counts();
+    assert_eq!(
+        conns - conns0,
+        0,
+        "no new connection: the pooled one is reused"
+    );
+    assert_eq!(reqs - reqs0, 3, "one HEAD of the tag per build");
+    // A new tag on the registry is seen at once: the tag is always asked.
+    let ctx2 = busybox_context("FROM busybox\nLABEL v=2\n", &[]);
+    d.ok(&[
+        "build",
+        ctx2.path().to_str().unwrap(),
+        "-t",
+        &base,
+        "--push",
+    ]);
+    let o = d.ok(&[
+        "build",
+        user.path().to_str().unwrap(),
+        "--progress",
+        "rawjson",
+    ]);
+    assert!(
+        !kiln_e2e::all_steps_cached(&o.stdout),
+        "the new base makes the steps run again"
+    );
+}

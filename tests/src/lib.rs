@@ -600,3 +600,74 @@ pub fn venv_tool(name: &str) -> PathBuf {
     );
     p
 }
+
+/// A TCP proxy in front of `target` that counts the connections made
+/// through it and the HTTP requests sent (request lines), so a test can
+/// see how a client uses a registry. Runs until the process ends.
+pub struct CountingProxy {
+    pub addr: String,
+    pub connections: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    pub requests: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl CountingProxy {
+    pub fn start(target: &str) -> CountingProxy {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr").to_string();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let requests = Arc::new(AtomicUsize::new(0));
+        let (c, r, target) = (connections.clone(), requests.clone(), target.to_string());
+        std::thread::spawn(move || {
+            for client in l.incoming().flatten() {
+                c.fetch_add(1, Ordering::SeqCst);
+                let Ok(server) = std::net::TcpStream::connect(&target) else {
+                    continue;
+                };
+                let (mut c_in, mut s_out) =
+                    (client.try_clone().unwrap(), server.try_clone().unwrap());
+                let r = r.clone();
+                // Client to server: counts request lines (" HTTP/1.1\r\n").
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 65536];
+                    let mut tail: Vec<u8> = Vec::new();
+                    loop {
+                        let n = match std::io::Read::read(&mut c_in, &mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        tail.extend_from_slice(&buf[..n]);
+                        let needle = b" HTTP/1.1\r\n";
+                        let found = tail.windows(needle.len()).filter(|w| w == needle).count();
+                        r.fetch_add(found, Ordering::SeqCst);
+                        let keep = tail.len().min(needle.len() - 1);
+                        tail.drain(..tail.len() - keep);
+                        if std::io::Write::write_all(&mut s_out, &buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = s_out.shutdown(std::net::Shutdown::Write);
+                });
+                let (mut s_in, mut c_out) = (server, client);
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut s_in, &mut c_out);
+                    let _ = c_out.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        });
+        CountingProxy {
+            addr,
+            connections,
+            requests,
+        }
+    }
+
+    pub fn counts(&self) -> (usize, usize) {
+        use std::sync::atomic::Ordering;
+        (
+            self.connections.load(Ordering::SeqCst),
+            self.requests.load(Ordering::SeqCst),
+        )
+    }
+}

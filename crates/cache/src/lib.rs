@@ -186,14 +186,30 @@ impl MetadataStore {
         self.add_snapshot(id, snap, None)
     }
 
-    /// Marks a record used now.
+    /// Marks a record used now. Not synced on its own: last-used times only
+    /// order garbage collection, so a crash may lose the newest ones, and a
+    /// cache hit costs no fsync (the next durable commit carries them).
     pub fn touch(&self, key: &str, now: i64) -> Result<(), CacheError> {
-        if let Some(mut rec) = self.record(key)? {
+        let mut tx = self.db.begin_write().map_err(dberr)?;
+        tx.set_durability(redb::Durability::None).map_err(dberr)?;
+        {
+            let mut r = tx.open_table(RECORDS).map_err(dberr)?;
+            let current = match r.get(key).map_err(dberr)? {
+                Some(v) => serde_json::from_slice::<CacheRecord>(v.value()).map_err(|source| {
+                    CacheError::Corrupt {
+                        key: key.to_string(),
+                        source,
+                    }
+                })?,
+                None => return Ok(()),
+            };
+            let mut rec = current;
             rec.last_used = now;
             rec.usage_count += 1;
-            self.put_record(key, &rec)?;
+            let bytes = serde_json::to_vec(&rec).map_err(dberr)?;
+            r.insert(key, bytes.as_slice()).map_err(dberr)?;
         }
-        Ok(())
+        tx.commit().map_err(dberr)
     }
 
     pub fn remove_records(&self, keys: &[String]) -> Result<(), CacheError> {

@@ -7,6 +7,7 @@
 
 pub mod layout;
 mod manifest;
+mod pool;
 
 use std::io::Write;
 
@@ -252,6 +253,7 @@ pub struct HostConfig {
 
 pub struct RegistryClient {
     config: RegistryConfig,
+    pool: pool::Pool,
 }
 
 /// An error with its causes (`error sending request: ... : Connection
@@ -309,16 +311,36 @@ fn explain(host: &str, message: &str) -> String {
 
 impl RegistryClient {
     pub fn new(config: RegistryConfig) -> Self {
-        RegistryClient { config }
+        RegistryClient {
+            config,
+            pool: Default::default(),
+        }
     }
 
-    fn client(&self, r: &Reference) -> oci_client::Client {
-        self.client_for(r, false)
+    fn client(&self, r: &Reference, creds: Option<&Credentials>) -> oci_client::Client {
+        self.client_for(r, false, creds)
     }
 
-    /// A client for the host of `r`; `force_http` is an exporter's
-    /// `registry.insecure=true`.
-    fn client_for(&self, r: &Reference, force_http: bool) -> oci_client::Client {
+    /// The client for the host of `r` with `creds`, kept across requests
+    /// and builds (its connections and tokens are reused); `force_http` is
+    /// an exporter's `registry.insecure=true`.
+    fn client_for(
+        &self,
+        r: &Reference,
+        force_http: bool,
+        creds: Option<&Credentials>,
+    ) -> oci_client::Client {
+        let key = (
+            r.resolve_registry().to_string(),
+            self.uses_http(r, force_http),
+            pool::creds_key(creds),
+        );
+        self.pool
+            .clients
+            .get_or_insert_with(key, || self.new_client(r, force_http))
+    }
+
+    fn new_client(&self, r: &Reference, force_http: bool) -> oci_client::Client {
         let host = r.resolve_registry().to_string();
         let cfg = self.config.hosts.get(&host).cloned().unwrap_or_default();
         let protocol = if self.uses_http(r, force_http) {
@@ -435,9 +457,30 @@ impl RegistryClient {
         creds: Option<&Credentials>,
     ) -> Result<ResolvedImage, RegistryError> {
         let r = r.clone();
-        let client = self.client(&r);
+        let client = self.client(&r, creds);
         let accepted = [OCI_INDEX, DOCKER_LIST, OCI_MANIFEST, DOCKER_MANIFEST];
+        // A tag costs one HEAD when what it points at was resolved before
+        // (by digest, for this platform and these credentials).
+        let platform = format!("{os}/{arch}/{variant}");
+        let cached = |d: &str| {
+            let key = (
+                format!("{}/{}@{d}", r.resolve_registry(), r.repository()),
+                platform.clone(),
+                pool::creds_key(creds),
+            );
+            (self.pool.resolved.get(&key), key)
+        };
+        let top_digest = match r.digest() {
+            Some(d) => Some(d.to_string()),
+            None => self.head_manifest(&client, &r, creds, &accepted).await?,
+        };
+        if let Some(d) = &top_digest
+            && let (Some(img), _) = cached(d)
+        {
+            return Ok(img);
+        }
         let (bytes, digest) = self.get_manifest(&client, &r, creds, &accepted).await?;
+        let top_digest = top_digest.unwrap_or_else(|| digest.to_string());
         let mut doc: serde_json::Value =
             serde_json::from_slice(&bytes).map_err(|e| err(&r, format!("bad manifest: {e}")))?;
         let mut manifest_digest = digest;
@@ -493,12 +536,16 @@ impl RegistryClient {
             .map_err(|e| err(&r, cause(&e)))?;
         let config = config.0;
         let layers = manifest_layers(&doc).map_err(|e| err(&r, e))?;
-        Ok(ResolvedImage {
+        let img = ResolvedImage {
             pinned: pinned.whole(),
             manifest_digest,
             config,
             layers,
-        })
+        };
+        // Content by digest never changes: the next build asks only for the tag.
+        let (_, key) = cached(&top_digest);
+        self.pool.resolved.insert(key, img.clone());
+        Ok(img)
     }
 
     /// The document `reference` names, as stored (an index, a manifest, a
@@ -510,7 +557,7 @@ impl RegistryClient {
     ) -> Result<(Vec<u8>, Digest), RegistryError> {
         let r = parse_reference(reference)?;
         let accepted = [OCI_INDEX, DOCKER_LIST, OCI_MANIFEST, DOCKER_MANIFEST];
-        self.get_manifest(&self.client(&r), &r, creds, &accepted)
+        self.get_manifest(&self.client(&r, creds), &r, creds, &accepted)
             .await
     }
 
@@ -523,7 +570,7 @@ impl RegistryClient {
         creds: Option<&Credentials>,
     ) -> Result<Vec<u8>, RegistryError> {
         let r = parse_reference(reference)?;
-        let client = self.client(&r);
+        let client = self.client(&r, creds);
         client
             .store_auth_if_needed(r.resolve_registry(), &Self::auth(creds))
             .await;
@@ -574,7 +621,7 @@ impl RegistryClient {
         creds: Option<&Credentials>,
     ) -> Result<(), RegistryError> {
         let r = r.clone();
-        let client = self.client(&r);
+        let client = self.client(&r, creds);
         client
             .store_auth_if_needed(r.resolve_registry(), &Self::auth(creds))
             .await;
@@ -606,7 +653,7 @@ impl RegistryClient {
         force_http: bool,
     ) -> Result<String, RegistryError> {
         let r = parse_reference(reference)?;
-        let client = self.client_for(&r, force_http);
+        let client = self.client_for(&r, force_http, creds);
         let auth = Self::auth(creds);
         client
             .auth(&r, &auth, oci_client::RegistryOperation::Push)
@@ -645,7 +692,7 @@ impl RegistryClient {
         force_http: bool,
     ) -> Result<String, RegistryError> {
         let r = parse_reference(reference)?;
-        let client = self.client_for(&r, force_http);
+        let client = self.client_for(&r, force_http, creds);
         client
             .auth(&r, &Self::auth(creds), oci_client::RegistryOperation::Push)
             .await

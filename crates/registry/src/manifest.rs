@@ -15,8 +15,19 @@ use crate::{Credentials, RegistryClient, RegistryError, cause, err};
 pub const MAX_MANIFEST: u64 = 4 << 20;
 
 impl RegistryClient {
-    /// A reqwest client with the same TLS settings as `client_for`.
+    /// A reqwest client with the same TLS settings as `client_for`, one per
+    /// registry host, kept (with its connections) across requests.
     fn http_client(&self, r: &Reference) -> Result<reqwest::Client, RegistryError> {
+        let host = r.resolve_registry().to_string();
+        if let Some(c) = self.pool.http.get(&host) {
+            return Ok(c);
+        }
+        let c = self.new_http_client(r)?;
+        self.pool.http.insert(host, c.clone());
+        Ok(c)
+    }
+
+    fn new_http_client(&self, r: &Reference) -> Result<reqwest::Client, RegistryError> {
         let cfg = self
             .config
             .hosts
@@ -31,20 +42,44 @@ impl RegistryClient {
         b.build().map_err(|e| err(r, cause(&e)))
     }
 
-    /// The document `r` names, as stored: its bytes (at most
-    /// [`MAX_MANIFEST`]) and digest.
-    /// `client` is the oci-client that negotiates (and keeps) the auth.
-    pub(crate) async fn get_manifest(
+    /// The bearer token for pulling from `r`'s repository (None when the
+    /// registry needs none), reused for [`crate::pool::TOKEN_TTL`].
+    async fn pull_token(
+        &self,
+        client: &oci_client::Client,
+        r: &Reference,
+        creds: Option<&Credentials>,
+    ) -> Result<Option<String>, RegistryError> {
+        let key = (
+            r.resolve_registry().to_string(),
+            r.repository().to_string(),
+            crate::pool::creds_key(creds),
+        );
+        if let Some((token, at)) = self.pool.tokens.get(&key)
+            && at.elapsed() < crate::pool::TOKEN_TTL
+        {
+            return Ok(token);
+        }
+        let token = client
+            .auth(r, &Self::auth(creds), RegistryOperation::Pull)
+            .await
+            .map_err(|e| err(r, cause(&e)))?;
+        self.pool
+            .tokens
+            .insert(key, (token.clone(), std::time::Instant::now()));
+        Ok(token)
+    }
+
+    /// A manifest request (GET or HEAD) with the pull token; a refusal
+    /// with a reused token gets one retry with a fresh one.
+    async fn manifest_request(
         &self,
         client: &oci_client::Client,
         r: &Reference,
         creds: Option<&Credentials>,
         accepted: &[&str],
-    ) -> Result<(Vec<u8>, Digest), RegistryError> {
-        let token = client
-            .auth(r, &Self::auth(creds), RegistryOperation::Pull)
-            .await
-            .map_err(|e| err(r, cause(&e)))?;
+        method: http::Method,
+    ) -> Result<reqwest::Response, RegistryError> {
         let scheme = if self.uses_http(r, false) {
             "http"
         } else {
@@ -59,18 +94,75 @@ impl RegistryClient {
             r.resolve_registry(),
             r.repository()
         );
-        let mut req = self
-            .http_client(r)?
-            .get(&url)
-            .header(http::header::ACCEPT, accepted.join(", "));
-        req = match (token, creds) {
-            (Some(t), _) => req.bearer_auth(t),
-            (None, Some(c)) if !c.username.is_empty() => {
-                req.basic_auth(&c.username, Some(&c.password))
+        for attempt in 0..2 {
+            let token = self.pull_token(client, r, creds).await?;
+            let mut req = self
+                .http_client(r)?
+                .request(method.clone(), &url)
+                .header(http::header::ACCEPT, accepted.join(", "));
+            req = match (token, creds) {
+                (Some(t), _) => req.bearer_auth(t),
+                (None, Some(c)) if !c.username.is_empty() => {
+                    req.basic_auth(&c.username, Some(&c.password))
+                }
+                _ => req,
+            };
+            let res = req.send().await.map_err(|e| err(r, cause(&e)))?;
+            if res.status() == http::StatusCode::UNAUTHORIZED && attempt == 0 {
+                self.pool.tokens.remove(&(
+                    r.resolve_registry().to_string(),
+                    r.repository().to_string(),
+                    crate::pool::creds_key(creds),
+                ));
+                continue;
             }
-            _ => req,
-        };
-        let res = req.send().await.map_err(|e| err(r, cause(&e)))?;
+            return Ok(res);
+        }
+        Err(err(r, "manifest: HTTP 401 Unauthorized"))
+    }
+
+    /// The digest of the document a tag names, from a HEAD request's
+    /// `Docker-Content-Digest` (None when the registry does not say).
+    pub(crate) async fn head_manifest(
+        &self,
+        client: &oci_client::Client,
+        r: &Reference,
+        creds: Option<&Credentials>,
+        accepted: &[&str],
+    ) -> Result<Option<String>, RegistryError> {
+        let res = self
+            .manifest_request(client, r, creds, accepted, http::Method::HEAD)
+            .await?;
+        let status = res.status();
+        if status == http::StatusCode::NOT_FOUND {
+            return Err(RegistryError::NotFound {
+                reference: r.whole(),
+            });
+        }
+        if !status.is_success() {
+            return Ok(None);
+        }
+        Ok(res
+            .headers()
+            .get("docker-content-digest")
+            .and_then(|v| v.to_str().ok())
+            .filter(|d| d.parse::<Digest>().is_ok())
+            .map(str::to_string))
+    }
+
+    /// The document `r` names, as stored: its bytes (at most
+    /// [`MAX_MANIFEST`]) and digest.
+    /// `client` is the oci-client that negotiates (and keeps) the auth.
+    pub(crate) async fn get_manifest(
+        &self,
+        client: &oci_client::Client,
+        r: &Reference,
+        creds: Option<&Credentials>,
+        accepted: &[&str],
+    ) -> Result<(Vec<u8>, Digest), RegistryError> {
+        let res = self
+            .manifest_request(client, r, creds, accepted, http::Method::GET)
+            .await?;
         let status = res.status();
         if status == http::StatusCode::NOT_FOUND {
             return Err(RegistryError::NotFound {
