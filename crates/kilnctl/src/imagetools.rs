@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 enum Source {
     Registry {
         reference: String,
-        client: kiln_registry::RegistryClient,
+        client: Box<kiln_registry::RegistryClient>,
         creds: Option<kiln_registry::Credentials>,
     },
     Layout {
@@ -38,7 +38,7 @@ impl Source {
             .map(|(username, password)| kiln_registry::Credentials { username, password });
         Ok(Source::Registry {
             reference: reference.to_string(),
-            client: kiln_registry::RegistryClient::new(Default::default()),
+            client: Box::new(kiln_registry::RegistryClient::new(Default::default())),
             creds,
         })
     }
