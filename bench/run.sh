@@ -92,6 +92,19 @@ bk_cold() { DOCKER_HOST="unix://$W/docker.sock" $DOCKER builder prune -af >/dev/
 bh_build() { local t0; t0=$(now_ms); "${BUILDAH[@]}" bud --layers --jobs 3 --isolation chroot -q -t bench "$1" >/dev/null 2>>"$W/buildah.err" || echo FAIL >&2; echo $(( $(now_ms) - t0 )); }
 bh_cold() { "${BUILDAH[@]}" rmi --all --force >/dev/null 2>&1; }
 
+# Registry-base variants: the build, then the image exported as an OCI tar or pushed.
+# BuildKit in Docker 20.10 has no OCI-tar output for `docker build`: docker save of the built image.
+kiln_oci_out() { local t0; t0=$(now_ms); "$KILNCTL" --addr "unix://$W/kilnd.sock" build "$1" --progress quiet -o "type=oci,dest=$W/out-kiln.tar" >/dev/null 2>>"$W/kiln.err" || echo FAIL >&2; echo $(( $(now_ms) - t0 )); }
+bk_oci_out() { local t0; t0=$(now_ms); { DOCKER_HOST="unix://$W/docker.sock" DOCKER_BUILDKIT=1 $DOCKER build --network=none -q -t bench-out "$1" && DOCKER_HOST="unix://$W/docker.sock" $DOCKER save -o "$W/out-bk.tar" bench-out; } >/dev/null 2>>"$W/bk.err" || echo FAIL >&2; echo $(( $(now_ms) - t0 )); }
+bh_oci_out() { local t0; t0=$(now_ms); { "${BUILDAH[@]}" bud --layers --jobs 3 --isolation chroot --tls-verify=false -q -t bench-out "$1" && rm -f "$W/out-bh.tar" && "${BUILDAH[@]}" push -q bench-out "oci-archive:$W/out-bh.tar"; } >/dev/null 2>>"$W/buildah.err" || echo FAIL >&2; echo $(( $(now_ms) - t0 )); }
+kiln_push_out() { local t0; t0=$(now_ms); "$KILNCTL" --addr "unix://$W/kilnd.sock" build "$1" --progress quiet -t "$REG/out/kiln:1" --push --provenance=false >/dev/null 2>>"$W/kiln.err" || echo FAIL >&2; echo $(( $(now_ms) - t0 )); }
+bk_push_out() { local t0; t0=$(now_ms); { DOCKER_HOST="unix://$W/docker.sock" DOCKER_BUILDKIT=1 $DOCKER build --network=none -q -t "$REG/out/bk:1" "$1" && DOCKER_HOST="unix://$W/docker.sock" $DOCKER push -q "$REG/out/bk:1"; } >/dev/null 2>>"$W/bk.err" || echo FAIL >&2; echo $(( $(now_ms) - t0 )); }
+bh_push_out() { local t0; t0=$(now_ms); { "${BUILDAH[@]}" bud --layers --jobs 3 --isolation chroot --tls-verify=false -q -t bench-out "$1" && "${BUILDAH[@]}" push -q --tls-verify=false bench-out "docker://$REG/out/bh:1"; } >/dev/null 2>>"$W/buildah.err" || echo FAIL >&2; echo $(( $(now_ms) - t0 )); }
+# buildah pulls from the plain-HTTP local registry only with --tls-verify=false.
+bh_build_reg() { local t0; t0=$(now_ms); "${BUILDAH[@]}" bud --layers --jobs 3 --isolation chroot --tls-verify=false -q -t bench "$1" >/dev/null 2>>"$W/buildah.err" || echo FAIL >&2; echo $(( $(now_ms) - t0 )); }
+kiln_build_reg() { kiln_build "$@"; }
+bk_build_reg() { bk_build "$@"; }
+
 # --- contexts --------------------------------------------------------------------
 BASE='FROM scratch AS busybox
 COPY busybox /bin/busybox
@@ -184,6 +197,67 @@ RUN echo $i > /n$i" >/dev/null; done
     record "5b same context unchanged, rebuild" $b "$("${b}_build" "$HUGE")"
   done
 done
+
+# --- 12: FROM an image in the local registry, as users build: cold, no-op,
+# one file changed, and no-op builds that export an OCI tar or push every time.
+"$KILNCTL" --addr "unix://$W/kilnd.sock" build "$(mkctx regbase '')" --target busybox -t "$REG/busybox:latest" --push \
+  --provenance=false --progress quiet >/dev/null 2>>"$W/kiln.err" || echo "FAIL pushing the base" >&2
+mkplain() { mkdir -p "$W/ctx/$1"; printf '%s\n' "$2" > "$W/ctx/$1/Dockerfile"; echo "$W/ctx/$1"; }
+REGSTEPS=$(mkplain regsteps "FROM $REG/busybox:latest${STEPS#FROM busybox}")
+cp -r "$SINGLE/src" "$SINGLE/config.txt" "$REGSTEPS/"
+REGPAR=$(mkplain regpar "FROM $REG/busybox:latest AS a
+RUN sleep 2; echo a > /a
+FROM $REG/busybox:latest AS b
+RUN sleep 2; echo b > /b
+FROM $REG/busybox:latest AS c
+RUN sleep 2; echo c > /c
+FROM $REG/busybox:latest
+COPY --from=a /a /a
+COPY --from=b /b /b
+COPY --from=c /c /c")
+REG_CASES=("12a registry base: cold, 10 steps" "12b registry base: no-op rebuild" "12c registry base: one COPY'd file changed" "12d registry base: no-op, exported as an OCI tar (BuildKit: + docker save)" "12e registry base: one file changed, exported as an OCI tar" "12f registry base: no-op, pushed" "12g registry base: 3 parallel stages x sleep 2, cold (ideal 2000 ms)")
+for round in $(seq "$ROUNDS"); do
+  echo "registry-base round $round/$ROUNDS" >&2
+  for b in "${builders[@]}"; do
+    "${b}_cold"; record "${REG_CASES[0]}" $b "$("${b}_build_reg" "$REGSTEPS")"
+    record "${REG_CASES[1]}" $b "$("${b}_build_reg" "$REGSTEPS")"
+    echo "reg edit $round" >> "$REGSTEPS/config.txt"
+    record "${REG_CASES[2]}" $b "$("${b}_build_reg" "$REGSTEPS")"
+    "${b}_oci_out" "$REGSTEPS" >/dev/null
+    record "${REG_CASES[3]}" $b "$("${b}_oci_out" "$REGSTEPS")"
+    echo "reg edit oci $round" >> "$REGSTEPS/config.txt"
+    record "${REG_CASES[4]}" $b "$("${b}_oci_out" "$REGSTEPS")"
+    "${b}_push_out" "$REGSTEPS" >/dev/null
+    record "${REG_CASES[5]}" $b "$("${b}_push_out" "$REGSTEPS")"
+    "${b}_cold"; record "${REG_CASES[6]}" $b "$("${b}_build_reg" "$REGPAR")"
+  done
+done
+
+# --- 9b: memory under load: a fresh daemon, CONC_MIXED concurrent builds of different
+# Dockerfiles from the registry base (RUN, COPY, ENV, a second stage); peak RSS.
+CONC_MIXED=$([ $SMOKE = 1 ] && echo 5 || echo 50)
+"$KILND" --root "$W/kiln-load" --addr "unix://$W/kilnd-load.sock" --log-level warn 2>"$W/kilnd-load.log" &
+LOAD_PID=$!; PIDS+=("$LOAD_PID")
+for _ in $(seq 100); do [ -S "$W/kilnd-load.sock" ] && break; sleep 0.05; done
+sleep 1
+LOAD_IDLE_RSS=$(awk '/VmRSS/{print $2}' /proc/$LOAD_PID/status)
+for i in $(seq "$CONC_MIXED"); do
+  c=$(mkplain "mixed$i" "FROM $REG/busybox:latest AS tool
+RUN echo tool $i > /tool
+FROM $REG/busybox:latest
+ENV N=$i
+WORKDIR /w
+COPY f.txt /w/
+COPY --from=tool /tool /w/tool
+RUN cat /w/f.txt /w/tool > /w/out && echo \$N >> /w/out")
+  echo "file $i" > "$c/f.txt"
+done
+t0=$(now_ms)
+jobs_=()
+for i in $(seq "$CONC_MIXED"); do "$KILNCTL" --addr "unix://$W/kilnd-load.sock" build "$W/ctx/mixed$i" --progress quiet >/dev/null 2>>"$W/kiln.err" & jobs_+=("$!"); done
+wait "${jobs_[@]}"
+LOAD_MS=$(( $(now_ms) - t0 ))
+LOAD_PEAK_RSS=$(awk '/VmHWM/{print $2}' /proc/$LOAD_PID/status)
 
 # --- 8: Debian base (debootstrap), RUN apt-get install; full mode only -------
 DEB_CASE="8 Debian: apt-get install hello"
@@ -292,7 +366,7 @@ OUT=bench/results$([ $SMOKE = 1 ] && echo -smoke).md
   echo
   echo "| case | kiln ms | BuildKit ms | buildah ms | kiln/BuildKit | kiln/buildah |"
   echo "| --- | ---: | ---: | ---: | ---: | ---: |"
-  for c in "1 cold, 10 steps" "2 no-op rebuild" "2b no-op rebuild, $SMALL_FILES-file context (all read)" "3 incremental (one COPY'd file)" "4 3 parallel stages x 2s CPU (ideal on $(nproc) cores: $(( 2000 * 3 / $(nproc) > 2000 ? 2000 * 3 / $(nproc) : 2000 )) ms)" "5 $BIG_MB MB + $SMALL_FILES-file context (reads 21 files), first build" "5b same context unchanged, rebuild" "6 $TRIVIAL_RUNS x RUN true, cold" "6r $TRIVIAL_RUNS x RUN true, cold (kiln with runc)" "$DEB_CASE, cold" "$DEB_CASE, warm" "9 $CONCURRENT concurrent builds" "10a cache export, unchanged build" "10b cache export, one file changed" "10c cache import into an empty builder, unchanged build" "10d cache import into an empty builder, one file changed" "11a cold, 10 steps, -o type=oci" "11b the same with --provenance mode=max" "11e the same with --provenance mode=max --sbom=true" "11c Debian apt-get install hello, cold, -o type=oci" "11d the same with --provenance mode=max" "11f the same with --provenance mode=max --sbom=true"; do
+  for c in "1 cold, 10 steps" "2 no-op rebuild" "2b no-op rebuild, $SMALL_FILES-file context (all read)" "3 incremental (one COPY'd file)" "4 3 parallel stages x 2s CPU (ideal on $(nproc) cores: $(( 2000 * 3 / $(nproc) > 2000 ? 2000 * 3 / $(nproc) : 2000 )) ms)" "5 $BIG_MB MB + $SMALL_FILES-file context (reads 21 files), first build" "5b same context unchanged, rebuild" "6 $TRIVIAL_RUNS x RUN true, cold" "6r $TRIVIAL_RUNS x RUN true, cold (kiln with runc)" "$DEB_CASE, cold" "$DEB_CASE, warm" "9 $CONCURRENT concurrent builds" "10a cache export, unchanged build" "10b cache export, one file changed" "10c cache import into an empty builder, unchanged build" "10d cache import into an empty builder, one file changed" "11a cold, 10 steps, -o type=oci" "11b the same with --provenance mode=max" "11e the same with --provenance mode=max --sbom=true" "11c Debian apt-get install hello, cold, -o type=oci" "11d the same with --provenance mode=max" "11f the same with --provenance mode=max --sbom=true" "${REG_CASES[@]}"; do
     peer="$c"; [[ "$c" == 6r* ]] && peer="6 $TRIVIAL_RUNS x RUN true, cold"  # the peers' per-RUN case is the same build
     k=$(echo "${RES["$c|kiln"]:-}" | median); bk=$(echo "${RES["$peer|bk"]:-}" | median); bh=$(echo "${RES["$peer|bh"]:-}" | median)
     r1=n/a; r2=n/a
@@ -324,8 +398,10 @@ OUT=bench/results$([ $SMOKE = 1 ] && echo -smoke).md
   [ -n "$REG_INGEST" ] && { echo; echo "Local registry ingest (curl, one PUT of the uncompressed $BIG_MB MB file): $REG_INGEST MB/s."; }
   echo
   echo "kilnd RSS: idle $((KILN_IDLE_RSS / 1024)) MB, peak during builds $((KILN_PEAK_RSS / 1024)) MB, peak after the $BIG_MB MB exports and pushes $((KILN_EXPORT_RSS / 1024)) MB."
+  echo "kilnd under load (9b, a fresh daemon): $CONC_MIXED concurrent mixed builds from the registry base in $LOAD_MS ms; RSS idle $((LOAD_IDLE_RSS / 1024)) MB, peak $((LOAD_PEAK_RSS / 1024)) MB."
   echo "kiln keeps results in its cache (no export); BuildKit and buildah store an image."
   echo "10: kiln exports and imports its registry cache (mode=max); BuildKit builds with inline cache and pushes the image (export), or builds on an empty builder with --cache-from the pushed image (import)."
+  echo "12: every builder starts FROM the same image in the local registry (pushed by kiln). 12d/12e: kiln -o type=oci, BuildKit docker build + docker save, buildah bud + push oci-archive; 12f: kiln --push, BuildKit docker build + docker push, buildah bud + push."
   echo "11: kiln alone (Docker 20.10's BuildKit makes no provenance): 11b minus 11a (11d minus 11c) is what --provenance mode=max costs, 11e minus 11b (11f minus 11d) what --sbom=true adds."
   if grep -qv WARNING "$W/kiln.err" 2>/dev/null; then echo; echo "kiln errors:"; grep -v WARNING "$W/kiln.err" | head -5 | sed 's/^/    /'; fi
 } > "$OUT"

@@ -61,13 +61,20 @@ pub struct Layer {
     pub empty: bool,
     /// `registry/repository` the blob can be mounted from when pushing.
     pub source: Option<String>,
+    /// When the step that made it ran (unix seconds; None: not known). A
+    /// rebuilt image keeps its layers' times, so a fully cached build
+    /// gives the same image, as in BuildKit.
+    pub created: Option<i64>,
 }
 
 #[derive(Debug, Clone)]
 pub struct ImageOptions {
     pub oci_mediatypes: bool,
-    /// Unix seconds for `created` (SOURCE_DATE_EPOCH, or now).
-    pub created: i64,
+    /// SOURCE_DATE_EPOCH: every new history entry and `created` get it.
+    pub epoch: Option<i64>,
+    /// Unix seconds `created` falls back to when no layer says when it was
+    /// made (an image with no layer of its own).
+    pub now: i64,
     pub annotations: BTreeMap<String, String>,
     /// The inline cache records for the config (`moby.buildkit.cache.v0`).
     pub inline_cache: Option<String>,
@@ -172,6 +179,47 @@ pub fn layer_media_type(compression: &str, oci: bool) -> String {
 
 pub use kiln_definition::time::rfc3339;
 
+/// History entries without a time (metadata steps: ENV, WORKDIR without a
+/// new layer, ...) get one as BuildKit's image writer gives them: the
+/// first time that follows an entry without one, then the latest such time
+/// (or `epoch` for all of them).
+fn fill_history_times(history: &mut [kiln_definition::image::History], epoch: Option<String>) {
+    if let Some(e) = epoch {
+        for h in history.iter_mut().filter(|h| h.created.is_none()) {
+            h.created = Some(e.clone());
+        }
+        return;
+    }
+    // The first time after an entry without one: the first new layer's.
+    let mut created: Option<String> = None;
+    let mut gap = false;
+    for h in history.iter() {
+        match &h.created {
+            Some(t) => {
+                created = Some(t.clone());
+                if gap {
+                    break;
+                }
+            }
+            None => gap = true,
+        }
+    }
+    let mut gap = false;
+    for h in history.iter_mut() {
+        match &h.created {
+            Some(t) => {
+                if gap {
+                    created = Some(t.clone());
+                }
+            }
+            None => {
+                gap = true;
+                h.created = created.clone();
+            }
+        }
+    }
+}
+
 /// Builds the config and manifest from the frontend's image config and the
 /// result's layers (base image layers first).
 pub fn build_image(
@@ -182,25 +230,34 @@ pub fn build_image(
     let mut img = image.clone();
     // Never a base image's: records describe this image's layers.
     img.inline_cache = opts.inline_cache.clone();
-    let created = rfc3339(opts.created);
-    img.created = Some(created.clone());
     // Pair layer-producing history entries with layers; drop empty diffs.
+    // New entries get their layer's time (SOURCE_DATE_EPOCH when set).
     let mut kept = Vec::new();
     let mut li = 0;
     for h in img.history.iter_mut() {
-        if h.created.is_none() {
-            h.created = Some(created.clone());
-        }
         if h.empty_layer {
             continue;
         }
-        match layers.get(li) {
+        let layer = layers.get(li);
+        if h.created.is_none() {
+            h.created = opts.epoch.or(layer.and_then(|l| l.created)).map(rfc3339);
+        }
+        match layer {
             Some(l) if l.empty => h.empty_layer = true,
             Some(l) => kept.push(l.clone()),
             None => {}
         }
         li += 1;
     }
+    fill_history_times(&mut img.history, opts.epoch.map(rfc3339));
+    // `created` is the last history entry's time, as BuildKit sets it.
+    img.created = Some(
+        img.history
+            .iter()
+            .rev()
+            .find_map(|h| h.created.clone())
+            .unwrap_or_else(|| rfc3339(opts.epoch.unwrap_or(opts.now))),
+    );
     // Layers without history (e.g. a base image that records none).
     for l in layers.iter().skip(li) {
         if !l.empty {
@@ -503,6 +560,7 @@ mod tests {
                 compression: "gzip".into(),
                 empty: false,
                 source: None,
+                created: Some(100),
             },
             Layer {
                 diff_id: "sha256:bb".into(),
@@ -511,6 +569,7 @@ mod tests {
                 compression: "gzip".into(),
                 empty: true,
                 source: None,
+                created: Some(200),
             },
         ];
         let b = build_image(
@@ -518,7 +577,8 @@ mod tests {
             &layers,
             &ImageOptions {
                 oci_mediatypes: true,
-                created: 0,
+                epoch: None,
+                now: 999,
                 annotations: BTreeMap::new(),
                 inline_cache: None,
             },
@@ -527,7 +587,42 @@ mod tests {
         let cfg: serde_json::Value = serde_json::from_slice(&b.config).unwrap();
         assert_eq!(cfg["rootfs"]["diff_ids"].as_array().unwrap().len(), 1);
         assert_eq!(cfg["history"][2]["empty_layer"], true);
-        assert_eq!(cfg["created"], "1970-01-01T00:00:00Z");
+        // Times come from the layers, not from the clock: a rebuild makes
+        // the same config. The ENV takes the first layer time after it, as
+        // BuildKit fills them.
+        assert_eq!(cfg["history"][0]["created"], rfc3339(100));
+        assert_eq!(cfg["history"][1]["created"], rfc3339(200));
+        assert_eq!(cfg["history"][2]["created"], rfc3339(200));
+        assert_eq!(cfg["created"], rfc3339(200));
         assert_eq!(b.layers.len(), 1);
+        let again = build_image(
+            &img,
+            &layers,
+            &ImageOptions {
+                oci_mediatypes: true,
+                epoch: None,
+                now: 5000,
+                annotations: BTreeMap::new(),
+                inline_cache: None,
+            },
+        )
+        .unwrap();
+        assert_eq!(again.manifest_digest, b.manifest_digest);
+        // With SOURCE_DATE_EPOCH every new entry has it.
+        let e = build_image(
+            &img,
+            &layers,
+            &ImageOptions {
+                oci_mediatypes: true,
+                epoch: Some(0),
+                now: 5000,
+                annotations: BTreeMap::new(),
+                inline_cache: None,
+            },
+        )
+        .unwrap();
+        let cfg: serde_json::Value = serde_json::from_slice(&e.config).unwrap();
+        assert_eq!(cfg["created"], "1970-01-01T00:00:00Z");
+        assert_eq!(cfg["history"][1]["created"], "1970-01-01T00:00:00Z");
     }
 }

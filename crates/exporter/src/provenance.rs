@@ -304,6 +304,7 @@ pub fn attestation_manifest(
             compression: "uncompressed".into(),
             empty: false,
             source: None,
+            created: None,
         });
     }
     let manifest = json!({

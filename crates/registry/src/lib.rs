@@ -654,17 +654,18 @@ impl RegistryClient {
     ) -> Result<String, RegistryError> {
         let r = parse_reference(reference)?;
         let client = self.client_for(&r, force_http, creds);
-        let auth = Self::auth(creds);
+        // oci-client's uploads authenticate with what it was given; the
+        // HEADs and the manifest PUT are ours, with a token kept between
+        // requests (oci-client asks `/v2/` before each when none is needed).
         client
-            .auth(&r, &auth, oci_client::RegistryOperation::Push)
-            .await
-            .map_err(|e| err(&r, cause(&e)))?;
+            .store_auth_if_needed(r.resolve_registry(), &Self::auth(creds))
+            .await;
         // Blobs go up concurrently (a few at a time); the manifest only after all of them.
         // (A loop, not a closure: a closure over the borrows is not general
         // enough for the Send bound of the daemon's futures.)
         let mut uploads = Vec::with_capacity(blobs.len());
         for b in blobs {
-            uploads.push(Self::push_blob(&client, &r, b, store));
+            uploads.push(self.push_blob(&client, &r, b, store, creds, force_http));
         }
         let results: Vec<Result<(), RegistryError>> = futures::stream::iter(uploads)
             .buffer_unordered(PUSH_CONCURRENCY)
@@ -673,12 +674,14 @@ impl RegistryClient {
         for res in results {
             res?;
         }
-        let ct =
-            http::HeaderValue::from_str(manifest_media_type).map_err(|e| err(&r, cause(&e)))?;
-        client
-            .push_manifest_raw(&r, manifest.to_vec(), ct)
-            .await
-            .map_err(|e| err(&r, cause(&e)))
+        self.put_manifest(
+            &client,
+            &r,
+            creds,
+            force_http,
+            (manifest, manifest_media_type),
+        )
+        .await
     }
 
     /// Pushes small blobs held in memory (a signature's payloads and
@@ -719,17 +722,24 @@ impl RegistryClient {
     /// it was pulled from if possible, else streamed from the content store
     /// with retries.
     async fn push_blob(
+        &self,
         client: &oci_client::Client,
         r: &Reference,
         blob: &PushBlob,
         store: &ContentStore,
+        creds: Option<&Credentials>,
+        force_http: bool,
     ) -> Result<(), RegistryError> {
         let PushBlob {
             digest: d,
             size,
             mount_from,
         } = blob;
-        if client.blob_exists(r, d.as_str()).await.unwrap_or(false) {
+        if self
+            .blob_exists(client, r, creds, force_http, d)
+            .await
+            .unwrap_or(false)
+        {
             return Ok(());
         }
         // Cross-repository mount: the registry links the blob it already

@@ -42,26 +42,24 @@ impl RegistryClient {
         b.build().map_err(|e| err(r, cause(&e)))
     }
 
-    /// The bearer token for pulling from `r`'s repository (None when the
-    /// registry needs none), reused for [`crate::pool::TOKEN_TTL`].
-    async fn pull_token(
+    /// The bearer token for `op` on `r`'s repository (None when the
+    /// registry needs none), reused for [`crate::pool::TOKEN_TTL`]: without
+    /// it every request would first ask `/v2/` how to authenticate.
+    async fn token(
         &self,
         client: &oci_client::Client,
         r: &Reference,
         creds: Option<&Credentials>,
+        op: RegistryOperation,
     ) -> Result<Option<String>, RegistryError> {
-        let key = (
-            r.resolve_registry().to_string(),
-            r.repository().to_string(),
-            crate::pool::creds_key(creds),
-        );
+        let key = self.token_key(r, creds, op);
         if let Some((token, at)) = self.pool.tokens.get(&key)
             && at.elapsed() < crate::pool::TOKEN_TTL
         {
             return Ok(token);
         }
         let token = client
-            .auth(r, &Self::auth(creds), RegistryOperation::Pull)
+            .auth(r, &Self::auth(creds), op)
             .await
             .map_err(|e| err(r, cause(&e)))?;
         self.pool
@@ -70,36 +68,42 @@ impl RegistryClient {
         Ok(token)
     }
 
-    /// A manifest request (GET or HEAD) with the pull token; a refusal
-    /// with a reused token gets one retry with a fresh one.
-    async fn manifest_request(
+    fn token_key(
         &self,
-        client: &oci_client::Client,
         r: &Reference,
         creds: Option<&Credentials>,
-        accepted: &[&str],
-        method: http::Method,
-    ) -> Result<reqwest::Response, RegistryError> {
-        let scheme = if self.uses_http(r, false) {
+        op: RegistryOperation,
+    ) -> crate::pool::TokenKey {
+        (
+            r.resolve_registry().to_string(),
+            format!("{}#{op:?}", r.repository()),
+            crate::pool::creds_key(creds),
+        )
+    }
+
+    /// `http(s)://host/v2/<repository>/` for `r`.
+    fn repository_url(&self, r: &Reference, force_http: bool) -> String {
+        let scheme = if self.uses_http(r, force_http) {
             "http"
         } else {
             "https"
         };
-        let reference = r
-            .digest()
-            .map(str::to_string)
-            .unwrap_or_else(|| r.tag().unwrap_or("latest").to_string());
-        let url = format!(
-            "{scheme}://{}/v2/{}/manifests/{reference}",
-            r.resolve_registry(),
-            r.repository()
-        );
+        format!("{scheme}://{}/v2/{}", r.resolve_registry(), r.repository())
+    }
+
+    /// Sends the request `make` builds with the token for `op`; a refusal
+    /// with a reused token gets one retry with a fresh one.
+    async fn send_authorized(
+        &self,
+        client: &oci_client::Client,
+        r: &Reference,
+        creds: Option<&Credentials>,
+        op: RegistryOperation,
+        make: impl Fn(&reqwest::Client) -> reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, RegistryError> {
         for attempt in 0..2 {
-            let token = self.pull_token(client, r, creds).await?;
-            let mut req = self
-                .http_client(r)?
-                .request(method.clone(), &url)
-                .header(http::header::ACCEPT, accepted.join(", "));
+            let token = self.token(client, r, creds, op).await?;
+            let mut req = make(&self.http_client(r)?);
             req = match (token, creds) {
                 (Some(t), _) => req.bearer_auth(t),
                 (None, Some(c)) if !c.username.is_empty() => {
@@ -109,16 +113,98 @@ impl RegistryClient {
             };
             let res = req.send().await.map_err(|e| err(r, cause(&e)))?;
             if res.status() == http::StatusCode::UNAUTHORIZED && attempt == 0 {
-                self.pool.tokens.remove(&(
-                    r.resolve_registry().to_string(),
-                    r.repository().to_string(),
-                    crate::pool::creds_key(creds),
-                ));
+                self.pool.tokens.remove(&self.token_key(r, creds, op));
                 continue;
             }
             return Ok(res);
         }
-        Err(err(r, "manifest: HTTP 401 Unauthorized"))
+        Err(err(r, "HTTP 401 Unauthorized"))
+    }
+
+    /// A manifest request (GET or HEAD) for `r`'s tag or digest.
+    async fn manifest_request(
+        &self,
+        client: &oci_client::Client,
+        r: &Reference,
+        creds: Option<&Credentials>,
+        accepted: &[&str],
+        method: http::Method,
+    ) -> Result<reqwest::Response, RegistryError> {
+        let reference = r
+            .digest()
+            .map(str::to_string)
+            .unwrap_or_else(|| r.tag().unwrap_or("latest").to_string());
+        let url = format!("{}/manifests/{reference}", self.repository_url(r, false));
+        let accept = accepted.join(", ");
+        self.send_authorized(client, r, creds, RegistryOperation::Pull, |c| {
+            c.request(method.clone(), &url)
+                .header(http::header::ACCEPT, accept.clone())
+        })
+        .await
+    }
+
+    /// Whether the registry has blob `d` in `r`'s repository (HEAD, with
+    /// the push token a push already holds).
+    pub(crate) async fn blob_exists(
+        &self,
+        client: &oci_client::Client,
+        r: &Reference,
+        creds: Option<&Credentials>,
+        force_http: bool,
+        d: &Digest,
+    ) -> Result<bool, RegistryError> {
+        let url = format!("{}/blobs/{d}", self.repository_url(r, force_http));
+        let res = self
+            .send_authorized(client, r, creds, RegistryOperation::Push, |c| c.head(&url))
+            .await?;
+        match res.status() {
+            s if s.is_success() => Ok(true),
+            http::StatusCode::NOT_FOUND => Ok(false),
+            s => Err(err(r, format!("checking blob {d}: HTTP {s}"))),
+        }
+    }
+
+    /// PUTs a manifest (or index) under `r`'s tag or digest; returns the
+    /// URL the registry gives it.
+    pub(crate) async fn put_manifest(
+        &self,
+        client: &oci_client::Client,
+        r: &Reference,
+        creds: Option<&Credentials>,
+        force_http: bool,
+        (manifest, media_type): (&[u8], &str),
+    ) -> Result<String, RegistryError> {
+        let reference = r
+            .digest()
+            .map(str::to_string)
+            .unwrap_or_else(|| r.tag().unwrap_or("latest").to_string());
+        let url = format!(
+            "{}/manifests/{reference}",
+            self.repository_url(r, force_http)
+        );
+        let body = manifest.to_vec();
+        let res = self
+            .send_authorized(client, r, creds, RegistryOperation::Push, |c| {
+                c.put(&url)
+                    .header(http::header::CONTENT_TYPE, media_type)
+                    .body(body.clone())
+            })
+            .await?;
+        let status = res.status();
+        if !status.is_success() {
+            let text = res.text().await.unwrap_or_default();
+            let text: String = text.chars().take(512).collect();
+            return Err(err(
+                r,
+                format!("pushing the manifest: HTTP {status}: {text}"),
+            ));
+        }
+        Ok(res
+            .headers()
+            .get(http::header::LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or(&url)
+            .to_string())
     }
 
     /// The digest of the document a tag names, from a HEAD request's

@@ -150,7 +150,9 @@ pub(crate) async fn build_images(
             };
             let built = tokio::task::spawn_blocking(move || -> Result<BuiltImage, ExportError> {
                 let layers = chain_layers(&worker, &chain, &o.compression, epoch)?;
-                let created = epoch.unwrap_or_else(now);
+                let created = epoch
+                    .or_else(|| layers.iter().filter_map(|l| l.created).max())
+                    .unwrap_or_else(now);
                 let inline_cache = steps
                     .map(|s| inline_records(&worker, &s, &chain, &layers, created))
                     .filter(|r| !r.is_empty())
@@ -160,7 +162,8 @@ pub(crate) async fn build_images(
                     &layers,
                     &ImageOptions {
                         oci_mediatypes: o.oci_mediatypes,
-                        created,
+                        epoch,
+                        now: now(),
                         annotations: o.annotations,
                         inline_cache,
                     },
@@ -245,6 +248,7 @@ pub(crate) fn chain_layers(
             compression: blob.compression.clone(),
             empty: info.empty,
             source: blob.source.clone(),
+            created: worker.meta.snapshot(id).ok().flatten().map(|s| s.created),
         });
     }
     Ok(layers)
