@@ -51,38 +51,6 @@ const PUSH_CONCURRENCY: usize = 4;
 /// Largest image config accepted from a registry.
 const MAX_CONFIG: u64 = 8 << 20;
 
-/// A buffer that refuses to grow past [`MAX_CONFIG`].
-#[derive(Default)]
-struct CappedBuffer(Vec<u8>);
-
-impl tokio::io::AsyncWrite for CappedBuffer {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        if (self.0.len() + buf.len()) as u64 > MAX_CONFIG {
-            return std::task::Poll::Ready(Err(std::io::Error::other(format!(
-                "image config larger than {MAX_CONFIG} bytes"
-            ))));
-        }
-        self.0.extend_from_slice(buf);
-        std::task::Poll::Ready(Ok(buf.len()))
-    }
-    fn poll_flush(
-        self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-    fn poll_shutdown(
-        self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-}
-
 /// A blob to push, and where the registry may already have it.
 #[derive(Debug, Clone)]
 pub struct PushBlob {
@@ -529,12 +497,12 @@ impl RegistryClient {
                 format!("image config of {config_size} bytes: more than the {MAX_CONFIG} allowed"),
             ));
         }
-        let mut config = CappedBuffer::default();
-        client
-            .pull_blob(&pinned, config_digest.as_str(), &mut config)
-            .await
-            .map_err(|e| err(&r, cause(&e)))?;
-        let config = config.0;
+        let config_digest: Digest = config_digest
+            .parse()
+            .map_err(|e| err(&r, format!("bad config digest: {e}")))?;
+        let config = self
+            .read_small_blob(&client, &pinned, creds, &config_digest)
+            .await?;
         let layers = manifest_layers(&doc).map_err(|e| err(&r, e))?;
         let img = ResolvedImage {
             pinned: pinned.whole(),
@@ -571,18 +539,41 @@ impl RegistryClient {
     ) -> Result<Vec<u8>, RegistryError> {
         let r = parse_reference(reference)?;
         let client = self.client(&r, creds);
-        client
-            .store_auth_if_needed(r.resolve_registry(), &Self::auth(creds))
-            .await;
-        let mut buf = CappedBuffer::default();
-        client
-            .pull_blob(&r, digest.as_str(), &mut buf)
-            .await
-            .map_err(|e| err(&r, cause(&e)))?;
-        if Digest::of(&buf.0) != *digest {
-            return Err(err(&r, format!("blob {digest} does not match its digest")));
+        self.read_small_blob(&client, &r, creds, digest).await
+    }
+
+    /// A blob held in memory, at most [`MAX_CONFIG`] bytes, checked
+    /// against its digest.
+    async fn read_small_blob(
+        &self,
+        client: &oci_client::Client,
+        r: &Reference,
+        creds: Option<&Credentials>,
+        digest: &Digest,
+    ) -> Result<Vec<u8>, RegistryError> {
+        let res = self.get_blob(client, r, creds, digest).await?;
+        if res.content_length().is_some_and(|n| n > MAX_CONFIG) {
+            return Err(err(
+                r,
+                format!("blob {digest}: more than the {MAX_CONFIG} bytes allowed"),
+            ));
         }
-        Ok(buf.0)
+        let mut buf = Vec::new();
+        let mut stream = res.bytes_stream();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| err(r, cause(&e)))?;
+            if (buf.len() + chunk.len()) as u64 > MAX_CONFIG {
+                return Err(err(
+                    r,
+                    format!("blob {digest}: more than the {MAX_CONFIG} bytes allowed"),
+                ));
+            }
+            buf.extend_from_slice(&chunk);
+        }
+        if Digest::of(&buf) != *digest {
+            return Err(err(r, format!("blob {digest} does not match its digest")));
+        }
+        Ok(buf)
     }
 
     /// Streams a blob into the content store, verified against its digest.
@@ -622,13 +613,10 @@ impl RegistryClient {
     ) -> Result<(), RegistryError> {
         let r = r.clone();
         let client = self.client(&r, creds);
-        client
-            .store_auth_if_needed(r.resolve_registry(), &Self::auth(creds))
-            .await;
-        let mut stream = client
-            .pull_blob_stream(&r, layer.digest.as_str())
-            .await
-            .map_err(|e| err(&r, cause(&e)))?;
+        // Our GET with the kept pull token (oci-client would ask `/v2/`
+        // first on every blob of an open registry).
+        let res = self.get_blob(&client, &r, creds, &layer.digest).await?;
+        let mut stream = res.bytes_stream();
         let mut w = store.writer()?;
         while let Some(chunk) = stream.next().await {
             let chunk = chunk.map_err(|e| err(&r, cause(&e)))?;

@@ -164,6 +164,26 @@ impl RegistryClient {
         }
     }
 
+    /// GET of blob `d` of `r`'s repository (redirects to storage are
+    /// followed; the token is not sent to another host).
+    pub(crate) async fn get_blob(
+        &self,
+        client: &oci_client::Client,
+        r: &Reference,
+        creds: Option<&Credentials>,
+        d: &Digest,
+    ) -> Result<reqwest::Response, RegistryError> {
+        let url = format!("{}/blobs/{d}", self.repository_url(r, false));
+        let res = self
+            .send_authorized(client, r, creds, RegistryOperation::Pull, |c| c.get(&url))
+            .await?;
+        match res.status() {
+            s if s.is_success() => Ok(res),
+            http::StatusCode::NOT_FOUND => Err(err(r, format!("blob {d}: not found"))),
+            s => Err(err(r, format!("blob {d}: HTTP {s}"))),
+        }
+    }
+
     /// PUTs a manifest (or index) under `r`'s tag or digest; returns the
     /// URL the registry gives it.
     pub(crate) async fn put_manifest(

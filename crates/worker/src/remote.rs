@@ -9,8 +9,22 @@ use std::sync::Arc;
 use kiln_registry::LayerDesc;
 use kiln_remotecache::{CacheIndex, RemoteLayer};
 use kiln_solver::SolveError;
+use tracing::Instrument;
 
 use crate::{Output, Worker, WorkerError, image, serr};
+
+/// Layer blobs of one image downloaded at the same time.
+const FETCH_CONCURRENCY: usize = 4;
+
+/// A spawned task that is stopped when its handle is dropped (a failed
+/// unpack leaves no download running).
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
 
 /// Where the blobs of remote layers are fetched from.
 #[derive(Clone, Debug)]
@@ -213,15 +227,43 @@ impl Worker {
                 .clone()
         };
         let _guard = lock.lock().await;
+        // Every missing blob downloads at once (a few at a time) while the
+        // layers unpack in order as theirs arrive.
+        let fetch_slots = Arc::new(tokio::sync::Semaphore::new(FETCH_CONCURRENCY));
+        let mut fetches: Vec<Option<AbortOnDrop<Result<(), WorkerError>>>> = chain
+            .layers
+            .iter()
+            .zip(&keys)
+            .map(|(layer, key)| {
+                if self.recorded(key).is_some() {
+                    return None;
+                }
+                let (w, source, layer, slots) = (
+                    self.clone(),
+                    chain.source.clone(),
+                    layer.clone(),
+                    fetch_slots.clone(),
+                );
+                Some(AbortOnDrop(tokio::spawn(
+                    async move {
+                        let _slot = slots.acquire_owned().await;
+                        w.fetch_layer(&source, &layer).await
+                    }
+                    .in_current_span(),
+                )))
+            })
+            .collect();
         let mut parent: Option<String> = None;
-        for (layer, key) in chain.layers.iter().zip(&keys) {
+        for (i, (layer, key)) in chain.layers.iter().zip(&keys).enumerate() {
             if let Some(id) = self.recorded(key) {
                 parent = Some(id);
                 continue;
             }
-            self.fetch_layer(&chain.source, layer)
-                .await
-                .map_err(|e| SolveError::new(format!("{}: {e}", chain.description)))?;
+            let fetched = match fetches[i].take() {
+                Some(mut f) => (&mut f.0).await.map_err(serr)?,
+                None => self.fetch_layer(&chain.source, layer).await,
+            };
+            fetched.map_err(|e| SolveError::new(format!("{}: {e}", chain.description)))?;
             let (w, l, k, p) = (self.clone(), layer.clone(), key.clone(), parent.clone());
             let desc = format!("{} layer {}", chain.description, layer.digest);
             let src = chain.source.mount_from();
