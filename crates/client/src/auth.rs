@@ -28,6 +28,11 @@ fn candidates(host: &str) -> Vec<String> {
     v
 }
 
+/// Whether there is no docker config to read credentials from.
+pub fn no_credentials() -> bool {
+    config_path().is_none_or(|p| !p.exists())
+}
+
 /// `(username, secret)` for `host`, or None when the config has nothing.
 pub fn docker_credentials(host: &str) -> Result<Option<(String, String)>, String> {
     match config_path() {

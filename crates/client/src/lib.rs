@@ -278,6 +278,7 @@ impl Client {
                     session_id: session_id.to_string(),
                     contexts: infos,
                     ssh_ids: agents.keys().cloned().collect(),
+                    no_credentials: auth::no_credentials(),
                 })),
             })
             .await

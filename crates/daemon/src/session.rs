@@ -23,6 +23,11 @@ pub struct Session {
     /// upload) holds the session stream back instead of buffering in memory.
     waiters: Mutex<HashMap<u64, mpsc::Sender<CMsg>>>,
     next: AtomicU64,
+    /// Credentials the client gave, by registry host: asked once per
+    /// session (the client may run a credential helper for each ask).
+    credentials: tokio::sync::Mutex<HashMap<String, Option<kiln_registry::Credentials>>>,
+    /// The client said it has no credentials to give.
+    no_credentials: bool,
     /// Cancelled when the client's stream ends: its builds stop.
     pub closed: tokio_util::sync::CancellationToken,
 }
@@ -233,6 +238,23 @@ impl Session {
         self: Arc<Self>,
         host: String,
     ) -> Result<Option<kiln_registry::Credentials>, String> {
+        if self.no_credentials {
+            return Ok(None);
+        }
+        // Held across the ask: concurrent asks for one host make one request.
+        let mut known = self.credentials.lock().await;
+        if let Some(c) = known.get(&host) {
+            return Ok(c.clone());
+        }
+        let r = self.clone().ask_credentials(host.clone()).await?;
+        known.insert(host, r.clone());
+        Ok(r)
+    }
+
+    async fn ask_credentials(
+        self: Arc<Self>,
+        host: String,
+    ) -> Result<Option<kiln_registry::Credentials>, String> {
         let (id, mut rx) = self.register();
         self.send(DMsg::CredentialsRequest(pb::CredentialsRequest {
             id,
@@ -428,6 +450,8 @@ impl Sessions {
             tx,
             waiters: Mutex::new(HashMap::new()),
             next: AtomicU64::new(0),
+            credentials: Default::default(),
+            no_credentials: hello.no_credentials,
             closed: tokio_util::sync::CancellationToken::new(),
         });
         self.map

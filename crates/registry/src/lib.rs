@@ -552,24 +552,7 @@ impl RegistryClient {
         digest: &Digest,
     ) -> Result<Vec<u8>, RegistryError> {
         let res = self.get_blob(client, r, creds, digest).await?;
-        if res.content_length().is_some_and(|n| n > MAX_CONFIG) {
-            return Err(err(
-                r,
-                format!("blob {digest}: more than the {MAX_CONFIG} bytes allowed"),
-            ));
-        }
-        let mut buf = Vec::new();
-        let mut stream = res.bytes_stream();
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| err(r, cause(&e)))?;
-            if (buf.len() + chunk.len()) as u64 > MAX_CONFIG {
-                return Err(err(
-                    r,
-                    format!("blob {digest}: more than the {MAX_CONFIG} bytes allowed"),
-                ));
-            }
-            buf.extend_from_slice(&chunk);
-        }
+        let buf = Self::read_capped(res, r, MAX_CONFIG, &format!("blob {digest}")).await?;
         if Digest::of(&buf) != *digest {
             return Err(err(r, format!("blob {digest} does not match its digest")));
         }

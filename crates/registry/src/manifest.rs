@@ -91,6 +91,47 @@ impl RegistryClient {
         format!("{scheme}://{}/v2/{}", r.resolve_registry(), r.repository())
     }
 
+    /// `.../manifests/<tag or digest>` of `r`.
+    fn manifest_url(&self, r: &Reference, force_http: bool) -> String {
+        let reference = r
+            .digest()
+            .map(str::to_string)
+            .unwrap_or_else(|| r.tag().unwrap_or("latest").to_string());
+        format!(
+            "{}/manifests/{reference}",
+            self.repository_url(r, force_http)
+        )
+    }
+
+    /// A response body held in memory, refused past `limit` bytes (said or
+    /// sent): a registry cannot make kilnd hold more.
+    pub(crate) async fn read_capped(
+        res: reqwest::Response,
+        r: &Reference,
+        limit: u64,
+        what: &str,
+    ) -> Result<Vec<u8>, RegistryError> {
+        let too_big = || {
+            err(
+                r,
+                format!("{what}: more than {limit} bytes (the most kiln reads)"),
+            )
+        };
+        if res.content_length().is_some_and(|n| n > limit) {
+            return Err(too_big());
+        }
+        let mut body = Vec::new();
+        let mut stream = res.bytes_stream();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| err(r, cause(&e)))?;
+            if (body.len() + chunk.len()) as u64 > limit {
+                return Err(too_big());
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(body)
+    }
+
     /// Sends the request `make` builds with the token for `op`; a refusal
     /// with a reused token gets one retry with a fresh one.
     async fn send_authorized(
@@ -130,11 +171,7 @@ impl RegistryClient {
         accepted: &[&str],
         method: http::Method,
     ) -> Result<reqwest::Response, RegistryError> {
-        let reference = r
-            .digest()
-            .map(str::to_string)
-            .unwrap_or_else(|| r.tag().unwrap_or("latest").to_string());
-        let url = format!("{}/manifests/{reference}", self.repository_url(r, false));
+        let url = self.manifest_url(r, false);
         let accept = accepted.join(", ");
         self.send_authorized(client, r, creds, RegistryOperation::Pull, |c| {
             c.request(method.clone(), &url)
@@ -194,14 +231,7 @@ impl RegistryClient {
         force_http: bool,
         (manifest, media_type): (&[u8], &str),
     ) -> Result<String, RegistryError> {
-        let reference = r
-            .digest()
-            .map(str::to_string)
-            .unwrap_or_else(|| r.tag().unwrap_or("latest").to_string());
-        let url = format!(
-            "{}/manifests/{reference}",
-            self.repository_url(r, force_http)
-        );
+        let url = self.manifest_url(r, force_http);
         let body = manifest.to_vec();
         let res = self
             .send_authorized(client, r, creds, RegistryOperation::Push, |c| {
@@ -278,29 +308,12 @@ impl RegistryClient {
         if !status.is_success() {
             return Err(err(r, format!("manifest: HTTP {status}")));
         }
-        if res.content_length().is_some_and(|n| n > MAX_MANIFEST) {
-            return Err(err(
-                r,
-                format!("the registry sends a manifest of more than {MAX_MANIFEST} bytes"),
-            ));
-        }
         let header_digest = res
             .headers()
             .get("docker-content-digest")
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
-        let mut body = Vec::new();
-        let mut stream = res.bytes_stream();
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| err(r, cause(&e)))?;
-            if (body.len() + chunk.len()) as u64 > MAX_MANIFEST {
-                return Err(err(
-                    r,
-                    format!("the registry sends a manifest of more than {MAX_MANIFEST} bytes"),
-                ));
-            }
-            body.extend_from_slice(&chunk);
-        }
+        let body = Self::read_capped(res, r, MAX_MANIFEST, "the registry's manifest").await?;
         let digest = Digest::of(&body);
         // By digest: the bytes must be those. By tag: the registry's own
         // digest header, when it sends one, must agree.
