@@ -133,9 +133,8 @@ fn builds_are_recorded_with_status_error_steps_outputs_logs_and_provenance() {
         );
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
-    // Wait until the step runs (the record's start is not synced on its own:
-    // a later commit carries it).
-    std::thread::sleep(std::time::Duration::from_millis(1500));
+    // The record is durable from the start; let the step start too.
+    std::thread::sleep(std::time::Duration::from_millis(500));
     d.kill9();
     let _ = child.kill();
     let _ = child.wait();
@@ -166,4 +165,43 @@ fn builds_are_recorded_with_status_error_steps_outputs_logs_and_provenance() {
     );
     d.ok(&["history", "rm", "--all"]);
     assert!(history(&d).is_empty());
+}
+
+/// A secret a step prints reaches the client's live progress (the client
+/// owns it), but never the recorded log, the record, or the daemon's disk.
+#[test]
+fn secrets_a_step_prints_stay_out_of_the_history_and_the_disk() {
+    require_root!();
+    let d = Daemon::start();
+    let secret = "s3cr3t-VALUE-7f2c9e";
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("tok");
+    std::fs::write(&file, secret).unwrap();
+    let ctx = busybox_context(
+        "FROM busybox\nRUN --mount=type=secret,id=tok echo \"got $(cat /run/secrets/tok)\" && cat /run/secrets/tok && false\n",
+        &[],
+    );
+    let err = d.fails(&[
+        "build",
+        ctx.path().to_str().unwrap(),
+        "--secret",
+        &format!("id=tok,src={}", file.display()),
+        "--progress",
+        "plain",
+    ]);
+    assert!(
+        err.contains(secret),
+        "the client sees its own secret: {err}"
+    );
+    let logs = String::from_utf8(d.ok(&["history", "logs"]).stdout).unwrap();
+    assert!(logs.contains("got ***"), "{logs}");
+    assert!(!logs.contains(secret), "{logs}");
+    let record =
+        String::from_utf8(d.ok(&["history", "inspect", "--format", "json"]).stdout).unwrap();
+    assert!(!record.contains(secret), "{record}");
+    let db = std::fs::read(d.root.join("metadata.db")).unwrap();
+    assert!(
+        !db.windows(secret.len()).any(|w| w == secret.as_bytes()),
+        "the secret reached metadata.db"
+    );
 }

@@ -1,10 +1,11 @@
 //! Build history (`kilnctl history`): one record per build and its progress
 //! log, in the same ACID database as the cache. A build is recorded as
-//! running when it starts, so one a crash interrupted still shows.
+//! running when it starts (a durable commit), so one a crash interrupted
+//! still shows.
 
 use std::collections::BTreeMap;
 
-use redb::{Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use crate::{CacheError, MetadataStore, dberr};
@@ -57,11 +58,10 @@ pub struct HistoryLimits {
 }
 
 impl MetadataStore {
-    /// Records a build that started. Not synced on its own (it reaches the
-    /// disk with the next commit): a start costs no fsync.
+    /// Records a build that started, durably: a build a crash cuts short
+    /// must still be found (as interrupted) after the restart.
     pub fn history_started(&self, rec: &BuildRecord) -> Result<(), CacheError> {
-        let mut tx = self.db.begin_write().map_err(dberr)?;
-        tx.set_durability(Durability::None).map_err(dberr)?;
+        let tx = self.db.begin_write().map_err(dberr)?;
         {
             let mut t = tx.open_table(HISTORY).map_err(dberr)?;
             let bytes = serde_json::to_vec(rec).map_err(dberr)?;

@@ -167,7 +167,7 @@ impl Engine {
         });
         let record = crate::history::started(&req, context);
         self.history_start(&record);
-        let r = match session {
+        let r = match session.clone() {
             None => Err(EngineError::InvalidArgument(format!(
                 "no client session {:?} is attached",
                 req.session
@@ -190,7 +190,11 @@ impl Engine {
                 .collect()),
             Err(e) => Err(e),
         };
-        self.history_finish(record, response.as_ref().map_err(|e| *e), messages)
+        let secrets = session
+            .as_ref()
+            .map(|s| s.secret_values())
+            .unwrap_or_default();
+        self.history_finish(record, response.as_ref().map_err(|e| *e), messages, secrets)
             .await;
         // Within the policies before the client hears the build is done;
         // what this build just used stays (its records may share the second

@@ -101,6 +101,84 @@ fn encode_log(messages: &[StatusResponse]) -> (Vec<u8>, bool, u32, u32) {
     (out, truncated, total, cached)
 }
 
+/// Secrets shorter than this are not masked (one or two bytes would mask
+/// ordinary text everywhere).
+const MIN_SECRET: usize = 3;
+
+/// Masks every occurrence of a secret value with `*`, in step output (each
+/// step's stream taken whole, so a value split across two messages is
+/// found), step errors and warnings: the recorded log never holds a secret
+/// a step printed. Masking keeps lengths, so messages keep their bounds.
+fn redact(messages: &mut [StatusResponse], secrets: &[Vec<u8>]) {
+    let secrets: Vec<&[u8]> = secrets
+        .iter()
+        .map(Vec::as_slice)
+        .filter(|s| s.len() >= MIN_SECRET)
+        .collect();
+    if secrets.is_empty() {
+        return;
+    }
+    // (vertex, stream) → the (message, log) positions of its chunks, in order.
+    let mut streams: BTreeMap<(String, i64), Vec<(usize, usize)>> = BTreeMap::new();
+    for (mi, m) in messages.iter().enumerate() {
+        for (li, l) in m.logs.iter().enumerate() {
+            streams
+                .entry((l.vertex.clone(), l.stream))
+                .or_default()
+                .push((mi, li));
+        }
+    }
+    for chunks in streams.values() {
+        let mut whole: Vec<u8> = Vec::new();
+        for &(mi, li) in chunks {
+            whole.extend_from_slice(&messages[mi].logs[li].msg);
+        }
+        if !mask(&mut whole, &secrets) {
+            continue;
+        }
+        let mut at = 0;
+        for &(mi, li) in chunks {
+            let msg = &mut messages[mi].logs[li].msg;
+            let n = msg.len();
+            msg.copy_from_slice(&whole[at..at + n]);
+            at += n;
+        }
+    }
+    let text = |s: &mut String| {
+        let mut b = std::mem::take(s).into_bytes();
+        mask(&mut b, &secrets);
+        *s = String::from_utf8_lossy(&b).into_owned();
+    };
+    for m in messages.iter_mut() {
+        for v in &mut m.vertexes {
+            text(&mut v.error);
+        }
+        for w in &mut m.warnings {
+            text(&mut w.short);
+            text(&mut w.detail);
+        }
+    }
+}
+
+/// Replaces each occurrence of each secret in `data` with `*`s; whether
+/// anything was masked.
+fn mask(data: &mut [u8], secrets: &[&[u8]]) -> bool {
+    let mut hit = false;
+    for s in secrets {
+        let mut i = 0;
+        while i + s.len() <= data.len() {
+            if &data[i..i + s.len()] == *s {
+                data[i..i + s.len()].fill(b'*');
+                hit = true;
+                i += s.len();
+            } else {
+                i += 1;
+            }
+        }
+    }
+    hit
+}
+
 /// Decodes a stored log (stops at the first damaged message).
 fn decode_log(mut data: &[u8]) -> Vec<StatusResponse> {
     let mut out = Vec::new();
@@ -180,11 +258,14 @@ impl Engine {
     }
 
     /// Records how a build ended, with its progress log.
+    /// `secrets`: the values the build's session gave, masked in what is
+    /// recorded.
     pub(crate) async fn history_finish(
         &self,
         mut rec: BuildRecord,
         result: Result<&BTreeMap<String, String>, &EngineError>,
-        messages: Vec<StatusResponse>,
+        mut messages: Vec<StatusResponse>,
+        secrets: Vec<Vec<u8>>,
     ) {
         rec.completed = now_ns();
         match result {
@@ -211,6 +292,17 @@ impl Engine {
         let limits = self.config.history.limits();
         let worker = self.worker.clone();
         let r = tokio::task::spawn_blocking(move || {
+            redact(&mut messages, &secrets);
+            let mut error = std::mem::take(&mut rec.error).into_bytes();
+            mask(
+                &mut error,
+                &secrets
+                    .iter()
+                    .map(Vec::as_slice)
+                    .filter(|s| s.len() >= MIN_SECRET)
+                    .collect::<Vec<_>>(),
+            );
+            rec.error = String::from_utf8_lossy(&error).into_owned();
             let (log, truncated, total, cached) = encode_log(&messages);
             rec.log_bytes = log.len() as u64;
             rec.logs_truncated = truncated;
@@ -304,6 +396,35 @@ mod tests {
         let (log, truncated, _, _) = encode_log(&vec![big; 5]);
         assert!(truncated && log.len() <= MAX_LOG_BYTES);
         assert_eq!(decode_log(&log).len(), 2);
+    }
+
+    #[test]
+    fn secrets_are_masked_even_across_chunks() {
+        let log = |data: &[u8]| StatusResponse {
+            logs: vec![kiln_proto::control::VertexLog {
+                vertex: "v".into(),
+                stream: 1,
+                msg: data.to_vec(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let mut msgs = vec![
+            log(b"token=hunt"),
+            log(b"er2 ok\n"),
+            StatusResponse {
+                vertexes: vec![Vertex {
+                    digest: "v".into(),
+                    error: "exit 1: hunter2".into(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+        ];
+        redact(&mut msgs, &[b"hunter2".to_vec(), b"x".to_vec()]);
+        assert_eq!(msgs[0].logs[0].msg, b"token=****");
+        assert_eq!(msgs[1].logs[0].msg, b"*** ok\n");
+        assert_eq!(msgs[2].vertexes[0].error, "exit 1: *******");
     }
 
     #[test]

@@ -28,6 +28,9 @@ pub struct Session {
     credentials: tokio::sync::Mutex<HashMap<String, Option<kiln_registry::Credentials>>>,
     /// The client said it has no credentials to give.
     no_credentials: bool,
+    /// Secret values this session gave (in memory only): what the build's
+    /// recorded log must not keep.
+    secrets_seen: Mutex<Vec<Vec<u8>>>,
     /// Cancelled when the client's stream ends: its builds stop.
     pub closed: tokio_util::sync::CancellationToken,
 }
@@ -222,7 +225,13 @@ impl Session {
         }))
         .await?;
         let r = match rx.recv().await {
-            Some(CMsg::Secret(s)) if s.found => Ok(Some(s.data)),
+            Some(CMsg::Secret(s)) if s.found => {
+                let mut seen = self.secrets_seen.lock().unwrap_or_else(|p| p.into_inner());
+                if !seen.contains(&s.data) {
+                    seen.push(s.data.clone());
+                }
+                Ok(Some(s.data))
+            }
             Some(CMsg::Secret(_)) => Ok(None),
             Some(CMsg::Error(e)) => Err(format!(
                 "client could not read secret {secret_id:?}: {}",
@@ -232,6 +241,14 @@ impl Session {
         };
         self.unregister(id);
         r
+    }
+
+    /// The secret values given so far, for redaction.
+    pub fn secret_values(&self) -> Vec<Vec<u8>> {
+        self.secrets_seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     async fn credentials_impl(
@@ -452,6 +469,7 @@ impl Sessions {
             next: AtomicU64::new(0),
             credentials: Default::default(),
             no_credentials: hello.no_credentials,
+            secrets_seen: Mutex::new(Vec::new()),
             closed: tokio_util::sync::CancellationToken::new(),
         });
         self.map
