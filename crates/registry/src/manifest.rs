@@ -142,7 +142,9 @@ impl RegistryClient {
         op: RegistryOperation,
         make: impl Fn(&reqwest::Client) -> reqwest::RequestBuilder,
     ) -> Result<reqwest::Response, RegistryError> {
-        for attempt in 0..2 {
+        let mut refused = false;
+        let mut broken = false;
+        loop {
             let token = self.token(client, r, creds, op).await?;
             let mut req = make(&self.http_client(r)?);
             req = match (token, creds) {
@@ -152,14 +154,25 @@ impl RegistryClient {
                 }
                 _ => req,
             };
-            let res = req.send().await.map_err(|e| err(r, cause(&e)))?;
-            if res.status() == http::StatusCode::UNAUTHORIZED && attempt == 0 {
+            let res = match req.send().await {
+                Ok(res) => res,
+                // A kept connection the registry closed (or left unusable)
+                // fails the request before anything was answered: once more,
+                // on a new connection.
+                Err(e) if !broken && !e.is_timeout() => {
+                    broken = true;
+                    tracing::debug!(registry = %r.resolve_registry(), "retrying on a new connection: {e}");
+                    continue;
+                }
+                Err(e) => return Err(err(r, cause(&e))),
+            };
+            if res.status() == http::StatusCode::UNAUTHORIZED && !refused {
+                refused = true;
                 self.pool.tokens.remove(&self.token_key(r, creds, op));
                 continue;
             }
             return Ok(res);
         }
-        Err(err(r, "HTTP 401 Unauthorized"))
     }
 
     /// A manifest request (GET or HEAD) for `r`'s tag or digest.
