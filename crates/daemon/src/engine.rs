@@ -179,8 +179,7 @@ impl Engine {
                 _ = session.closed.cancelled() => Err(EngineError::Cancelled("the client disconnected".into())),
             },
         };
-        progress.close();
-        let (messages, _) = progress.subscribe();
+        let messages = progress.close_and_take();
         self.jobs.remove(&req.r#ref);
         let response: Result<BTreeMap<String, String>, &EngineError> = match &r {
             Ok((resp, _)) => Ok(resp

@@ -109,12 +109,7 @@ const MIN_SECRET: usize = 3;
 /// step's stream taken whole, so a value split across two messages is
 /// found), step errors and warnings: the recorded log never holds a secret
 /// a step printed. Masking keeps lengths, so messages keep their bounds.
-fn redact(messages: &mut [StatusResponse], secrets: &[Vec<u8>]) {
-    let secrets: Vec<&[u8]> = secrets
-        .iter()
-        .map(Vec::as_slice)
-        .filter(|s| s.len() >= MIN_SECRET)
-        .collect();
+fn redact(messages: &mut [StatusResponse], secrets: &[&[u8]]) {
     if secrets.is_empty() {
         return;
     }
@@ -133,7 +128,7 @@ fn redact(messages: &mut [StatusResponse], secrets: &[Vec<u8>]) {
         for &(mi, li) in chunks {
             whole.extend_from_slice(&messages[mi].logs[li].msg);
         }
-        if !mask(&mut whole, &secrets) {
+        if !mask(&mut whole, secrets) {
             continue;
         }
         let mut at = 0;
@@ -146,7 +141,7 @@ fn redact(messages: &mut [StatusResponse], secrets: &[Vec<u8>]) {
     }
     let text = |s: &mut String| {
         let mut b = std::mem::take(s).into_bytes();
-        mask(&mut b, &secrets);
+        mask(&mut b, secrets);
         *s = String::from_utf8_lossy(&b).into_owned();
     };
     for m in messages.iter_mut() {
@@ -292,16 +287,14 @@ impl Engine {
         let limits = self.config.history.limits();
         let worker = self.worker.clone();
         let r = tokio::task::spawn_blocking(move || {
+            let secrets: Vec<&[u8]> = secrets
+                .iter()
+                .map(Vec::as_slice)
+                .filter(|s| s.len() >= MIN_SECRET)
+                .collect();
             redact(&mut messages, &secrets);
             let mut error = std::mem::take(&mut rec.error).into_bytes();
-            mask(
-                &mut error,
-                &secrets
-                    .iter()
-                    .map(Vec::as_slice)
-                    .filter(|s| s.len() >= MIN_SECRET)
-                    .collect::<Vec<_>>(),
-            );
+            mask(&mut error, &secrets);
             rec.error = String::from_utf8_lossy(&error).into_owned();
             let (log, truncated, total, cached) = encode_log(&messages);
             rec.log_bytes = log.len() as u64;
@@ -421,7 +414,7 @@ mod tests {
                 ..Default::default()
             },
         ];
-        redact(&mut msgs, &[b"hunter2".to_vec(), b"x".to_vec()]);
+        redact(&mut msgs, &[b"hunter2".as_slice()]);
         assert_eq!(msgs[0].logs[0].msg, b"token=****");
         assert_eq!(msgs[1].logs[0].msg, b"*** ok\n");
         assert_eq!(msgs[2].vertexes[0].error, "exit 1: *******");

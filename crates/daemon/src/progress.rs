@@ -54,11 +54,13 @@ impl JobProgress {
         let _ = self.tx.send(Some(msg));
     }
 
-    /// Ends the stream for every subscriber.
-    pub fn close(&self) {
+    /// Ends the stream and hands over every message it carried (for the
+    /// build's history), without a copy.
+    pub fn close_and_take(&self) -> Vec<StatusResponse> {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         st.closed = true;
         let _ = self.tx.send(None);
+        std::mem::take(&mut st.history)
     }
 
     /// Past messages plus a receiver for the rest (no gap between them).

@@ -339,13 +339,14 @@ impl RegistryClient {
     /// loopback registries may be, without any setting, unless TLS settings
     /// were given for them.
     fn uses_http(&self, r: &Reference, force_http: bool) -> bool {
-        let host = r.resolve_registry().to_string();
-        let cfg = self.config.hosts.get(&host).cloned().unwrap_or_default();
-        let tls_configured = !cfg.ca_pem.is_empty() || cfg.insecure;
+        let host = r.resolve_registry();
+        // Asked on every request: the host's settings are read, not copied.
+        let cfg = self.config.hosts.get(host);
+        let tls_configured = cfg.is_some_and(|c| !c.ca_pem.is_empty() || c.insecure);
         force_http
-            || cfg.http
-            || self.config.insecure.contains(&host)
-            || (is_local(&host) && !tls_configured)
+            || cfg.is_some_and(|c| c.http)
+            || self.config.insecure.iter().any(|h| h == host)
+            || (is_local(host) && !tls_configured)
     }
 
     /// Where to pull `r` from: its mirrors in order, then the registry itself.

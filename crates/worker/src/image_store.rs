@@ -213,12 +213,19 @@ impl Worker {
         };
         let top: Digest = match r.digest() {
             Some(d) => {
-                let found = self
-                    .meta
-                    .images()
-                    .map_err(store_err)?
-                    .into_iter()
-                    .any(|(n, rec)| same_repo(&n) && rec.blobs.iter().any(|b| b == d));
+                // Every build from a registry base asks by digest: a blob
+                // the content store lacks is in no stored image (one stat,
+                // no scan of the names).
+                let here = d
+                    .parse::<Digest>()
+                    .is_ok_and(|digest| self.content.exists(&digest));
+                let found = here
+                    && self
+                        .meta
+                        .images()
+                        .map_err(store_err)?
+                        .into_iter()
+                        .any(|(n, rec)| same_repo(&n) && rec.blobs.iter().any(|b| b == d));
                 if !found {
                     return Ok(None);
                 }

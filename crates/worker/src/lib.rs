@@ -659,13 +659,14 @@ impl Worker {
     }
 
     /// The layer of one snapshot in a compression, computed once and reused
-    /// (unless `force`: then compressed again at `level`).
+    /// (unless `force`: then compressed again at `level`), with the time the
+    /// snapshot was made (what dates the layer in an image).
     pub fn layer(
         &self,
         id: &str,
         compression: &LayerCompression,
         epoch: Option<i64>,
-    ) -> Result<(LayerInfo, BlobRef), WorkerError> {
+    ) -> Result<(LayerInfo, BlobRef, i64), WorkerError> {
         let codec = compression.codec.name();
         let mut rec = self
             .meta
@@ -678,7 +679,7 @@ impl Worker {
                 .parse::<Digest>()
                 .is_ok_and(|d| self.content.exists(&d))
         {
-            return Ok((l.clone(), b.clone()));
+            return Ok((l.clone(), b.clone(), rec.created));
         }
         let upper = self.snapshots.upper(id);
         let zerr = |e: std::io::Error| {
@@ -726,7 +727,7 @@ impl Worker {
             }
         };
         self.meta.put_snapshot(id, &rec)?;
-        Ok((info, blob))
+        Ok((info, blob, rec.created))
     }
 }
 

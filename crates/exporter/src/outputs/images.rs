@@ -236,7 +236,7 @@ pub(crate) fn chain_layers(
 ) -> Result<Vec<Layer>, ExportError> {
     let mut layers = Vec::new();
     for id in chain.iter().rev() {
-        let (info, blob) = worker
+        let (info, blob, created) = worker
             .layer(id, compression, epoch)
             .map_err(ExportError::failed)?;
         layers.push(Layer {
@@ -248,7 +248,7 @@ pub(crate) fn chain_layers(
             compression: blob.compression.clone(),
             empty: info.empty,
             source: blob.source.clone(),
-            created: worker.meta.snapshot(id).ok().flatten().map(|s| s.created),
+            created: Some(created),
         });
     }
     Ok(layers)
