@@ -46,7 +46,10 @@ cleanup() {
 }
 trap cleanup EXIT
 
-now_ms() { date +%s%3N; }
+# Microseconds from bash itself: forking `date` twice per sample cost ~2 ms,
+# which landed in every builder's time and swamped the few-ms cases.
+# A helper called as $(helper) would fork too, so the expansions are
+# written out where they are used: t0 in µs, elapsed ms printed.
 
 # --- peers -------------------------------------------------------------------
 "$KILND" --root "$W/kiln" --addr "unix://$W/kilnd.sock" --log-level warn 2>"$W/kilnd.log" &
@@ -80,28 +83,28 @@ command -v buildah >/dev/null && HAVE_BUILDAH=1
 BUILDAH=(buildah --root "$W/buildah/root" --runroot "$W/buildah/run" --storage-driver overlay)
 
 # --- builders: build CTX [extra] -> prints ms ------------------------------------
-kiln_build() { local t0; t0=$(now_ms); "$KILNCTL" --addr "unix://$W/kilnd.sock" build "$1" --progress quiet >/dev/null 2>>"$W/kiln.err" || echo FAIL >&2; echo $(( $(now_ms) - t0 )); }
+kiln_build() { local t0; t0=${EPOCHREALTIME//[!0-9]/}; "$KILNCTL" --addr "unix://$W/kilnd.sock" build "$1" --progress quiet >/dev/null 2>>"$W/kiln.err" || echo FAIL >&2; echo $(( (${EPOCHREALTIME//[!0-9]/} - t0) / 1000 )); }
 kiln_cold() { "$KILNCTL" --addr "unix://$W/kilnd.sock" prune -f --all >/dev/null 2>&1; }
-kilnrunc_build() { local t0; t0=$(now_ms); "$KILNCTL" --addr "unix://$W/kilnd-runc.sock" build "$1" --progress quiet >/dev/null 2>>"$W/kiln.err" || echo FAIL >&2; echo $(( $(now_ms) - t0 )); }
+kilnrunc_build() { local t0; t0=${EPOCHREALTIME//[!0-9]/}; "$KILNCTL" --addr "unix://$W/kilnd-runc.sock" build "$1" --progress quiet >/dev/null 2>>"$W/kiln.err" || echo FAIL >&2; echo $(( (${EPOCHREALTIME//[!0-9]/} - t0) / 1000 )); }
 kilnrunc_cold() { "$KILNCTL" --addr "unix://$W/kilnd-runc.sock" prune -f --all >/dev/null 2>&1; }
 # Case 8 needs the network for apt-get: BuildKit steps get the host's.
-bk_build_net() { local t0; t0=$(now_ms); DOCKER_HOST="unix://$W/docker.sock" DOCKER_BUILDKIT=1 $DOCKER build --network=host -q "$1" >/dev/null 2>>"$W/bk.err" || echo FAIL >&2; echo $(( $(now_ms) - t0 )); }
-bh_build_net() { local t0; t0=$(now_ms); "${BUILDAH[@]}" bud --layers --jobs 3 --isolation chroot --tls-verify=false -q -t bench8 "$1" >/dev/null 2>>"$W/buildah.err" || echo FAIL >&2; echo $(( $(now_ms) - t0 )); }
-bk_build() { local t0; t0=$(now_ms); DOCKER_HOST="unix://$W/docker.sock" DOCKER_BUILDKIT=1 $DOCKER build --network=none -q "$1" >/dev/null 2>>"$W/bk.err" || echo FAIL >&2; echo $(( $(now_ms) - t0 )); }
+bk_build_net() { local t0; t0=${EPOCHREALTIME//[!0-9]/}; DOCKER_HOST="unix://$W/docker.sock" DOCKER_BUILDKIT=1 $DOCKER build --network=host -q "$1" >/dev/null 2>>"$W/bk.err" || echo FAIL >&2; echo $(( (${EPOCHREALTIME//[!0-9]/} - t0) / 1000 )); }
+bh_build_net() { local t0; t0=${EPOCHREALTIME//[!0-9]/}; "${BUILDAH[@]}" bud --layers --jobs 3 --isolation chroot --tls-verify=false -q -t bench8 "$1" >/dev/null 2>>"$W/buildah.err" || echo FAIL >&2; echo $(( (${EPOCHREALTIME//[!0-9]/} - t0) / 1000 )); }
+bk_build() { local t0; t0=${EPOCHREALTIME//[!0-9]/}; DOCKER_HOST="unix://$W/docker.sock" DOCKER_BUILDKIT=1 $DOCKER build --network=none -q "$1" >/dev/null 2>>"$W/bk.err" || echo FAIL >&2; echo $(( (${EPOCHREALTIME//[!0-9]/} - t0) / 1000 )); }
 bk_cold() { DOCKER_HOST="unix://$W/docker.sock" $DOCKER builder prune -af >/dev/null 2>&1; DOCKER_HOST="unix://$W/docker.sock" $DOCKER image prune -af >/dev/null 2>&1; }
-bh_build() { local t0; t0=$(now_ms); "${BUILDAH[@]}" bud --layers --jobs 3 --isolation chroot -q -t bench "$1" >/dev/null 2>>"$W/buildah.err" || echo FAIL >&2; echo $(( $(now_ms) - t0 )); }
+bh_build() { local t0; t0=${EPOCHREALTIME//[!0-9]/}; "${BUILDAH[@]}" bud --layers --jobs 3 --isolation chroot -q -t bench "$1" >/dev/null 2>>"$W/buildah.err" || echo FAIL >&2; echo $(( (${EPOCHREALTIME//[!0-9]/} - t0) / 1000 )); }
 bh_cold() { "${BUILDAH[@]}" rmi --all --force >/dev/null 2>&1; }
 
 # Registry-base variants: the build, then the image exported as an OCI tar or pushed.
 # BuildKit in Docker 20.10 has no OCI-tar output for `docker build`: docker save of the built image.
-kiln_oci_out() { local t0; t0=$(now_ms); "$KILNCTL" --addr "unix://$W/kilnd.sock" build "$1" --progress quiet -o "type=oci,dest=$W/out-kiln.tar" >/dev/null 2>>"$W/kiln.err" || echo FAIL >&2; echo $(( $(now_ms) - t0 )); }
-bk_oci_out() { local t0; t0=$(now_ms); { DOCKER_HOST="unix://$W/docker.sock" DOCKER_BUILDKIT=1 $DOCKER build --network=none -q -t bench-out "$1" && DOCKER_HOST="unix://$W/docker.sock" $DOCKER save -o "$W/out-bk.tar" bench-out; } >/dev/null 2>>"$W/bk.err" || echo FAIL >&2; echo $(( $(now_ms) - t0 )); }
-bh_oci_out() { local t0; t0=$(now_ms); { "${BUILDAH[@]}" bud --layers --jobs 3 --isolation chroot --tls-verify=false -q -t bench-out "$1" && rm -f "$W/out-bh.tar" && "${BUILDAH[@]}" push -q bench-out "oci-archive:$W/out-bh.tar"; } >/dev/null 2>>"$W/buildah.err" || echo FAIL >&2; echo $(( $(now_ms) - t0 )); }
-kiln_push_out() { local t0; t0=$(now_ms); "$KILNCTL" --addr "unix://$W/kilnd.sock" build "$1" --progress quiet -t "$REG/out/kiln:1" --push --provenance=false >/dev/null 2>>"$W/kiln.err" || echo FAIL >&2; echo $(( $(now_ms) - t0 )); }
-bk_push_out() { local t0; t0=$(now_ms); { DOCKER_HOST="unix://$W/docker.sock" DOCKER_BUILDKIT=1 $DOCKER build --network=none -q -t "$REG/out/bk:1" "$1" && DOCKER_HOST="unix://$W/docker.sock" $DOCKER push -q "$REG/out/bk:1"; } >/dev/null 2>>"$W/bk.err" || echo FAIL >&2; echo $(( $(now_ms) - t0 )); }
-bh_push_out() { local t0; t0=$(now_ms); { "${BUILDAH[@]}" bud --layers --jobs 3 --isolation chroot --tls-verify=false -q -t bench-out "$1" && "${BUILDAH[@]}" push -q --tls-verify=false bench-out "docker://$REG/out/bh:1"; } >/dev/null 2>>"$W/buildah.err" || echo FAIL >&2; echo $(( $(now_ms) - t0 )); }
+kiln_oci_out() { local t0; t0=${EPOCHREALTIME//[!0-9]/}; "$KILNCTL" --addr "unix://$W/kilnd.sock" build "$1" --progress quiet -o "type=oci,dest=$W/out-kiln.tar" >/dev/null 2>>"$W/kiln.err" || echo FAIL >&2; echo $(( (${EPOCHREALTIME//[!0-9]/} - t0) / 1000 )); }
+bk_oci_out() { local t0; t0=${EPOCHREALTIME//[!0-9]/}; { DOCKER_HOST="unix://$W/docker.sock" DOCKER_BUILDKIT=1 $DOCKER build --network=none -q -t bench-out "$1" && DOCKER_HOST="unix://$W/docker.sock" $DOCKER save -o "$W/out-bk.tar" bench-out; } >/dev/null 2>>"$W/bk.err" || echo FAIL >&2; echo $(( (${EPOCHREALTIME//[!0-9]/} - t0) / 1000 )); }
+bh_oci_out() { local t0; t0=${EPOCHREALTIME//[!0-9]/}; { "${BUILDAH[@]}" bud --layers --jobs 3 --isolation chroot --tls-verify=false -q -t bench-out "$1" && rm -f "$W/out-bh.tar" && "${BUILDAH[@]}" push -q bench-out "oci-archive:$W/out-bh.tar"; } >/dev/null 2>>"$W/buildah.err" || echo FAIL >&2; echo $(( (${EPOCHREALTIME//[!0-9]/} - t0) / 1000 )); }
+kiln_push_out() { local t0; t0=${EPOCHREALTIME//[!0-9]/}; "$KILNCTL" --addr "unix://$W/kilnd.sock" build "$1" --progress quiet -t "$REG/out/kiln:1" --push --provenance=false >/dev/null 2>>"$W/kiln.err" || echo FAIL >&2; echo $(( (${EPOCHREALTIME//[!0-9]/} - t0) / 1000 )); }
+bk_push_out() { local t0; t0=${EPOCHREALTIME//[!0-9]/}; { DOCKER_HOST="unix://$W/docker.sock" DOCKER_BUILDKIT=1 $DOCKER build --network=none -q -t "$REG/out/bk:1" "$1" && DOCKER_HOST="unix://$W/docker.sock" $DOCKER push -q "$REG/out/bk:1"; } >/dev/null 2>>"$W/bk.err" || echo FAIL >&2; echo $(( (${EPOCHREALTIME//[!0-9]/} - t0) / 1000 )); }
+bh_push_out() { local t0; t0=${EPOCHREALTIME//[!0-9]/}; { "${BUILDAH[@]}" bud --layers --jobs 3 --isolation chroot --tls-verify=false -q -t bench-out "$1" && "${BUILDAH[@]}" push -q --tls-verify=false bench-out "docker://$REG/out/bh:1"; } >/dev/null 2>>"$W/buildah.err" || echo FAIL >&2; echo $(( (${EPOCHREALTIME//[!0-9]/} - t0) / 1000 )); }
 # buildah pulls from the plain-HTTP local registry only with --tls-verify=false.
-bh_build_reg() { local t0; t0=$(now_ms); "${BUILDAH[@]}" bud --layers --jobs 3 --isolation chroot --tls-verify=false -q -t bench "$1" >/dev/null 2>>"$W/buildah.err" || echo FAIL >&2; echo $(( $(now_ms) - t0 )); }
+bh_build_reg() { local t0; t0=${EPOCHREALTIME//[!0-9]/}; "${BUILDAH[@]}" bud --layers --jobs 3 --isolation chroot --tls-verify=false -q -t bench "$1" >/dev/null 2>>"$W/buildah.err" || echo FAIL >&2; echo $(( (${EPOCHREALTIME//[!0-9]/} - t0) / 1000 )); }
 kiln_build_reg() { kiln_build "$@"; }
 bk_build_reg() { bk_build "$@"; }
 
@@ -134,8 +137,8 @@ mkdir -p "$BIG/src" "$BIG/many"; echo cfg > "$BIG/config.txt"; for i in $(seq 20
 ( cd "$BIG/many" && for d in $(seq 0 $(( SMALL_FILES / 100 - 1 ))); do mkdir -p d$d; for f in $(seq 100); do echo $d$f > d$d/f$f; done; done )
 # A fixed amount of CPU work, calibrated to about 2 s on one core here.
 calib_n=200000
-t0=$(now_ms); /bin/busybox sh -c "i=0; while [ \$i -lt $calib_n ]; do i=\$((i+1)); done"; t1=$(now_ms)
-SPIN_N=$(( calib_n * 2000 / ( (t1 - t0) > 0 ? (t1 - t0) : 1 ) ))
+t0=${EPOCHREALTIME//[!0-9]/}; /bin/busybox sh -c "i=0; while [ \$i -lt $calib_n ]; do i=\$((i+1)); done"; t1=${EPOCHREALTIME//[!0-9]/}
+SPIN_N=$(( calib_n * 2000000 / ( (t1 - t0) > 0 ? (t1 - t0) : 1 ) ))
 SPIN="i=0; while [ \$i -lt $SPIN_N ]; do i=\$((i+1)); done"
 PAR=$(mkctx parallel "FROM busybox AS a
 RUN $SPIN; echo a > /a
@@ -188,11 +191,11 @@ for round in $(seq "$ROUNDS"); do
     # 9: concurrent builds of different small Dockerfiles on one daemon.
     for i in $(seq "$CONCURRENT"); do [ -d "$W/ctx/conc$i" ] || mkctx "conc$i" "FROM busybox
 RUN echo $i > /n$i" >/dev/null; done
-    t0=$(now_ms)
+    t0=${EPOCHREALTIME//[!0-9]/}
     jobs_=()
     for i in $(seq "$CONCURRENT"); do "${b}_build" "$W/ctx/conc$i" >/dev/null & jobs_+=("$!"); done
     wait "${jobs_[@]}"
-    record "9 $CONCURRENT concurrent builds" $b $(( $(now_ms) - t0 ))
+    record "9 $CONCURRENT concurrent builds" $b $(( (${EPOCHREALTIME//[!0-9]/} - t0) / 1000 ))
     "${b}_cold"; record "5 $BIG_MB MB + $SMALL_FILES-file context (reads 21 files), first build" $b "$("${b}_build" "$HUGE")"
     record "5b same context unchanged, rebuild" $b "$("${b}_build" "$HUGE")"
   done
@@ -252,11 +255,11 @@ COPY --from=tool /tool /w/tool
 RUN cat /w/f.txt /w/tool > /w/out && echo \$N >> /w/out")
   echo "file $i" > "$c/f.txt"
 done
-t0=$(now_ms)
+t0=${EPOCHREALTIME//[!0-9]/}
 jobs_=()
 for i in $(seq "$CONC_MIXED"); do "$KILNCTL" --addr "unix://$W/kilnd-load.sock" build "$W/ctx/mixed$i" --progress quiet >/dev/null 2>>"$W/kiln.err" & jobs_+=("$!"); done
 wait "${jobs_[@]}"
-LOAD_MS=$(( $(now_ms) - t0 ))
+LOAD_MS=$(( (${EPOCHREALTIME//[!0-9]/} - t0) / 1000 ))
 LOAD_PEAK_RSS=$(awk '/VmHWM/{print $2}' /proc/$LOAD_PID/status)
 
 # --- 8: Debian base (debootstrap), RUN apt-get install; full mode only -------
@@ -289,10 +292,10 @@ PIDS+=("$!")
 for _ in $(seq 100); do [ -S "$W/kilnd-b.sock" ] && break; sleep 0.05; done
 CACHE_CTX=$(mkctx cachectx "$STEPS")
 cp -r "$SINGLE/src" "$SINGLE/config.txt" "$CACHE_CTX/"
-kiln_cache_to() { local t0; t0=$(now_ms); "$KILNCTL" --addr "unix://$W/kilnd.sock" build "$CACHE_CTX" --progress quiet --cache-to "type=registry,ref=$REG/cache/kiln:1,mode=max" >/dev/null 2>>"$W/kiln.err" || echo FAIL >&2; echo $(( $(now_ms) - t0 )); }
-kiln_cache_from() { "$KILNCTL" --addr "unix://$W/kilnd-b.sock" prune -f --all >/dev/null 2>&1; local t0; t0=$(now_ms); "$KILNCTL" --addr "unix://$W/kilnd-b.sock" build "$CACHE_CTX" --progress quiet --cache-from "type=registry,ref=$REG/cache/kiln:1" >/dev/null 2>>"$W/kiln.err" || echo FAIL >&2; echo $(( $(now_ms) - t0 )); }
-bk_cache_to() { local t0; t0=$(now_ms); DOCKER_HOST="unix://$W/docker.sock" DOCKER_BUILDKIT=1 $DOCKER build --network=none -q --build-arg BUILDKIT_INLINE_CACHE=1 -t "$REG/cache/bk:1" "$CACHE_CTX" >/dev/null 2>>"$W/bk.err" && DOCKER_HOST="unix://$W/docker.sock" $DOCKER push -q "$REG/cache/bk:1" >/dev/null 2>>"$W/bk.err" || echo FAIL >&2; echo $(( $(now_ms) - t0 )); }
-bk_cache_from() { bk_cold; local t0; t0=$(now_ms); DOCKER_HOST="unix://$W/docker.sock" DOCKER_BUILDKIT=1 $DOCKER build --network=none -q --cache-from "$REG/cache/bk:1" "$CACHE_CTX" >/dev/null 2>>"$W/bk.err" || echo FAIL >&2; echo $(( $(now_ms) - t0 )); }
+kiln_cache_to() { local t0; t0=${EPOCHREALTIME//[!0-9]/}; "$KILNCTL" --addr "unix://$W/kilnd.sock" build "$CACHE_CTX" --progress quiet --cache-to "type=registry,ref=$REG/cache/kiln:1,mode=max" >/dev/null 2>>"$W/kiln.err" || echo FAIL >&2; echo $(( (${EPOCHREALTIME//[!0-9]/} - t0) / 1000 )); }
+kiln_cache_from() { "$KILNCTL" --addr "unix://$W/kilnd-b.sock" prune -f --all >/dev/null 2>&1; local t0; t0=${EPOCHREALTIME//[!0-9]/}; "$KILNCTL" --addr "unix://$W/kilnd-b.sock" build "$CACHE_CTX" --progress quiet --cache-from "type=registry,ref=$REG/cache/kiln:1" >/dev/null 2>>"$W/kiln.err" || echo FAIL >&2; echo $(( (${EPOCHREALTIME//[!0-9]/} - t0) / 1000 )); }
+bk_cache_to() { local t0; t0=${EPOCHREALTIME//[!0-9]/}; DOCKER_HOST="unix://$W/docker.sock" DOCKER_BUILDKIT=1 $DOCKER build --network=none -q --build-arg BUILDKIT_INLINE_CACHE=1 -t "$REG/cache/bk:1" "$CACHE_CTX" >/dev/null 2>>"$W/bk.err" && DOCKER_HOST="unix://$W/docker.sock" $DOCKER push -q "$REG/cache/bk:1" >/dev/null 2>>"$W/bk.err" || echo FAIL >&2; echo $(( (${EPOCHREALTIME//[!0-9]/} - t0) / 1000 )); }
+bk_cache_from() { bk_cold; local t0; t0=${EPOCHREALTIME//[!0-9]/}; DOCKER_HOST="unix://$W/docker.sock" DOCKER_BUILDKIT=1 $DOCKER build --network=none -q --cache-from "$REG/cache/bk:1" "$CACHE_CTX" >/dev/null 2>>"$W/bk.err" || echo FAIL >&2; echo $(( (${EPOCHREALTIME//[!0-9]/} - t0) / 1000 )); }
 cache_builders=(kiln); [ $HAVE_DOCKER = 1 ] && cache_builders+=(bk)
 for round in $(seq "$ROUNDS"); do
   echo "cache round $round/$ROUNDS" >&2
@@ -308,15 +311,15 @@ done
 
 # --- 11: what provenance costs kiln (BuildKit 0.8 in Docker 20.10 makes none): the
 # 10-step build, cold, exported as an OCI tar, without and with --provenance mode=max.
-kiln_oci() { kiln_cold; local t0; t0=$(now_ms); "$KILNCTL" --addr "unix://$W/kilnd.sock" build "$SINGLE" --progress quiet -o "type=oci,dest=$W/p.tar" "$@" >/dev/null 2>>"$W/kiln.err" || echo FAIL >&2; echo $(( $(now_ms) - t0 )); }
+kiln_oci() { kiln_cold; local t0; t0=${EPOCHREALTIME//[!0-9]/}; "$KILNCTL" --addr "unix://$W/kilnd.sock" build "$SINGLE" --progress quiet -o "type=oci,dest=$W/p.tar" "$@" >/dev/null 2>>"$W/kiln.err" || echo FAIL >&2; echo $(( (${EPOCHREALTIME//[!0-9]/} - t0) / 1000 )); }
 for round in $(seq "$ROUNDS"); do
   record "11a cold, 10 steps, -o type=oci" kiln "$(kiln_oci)"
   record "11b the same with --provenance mode=max" kiln "$(kiln_oci --provenance mode=max)"
   record "11e the same with --provenance mode=max --sbom=true" kiln "$(kiln_oci --provenance mode=max --sbom=true)"
   if [ -x "$W/debian/bin/sh" ] 2>/dev/null && [ -d "$W/ctx/apt" ]; then
-    t0=$(now_ms); kiln_cold; "$KILNCTL" --addr "unix://$W/kilnd.sock" build "$W/ctx/apt" --progress quiet -o "type=oci,dest=$W/p.tar" >/dev/null 2>>"$W/kiln.err"; record "11c Debian apt-get install hello, cold, -o type=oci" kiln $(( $(now_ms) - t0 ))
-    t0=$(now_ms); kiln_cold; "$KILNCTL" --addr "unix://$W/kilnd.sock" build "$W/ctx/apt" --progress quiet -o "type=oci,dest=$W/p.tar" --provenance mode=max >/dev/null 2>>"$W/kiln.err"; record "11d the same with --provenance mode=max" kiln $(( $(now_ms) - t0 ))
-    t0=$(now_ms); kiln_cold; "$KILNCTL" --addr "unix://$W/kilnd.sock" build "$W/ctx/apt" --progress quiet -o "type=oci,dest=$W/p.tar" --provenance mode=max --sbom=true >/dev/null 2>>"$W/kiln.err"; record "11f the same with --provenance mode=max --sbom=true" kiln $(( $(now_ms) - t0 ))
+    t0=${EPOCHREALTIME//[!0-9]/}; kiln_cold; "$KILNCTL" --addr "unix://$W/kilnd.sock" build "$W/ctx/apt" --progress quiet -o "type=oci,dest=$W/p.tar" >/dev/null 2>>"$W/kiln.err"; record "11c Debian apt-get install hello, cold, -o type=oci" kiln $(( (${EPOCHREALTIME//[!0-9]/} - t0) / 1000 ))
+    t0=${EPOCHREALTIME//[!0-9]/}; kiln_cold; "$KILNCTL" --addr "unix://$W/kilnd.sock" build "$W/ctx/apt" --progress quiet -o "type=oci,dest=$W/p.tar" --provenance mode=max >/dev/null 2>>"$W/kiln.err"; record "11d the same with --provenance mode=max" kiln $(( (${EPOCHREALTIME//[!0-9]/} - t0) / 1000 ))
+    t0=${EPOCHREALTIME//[!0-9]/}; kiln_cold; "$KILNCTL" --addr "unix://$W/kilnd.sock" build "$W/ctx/apt" --progress quiet -o "type=oci,dest=$W/p.tar" --provenance mode=max --sbom=true >/dev/null 2>>"$W/kiln.err"; record "11f the same with --provenance mode=max --sbom=true" kiln $(( (${EPOCHREALTIME//[!0-9]/} - t0) / 1000 ))
   fi
 done
 
@@ -325,7 +328,7 @@ KILN_PEAK_RSS=$(awk '/VmHWM/{print $2}' /proc/$KILND_PID/status)
 mbps() { awk -v b="$BIG_BYTES" -v ms="$1" 'BEGIN{ if (ms > 0) printf "%.0f", b / 1e6 / (ms / 1000); }'; }
 declare -A TP
 tp() { TP["$1|$2"]="${TP["$1|$2"]:-} $3"; }
-kiln_out() { local t0; t0=$(now_ms); "$KILNCTL" --addr "unix://$W/kilnd.sock" build "$LAYER" --progress quiet -o "$1" >/dev/null 2>>"$W/kiln.err" || echo FAIL >&2; echo $(( $(now_ms) - t0 )); }
+kiln_out() { local t0; t0=${EPOCHREALTIME//[!0-9]/}; "$KILNCTL" --addr "unix://$W/kilnd.sock" build "$LAYER" --progress quiet -o "$1" >/dev/null 2>>"$W/kiln.err" || echo FAIL >&2; echo $(( (${EPOCHREALTIME//[!0-9]/} - t0) / 1000 )); }
 "$KILNCTL" --addr "unix://$W/kilnd.sock" build "$LAYER" --progress quiet >/dev/null 2>>"$W/kiln.err"
 if [ $HAVE_BUILDAH = 1 ]; then "${BUILDAH[@]}" bud --layers --isolation chroot -q -t layer "$LAYER" >/dev/null 2>>"$W/buildah.err"; fi
 for round in $(seq "$ROUNDS"); do
@@ -335,10 +338,10 @@ for round in $(seq "$ROUNDS"); do
     tp "export to OCI tar, $c" kiln "$(mbps "$(kiln_out "type=oci,dest=$W/k.tar,compression=$c,force-compression=true")")"
     tp "push to local registry, $c" kiln "$(mbps "$(kiln_out "type=image,name=$REG/bench/k-$c-$round:1,push=true,compression=$c,force-compression=true")")"
     if [ $HAVE_BUILDAH = 1 ]; then
-      t0=$(now_ms); "${BUILDAH[@]}" push -q --compression-format "$c" layer "oci-archive:$W/b.tar" >/dev/null 2>>"$W/buildah.err"
-      tp "export to OCI tar, $c" bh "$(mbps $(( $(now_ms) - t0 )))"
-      t0=$(now_ms); "${BUILDAH[@]}" push -q --tls-verify=false --compression-format "$c" layer "docker://$REG/bench/b-$c-$round:1" >/dev/null 2>>"$W/buildah.err"
-      tp "push to local registry, $c" bh "$(mbps $(( $(now_ms) - t0 )))"
+      t0=${EPOCHREALTIME//[!0-9]/}; "${BUILDAH[@]}" push -q --compression-format "$c" layer "oci-archive:$W/b.tar" >/dev/null 2>>"$W/buildah.err"
+      tp "export to OCI tar, $c" bh "$(mbps $(( (${EPOCHREALTIME//[!0-9]/} - t0) / 1000 )))"
+      t0=${EPOCHREALTIME//[!0-9]/}; "${BUILDAH[@]}" push -q --tls-verify=false --compression-format "$c" layer "docker://$REG/bench/b-$c-$round:1" >/dev/null 2>>"$W/buildah.err"
+      tp "push to local registry, $c" bh "$(mbps $(( (${EPOCHREALTIME//[!0-9]/} - t0) / 1000 )))"
     fi
     rm -f "$W/k.tar" "$W/b.tar"
   done
@@ -353,9 +356,9 @@ if command -v curl >/dev/null; then
   loc=$(curl -s -o /dev/null -D - -X POST "http://$REG/v2/bench/ingest/blobs/uploads/" | awk 'tolower($1)=="location:"{print $2}' | tr -d '\r')
   case "$loc" in http*) ;; *) loc="http://$REG$loc";; esac
   sep='?'; case "$loc" in *\?*) sep='&';; esac
-  t0=$(now_ms)
+  t0=${EPOCHREALTIME//[!0-9]/}
   if curl -sf -o /dev/null -H 'Content-Type: application/octet-stream' -T "$W/big.dat" "$loc${sep}digest=$big_digest"; then
-    REG_INGEST=$(mbps $(( $(now_ms) - t0 )))
+    REG_INGEST=$(mbps $(( (${EPOCHREALTIME//[!0-9]/} - t0) / 1000 )))
   fi
 fi
 

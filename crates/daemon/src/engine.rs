@@ -166,7 +166,9 @@ impl Engine {
             kiln_worker::ContextProvider::shared_key(&SessionContexts(s.clone()), "context")
         });
         let record = crate::history::started(&req, context);
-        self.history_start(&record);
+        // Durable before the build ends (a daemon killed mid-build leaves it
+        // marked interrupted), but written while the build runs.
+        let recorded = self.history_start(record.clone());
         let r = match session.clone() {
             None => Err(EngineError::InvalidArgument(format!(
                 "no client session {:?} is attached",
@@ -181,8 +183,12 @@ impl Engine {
         };
         let messages = progress.close_and_take();
         self.jobs.remove(&req.r#ref);
+        let (r, used) = match r {
+            Ok((resp, used)) => (Ok(resp), used),
+            Err(e) => (Err(e), Vec::new()),
+        };
         let response: Result<BTreeMap<String, String>, &EngineError> = match &r {
-            Ok((resp, _)) => Ok(resp
+            Ok(resp) => Ok(resp
                 .exporter_response
                 .iter()
                 .map(|(k, v)| (k.clone(), v.clone()))
@@ -193,17 +199,22 @@ impl Engine {
             .as_ref()
             .map(|s| s.secret_values())
             .unwrap_or_default();
-        self.history_finish(record, response.as_ref().map_err(|e| *e), messages, secrets)
-            .await;
-        // Within the policies before the client hears the build is done;
-        // what this build just used stays (its records may share the second
-        // of their last use with older ones).
-        let (r, used) = match r {
-            Ok((resp, used)) => (Ok(resp), used),
-            Err(e) => (Err(e), Vec::new()),
-        };
         crate::metrics::metrics().build_finished(r.is_ok(), started.elapsed().as_secs_f64());
-        if let Err(e) = self.collect_garbage(false, &used).await {
+        // Both before the client hears the build is done, side by side: the
+        // history's record, and the GC policies applied (what this build just
+        // used stays: its records may share the second of their last use with
+        // older ones).
+        let (_, collected) = tokio::join!(
+            self.history_finish(
+                recorded,
+                record,
+                response.as_ref().map_err(|e| *e),
+                messages,
+                secrets
+            ),
+            self.collect_garbage(false, &used)
+        );
+        if let Err(e) = collected {
             tracing::warn!("garbage collection: {e}");
         }
         if let Some(f) = self.config.after_build {

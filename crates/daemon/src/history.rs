@@ -245,11 +245,16 @@ fn select(records: Vec<BuildRecord>, want: &str) -> Result<Vec<BuildRecord>, Eng
 }
 
 impl Engine {
-    /// Records that a build started; failures only cost the record.
-    pub(crate) fn history_start(&self, rec: &BuildRecord) {
-        if let Err(e) = self.worker.meta.history_started(rec) {
-            tracing::warn!("recording build {} in the history: {e}", rec.build_ref);
-        }
+    /// Records that a build started, on the blocking pool; failures only
+    /// cost the record. [`Engine::history_finish`] waits for it, so the end
+    /// is never written before the start.
+    pub(crate) fn history_start(&self, rec: BuildRecord) -> tokio::task::JoinHandle<()> {
+        let worker = self.worker.clone();
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = worker.meta.history_started(&rec) {
+                tracing::warn!("recording build {} in the history: {e}", rec.build_ref);
+            }
+        })
     }
 
     /// Records how a build ended, with its progress log.
@@ -257,6 +262,7 @@ impl Engine {
     /// recorded.
     pub(crate) async fn history_finish(
         &self,
+        recorded: tokio::task::JoinHandle<()>,
         mut rec: BuildRecord,
         result: Result<&BTreeMap<String, String>, &EngineError>,
         mut messages: Vec<StatusResponse>,
@@ -286,6 +292,7 @@ impl Engine {
         }
         let limits = self.config.history.limits();
         let worker = self.worker.clone();
+        let _ = recorded.await;
         let r = tokio::task::spawn_blocking(move || {
             let secrets: Vec<&[u8]> = secrets
                 .iter()
