@@ -122,6 +122,25 @@ fn multi_stage_scratch_image_is_what_docker_would_make() {
         "--progress",
         "plain",
     ]);
+    // The same tarball on stdout is all that reaches stdout: the image
+    // digest `--progress quiet` and `-q` print elsewhere would corrupt it.
+    for quiet in [["--progress", "quiet"], ["-q", "--progress=quiet"]] {
+        let mut args = vec![
+            "build",
+            ctx.path().to_str().unwrap(),
+            "-t",
+            "example.com/demo:v1",
+            "-o",
+            "type=oci,dest=-",
+        ];
+        args.extend(quiet);
+        let piped = d.ok(&args);
+        assert!(
+            piped.stdout == std::fs::read(&tar).unwrap(),
+            "{quiet:?}: stdout ({} bytes) is not the tarball written to a file",
+            piped.stdout.len()
+        );
+    }
     let rootfs = unpack_oci_tar(&tar, out.path(), "v1");
     // Files, modes and owners as Docker would make them.
     let read =

@@ -754,6 +754,10 @@ pub(crate) async fn build(targets: &targets::Targets, mut b: BuildArgs) -> anyho
     if let Some(p) = provenance {
         attrs.insert("attest:provenance".into(), p);
     }
+    // An output written to stdout owns it: nothing else may be printed there.
+    let stdout_taken = exporters
+        .iter()
+        .any(|e| e.attrs.get("dest").is_some_and(|d| d == "-"));
     let mut cache_exports = Vec::new();
     for spec in &b.cache_to {
         let mut e = parse_cache_entry("--cache-to", spec)?;
@@ -882,11 +886,13 @@ pub(crate) async fn build(targets: &targets::Targets, mut b: BuildArgs) -> anyho
     let image_id = meta
         .get("containerimage.config.digest")
         .or(meta.get("containerimage.digest"));
-    if b.quiet
+    if !stdout_taken
+        && b.quiet
         && let Some(d) = image_id
     {
         println!("{d}");
-    } else if mode == progress::Mode::Quiet
+    } else if !stdout_taken
+        && mode == progress::Mode::Quiet
         && let Some(d) = meta.get("containerimage.digest")
     {
         println!("{d}");
