@@ -440,17 +440,20 @@ impl Client {
             .map(|s| (s.id.clone(), s.from.clone()))
             .collect();
         let agents: HashMap<String, PathBuf> = req.ssh.iter().cloned().collect();
-        let session = self
-            .attach_session(&session_id, infos, contexts, secrets, agents)
-            .await?;
-
-        let mut status = self
-            .control()
-            .status(ctl::StatusRequest {
-                r#ref: build_ref.clone(),
-            })
-            .await?
-            .into_inner();
+        // The session and the status stream are set up side by side (one
+        // round trip, not two); the solve follows once progress is watched.
+        let (session, status) = tokio::try_join!(
+            self.attach_session(&session_id, infos, contexts, secrets, agents),
+            async {
+                let mut control = self.control();
+                Ok(control
+                    .status(ctl::StatusRequest {
+                        r#ref: build_ref.clone(),
+                    })
+                    .await?)
+            }
+        )?;
+        let mut status = status.into_inner();
         let mut control = self.control();
         let mut solve_req = tonic::Request::new(SolveRequest {
             r#ref: build_ref,

@@ -460,6 +460,11 @@ pub fn prune(
             && policy.filters.matches(c, now)
             && (policy.keep_duration == 0 || c.last_used < now - policy.keep_duration)
     });
+    // Nothing this policy may remove: no need to measure the state dir
+    // (a walk as long as the cache is big, after every build).
+    if candidates.is_empty() {
+        return Ok(Vec::new());
+    }
     candidates.sort_by_key(|c| c.last_used);
     let mut chosen: Vec<Candidate> = Vec::new();
     if !policy.sized() {
