@@ -179,6 +179,35 @@ fn device_nodes_a_step_makes_cannot_be_opened() {
     }
 }
 
+/// The whole hostile corpus (tests/src/hostile.rs) on one daemon, as the
+/// long fault run builds it: each case refused or built as it must be, the
+/// daemon alive after each, and the canary host directory (content, types
+/// and modes) unchanged at the end.
+#[test]
+fn every_hostile_case_leaves_the_host_alone() {
+    require_root!();
+    let canary = hostile::Canary::plant();
+    let d = Daemon::start();
+    let mut wrong = Vec::new();
+    for case in hostile::corpus(&canary.dir) {
+        if let Err(e) = hostile::run_case(&d, &case) {
+            wrong.push(format!("{}: {e}", case.name));
+        }
+        still_builds(&d, &case.name);
+    }
+    assert!(
+        wrong.is_empty(),
+        "cases kiln got wrong:\n{}",
+        wrong.join("\n")
+    );
+    let changed = canary.changed();
+    assert!(
+        changed.is_empty(),
+        "host paths the hostile cases changed:\n{}",
+        changed.join("\n")
+    );
+}
+
 #[test]
 fn hostile_dockerfiles_get_clear_bounded_errors_and_the_daemon_survives() {
     require_root!();

@@ -197,6 +197,30 @@ pub fn escaping_layer(canary: &Path) -> Vec<u8> {
     finish_tar(t)
 }
 
+/// A layer that lists directories, whites them out and puts symlinks to
+/// the canary in their place: the directory modes applied at the end of
+/// the unpack must not follow them.
+pub fn retyped_dirs_layer(canary: &Path) -> Vec<u8> {
+    let c = canary.display().to_string();
+    let mut t = Vec::new();
+    raw_entry(&mut t, "x/", b'5', "", b"", 0o4777);
+    raw_entry(&mut t, ".wh.x", b'0', "", b"", 0o644);
+    raw_entry(&mut t, "x", b'2', &format!("{c}/f"), b"", 0o777);
+    raw_entry(&mut t, "y/", b'5', "", b"", 0o755);
+    raw_entry(&mut t, "y/z/", b'5', "", b"", 0o4777);
+    raw_entry(&mut t, "y/.wh..wh..opq", b'0', "", b"", 0o644);
+    raw_entry(&mut t, "y/z", b'2', &format!("{c}/d"), b"", 0o777);
+    finish_tar(t)
+}
+
+/// A layer whose whiteout names `..`.
+pub fn dotdot_whiteout_layer() -> Vec<u8> {
+    let mut t = Vec::new();
+    raw_entry(&mut t, "a", b'0', "", b"a", 0o644);
+    raw_entry(&mut t, ".wh...", b'0', "", b"", 0o644);
+    finish_tar(t)
+}
+
 /// A context whose image (`ADD root.tar /` of a busybox root) has `dir`
 /// as a symlink to `link`, and a RUN that uses /dev and /proc.
 pub fn symlinked_root_context(link: &str, dir: &str) -> tempfile::TempDir {
@@ -241,6 +265,45 @@ pub fn stage_chain(n: usize) -> String {
         chain.push_str(&format!("FROM s{} AS s{i}\n", i - 1));
     }
     chain
+}
+
+/// Builds one case; Err says how kiln got it wrong (lost the daemon, an
+/// unbounded error, a build that should have been refused).
+pub fn run_case(d: &crate::Daemon, case: &Case) -> Result<String, String> {
+    let mut args = vec!["build".to_string(), case.ctx.path().display().to_string()];
+    args.extend(["--progress".into(), "plain".into()]);
+    args.extend(case.args.iter().cloned());
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let o = d.kilnctl(&refs);
+    let err = String::from_utf8_lossy(&o.stderr);
+    if err.contains("transport error") || err.contains("h2 protocol") {
+        return Err(format!(
+            "the client lost the daemon: {}",
+            &err[..err.len().min(300)]
+        ));
+    }
+    // The error (not the step output before it) must stay small.
+    let error_part = err.find("ERROR").map_or("", |i| &err[i..]);
+    if !o.status.success() && error_part.len() > 64 << 10 {
+        return Err(format!("{} bytes of error", error_part.len()));
+    }
+    if let Some(want) = &case.must_fail_with
+        && (o.status.success() || !err.contains(want.as_str()))
+    {
+        return Err(format!(
+            "expected a failure naming {want:?}, got: {}",
+            &err[err.len().saturating_sub(400)..]
+        ));
+    }
+    if o.status.success() {
+        return Ok("built".into());
+    }
+    let last = err
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("");
+    Ok(format!("refused: {}", &last[..last.len().min(160)]))
 }
 
 fn case(name: &str, ctx: tempfile::TempDir, args: &[&str], fail: Option<&str>) -> Case {
@@ -340,6 +403,48 @@ pub fn corpus(canary: &Path) -> Vec<Case> {
         &["--build-context", &bc],
         None,
     ));
+
+    let ctx = with_dockerfile(
+        &format!("FROM evil AS e\nFROM busybox\nCOPY --from=e / /x/\n{WRITE_THROUGH}"),
+        &[],
+    );
+    let layout = ctx.path().join("layout");
+    oci_layout_with_layer(&layout, &retyped_dirs_layer(canary));
+    let bc = format!("evil=oci-layout://{}:v1", layout.display());
+    out.push(case(
+        "image-layer-dir-becomes-symlink",
+        ctx,
+        &["--build-context", &bc],
+        None,
+    ));
+    let ctx = with_dockerfile("FROM evil AS e\nFROM busybox\nCOPY --from=e / /x/\n", &[]);
+    let layout = ctx.path().join("layout");
+    oci_layout_with_layer(&layout, &dotdot_whiteout_layer());
+    let bc = format!("evil=oci-layout://{}:v1", layout.display());
+    out.push(case(
+        "image-layer-dotdot-whiteout",
+        ctx,
+        &["--build-context", &bc],
+        Some("a whiteout that names no entry"),
+    ));
+
+    // Files kiln writes itself, where a symlink waits: a heredoc COPY onto
+    // links to the host, and a context file whose temporary name (on the
+    // daemon's side) the context already holds as a link.
+    out.push(case(
+        "heredoc-onto-symlink",
+        with_dockerfile(
+            &format!("FROM busybox\nRUN ln -s {c}/f /pwn && ln -s {c}/new /pwn2 && ln -s {c}/d /pwnd\nCOPY --chmod=4777 <<EOF /pwn\npwned\nEOF\nCOPY <<EOF /pwn2\npwned\nEOF\nCOPY <<EOF /pwnd/new\npwned\nEOF\nRUN test \"$(cat {c}/f)\" = pwned\n"),
+            &[],
+        ),
+        &[],
+        None,
+    ));
+    let ctx = with_dockerfile("FROM busybox\nCOPY . /ctx/\n", &[("payload", "payload\n")]);
+    std::os::unix::fs::symlink(format!("{c}/f"), ctx.path().join("payload.kiln-partial")).unwrap();
+    std::os::unix::fs::symlink(format!("{c}/f"), ctx.path().join("Dockerfile.kiln-partial"))
+        .unwrap();
+    out.push(case("context-partial-name-symlink", ctx, &[], None));
 
     // Deep trees: recursion in whatever walks them.
     for depth in [1500, 4000] {
@@ -462,9 +567,10 @@ fn listing(dir: &Path) -> Vec<String> {
                 Vec::new()
             };
             out.push(format!(
-                "{} {:?} {:?}",
+                "{} {:?} {:o} {:?}",
                 p.display(),
                 md.file_type(),
+                std::os::unix::fs::PermissionsExt::mode(&md.permissions()),
                 content
             ));
             if md.is_dir() {

@@ -42,6 +42,15 @@ fn clean_entry(name: &Path, clamp: bool) -> Option<PathBuf> {
     Some(out)
 }
 
+/// A directory opened as itself: fails if `p` is a symlink or not a directory.
+fn open_dir_nofollow(p: &Path) -> io::Result<fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_DIRECTORY)
+        .open(p)
+}
+
 fn remove_all(p: &Path) -> Result<(), ArchiveError> {
     match fs::symlink_metadata(p) {
         Ok(md) if md.is_dir() => crate::remove::remove_tree(p).map_err(io_at(p)),
@@ -188,11 +197,24 @@ pub fn unpack<R: Read>(
                     let e = e.map_err(io_at(&parent))?;
                     remove_all(&e.path())?;
                 }
+                // Directories removed here get no mode later (a symlink may
+                // take one's name).
+                dirs.retain(|d, _| d == &parent || !d.starts_with(&parent));
                 continue;
             }
             if let Some(victim) = name.strip_prefix(".wh.") {
+                // `.wh.` alone, `.wh..` and `.wh...` name no entry of the
+                // directory: `..` would reach outside it.
+                if matches!(victim, "" | "." | "..") {
+                    return Err(ArchiveError::BadEntry {
+                        path: raw_s,
+                        reason: "a whiteout that names no entry".into(),
+                    });
+                }
                 parents.clear();
-                remove_all(&parent.join(victim))?;
+                let victim = parent.join(victim);
+                remove_all(&victim)?;
+                dirs.retain(|d, _| !d.starts_with(&victim));
                 continue;
             }
         }
@@ -332,10 +354,16 @@ pub fn unpack<R: Read>(
     }
     // Directory modes and times last, so writing into them above worked.
     // Children sort after their parents: reversed, they come first.
+    // Each is opened without following a symlink and changed through the
+    // handle: whatever now has its name, nothing outside is touched.
     for (d, (mode, mtime)) in dirs.into_iter().rev() {
-        fs::set_permissions(&d, fs::Permissions::from_mode(mode)).map_err(io_at(&d))?;
+        let Ok(dir) = open_dir_nofollow(&d) else {
+            continue; // no longer a directory
+        };
+        dir.set_permissions(fs::Permissions::from_mode(mode))
+            .map_err(io_at(&d))?;
         let t = filetime::FileTime::from_unix_time(mtime, 0);
-        let _ = filetime::set_file_times(&d, t, t);
+        let _ = filetime::set_file_handle_times(&dir, Some(t), Some(t));
     }
     Ok(count)
 }

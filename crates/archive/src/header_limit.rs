@@ -14,6 +14,12 @@ use std::io::{self, Read};
 /// Largest long name, long link or PAX header accepted.
 pub const MAX_META_ENTRY: u64 = 1 << 20;
 
+/// GNU sparse extension blocks accepted after one header: 21 regions
+/// each, so about 43,000 regions. The tar crate keeps every region in
+/// memory; with no bound, a stream of extension blocks grew that list
+/// faster than the stream itself.
+const MAX_SPARSE_EXT_BLOCKS: u32 = (MAX_META_ENTRY / BLOCK as u64) as u32;
+
 const BLOCK: usize = 512;
 
 pub struct HeaderLimit<R> {
@@ -24,6 +30,8 @@ pub struct HeaderLimit<R> {
     data_left: u64,
     /// GNU sparse extension blocks follow the header.
     sparse_ext: bool,
+    /// How many of them this entry has had.
+    sparse_ext_blocks: u32,
     /// The sparse entry's data, passed once its extension blocks are.
     pending_data: u64,
     /// The data of a PAX header being collected (to find `size=`).
@@ -39,6 +47,7 @@ impl<R: Read> HeaderLimit<R> {
             header: Vec::with_capacity(BLOCK),
             data_left: 0,
             sparse_ext: false,
+            sparse_ext_blocks: 0,
             pending_data: 0,
             pax: None,
             next_size: None,
@@ -48,6 +57,15 @@ impl<R: Read> HeaderLimit<R> {
     fn on_block(&mut self) -> io::Result<()> {
         let h = std::mem::take(&mut self.header);
         if self.sparse_ext {
+            self.sparse_ext_blocks += 1;
+            if self.sparse_ext_blocks > MAX_SPARSE_EXT_BLOCKS {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "tar sparse entry with more than {MAX_SPARSE_EXT_BLOCKS} extension blocks"
+                    ),
+                ));
+            }
             self.sparse_ext = h[504] != 0;
             if !self.sparse_ext {
                 self.data_left = self.pending_data;
@@ -88,6 +106,7 @@ impl<R: Read> HeaderLimit<R> {
         // GNU sparse: byte 482 says extension blocks follow the header.
         if typ == b'S' && h[482] != 0 {
             self.sparse_ext = true;
+            self.sparse_ext_blocks = 0;
             self.pending_data = padded;
         } else {
             self.data_left = padded;
@@ -277,5 +296,28 @@ mod tests {
         h.set_cksum();
         let e = read_all(h.as_bytes()).unwrap_err().to_string();
         assert!(e.contains("PAX extended header"), "{e}");
+    }
+
+    #[test]
+    fn refuses_a_sparse_entry_with_endless_extension_blocks() {
+        // A GNU sparse header that says extension blocks follow, then more
+        // of them than any real file has, each saying another follows.
+        let mut h = tar::Header::new_gnu();
+        h.set_path("sparse").unwrap();
+        h.set_size(0);
+        h.set_entry_type(tar::EntryType::GNUSparse);
+        let mut block = h.as_bytes().to_vec();
+        block[482] = 1;
+        let mut data = block;
+        let mut ext = vec![0u8; BLOCK];
+        ext[504] = 1;
+        for _ in 0..(MAX_SPARSE_EXT_BLOCKS as usize + 2) {
+            data.extend_from_slice(&ext);
+        }
+        let mut guard = HeaderLimit::new(data.as_slice());
+        let e = io::copy(&mut guard, &mut io::sink())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("extension blocks"), "{e}");
     }
 }

@@ -119,6 +119,8 @@ impl Mirror {
     pub fn open(dir: &Path) -> Result<Self, ContextError> {
         let root = dir.join("root");
         fs::create_dir_all(&root).map_err(io_at(&root))?;
+        // Fetches a failed or killed sync left unfinished.
+        let _ = kiln_archive::remove::remove_tree(dir.join("incoming"));
         let idx = dir.join("index.json");
         let index = match fs::read(&idx) {
             Ok(b) => serde_json::from_slice(&b).unwrap_or_default(),
@@ -190,13 +192,31 @@ impl Mirror {
             .rev()
             .collect();
         for p in gone {
+            if !self.index.contains_key(&p) {
+                continue; // under a directory removed before it
+            }
             let full = root.join(&p);
-            match fs::symlink_metadata(&full) {
-                Ok(md) if md.is_dir() => {
-                    kiln_archive::remove::remove_tree(&full).map_err(io_at(&full))?
+            // Never through a parent that is (now) a symlink: what it points
+            // at is not the mirror's to remove.
+            if parents_are_dirs(&root, &p) {
+                match fs::symlink_metadata(&full) {
+                    Ok(md) if md.is_dir() => {
+                        kiln_archive::remove::remove_tree(&full).map_err(io_at(&full))?
+                    }
+                    Ok(_) => fs::remove_file(&full).map_err(io_at(&full))?,
+                    Err(_) => {}
                 }
-                Ok(_) => fs::remove_file(&full).map_err(io_at(&full))?,
-                Err(_) => {}
+            }
+            // Whatever was recorded below it went with it.
+            let below = format!("{p}/");
+            let stale: Vec<String> = self
+                .index
+                .range(below.clone()..)
+                .take_while(|(k, _)| k.starts_with(&below))
+                .map(|(k, _)| k.clone())
+                .collect();
+            for k in stale {
+                self.index.remove(&k);
             }
             self.index.remove(&p);
             plan.removed += 1;
@@ -210,12 +230,12 @@ impl Mirror {
                     plan.unchanged += 1;
                     continue;
                 }
+                ensure_parent_safe(&root, &p)?;
                 if old.is_none() {
-                    ensure_parent_safe(&root, &p)?;
                     fs::create_dir_all(&full).map_err(io_at(&full))?;
                 }
-                fs::set_permissions(&full, fs::Permissions::from_mode(e.mode & 0o7777))
-                    .map_err(io_at(&full))?;
+                // The directory itself, never a symlink in its place.
+                set_mode_nofollow(&full, e.mode & 0o7777)?;
                 plan.touched += 1;
                 self.index.insert(p, e);
             } else if e.is_symlink() {
@@ -247,7 +267,9 @@ impl Mirror {
         Ok(plan)
     }
 
-    /// Starts writing a fetched file; finish with `finish_file`.
+    /// Starts writing a fetched file; finish with `finish_file`. The file
+    /// is made new in `incoming/`, beside the mirrored tree, where no name
+    /// the client sends can point.
     pub fn create_file(
         &self,
         rel: &str,
@@ -255,9 +277,23 @@ impl Mirror {
         check_rel(rel)?;
         let root = self.root();
         ensure_parent_safe(&root, rel)?;
-        let tmp = root.join(format!("{rel}.kiln-partial"));
-        let f = fs::File::create(&tmp).map_err(io_at(&tmp))?;
-        Ok((tmp, HashingWriter::new(f)))
+        let incoming = self.dir.join("incoming");
+        fs::create_dir_all(&incoming).map_err(io_at(&incoming))?;
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        loop {
+            let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let tmp = incoming.join(n.to_string());
+            // O_CREAT|O_EXCL: a new file, never one (or a link) already there.
+            match fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&tmp)
+            {
+                Ok(f) => return Ok((tmp, HashingWriter::new(f))),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(io_at(&tmp)(e)),
+            }
+        }
     }
 
     pub fn finish_file(
@@ -267,26 +303,34 @@ impl Mirror {
         w: HashingWriter<fs::File>,
     ) -> Result<(), ContextError> {
         let (mut f, digest, _) = w.finish();
-        f.flush().map_err(io_at(&tmp))?;
-        drop(f);
-        let full = self.root().join(rel);
-        if let Some(e) = self.index.get_mut(rel) {
-            fs::set_permissions(&tmp, fs::Permissions::from_mode(e.mode & 0o7777))
-                .map_err(io_at(&tmp))?;
-            let t = filetime::FileTime::from_unix_time(
-                e.mtime_ns.div_euclid(1_000_000_000),
-                e.mtime_ns.rem_euclid(1_000_000_000) as u32,
-            );
-            let _ = filetime::set_file_times(&tmp, t, t);
-            e.digest = Some(digest.to_string());
+        let placed = (|| {
+            f.flush().map_err(io_at(&tmp))?;
+            if let Some(e) = self.index.get_mut(rel) {
+                // On the open file: nothing on the way is a path to follow.
+                f.set_permissions(fs::Permissions::from_mode(e.mode & 0o7777))
+                    .map_err(io_at(&tmp))?;
+                let t = filetime::FileTime::from_unix_time(
+                    e.mtime_ns.div_euclid(1_000_000_000),
+                    e.mtime_ns.rem_euclid(1_000_000_000) as u32,
+                );
+                let _ = filetime::set_file_handle_times(&f, Some(t), Some(t));
+                e.digest = Some(digest.to_string());
+            }
+            let root = self.root();
+            ensure_parent_safe(&root, rel)?;
+            let full = root.join(rel);
+            if let Ok(md) = fs::symlink_metadata(&full)
+                && md.is_dir()
+            {
+                kiln_archive::remove::remove_tree(&full).map_err(io_at(&full))?;
+            }
+            // rename replaces a symlink at `full`, never what it points to.
+            fs::rename(&tmp, &full).map_err(io_at(&full))
+        })();
+        if placed.is_err() {
+            let _ = fs::remove_file(&tmp);
         }
-        if let Ok(md) = fs::symlink_metadata(&full)
-            && md.is_dir()
-        {
-            kiln_archive::remove::remove_tree(&full).map_err(io_at(&full))?;
-        }
-        fs::rename(&tmp, &full).map_err(io_at(&full))?;
-        Ok(())
+        placed
     }
 
     /// Makes the hardlinks of a plan, after the files they link to are in
@@ -456,6 +500,28 @@ fn hash_entry(d: &mut Digester, buf: &mut String, path: &str, e: &Entry) {
 
 /// Refuses to write below a parent that is a symlink (a hostile tree could
 /// otherwise send "link -> /etc" and then "link/passwd").
+/// Whether every parent of `rel` under `root` is a real directory.
+fn parents_are_dirs(root: &Path, rel: &str) -> bool {
+    let mut cur = root.to_path_buf();
+    let comps: Vec<&str> = rel.split('/').collect();
+    comps[..comps.len().saturating_sub(1)].iter().all(|c| {
+        cur.push(c);
+        fs::symlink_metadata(&cur).is_ok_and(|md| md.is_dir())
+    })
+}
+
+/// chmod of a directory entry that is not followed if it is a symlink.
+fn set_mode_nofollow(path: &Path, mode: u32) -> Result<(), ContextError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_DIRECTORY)
+        .open(path)
+        .map_err(io_at(path))?;
+    f.set_permissions(fs::Permissions::from_mode(mode))
+        .map_err(io_at(path))
+}
+
 fn ensure_parent_safe(root: &Path, rel: &str) -> Result<(), ContextError> {
     let mut cur = root.to_path_buf();
     let comps: Vec<&str> = rel.split('/').collect();
@@ -681,5 +747,60 @@ mod tests {
         assert!(!glob_match(&p, &"a".repeat(40)));
         let stars = "*".repeat(200_000);
         assert!(glob_match(&stars, "name"));
+    }
+
+    /// A client that turns a directory into a symlink out of the mirror
+    /// while still listing what was under it: nothing outside is chmodded
+    /// or removed, in that sync or the next.
+    #[test]
+    fn entries_under_a_retyped_directory_never_reach_out() {
+        let d = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let victim = outside.path().join("shadow");
+        fs::create_dir(&victim).unwrap();
+        fs::set_permissions(&victim, fs::Permissions::from_mode(0o700)).unwrap();
+        let mode = |p: &Path| fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777;
+        let mut m = Mirror::open(d.path()).unwrap();
+        m.plan(&[
+            stat("p", S_IFDIR | 0o755, 0, 1),
+            stat("p/shadow", S_IFDIR | 0o755, 0, 1),
+        ])
+        .unwrap();
+        let mut link = stat("p", S_IFLNK | 0o777, 0, 2);
+        link.linkname = outside.path().display().to_string();
+        let r = m.plan(&[link.clone(), stat("p/shadow", S_IFDIR | 0o4777, 0, 2)]);
+        assert!(r.is_err(), "a path under a symlink was accepted");
+        assert_eq!(mode(&victim), 0o700);
+        m.plan(&[link]).unwrap();
+        assert!(victim.exists(), "the mirror removed a directory outside it");
+        assert_eq!(mode(&victim), 0o700);
+    }
+
+    /// A context holding a symlink where the daemon once put its temporary
+    /// file (`<name>.kiln-partial`): the file's bytes, mode and times go
+    /// into the mirror, never through the link.
+    #[test]
+    fn fetched_files_are_not_written_through_links_in_the_tree() {
+        let d = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let target = outside.path().join("target");
+        fs::write(&target, "host\n").unwrap();
+        fs::set_permissions(&target, fs::Permissions::from_mode(0o600)).unwrap();
+        let mut m = Mirror::open(d.path()).unwrap();
+        let mut link = stat("payload.kiln-partial", S_IFLNK | 0o777, 0, 1);
+        link.linkname = target.display().to_string();
+        let plan = m
+            .plan(&[link, stat("payload", S_IFREG | 0o4755, 8, 1)])
+            .unwrap();
+        fetch(&mut m, &plan, "payload\n");
+        assert_eq!(fs::read_to_string(&target).unwrap(), "host\n");
+        assert_eq!(
+            fs::metadata(&target).unwrap().permissions().mode() & 0o7777,
+            0o600
+        );
+        assert_eq!(
+            fs::read_to_string(m.root().join("payload")).unwrap(),
+            "payload\n"
+        );
     }
 }

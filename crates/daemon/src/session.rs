@@ -299,7 +299,7 @@ impl Session {
         let (id, mut rx) = self.register();
         self.send(DMsg::SshOpen(pb::SshOpen { id, ssh_id })).await?;
         let (to_client, mut out_rx) = mpsc::channel::<Vec<u8>>(16);
-        let (in_tx, from_client) = mpsc::unbounded_channel::<Vec<u8>>();
+        let (in_tx, from_client) = mpsc::channel::<Vec<u8>>(16);
         let sess = self.clone();
         tokio::spawn(async move {
             let mut out_open = true;
@@ -315,7 +315,7 @@ impl Session {
                     }
                     m = rx.recv() => match m {
                         Some(CMsg::SshData(d)) => {
-                            if !d.data.is_empty() && in_tx.send(d.data).is_err() {
+                            if !d.data.is_empty() && in_tx.send(d.data).await.is_err() {
                                 break;
                             }
                             if d.eof {

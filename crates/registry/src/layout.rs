@@ -4,7 +4,9 @@
 //! directory comes from the client and is not trusted.
 
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
+#[cfg(test)]
+use std::path::PathBuf;
 
 use kiln_content::ContentStore;
 use kiln_digest::Digest;
@@ -54,15 +56,45 @@ fn layout_err(root: &Path, message: impl std::fmt::Display) -> RegistryError {
     }
 }
 
+#[cfg(test)]
 fn blob_path(root: &Path, d: &Digest) -> PathBuf {
-    root.join("blobs").join(d.algorithm()).join(d.hex())
+    root.join(blob_rel(d))
+}
+
+fn blob_rel(d: &Digest) -> String {
+    format!("blobs/{}/{}", d.algorithm(), d.hex())
+}
+
+/// Opens a file of the layout for reading as if the layout were the root
+/// of the filesystem: a symlink (the layout may be mirrored from a client)
+/// resolves inside it, never to a host file; only a regular file opens,
+/// and a FIFO in its place cannot block.
+fn open_in_layout(root: &Path, rel: &str) -> std::io::Result<std::fs::File> {
+    use rustix::fs::{Mode, OFlags, ResolveFlags};
+    let dir = rustix::fs::open(
+        root,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    let fd = rustix::fs::openat2(
+        &dir,
+        rel,
+        OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NONBLOCK | OFlags::NOCTTY,
+        Mode::empty(),
+        ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS | ResolveFlags::NO_XDEV,
+    )?;
+    let f = std::fs::File::from(fd);
+    if !f.metadata()?.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    Ok(f)
 }
 
 /// Reads a small blob and checks its digest.
 /// A small blob of the layout (a manifest, a config), bounded and verified.
 pub fn read_verified(root: &Path, d: &Digest) -> Result<Vec<u8>, RegistryError> {
-    let path = blob_path(root, d);
-    let f = std::fs::File::open(&path).map_err(|e| layout_err(root, format!("blob {d}: {e}")))?;
+    let f = open_in_layout(root, &blob_rel(d))
+        .map_err(|e| layout_err(root, format!("blob {d}: {e}")))?;
     let mut data = Vec::new();
     f.take(MAX_DOCUMENT + 1)
         .read_to_end(&mut data)
@@ -91,7 +123,7 @@ fn json(root: &Path, data: &[u8], what: &str) -> Result<serde_json::Value, Regis
 /// digest, by tag, else the only entry or the one tagged latest.
 pub fn selected(root: &Path, sel: &Selector) -> Result<Digest, RegistryError> {
     let mut index_data = Vec::new();
-    std::fs::File::open(root.join("index.json"))
+    open_in_layout(root, "index.json")
         .and_then(|f| f.take(MAX_DOCUMENT + 1).read_to_end(&mut index_data))
         .map_err(|e| layout_err(root, format!("index.json: {e} (is this an OCI layout?)")))?;
     if index_data.len() as u64 > MAX_DOCUMENT {
@@ -232,11 +264,11 @@ pub fn import_blob(
     if store.exists(&layer.digest) {
         return Ok(());
     }
-    let path = blob_path(root, &layer.digest);
-    let mut f = std::fs::File::open(&path)
+    let f = open_in_layout(root, &blob_rel(&layer.digest))
         .map_err(|e| layout_err(root, format!("blob {}: {e}", layer.digest)))?;
     let mut w = store.writer()?;
-    std::io::copy(&mut f, &mut w)
+    // No more than the descriptor says (a blob that grows is not copied on).
+    std::io::copy(&mut f.take(layer.size.saturating_add(1)), &mut w)
         .map_err(|e| layout_err(root, format!("blob {}: {e}", layer.digest)))?;
     w.commit(Some(&layer.digest))?;
     Ok(())

@@ -602,8 +602,21 @@ impl RegistryClient {
         let res = self.get_blob(&client, &r, creds, &layer.digest).await?;
         let mut stream = res.bytes_stream();
         let mut w = store.writer()?;
+        let mut received: u64 = 0;
         while let Some(chunk) = stream.next().await {
             let chunk = chunk.map_err(|e| err(&r, cause(&e)))?;
+            // The descriptor says how big the blob is: a registry that sends
+            // more is stopped there, not allowed to fill the disk.
+            received = received.saturating_add(chunk.len() as u64);
+            if received > layer.size {
+                return Err(err(
+                    &r,
+                    format!(
+                        "blob {} is larger than the {} bytes its descriptor gives",
+                        layer.digest, layer.size
+                    ),
+                ));
+            }
             // Small synchronous writes to a local file; the download dominates.
             w.write_all(&chunk).map_err(|e| err(&r, cause(&e)))?;
         }
@@ -668,10 +681,14 @@ impl RegistryClient {
     ) -> Result<String, RegistryError> {
         let r = parse_reference(reference)?;
         let client = self.client_for(&r, force_http, creds);
-        client
-            .auth(&r, &Self::auth(creds), oci_client::RegistryOperation::Push)
-            .await
-            .map_err(|e| err(&r, cause(&e)))?;
+        self.token(
+            &client,
+            &r,
+            creds,
+            oci_client::RegistryOperation::Push,
+            force_http,
+        )
+        .await?;
         for data in blobs {
             let d = Digest::of(data);
             if client.blob_exists(&r, d.as_str()).await.unwrap_or(false) {

@@ -1,8 +1,9 @@
-//! Manifest GETs with a size bound. oci-client reads a manifest's body
-//! whole, so a registry that answers `FROM` or `--cache-from` with gigabytes
-//! would have kilnd hold them all. The auth handshake stays oci-client's
-//! (`Client::auth` gives the bearer token it negotiated); the GET is ours,
-//! streamed and cut at [`MAX_MANIFEST`], and verified against its digest.
+//! Manifest GETs and the token handshake with a size bound. oci-client
+//! reads a manifest's body, and a token service's answer, whole: a registry
+//! that answers `FROM` or `--cache-from` with gigabytes would have kilnd
+//! hold them all. Ours are streamed and cut ([`MAX_MANIFEST`]), manifests
+//! verified against their digest; oci-client is handed the token for the
+//! uploads it still makes.
 
 use futures::StreamExt;
 use kiln_digest::Digest;
@@ -13,6 +14,49 @@ use crate::{Credentials, RegistryClient, RegistryError, cause, err};
 /// The largest manifest or index read (real ones are kilobytes; BuildKit
 /// caps them at 4 MiB too).
 pub const MAX_MANIFEST: u64 = 4 << 20;
+
+/// The largest token service answer read (a token is a few kilobytes).
+const MAX_TOKEN_ANSWER: u64 = 256 << 10;
+
+/// `text` cut to at most `max` bytes (on a character boundary).
+fn kiln_text_bounded(text: &str, max: usize) -> &str {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
+/// The realm and service of a `WWW-Authenticate: Bearer ...` challenge.
+fn bearer_challenge(header: &str) -> Option<(String, Option<String>)> {
+    let rest = header.trim_start();
+    let (scheme, params) = rest.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return None;
+    }
+    let (mut realm, mut service) = (None, None);
+    // key="value" pairs separated by commas; values may hold commas.
+    let mut s = params.trim();
+    while !s.is_empty() {
+        let (key, after) = s.split_once('=')?;
+        let key = key.trim().trim_start_matches(',').trim();
+        let after = after.trim_start();
+        let (value, next) = if let Some(quoted) = after.strip_prefix('"') {
+            let end = quoted.find('"')?;
+            (&quoted[..end], &quoted[end + 1..])
+        } else {
+            let end = after.find(',').unwrap_or(after.len());
+            (after[..end].trim(), &after[end..])
+        };
+        match key.to_ascii_lowercase().as_str() {
+            "realm" => realm = Some(value.to_string()),
+            "service" => service = Some(value.to_string()),
+            _ => {}
+        }
+        s = next.trim_start().trim_start_matches(',').trim_start();
+    }
+    Some((realm?, service))
+}
 
 impl RegistryClient {
     /// A reqwest client with the same TLS settings as `client_for`, one per
@@ -45,27 +89,102 @@ impl RegistryClient {
     /// The bearer token for `op` on `r`'s repository (None when the
     /// registry needs none), reused for [`crate::pool::TOKEN_TTL`]: without
     /// it every request would first ask `/v2/` how to authenticate.
-    async fn token(
+    pub(crate) async fn token(
         &self,
         client: &oci_client::Client,
         r: &Reference,
         creds: Option<&Credentials>,
         op: RegistryOperation,
+        force_http: bool,
     ) -> Result<Option<String>, RegistryError> {
         let key = self.token_key(r, creds, op);
-        if let Some((token, at)) = self.pool.tokens.get(&key)
-            && at.elapsed() < crate::pool::TOKEN_TTL
-        {
-            return Ok(token);
+        let token = match self.pool.tokens.get(&key) {
+            Some((token, at)) if at.elapsed() < crate::pool::TOKEN_TTL => token,
+            _ => {
+                let token = self.negotiate(client, r, creds, op, force_http).await?;
+                self.pool
+                    .tokens
+                    .insert(key, (token.clone(), std::time::Instant::now()));
+                token
+            }
+        };
+        // oci-client's uploads use the same token: handed over, it never
+        // asks for one itself (its own ask reads the answer unbounded).
+        if let Some(t) = &token {
+            let _ = client
+                .auth(r, &oci_client::secrets::RegistryAuth::Bearer(t.clone()), op)
+                .await;
         }
-        let token = client
-            .auth(r, &Self::auth(creds), op)
-            .await
-            .map_err(|e| err(r, cause(&e)))?;
-        self.pool
-            .tokens
-            .insert(key, (token.clone(), std::time::Instant::now()));
         Ok(token)
+    }
+
+    /// The token handshake of the distribution spec: `/v2/` says how to
+    /// authenticate; a Bearer challenge names the token service, asked with
+    /// the credentials for this repository and operation. Every answer is
+    /// read with a bound, so a hostile registry or token service cannot make
+    /// kilnd hold more. None: the registry wants no token (open, or HTTP
+    /// Basic, which oci-client is then told about).
+    async fn negotiate(
+        &self,
+        client: &oci_client::Client,
+        r: &Reference,
+        creds: Option<&Credentials>,
+        op: RegistryOperation,
+        force_http: bool,
+    ) -> Result<Option<String>, RegistryError> {
+        let http = self.http_client(r)?;
+        let base = self.repository_url(r, force_http);
+        let v2 = format!("{}/", &base[..base.len() - r.repository().len() - 1]);
+        let res = http.get(&v2).send().await.map_err(|e| err(r, cause(&e)))?;
+        let challenge = res
+            .headers()
+            .get(http::header::WWW_AUTHENTICATE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        drop(res);
+        let Some(challenge) = challenge else {
+            return Ok(None);
+        };
+        let Some((realm, service)) = bearer_challenge(&challenge) else {
+            // HTTP Basic: oci-client learns the credentials (its check of
+            // `/v2/` reads no body).
+            client
+                .auth(r, &Self::auth(creds), op)
+                .await
+                .map_err(|e| err(r, cause(&e)))?;
+            return Ok(None);
+        };
+        let scope = match op {
+            RegistryOperation::Pull => format!("repository:{}:pull", r.repository()),
+            RegistryOperation::Push => format!("repository:{}:pull,push", r.repository()),
+        };
+        let mut query = vec![("scope", scope)];
+        if let Some(s) = service {
+            query.push(("service", s));
+        }
+        let mut req = http.get(&realm).query(&query);
+        if let Some(c) = creds.filter(|c| !c.username.is_empty()) {
+            req = req.basic_auth(&c.username, Some(&c.password));
+        }
+        let res = req.send().await.map_err(|e| err(r, cause(&e)))?;
+        let status = res.status();
+        let body = Self::read_capped(res, r, MAX_TOKEN_ANSWER, "token service answer").await?;
+        if !status.is_success() {
+            let text = String::from_utf8_lossy(&body);
+            return Err(err(
+                r,
+                format!(
+                    "token service: HTTP {status}: {}",
+                    kiln_text_bounded(&text, 512)
+                ),
+            ));
+        }
+        let a: serde_json::Value = serde_json::from_slice(&body)
+            .map_err(|e| err(r, format!("token service answer: {e}")))?;
+        match a["token"].as_str().or(a["access_token"].as_str()) {
+            Some(t) if !t.is_empty() => Ok(Some(t.to_string())),
+            _ => Err(err(r, "token service answer holds no token")),
+        }
     }
 
     fn token_key(
@@ -140,12 +259,13 @@ impl RegistryClient {
         r: &Reference,
         creds: Option<&Credentials>,
         op: RegistryOperation,
+        force_http: bool,
         make: impl Fn(&reqwest::Client) -> reqwest::RequestBuilder,
     ) -> Result<reqwest::Response, RegistryError> {
         let mut refused = false;
         let mut broken = false;
         loop {
-            let token = self.token(client, r, creds, op).await?;
+            let token = self.token(client, r, creds, op, force_http).await?;
             let mut req = make(&self.http_client(r)?);
             req = match (token, creds) {
                 (Some(t), _) => req.bearer_auth(t),
@@ -186,7 +306,7 @@ impl RegistryClient {
     ) -> Result<reqwest::Response, RegistryError> {
         let url = self.manifest_url(r, false);
         let accept = accepted.join(", ");
-        self.send_authorized(client, r, creds, RegistryOperation::Pull, |c| {
+        self.send_authorized(client, r, creds, RegistryOperation::Pull, false, |c| {
             c.request(method.clone(), &url)
                 .header(http::header::ACCEPT, accept.clone())
         })
@@ -205,7 +325,9 @@ impl RegistryClient {
     ) -> Result<bool, RegistryError> {
         let url = format!("{}/blobs/{d}", self.repository_url(r, force_http));
         let res = self
-            .send_authorized(client, r, creds, RegistryOperation::Push, |c| c.head(&url))
+            .send_authorized(client, r, creds, RegistryOperation::Push, force_http, |c| {
+                c.head(&url)
+            })
             .await?;
         match res.status() {
             s if s.is_success() => Ok(true),
@@ -225,7 +347,9 @@ impl RegistryClient {
     ) -> Result<reqwest::Response, RegistryError> {
         let url = format!("{}/blobs/{d}", self.repository_url(r, false));
         let res = self
-            .send_authorized(client, r, creds, RegistryOperation::Pull, |c| c.get(&url))
+            .send_authorized(client, r, creds, RegistryOperation::Pull, false, |c| {
+                c.get(&url)
+            })
             .await?;
         match res.status() {
             s if s.is_success() => Ok(res),
@@ -247,7 +371,7 @@ impl RegistryClient {
         let url = self.manifest_url(r, force_http);
         let body = manifest.to_vec();
         let res = self
-            .send_authorized(client, r, creds, RegistryOperation::Push, |c| {
+            .send_authorized(client, r, creds, RegistryOperation::Push, force_http, |c| {
                 c.put(&url)
                     .header(http::header::CONTENT_TYPE, media_type)
                     .body(body.clone())
@@ -410,5 +534,113 @@ mod tests {
                 .to_string();
             assert!(e.contains("more than 4194304 bytes"), "{say_length}: {e}");
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_blob_longer_than_its_descriptor_is_cut_off() {
+        let client = RegistryClient::new(Default::default());
+        let store_dir = tempfile::tempdir().unwrap();
+        let store = kiln_content::ContentStore::open(store_dir.path()).unwrap();
+        let addr = hostile_registry(64 << 20, false);
+        let layer = crate::LayerDesc {
+            digest: Digest::of(b"0123456789"),
+            media_type: "application/vnd.oci.image.layer.v1.tar".into(),
+            size: 10,
+        };
+        let e = client
+            .fetch_blob(&format!("{addr}/x/y:v1"), &layer, &store, None)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("larger than the 10 bytes"), "{e}");
+        assert!(store.list().unwrap().is_empty());
+    }
+
+    #[test]
+    fn bearer_challenges_are_read_as_registries_write_them() {
+        assert_eq!(
+            bearer_challenge(
+                r#"Bearer realm="https://auth.example/token",service="registry.example",scope="repository:a/b:pull,push""#
+            ),
+            Some((
+                "https://auth.example/token".to_string(),
+                Some("registry.example".to_string())
+            ))
+        );
+        assert_eq!(
+            bearer_challenge(r#"bearer service="s", realm="http://h/t""#),
+            Some(("http://h/t".to_string(), Some("s".to_string())))
+        );
+        assert_eq!(bearer_challenge(r#"Basic realm="Registry Realm""#), None);
+        assert_eq!(bearer_challenge(r#"Bearer service="s""#), None);
+    }
+
+    /// A registry whose token service gives `token_answer`; manifests are
+    /// served only with `Authorization: Bearer good`.
+    fn token_registry(token_answer: Vec<u8>) -> String {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let realm = format!("http://{addr}/token");
+        std::thread::spawn(move || {
+            for conn in l.incoming().flatten() {
+                let mut r = BufReader::new(conn.try_clone().unwrap());
+                let mut line = String::new();
+                let _ = r.read_line(&mut line);
+                let mut authorized = false;
+                loop {
+                    let mut h = String::new();
+                    if r.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
+                        break;
+                    }
+                    authorized |= h.eq_ignore_ascii_case("authorization: bearer good\r\n");
+                }
+                let mut w = conn;
+                let reply = if line.starts_with("GET /token") {
+                    let mut head = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n",
+                        token_answer.len()
+                    )
+                    .into_bytes();
+                    head.extend_from_slice(&token_answer);
+                    head
+                } else if authorized {
+                    let doc = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a","size":2},"layers":[]}"#;
+                    let mut head = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: application/vnd.oci.image.manifest.v1+json\r\nContent-Length: {}\r\n\r\n",
+                        doc.len()
+                    )
+                    .into_bytes();
+                    head.extend_from_slice(doc);
+                    head
+                } else {
+                    format!(
+                        "HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Bearer realm=\"{realm}\",service=\"test\"\r\nContent-Length: 0\r\n\r\n"
+                    )
+                    .into_bytes()
+                };
+                let _ = w.write_all(&reply);
+            }
+        });
+        addr
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn tokens_are_asked_with_bounds() {
+        let client = RegistryClient::new(Default::default());
+        // A token service that answers properly: the manifest comes.
+        let addr = token_registry(br#"{"token":"good"}"#.to_vec());
+        let (doc, _) = client
+            .fetch_manifest(&format!("{addr}/x/y:v1"), None)
+            .await
+            .unwrap();
+        assert!(String::from_utf8_lossy(&doc).contains("schemaVersion"));
+        // One that answers with 64 MiB is refused, not held.
+        let addr = token_registry(vec![b' '; 64 << 20]);
+        let e = client
+            .fetch_manifest(&format!("{addr}/x/y:v1"), None)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("more than 262144 bytes"), "{e}");
     }
 }

@@ -24,6 +24,10 @@ pub const INLINE_KEY: &str = "moby.buildkit.cache.v0";
 /// The largest cache config or manifest read (BuildKit reads at most 1 MiB).
 pub const MAX_METADATA: u64 = 8 << 20;
 
+/// Most layers a cached result may have: more than any image can hold
+/// (overlayfs stacks at most ~500 lower directories, Docker refuses 128).
+const MAX_CHAIN: usize = 512;
+
 const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
@@ -258,7 +262,15 @@ impl CacheIndex {
             .or_else(|| {
                 r.chained
                     .iter()
-                    .find(|c| !c.layers.is_empty() && c.layers.iter().all(|l| (0..n).contains(l)))
+                    .find(|c| {
+                        // A chain is an image's layers: each once, no more of
+                        // them than an image can have.
+                        let distinct: HashSet<&i64> = c.layers.iter().collect();
+                        !c.layers.is_empty()
+                            && c.layers.len() <= MAX_CHAIN
+                            && distinct.len() == c.layers.len()
+                            && c.layers.iter().all(|l| (0..n).contains(l))
+                    })
                     .map(|c| RecordResult::Chain(c.layers.iter().map(|l| *l as usize).collect()))
             });
         if let Some(result) = result {
@@ -285,8 +297,12 @@ impl CacheIndex {
                 let mut seen = HashSet::new();
                 let mut cur = *top as i64;
                 while cur >= 0 {
-                    // A loop (or a parent out of range) makes the chain unusable.
-                    if !seen.insert(cur) || cur as usize >= self.layers.len() {
+                    // A loop (or a parent out of range, or a chain longer
+                    // than an image) makes the chain unusable.
+                    if !seen.insert(cur)
+                        || cur as usize >= self.layers.len()
+                        || out.len() >= MAX_CHAIN
+                    {
                         return None;
                     }
                     out.push(cur as usize);

@@ -600,15 +600,28 @@ pub fn mkdir(root: &Path, a: &pb::FileActionMkDir) -> Result<(), FileOpError> {
 }
 
 pub fn mkfile(root: &Path, a: &pb::FileActionMkFile) -> Result<(), FileOpError> {
-    let p = resolve_in_root(root, &a.path, false)?;
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    // As BuildKit: a symlink at the path is followed, inside the root.
+    let p = resolve_in_root(root, &a.path, true)?;
     if let Some(parent) = p.parent() {
         fs::create_dir_all(parent).map_err(ioe(parent.display()))?;
     }
-    fs::write(&p, &a.data).map_err(ioe(p.display()))?;
-    fs::set_permissions(&p, fs::Permissions::from_mode(a.mode)).map_err(ioe(p.display()))?;
+    // The resolved path has no symlink left; O_NOFOLLOW makes sure, and
+    // mode and owner are set on the open file, not through a path.
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .open(&p)
+        .map_err(ioe(p.display()))?;
+    f.write_all(&a.data).map_err(ioe(p.display()))?;
+    f.set_permissions(fs::Permissions::from_mode(a.mode))
+        .map_err(ioe(p.display()))?;
     if let Some(c) = &a.chown {
         let (u, g) = resolve_owner(root, c)?;
-        lchown(&p, u, g)?;
+        std::os::unix::fs::fchown(&f, Some(u), Some(g)).map_err(ioe(p.display()))?;
     }
     Ok(())
 }
@@ -631,6 +644,39 @@ pub fn symlink_action(root: &Path, a: &pb::FileActionSymlink) -> Result<(), File
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A heredoc COPY onto a symlink follows it inside the root (as
+    /// BuildKit does), never to the host path it names.
+    #[test]
+    fn mkfile_follows_a_link_inside_the_root_only() {
+        let root = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let host = outside.path().join("f");
+        fs::write(&host, "host").unwrap();
+        fs::set_permissions(&host, fs::Permissions::from_mode(0o600)).unwrap();
+        symlink(&host, root.path().join("pwn")).unwrap();
+        mkfile(
+            root.path(),
+            &pb::FileActionMkFile {
+                path: "/pwn".into(),
+                mode: 0o4755,
+                data: b"pwned".to_vec(),
+                chown: None,
+            },
+        )
+        .unwrap();
+        assert_eq!(fs::read_to_string(&host).unwrap(), "host");
+        assert_eq!(
+            fs::metadata(&host).unwrap().permissions().mode() & 0o7777,
+            0o600
+        );
+        let inside = root.path().join(host.strip_prefix("/").unwrap());
+        assert_eq!(fs::read_to_string(&inside).unwrap(), "pwned");
+        assert_eq!(
+            fs::metadata(&inside).unwrap().permissions().mode() & 0o7777,
+            0o4755
+        );
+    }
 
     #[test]
     fn symbolic_modes() {

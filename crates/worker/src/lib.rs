@@ -112,7 +112,9 @@ pub trait ContextProvider: Send + Sync {
 /// that direction) and bytes from it (the channel closes at its end).
 pub struct SshStream {
     pub to_client: tokio::sync::mpsc::Sender<Vec<u8>>,
-    pub from_client: tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>,
+    /// Bounded: a step that stops reading holds the client's data back
+    /// instead of growing the daemon's memory.
+    pub from_client: tokio::sync::mpsc::Receiver<Vec<u8>>,
 }
 
 pub struct Job {

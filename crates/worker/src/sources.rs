@@ -3,6 +3,7 @@
 //! and HTTP downloads.
 
 use std::fs;
+use std::path::Path;
 use std::sync::Arc;
 
 use kiln_cache::{CacheRecord, SnapshotRecord};
@@ -199,8 +200,16 @@ impl Worker {
         let mut w = self.content.writer()?;
         let mut stream = resp.bytes_stream();
         use futures_util::StreamExt as _;
+        let (mut received, mut checked) = (0u64, 0u64);
         while let Some(chunk) = stream.next().await {
             let chunk = chunk.map_err(|e| WorkerError::Other(format!("ADD {url}: {e}")))?;
+            received += chunk.len() as u64;
+            // A URL the Dockerfile names may never end: the download stops
+            // before it takes the disk's last free space.
+            if received - checked >= DISK_CHECK_EVERY {
+                checked = received;
+                check_disk_reserve(&self.root, &url)?;
+            }
             std::io::Write::write_all(&mut w, &chunk)
                 .map_err(|e| WorkerError::Other(format!("ADD {url}: {e}")))?;
         }
@@ -253,4 +262,25 @@ impl Worker {
         .map_err(|e| WorkerError::Other(e.to_string()))??;
         Ok((id, digest))
     }
+}
+
+/// Bytes an ADD download writes between two looks at the free space.
+const DISK_CHECK_EVERY: u64 = 64 << 20;
+
+/// The free space an ADD download leaves on the daemon's disk: 5% of it,
+/// at least 1 GiB (whichever the disk can give).
+fn check_disk_reserve(root: &Path, url: &str) -> Result<(), WorkerError> {
+    let Ok(st) = nix::sys::statvfs::statvfs(root) else {
+        return Ok(());
+    };
+    let block = st.fragment_size();
+    let (free, total) = (st.blocks_available() * block, st.blocks() * block);
+    let reserve = (total / 20).max(1 << 30).min(total / 2);
+    if free < reserve {
+        return Err(WorkerError::Other(format!(
+            "ADD {url}: stopped: the download would leave less than {} MiB free on the daemon's disk",
+            reserve >> 20
+        )));
+    }
+    Ok(())
 }

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
-use kiln_e2e::hostile::{Canary, corpus};
+use kiln_e2e::hostile::{Canary, corpus, run_case};
 use kiln_e2e::{Daemon, bin, busybox_context, peak_rss_kb, processes_matching, state_tag};
 
 struct Options {
@@ -88,43 +88,6 @@ fn flags_for(runtime: &str) -> Vec<&'static str> {
 }
 
 /// Runs one case; Ok holds how it ended ("built" or the error's last line).
-fn run_case(d: &Daemon, case: &kiln_e2e::hostile::Case) -> Result<String, String> {
-    let mut args = vec!["build".to_string(), case.ctx.path().display().to_string()];
-    args.extend(["--progress".into(), "plain".into()]);
-    args.extend(case.args.iter().cloned());
-    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    let o = d.kilnctl(&refs);
-    let err = String::from_utf8_lossy(&o.stderr);
-    if err.contains("transport error") || err.contains("h2 protocol") {
-        return Err(format!(
-            "the client lost the daemon: {}",
-            &err[..err.len().min(300)]
-        ));
-    }
-    // The error (not the step output before it) must stay small.
-    let error_part = err.find("ERROR").map_or("", |i| &err[i..]);
-    if !o.status.success() && error_part.len() > 64 << 10 {
-        return Err(format!("{} bytes of error", error_part.len()));
-    }
-    if let Some(want) = &case.must_fail_with
-        && (o.status.success() || !err.contains(want.as_str()))
-    {
-        return Err(format!(
-            "expected a failure naming {want:?}, got: {}",
-            &err[err.len().saturating_sub(400)..]
-        ));
-    }
-    if o.status.success() {
-        return Ok("built".into());
-    }
-    let last = err
-        .lines()
-        .rev()
-        .find(|l| !l.trim().is_empty())
-        .unwrap_or("");
-    Ok(format!("refused: {}", &last[..last.len().min(160)]))
-}
-
 fn simple_build(d: &Daemon, rest: &str) -> bool {
     let ctx = busybox_context(rest, &[("f.txt", "data\n")]);
     d.kilnctl(&["build", ctx.path().to_str().unwrap(), "--progress", "plain"])
