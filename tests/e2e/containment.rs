@@ -179,6 +179,47 @@ fn device_nodes_a_step_makes_cannot_be_opened() {
     }
 }
 
+/// What steps leave in snapshots (setuid binaries, device nodes, cache
+/// mounts open to all) is out of reach of the host's other accounts: the
+/// state directory's top is traversable only, everything in it root's.
+#[test]
+fn the_state_directory_is_closed_to_other_host_accounts() {
+    require_root!();
+    let d = Daemon::start();
+    let ctx = busybox_context(
+        "FROM busybox\nRUN cp /bin/busybox /suid && chmod 4755 /suid\nRUN --mount=type=cache,target=/c,mode=0777 touch /c/x\n",
+        &[],
+    );
+    d.ok(&["build", ctx.path().to_str().unwrap(), "--progress", "plain"]);
+    for e in std::fs::read_dir(&d.root).unwrap().flatten() {
+        let md = std::fs::symlink_metadata(e.path()).unwrap();
+        let mode = std::os::unix::fs::PermissionsExt::mode(&md.permissions()) & 0o7777;
+        if md.is_dir() {
+            assert_eq!(mode, 0o700, "{}", e.path().display());
+        } else if md.is_file() {
+            assert_eq!(mode, 0o600, "{}", e.path().display());
+        }
+    }
+    // As nobody: the top is traversable, nothing in it is.
+    for (sub, tool) in [
+        ("snapshots", "ls"),
+        ("cache-mounts", "ls"),
+        ("content", "ls"),
+        ("metadata.db", "cat"),
+    ] {
+        let o = Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", tool])
+            .arg(d.root.join(sub))
+            .output()
+            .unwrap();
+        assert!(
+            !o.status.success(),
+            "nobody could {tool} {sub}: {}",
+            String::from_utf8_lossy(&o.stdout)
+        );
+    }
+}
+
 /// The whole hostile corpus (tests/src/hostile.rs) on one daemon, as the
 /// long fault run builds it: each case refused or built as it must be, the
 /// daemon alive after each, and the canary host directory (content, types

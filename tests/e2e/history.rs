@@ -204,4 +204,12 @@ fn secrets_a_step_prints_stay_out_of_the_history_and_the_disk() {
         !db.windows(secret.len()).any(|w| w == secret.as_bytes()),
         "the secret reached metadata.db"
     );
+    // The failed step's error (with its last output lines) is logged by
+    // the daemon: masked there too.
+    let log = d.log();
+    assert!(log.contains("build failed"), "{log}");
+    assert!(
+        !log.contains(secret),
+        "the secret reached kilnd's log:\n{log}"
+    );
 }

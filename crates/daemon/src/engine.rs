@@ -125,6 +125,8 @@ impl Engine {
             )
             .map_err(|e| EngineError::Storage(e.to_string()))?,
         );
+        // Whatever opening the worker made at the top is closed to others.
+        crate::restrict_state(&config.root).map_err(|e| EngineError::Storage(e.to_string()))?;
         let solver = Solver::new(worker.clone(), config.parallelism());
         let gc_policies = config
             .gc

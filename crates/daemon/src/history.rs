@@ -101,10 +101,6 @@ fn encode_log(messages: &[StatusResponse]) -> (Vec<u8>, bool, u32, u32) {
     (out, truncated, total, cached)
 }
 
-/// Secrets shorter than this are not masked (one or two bytes would mask
-/// ordinary text everywhere).
-const MIN_SECRET: usize = 3;
-
 /// Masks every occurrence of a secret value with `*`, in step output (each
 /// step's stream taken whole, so a value split across two messages is
 /// found), step errors and warnings: the recorded log never holds a secret
@@ -128,7 +124,7 @@ fn redact(messages: &mut [StatusResponse], secrets: &[&[u8]]) {
         for &(mi, li) in chunks {
             whole.extend_from_slice(&messages[mi].logs[li].msg);
         }
-        if !mask(&mut whole, secrets) {
+        if !kiln_definition::text::mask_secrets(&mut whole, secrets) {
             continue;
         }
         let mut at = 0;
@@ -141,7 +137,7 @@ fn redact(messages: &mut [StatusResponse], secrets: &[&[u8]]) {
     }
     let text = |s: &mut String| {
         let mut b = std::mem::take(s).into_bytes();
-        mask(&mut b, secrets);
+        kiln_definition::text::mask_secrets(&mut b, secrets);
         *s = String::from_utf8_lossy(&b).into_owned();
     };
     for m in messages.iter_mut() {
@@ -153,25 +149,6 @@ fn redact(messages: &mut [StatusResponse], secrets: &[&[u8]]) {
             text(&mut w.detail);
         }
     }
-}
-
-/// Replaces each occurrence of each secret in `data` with `*`s; whether
-/// anything was masked.
-fn mask(data: &mut [u8], secrets: &[&[u8]]) -> bool {
-    let mut hit = false;
-    for s in secrets {
-        let mut i = 0;
-        while i + s.len() <= data.len() {
-            if &data[i..i + s.len()] == *s {
-                data[i..i + s.len()].fill(b'*');
-                hit = true;
-                i += s.len();
-            } else {
-                i += 1;
-            }
-        }
-    }
-    hit
 }
 
 /// Decodes a stored log (stops at the first damaged message).
@@ -297,11 +274,11 @@ impl Engine {
             let secrets: Vec<&[u8]> = secrets
                 .iter()
                 .map(Vec::as_slice)
-                .filter(|s| s.len() >= MIN_SECRET)
+                .filter(|s| s.len() >= kiln_definition::text::MIN_SECRET_LEN)
                 .collect();
             redact(&mut messages, &secrets);
             let mut error = std::mem::take(&mut rec.error).into_bytes();
-            mask(&mut error, &secrets);
+            kiln_definition::text::mask_secrets(&mut error, &secrets);
             rec.error = String::from_utf8_lossy(&error).into_owned();
             let (log, truncated, total, cached) = encode_log(&messages);
             rec.log_bytes = log.len() as u64;

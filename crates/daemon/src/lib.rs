@@ -70,10 +70,27 @@ pub struct StateLock {
     _lock: Flock<File>,
 }
 
+/// What kiln keeps at the top of its state directory. They are made 0700
+/// before anything is put in them: snapshots hold what steps made (setuid
+/// binaries, device nodes), and no host account may reach those.
+const STATE_DIRS: &[&str] = &[
+    "cache-mounts",
+    "content",
+    "contexts",
+    "flat",
+    "mounts",
+    "snapshots",
+    "stubs",
+    "tmp",
+];
+
 pub fn lock_root(root: &Path) -> Result<StateLock, DaemonError> {
     std::fs::create_dir_all(root).map_err(io(format!("creating {}", root.display())))?;
+    // Traversable, not listable: a socket kept here can be opened by the
+    // group the operator gives it; everything else below is root's alone.
     std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o711))
         .map_err(io(format!("chmod {}", root.display())))?;
+    restrict_state(root)?;
     let path = root.join("kilnd.lock");
     let f = File::options()
         .create(true)
@@ -86,6 +103,39 @@ pub fn lock_root(root: &Path) -> Result<StateLock, DaemonError> {
             root: root.to_path_buf(),
         })?;
     Ok(StateLock { _lock: lock })
+}
+
+/// Makes kiln's state directories 0700 and its files 0600 (sockets keep
+/// their mode), creating the directories that are not there yet; state
+/// dirs made by an older kilnd with the default umask are closed too.
+pub fn restrict_state(root: &Path) -> Result<(), DaemonError> {
+    use std::os::unix::fs::DirBuilderExt;
+    for name in STATE_DIRS {
+        let dir = root.join(name);
+        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(io(format!("creating {}", dir.display()))(e)),
+        }
+    }
+    let entries = std::fs::read_dir(root).map_err(io(format!("reading {}", root.display())))?;
+    for e in entries.flatten() {
+        let Ok(md) = std::fs::symlink_metadata(e.path()) else {
+            continue;
+        };
+        let mode = if md.is_dir() {
+            0o700
+        } else if md.is_file() {
+            0o600
+        } else {
+            continue;
+        };
+        if md.permissions().mode() & 0o7777 != mode {
+            std::fs::set_permissions(e.path(), std::fs::Permissions::from_mode(mode))
+                .map_err(io(format!("chmod {}", e.path().display())))?;
+        }
+    }
+    Ok(())
 }
 
 /// Parses `unix:///path` (or a bare path) to a socket path.

@@ -19,8 +19,15 @@ fn now_ns() -> i64 {
         .unwrap_or(0)
 }
 
+/// Step output kept per build for late subscribers and the history (which
+/// records the first 4 MiB): the rest still goes to live subscribers. A
+/// build of a thousand stages each printing 2 MiB held it all before.
+const MAX_KEPT_LOG: usize = 8 << 20;
+
 struct State {
     history: Vec<StatusResponse>,
+    /// Bytes of step output in `history`.
+    log_bytes: usize,
     started: HashMap<String, i64>,
     closed: bool,
 }
@@ -33,10 +40,13 @@ pub struct JobProgress {
 
 impl JobProgress {
     fn new() -> Self {
-        let (tx, _) = broadcast::channel(4096);
+        // A subscriber this far behind skips ahead (Lagged) rather than
+        // have the daemon hold more for it.
+        let (tx, _) = broadcast::channel(1024);
         JobProgress {
             state: Mutex::new(State {
                 history: Vec::new(),
+                log_bytes: 0,
                 started: HashMap::new(),
                 closed: false,
             }),
@@ -50,7 +60,17 @@ impl JobProgress {
         if st.closed {
             return;
         }
-        st.history.push(msg.clone());
+        let log_len: usize = msg.logs.iter().map(|l| l.msg.len()).sum();
+        if log_len == 0 || st.log_bytes + log_len <= MAX_KEPT_LOG {
+            st.log_bytes += log_len;
+            st.history.push(msg.clone());
+        } else if !msg.vertexes.is_empty() || !msg.statuses.is_empty() || !msg.warnings.is_empty() {
+            // Past the budget: the steps' states are kept, their output not.
+            st.history.push(StatusResponse {
+                logs: Vec::new(),
+                ..msg.clone()
+            });
+        }
         let _ = self.tx.send(Some(msg));
     }
 
@@ -261,5 +281,38 @@ impl Jobs {
 
     pub fn remove(&self, r: &str) {
         self.map.lock().unwrap_or_else(|p| p.into_inner()).remove(r);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn step_output_kept_for_late_readers_is_bounded_but_step_states_are_not() {
+        let p = JobProgress::new();
+        let (_, live) = p.subscribe();
+        let mut live = live.unwrap();
+        for _ in 0..20 {
+            p.push(StatusResponse {
+                logs: vec![VertexLog {
+                    vertex: "v".into(),
+                    msg: vec![b'x'; 1 << 20],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            });
+        }
+        p.warning("after the flood".into(), String::new());
+        let kept = p.close_and_take();
+        let log_bytes: usize = kept.iter().flat_map(|m| &m.logs).map(|l| l.msg.len()).sum();
+        assert_eq!(log_bytes, MAX_KEPT_LOG);
+        assert!(kept.iter().any(|m| !m.warnings.is_empty()));
+        // A live subscriber saw every message.
+        let mut seen = 0;
+        while let Ok(Some(_)) = live.try_recv() {
+            seen += 1;
+        }
+        assert_eq!(seen, 21);
     }
 }

@@ -83,6 +83,8 @@ impl Vertex {
 pub struct GraphBuilder {
     ops: Vec<(Digest, Vec<u8>)>,
     meta: BTreeMap<Digest, pb::OpMetadata>,
+    /// Bytes of the encoded ops so far.
+    encoded: usize,
 }
 
 impl GraphBuilder {
@@ -90,11 +92,17 @@ impl GraphBuilder {
         Self::default()
     }
 
+    /// Bytes of the ops added so far, encoded.
+    pub fn encoded_len(&self) -> usize {
+        self.encoded
+    }
+
     /// Adds an op; its inputs must already be in the builder.
     pub fn add(&mut self, op: &pb::Op, description: &str, location: &str) -> OutputRef {
         let bytes = op.encode_to_vec();
         let digest = Digest::of(&bytes);
         if !self.meta.contains_key(&digest) {
+            self.encoded += bytes.len();
             self.ops.push((digest.clone(), bytes));
             self.meta.insert(
                 digest.clone(),

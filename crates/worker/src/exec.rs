@@ -414,6 +414,8 @@ impl Worker {
 
         // Extra mounts; views and locks live until the step ends.
         let mut extra = Vec::new();
+        // The values of the secrets this step mounts (masked in its error).
+        let mut step_secrets: Vec<Vec<u8>> = Vec::new();
         let mut views = Vec::new();
         let mut scratch_actives = Vec::new();
         let mut locks = Vec::new();
@@ -584,6 +586,7 @@ impl Worker {
                             m.secret_id, m.secret_id
                         )));
                     };
+                    step_secrets.push(value.clone());
                     if m.secret_env {
                         env.push(format!("{}={}", m.dest, String::from_utf8_lossy(&value)));
                         dests.pop();
@@ -723,8 +726,13 @@ impl Worker {
                 msg.push_str(&format!(" ({})", l.trim_start_matches("kiln-sandbox: ")));
             }
             if !exit.tail.is_empty() {
+                // The error reaches the daemon's log and trace spans too:
+                // what the step printed of its secrets is masked.
+                let mut tail = exit.tail.join("\n").into_bytes();
+                let secrets: Vec<&[u8]> = step_secrets.iter().map(Vec::as_slice).collect();
+                kiln_definition::text::mask_secrets(&mut tail, &secrets);
                 msg.push_str("\n--- last output lines ---\n");
-                msg.push_str(&exit.tail.join("\n"));
+                msg.push_str(&String::from_utf8_lossy(&tail));
             }
             return Err(WorkerError::Other(msg));
         }

@@ -29,6 +29,12 @@ impl Env for [(String, String)] {
     }
 }
 
+impl<T: Env + ?Sized> Env for std::sync::Arc<T> {
+    fn get(&self, name: &str) -> Option<String> {
+        (**self).get(name)
+    }
+}
+
 impl Env for Vec<(String, String)> {
     fn get(&self, name: &str) -> Option<String> {
         Env::get(self.as_slice(), name)
@@ -131,6 +137,22 @@ struct ShellWord<'a> {
 /// depth of the recursion, so it is bounded (real files nest two or three).
 pub const MAX_EXPANSION_DEPTH: usize = 64;
 
+/// Longest word an expansion may produce. `ENV A=$A$A$A` doubles a value
+/// per line and `${A//?/$A}` squares it: unbounded, one Dockerfile could
+/// take the daemon's memory. Linux refuses any one argument or variable
+/// over 128 KiB at exec anyway.
+pub const MAX_EXPANDED_WORD: usize = 1 << 20;
+
+fn check_len(len: usize) -> Res<()> {
+    if len > MAX_EXPANDED_WORD {
+        return Err(format!(
+            "the expansion is longer than {} MiB",
+            MAX_EXPANDED_WORD >> 20
+        ));
+    }
+    Ok(())
+}
+
 #[derive(Default)]
 struct Words {
     word: String,
@@ -208,6 +230,7 @@ impl ShellWord<'_> {
             let quotes = !self.lex.skip_process_quotes;
             if ch == '$' {
                 let tmp = self.process_dollar()?;
+                check_len(result.len() + tmp.len())?;
                 result.push_str(&tmp);
                 words.add_string(&tmp);
             } else if quotes && ch == '\'' {
@@ -216,6 +239,7 @@ impl ShellWord<'_> {
                 words.add_raw_string(&tmp);
             } else if quotes && ch == '"' {
                 let tmp = self.process_double_quote()?;
+                check_len(result.len() + tmp.len())?;
                 result.push_str(&tmp);
                 words.add_raw_string(&tmp);
             } else {
@@ -292,6 +316,7 @@ impl ShellWord<'_> {
                 }
                 Some('$') => {
                     let v = self.process_dollar()?;
+                    check_len(result.len() + v.len())?;
                     result.push_str(&v);
                 }
                 Some(_) => {
@@ -497,6 +522,13 @@ impl ShellWord<'_> {
                 let re = shell_pattern_regex(&pattern, true, false)
                     .map_err(|e| format!("invalid pattern ({pattern}) in substitution: {e}"))?;
                 if replace_all {
+                    // What the replacements would add, before making it.
+                    let matches = re.find_iter(&value).count();
+                    check_len(
+                        value
+                            .len()
+                            .saturating_add(matches.saturating_mul(replacement.len())),
+                    )?;
                     Ok(re
                         .replace_all(&value, regex::NoExpand(&replacement))
                         .into_owned())

@@ -49,7 +49,27 @@ pub(super) fn set_env(env: &mut Vec<String>, key: &str, value: &str) {
 
 /// Sets a variable in an ordered environment the way BuildKit's LLB state
 /// does: an existing entry is removed and the new one appended.
-pub(super) fn add_or_replace(env: &mut Vec<(String, String)>, key: &str, value: &str) {
+/// Largest environment a stage may hold (names and values). Linux gives
+/// a process 2 MiB of arguments and environment together, so no RUN could
+/// start with more; the bound keeps a Dockerfile from growing it without end.
+pub(super) const MAX_STAGE_ENV: usize = 4 << 20;
+
+/// Sets `key` in a stage's environment (the last set wins); Err when the
+/// environment would pass [`MAX_STAGE_ENV`].
+pub(super) fn add_or_replace(
+    env: &mut std::sync::Arc<Vec<(String, String)>>,
+    key: &str,
+    value: &str,
+) -> Result<(), String> {
+    let env = std::sync::Arc::make_mut(env);
     env.retain(|(k, _)| k != key);
     env.push((key.to_string(), value.to_string()));
+    let size: usize = env.iter().map(|(k, v)| k.len() + v.len() + 2).sum();
+    if size > MAX_STAGE_ENV {
+        return Err(format!(
+            "the stage's environment grew past {} MiB",
+            MAX_STAGE_ENV >> 20
+        ));
+    }
+    Ok(())
 }

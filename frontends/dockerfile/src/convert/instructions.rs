@@ -45,7 +45,8 @@ impl Ctx<'_> {
                         );
                     }
                     set_env(&mut img.config.env, &k, &v);
-                    add_or_replace(&mut st.result.run_env, &k, &v);
+                    add_or_replace(&mut st.result.run_env, &k, &v)
+                        .map_err(|e| self.err(line, e))?;
                 }
                 commit(img, format!("ENV {}", parts.join(" ")), false);
             }
@@ -279,7 +280,8 @@ impl Ctx<'_> {
                     if let Some(v) = &value
                         && !SBOM_SCAN_ARGS.contains(&name.as_str())
                     {
-                        add_or_replace(&mut st.result.run_env, &name, v);
+                        add_or_replace(&mut st.result.run_env, &name, v)
+                            .map_err(|e| self.err(line, e))?;
                     }
                     st.args.push((name.clone(), value.clone()));
                     let img = &mut st.result.image;

@@ -41,6 +41,9 @@ pub const MAX_DOCKERFILE_BYTES: usize = 16 << 20;
 /// Stack of the conversion thread: MAX_STAGE_DEPTH nested stage
 /// conversions fit with room to spare (only touched pages are used).
 const CONVERT_STACK: usize = 256 << 20;
+/// Largest build graph a Dockerfile may make (encoded ops): a 16 MiB
+/// Dockerfile of ordinary steps makes a few MiB.
+pub const MAX_GRAPH_BYTES: usize = 256 << 20;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{}{}{}", place(file, *line), bounded(message, MAX_MESSAGE), snippet(*line, source_line, token.as_deref()))]
@@ -273,7 +276,8 @@ struct StageResult {
     /// the image's ENV plus the ARGs with a value, the last set winning
     /// (BuildKit keeps both in its LLB state; a stage built FROM this one
     /// inherits them).
-    run_env: Vec<(String, String)>,
+    /// Shared, so expanding a word never copies it; changed copy-on-write.
+    run_env: std::sync::Arc<Vec<(String, String)>>,
 }
 
 struct Ctx<'a> {
@@ -331,7 +335,7 @@ impl StageState {
     }
 
     /// Variables visible to expansion and to RUN.
-    fn expansion_env(&self) -> Vec<(String, String)> {
+    fn expansion_env(&self) -> std::sync::Arc<Vec<(String, String)>> {
         self.result.run_env.clone()
     }
 }

@@ -124,13 +124,13 @@ impl Ctx<'_> {
             StageResult {
                 state: Some(state),
                 image: Image::empty(&platform.os, &platform.architecture, &platform.variant),
-                run_env: Vec::new(),
+                run_env: Default::default(),
             }
         } else if base == "scratch" {
             StageResult {
                 state: None,
                 image: Image::empty(&platform.os, &platform.architecture, &platform.variant),
-                run_env: Vec::new(),
+                run_env: Default::default(),
             }
         } else if let Some(dep) = self
             .stage_named_exactly(&base, idx)
@@ -167,7 +167,7 @@ impl Ctx<'_> {
             StageResult {
                 state: Some(r),
                 image,
-                run_env: Vec::new(),
+                run_env: Default::default(),
             }
         };
         // As BuildKit: the config always has a PATH, and the image's ENV is
@@ -187,7 +187,7 @@ impl Ctx<'_> {
         }
         for e in result.image.config.env.clone() {
             let (k, v) = e.split_once('=').unwrap_or((&e, ""));
-            add_or_replace(&mut result.run_env, k, v);
+            add_or_replace(&mut result.run_env, k, v).map_err(|e| self.err(from_line, e))?;
         }
         // ONBUILD triggers of the base run first, then are cleared.
         let mut commands = Vec::new();
@@ -235,6 +235,14 @@ impl Ctx<'_> {
         }
         for node in &commands {
             self.dispatch(&mut st, node)?;
+            // Every RUN carries its stage's environment: the graph, not
+            // only each variable, needs a bound.
+            if self.builder.encoded_len() > MAX_GRAPH_BYTES {
+                return Err(self.err(
+                    node.start_line,
+                    format!("the build graph grew past {} MiB", MAX_GRAPH_BYTES >> 20),
+                ));
+            }
         }
         self.current = outer;
         self.in_progress.remove(&idx);

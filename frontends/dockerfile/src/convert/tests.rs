@@ -619,3 +619,61 @@ fn invalid_base_image_platform_and_definition_descriptions() {
             .all(|w| w.rule != "InvalidDefinitionDescription")
     );
 }
+
+#[test]
+fn expansions_that_multiply_are_bounded() {
+    let seed = "a".repeat(1000);
+    // Each line ten times the last: past 1 MiB on the fourth.
+    let mut df = format!("FROM scratch\nENV A={seed}\n");
+    for _ in 0..6 {
+        df.push_str(&format!("ENV A={}\n", "$A".repeat(10)));
+    }
+    let e = conv(&df).unwrap_err();
+    assert!(e.to_string().contains("longer than 1 MiB"), "{e}");
+    assert_eq!(e.line, 6, "{e}");
+    // `${A//?/$A}` squares A: 2,000 characters would make 4 MB.
+    let e = conv(&format!(
+        "FROM scratch\nARG A={}\nENV B=${{A//?/$A}}\n",
+        "b".repeat(2000)
+    ))
+    .unwrap_err();
+    assert!(e.to_string().contains("longer than 1 MiB"), "{e}");
+    // Quoted, the same.
+    let e = conv(&format!(
+        "FROM scratch\nENV A={seed}\nENV A=\"{}\"\nENV A=\"{}\"\nENV A=\"{}\"\nENV A=\"{}\"\n",
+        "$A".repeat(10),
+        "$A".repeat(10),
+        "$A".repeat(10),
+        "$A".repeat(10)
+    ))
+    .unwrap_err();
+    assert!(e.to_string().contains("longer than 1 MiB"), "{e}");
+}
+
+#[test]
+fn a_stage_environment_and_the_graph_are_bounded() {
+    // Words under 1 MiB each (60 KiB lines, expanded), many of them: the
+    // environment stops at 4 MiB.
+    let big = |df: &mut String| {
+        df.push_str(&format!("ENV S={}\n", "c".repeat(60 << 10)));
+        df.push_str(&format!("ENV A0={}\n", "$S".repeat(15)));
+    };
+    let mut df = String::from("FROM scratch\n");
+    big(&mut df);
+    for i in 1..8 {
+        df.push_str(&format!("ENV A{i}=$A0\n"));
+    }
+    let e = conv(&df).unwrap_err();
+    assert!(e.to_string().contains("environment grew past 4 MiB"), "{e}");
+    // 3.6 MiB of environment carried by each RUN: the graph stops at 256 MiB.
+    let mut df = String::from("FROM scratch\n");
+    big(&mut df);
+    for i in 1..4 {
+        df.push_str(&format!("ENV A{i}=$A0\n"));
+    }
+    for i in 0..100 {
+        df.push_str(&format!("RUN echo {i}\n"));
+    }
+    let e = conv(&df).unwrap_err();
+    assert!(e.to_string().contains("graph grew past 256 MiB"), "{e}");
+}
