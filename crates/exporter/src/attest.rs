@@ -88,6 +88,11 @@ pub(crate) async fn predicates(
 /// The in-toto subjects of a local export: every regular file under `root`
 /// (relative path, sha256), sorted; symlinks are not followed.
 pub(crate) fn file_subjects(root: &std::path::Path) -> Result<Vec<serde_json::Value>, String> {
+    // What the subjects' names may hold in all: an output of millions of
+    // files with long names would otherwise all be held (then cloned per
+    // attestation).
+    const MAX_SUBJECT_BYTES: usize = 64 << 20;
+    let mut held = 0usize;
     let mut out = Vec::new();
     let mut stack = vec![String::new()];
     while let Some(dir) = stack.pop() {
@@ -106,6 +111,13 @@ pub(crate) fn file_subjects(root: &std::path::Path) -> Result<Vec<serde_json::Va
             } else if kind.is_file() {
                 let (d, _) = kiln_digest::digest_file(&e.path())
                     .map_err(|err| format!("{}: {err}", e.path().display()))?;
+                held += rel.len() + 128;
+                if held > MAX_SUBJECT_BYTES {
+                    return Err(format!(
+                        "the output has more files than its attestation can name ({} MiB of subjects)",
+                        MAX_SUBJECT_BYTES >> 20
+                    ));
+                }
                 out.push((rel, d));
             }
         }

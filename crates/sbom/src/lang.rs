@@ -8,13 +8,19 @@ use serde_json::Value;
 
 use crate::{Ecosystem, Package};
 
-fn package(ecosystem: Ecosystem, name: &str, version: &str, found_at: &str) -> Package {
+fn package(
+    ecosystem: Ecosystem,
+    name: &str,
+    version: &str,
+    found_at: &std::sync::Arc<str>,
+) -> Package {
     Package::new(ecosystem, name, version, found_at)
 }
 
 /// Every package of a Cargo.lock (any lockfile version), read by RustSec's
 /// reader.
 pub fn parse_cargo_lock(text: &str, found_at: &str) -> Result<Vec<Package>, String> {
+    let found_at: &std::sync::Arc<str> = &found_at.into();
     let lock = cargo_lock::Lockfile::from_str(text).map_err(|e| e.to_string())?;
     Ok(lock
         .packages
@@ -35,6 +41,7 @@ pub fn parse_cargo_lock(text: &str, found_at: &str) -> Result<Vec<Package>, Stri
 /// npm's package-lock.json: `packages` (lockfile v2/v3, keyed by install
 /// path) or the nested `dependencies` of v1.
 pub fn parse_npm_lock(text: &str, found_at: &str) -> Result<Vec<Package>, String> {
+    let found_at: &std::sync::Arc<str> = &found_at.into();
     // serde_json bounds nesting (128 levels), so a hostile file cannot
     // exhaust the stack.
     let doc: Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
@@ -96,8 +103,13 @@ pub fn parse_npm_lock(text: &str, found_at: &str) -> Result<Vec<Package>, String
 /// requirements*.txt: the pinned requirements (`name==version`); options,
 /// includes, URLs and unpinned ranges name no version to report.
 pub fn parse_requirements(text: &str, found_at: &str) -> Vec<Package> {
+    let found_at: &std::sync::Arc<str> = &found_at.into();
     let mut out = Vec::new();
     for raw in text.lines() {
+        // One file gives at most what a whole scan keeps.
+        if out.len() >= crate::MAX_PACKAGES {
+            break;
+        }
         let line = match raw.find(" #") {
             Some(i) => &raw[..i],
             None => raw,
@@ -128,6 +140,7 @@ pub fn parse_requirements(text: &str, found_at: &str) -> Vec<Package> {
 
 /// poetry.lock: its `[[package]]` tables.
 pub fn parse_poetry_lock(text: &str, found_at: &str) -> Result<Vec<Package>, String> {
+    let found_at: &std::sync::Arc<str> = &found_at.into();
     #[derive(serde::Deserialize)]
     struct Lock {
         #[serde(default)]
@@ -153,9 +166,14 @@ pub fn parse_poetry_lock(text: &str, found_at: &str) -> Result<Vec<Package>, Str
 
 /// go.sum: the modules whose content (not only go.mod) the build hashed.
 pub fn parse_go_sum(text: &str, found_at: &str) -> Vec<Package> {
+    let found_at: &std::sync::Arc<str> = &found_at.into();
     let mut seen = BTreeSet::new();
     let mut out = Vec::new();
     for line in text.lines() {
+        // One file gives at most what a whole scan keeps.
+        if out.len() >= crate::MAX_PACKAGES {
+            break;
+        }
         let mut words = line.split_whitespace();
         let (Some(module), Some(version), Some(_hash)) = (words.next(), words.next(), words.next())
         else {

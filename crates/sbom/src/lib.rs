@@ -75,13 +75,19 @@ pub struct Package {
     pub supplier: Option<String>,
     pub homepage: Option<String>,
     pub description: Option<String>,
-    /// The file it was found in (absolute in the image).
-    pub found_at: String,
+    /// The file it was found in (absolute in the image), shared by every
+    /// package of that file.
+    pub found_at: std::sync::Arc<str>,
 }
 
 impl Package {
     /// A package with only what every reader knows.
-    pub fn new(ecosystem: Ecosystem, name: &str, version: &str, found_at: &str) -> Package {
+    pub fn new(
+        ecosystem: Ecosystem,
+        name: &str,
+        version: &str,
+        found_at: &std::sync::Arc<str>,
+    ) -> Package {
         Package {
             ecosystem,
             name: name.to_string(),
@@ -92,8 +98,39 @@ impl Package {
             supplier: None,
             homepage: None,
             description: None,
-            found_at: found_at.to_string(),
+            found_at: found_at.clone(),
         }
+    }
+
+    /// Cuts every field an image wrote to [`MAX_FIELD`] bytes; the bytes it
+    /// then holds.
+    fn bound_fields(&mut self) -> usize {
+        let cut = |s: &mut String| {
+            if s.len() > MAX_FIELD {
+                let mut end = MAX_FIELD;
+                while !s.is_char_boundary(end) {
+                    end -= 1;
+                }
+                s.truncate(end);
+                s.shrink_to_fit();
+            }
+            s.len()
+        };
+        let mut n = cut(&mut self.name) + cut(&mut self.version);
+        for f in [
+            &mut self.arch,
+            &mut self.source_package,
+            &mut self.license,
+            &mut self.supplier,
+            &mut self.homepage,
+            &mut self.description,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            n += cut(f);
+        }
+        n + std::mem::size_of::<Package>()
     }
 
     /// The package URL (github.com/package-url/purl-spec), as syft writes
@@ -182,8 +219,16 @@ pub struct Inventory {
     pub notes: Vec<String>,
 }
 
-/// At most this many packages are reported per filesystem.
+/// At most this many packages are reported per filesystem (and read from
+/// one file).
 pub const MAX_PACKAGES: usize = 200_000;
+
+/// Longest field of a package kept (names, versions, descriptions...).
+pub const MAX_FIELD: usize = 1024;
+
+/// Most bytes of package data one scan holds: hard links to one huge file
+/// would otherwise each add its packages again.
+pub const MAX_INVENTORY_BYTES: usize = 64 << 20;
 
 /// Scans the filesystem at `root` (an image's merged view).
 pub fn scan(root: &Path) -> Result<Inventory, SbomError> {
@@ -193,6 +238,7 @@ pub fn scan(root: &Path) -> Result<Inventory, SbomError> {
         ..Default::default()
     };
     let mut packages = Vec::new();
+    let mut kept_bytes = 0usize;
     for (rel, kind) in &found.files {
         let text = match walk::read(root, rel) {
             Ok(t) => t,
@@ -201,7 +247,7 @@ pub fn scan(root: &Path) -> Result<Inventory, SbomError> {
                 continue;
             }
         };
-        let at = format!("/{rel}");
+        let at: std::sync::Arc<str> = format!("/{rel}").into();
         let parsed = match kind {
             walk::FileKind::OsRelease => {
                 // /etc wins over /usr/lib (sorted first).
@@ -218,13 +264,24 @@ pub fn scan(root: &Path) -> Result<Inventory, SbomError> {
             walk::FileKind::PoetryLock => lang::parse_poetry_lock(&text, &at),
             walk::FileKind::GoSum => Ok(lang::parse_go_sum(&text, &at)),
         };
+        let mut full = false;
         match parsed {
-            Ok(p) => packages.extend(p),
+            Ok(found) => {
+                for mut p in found {
+                    kept_bytes += p.bound_fields();
+                    packages.push(p);
+                    if packages.len() > MAX_PACKAGES || kept_bytes > MAX_INVENTORY_BYTES {
+                        full = true;
+                        break;
+                    }
+                }
+            }
             Err(e) => inv.notes.push(format!("{at}: not read: {e}")),
         }
-        if packages.len() > MAX_PACKAGES {
+        if full {
             inv.notes.push(format!(
-                "more than {MAX_PACKAGES} packages: the rest were not recorded"
+                "more than {MAX_PACKAGES} packages or {} MiB of package data: the rest were not recorded",
+                MAX_INVENTORY_BYTES >> 20
             ));
             packages.truncate(MAX_PACKAGES);
             break;
@@ -256,7 +313,7 @@ mod tests {
     use super::*;
 
     fn pkg(e: Ecosystem, name: &str, version: &str) -> Package {
-        Package::new(e, name, version, "/x")
+        Package::new(e, name, version, &"/x".into())
     }
 
     #[test]
@@ -311,6 +368,35 @@ mod tests {
         assert_eq!(inv.distro.unwrap().id, "debian");
         assert!(
             inv.notes.iter().any(|n| n.contains("package-lock.json")),
+            "{:?}",
+            inv.notes
+        );
+    }
+
+    /// A file of enormous names, hard-linked many times, and a lock file
+    /// of more packages than a scan keeps: the inventory stays bounded.
+    #[test]
+    fn what_a_scan_holds_is_bounded() {
+        let d = tempfile::tempdir().unwrap();
+        let big = d.path().join("requirements.txt");
+        std::fs::write(&big, format!("{}==1\n", "n".repeat(2 << 20))).unwrap();
+        for i in 0..50 {
+            let dir = d.path().join(format!("app{i}"));
+            std::fs::create_dir(&dir).unwrap();
+            std::fs::hard_link(&big, dir.join("requirements.txt")).unwrap();
+        }
+        let mut sum = String::new();
+        for i in 0..(MAX_PACKAGES + 10) {
+            sum.push_str(&format!("example.com/m{i} v1.0.0 h1:x=\n"));
+        }
+        std::fs::write(d.path().join("go.sum"), sum).unwrap();
+        let inv = scan(d.path()).unwrap();
+        assert!(inv.packages.len() <= MAX_PACKAGES);
+        assert!(inv.packages.iter().all(|p| p.name.len() <= MAX_FIELD));
+        assert!(
+            inv.notes
+                .iter()
+                .any(|n| n.contains("the rest were not recorded")),
             "{:?}",
             inv.notes
         );

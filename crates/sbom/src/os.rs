@@ -59,8 +59,13 @@ fn paragraphs(text: &str) -> Vec<Vec<(String, String)>> {
 
 /// dpkg's status: every package whose status says it is installed.
 pub fn parse_dpkg_status(text: &str, found_at: &str) -> Vec<Package> {
+    let found_at: &std::sync::Arc<str> = &found_at.into();
     let mut out = Vec::new();
     for p in paragraphs(text) {
+        // One file gives at most what a whole scan keeps.
+        if out.len() >= crate::MAX_PACKAGES {
+            break;
+        }
         let get = |k: &str| {
             p.iter()
                 .find(|(key, _)| key.eq_ignore_ascii_case(k))
@@ -87,7 +92,7 @@ pub fn parse_dpkg_status(text: &str, found_at: &str) -> Vec<Package> {
             supplier: get("Maintainer").map(str::to_string),
             homepage: get("Homepage").map(str::to_string),
             description: get("Description").map(|d| d.lines().next().unwrap_or("").to_string()),
-            found_at: found_at.to_string(),
+            found_at: found_at.clone(),
         });
     }
     out
@@ -95,6 +100,7 @@ pub fn parse_dpkg_status(text: &str, found_at: &str) -> Vec<Package> {
 
 /// apk's installed database: paragraphs of one-letter keys.
 pub fn parse_apk_installed(text: &str, found_at: &str) -> Vec<Package> {
+    let found_at: &std::sync::Arc<str> = &found_at.into();
     let mut out = Vec::new();
     let mut fields: Vec<(char, String)> = Vec::new();
     let mut flush = |fields: &mut Vec<(char, String)>| {
@@ -115,13 +121,19 @@ pub fn parse_apk_installed(text: &str, found_at: &str) -> Vec<Package> {
                 supplier: get('m'),
                 homepage: get('U'),
                 description: get('T'),
-                found_at: found_at.to_string(),
+                found_at: found_at.clone(),
             });
         }
         fields.clear();
     };
+    let mut entries = 0;
     for line in text.lines() {
         if line.trim().is_empty() {
+            // One file gives at most what a whole scan keeps.
+            entries += 1;
+            if entries > crate::MAX_PACKAGES {
+                break;
+            }
             flush(&mut fields);
             continue;
         }

@@ -29,9 +29,55 @@ fn git_err(remote: &str, message: impl std::fmt::Display) -> WorkerError {
     WorkerError::Other(format!("ADD {remote}: {message}"))
 }
 
-/// Runs git with a locked-down environment: no prompts, no system or user
-/// config, only network transports (never `ext::` or `file://`).
+/// Most of git's standard output kept (a `ls-remote` of a huge repository
+/// is megabytes; nothing it prints is needed past this).
+const MAX_GIT_STDOUT: u64 = 64 << 20;
+/// Most of its standard error kept (only the last lines are shown).
+const MAX_GIT_STDERR: u64 = 256 << 10;
+/// One git command may take this long (a fetch of a huge repository, or
+/// submodules that nest without end, stop here).
+const GIT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30 * 60);
+
+/// The environment git runs in, as BuildKit's git source sets it: nothing
+/// of the daemon's (its HOME, ~/.netrc, ~/.ssh keys and config, SSH agent,
+/// git config), no prompts; ssh with no config file, no identity of the
+/// daemon's account and no known hosts of its own.
+fn git_env(cmd: &mut tokio::process::Command) {
+    cmd.env_clear()
+        .env(
+            "PATH",
+            std::env::var_os("PATH").unwrap_or_else(|| "/usr/sbin:/usr/bin:/sbin:/bin".into()),
+        )
+        .env("LC_ALL", "C")
+        .env("HOME", "/dev/null")
+        .env("GIT_TERMINAL_PROMPT", "0")
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .env("GIT_ALLOW_PROTOCOL", "http:https:git:ssh")
+        .env(
+            "GIT_SSH_COMMAND",
+            "ssh -F /dev/null -o BatchMode=yes -o IdentityFile=/dev/null -o UserKnownHostsFile=/dev/null -o StrictHostKeyChecking=no",
+        );
+    // A proxy the operator set for the daemon is used, as BuildKit does.
+    for var in [
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "NO_PROXY",
+        "http_proxy",
+        "https_proxy",
+        "no_proxy",
+    ] {
+        if let Some(v) = std::env::var_os(var) {
+            cmd.env(var, v);
+        }
+    }
+}
+
+/// Runs git with a locked-down environment ([`git_env`]), only network
+/// transports (never `ext::` or `file://`), its output read with bounds and
+/// its run time bounded.
 async fn git(dir: Option<&Path>, remote: &str, args: &[&str]) -> Result<String, WorkerError> {
+    use tokio::io::AsyncReadExt;
     let mut cmd = tokio::process::Command::new("git");
     if let Some(d) = dir {
         cmd.current_dir(d);
@@ -42,18 +88,14 @@ async fn git(dir: Option<&Path>, remote: &str, args: &[&str]) -> Result<String, 
         "-c",
         "protocol.file.allow=never",
     ])
-    .args(args)
-    .env("GIT_TERMINAL_PROMPT", "0")
-    .env("GIT_CONFIG_NOSYSTEM", "1")
-    .env("GIT_CONFIG_GLOBAL", "/dev/null")
-    .env("GIT_ALLOW_PROTOCOL", "http:https:git:ssh")
-    .env("GIT_SSH_COMMAND", "ssh -o BatchMode=yes")
-    .stdin(Stdio::null())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    // A cancelled build must not leave a fetch running.
-    .kill_on_drop(true);
-    let out = cmd.output().await.map_err(|e| {
+    .args(args);
+    git_env(&mut cmd);
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        // A cancelled build must not leave a fetch running.
+        .kill_on_drop(true);
+    let mut child = cmd.spawn().map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
             git_err(
                 remote,
@@ -63,8 +105,42 @@ async fn git(dir: Option<&Path>, remote: &str, args: &[&str]) -> Result<String, 
             git_err(remote, format!("running git: {e}"))
         }
     })?;
-    if !out.status.success() {
-        let stderr = String::from_utf8_lossy(&out.stderr);
+    let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
+        return Err(git_err(remote, "running git: no output pipes"));
+    };
+    let run = async {
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        // Read to the bound, then drain (so git is never stuck writing).
+        let read_out = async {
+            let mut s = stdout;
+            let r = (&mut s).take(MAX_GIT_STDOUT).read_to_end(&mut out).await;
+            let _ = tokio::io::copy(&mut s, &mut tokio::io::sink()).await;
+            r
+        };
+        let read_err = async {
+            let mut s = stderr;
+            let r = (&mut s).take(MAX_GIT_STDERR).read_to_end(&mut err).await;
+            let _ = tokio::io::copy(&mut s, &mut tokio::io::sink()).await;
+            r
+        };
+        let (a, b, status) = tokio::join!(read_out, read_err, child.wait());
+        a.and(b)
+            .map_err(|e| git_err(remote, format!("reading git's output: {e}")))?;
+        let status = status.map_err(|e| git_err(remote, format!("running git: {e}")))?;
+        Ok::<_, WorkerError>((status, out, err))
+    };
+    let (status, out, err) = tokio::time::timeout(GIT_TIMEOUT, run).await.map_err(|_| {
+        git_err(
+            remote,
+            format!(
+                "git {} took longer than {} minutes",
+                args[0],
+                GIT_TIMEOUT.as_secs() / 60
+            ),
+        )
+    })??;
+    if !status.success() {
+        let stderr = String::from_utf8_lossy(&err);
         let last: Vec<&str> = stderr.lines().rev().take(5).collect();
         let last: Vec<&str> = last.into_iter().rev().collect();
         return Err(git_err(
@@ -72,7 +148,7 @@ async fn git(dir: Option<&Path>, remote: &str, args: &[&str]) -> Result<String, 
             format!("git {} failed: {}", args[0], last.join(" / ")),
         ));
     }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    Ok(String::from_utf8_lossy(&out).into_owned())
 }
 
 /// Picks the commit for `reference` from `git ls-remote` output, preferring a
@@ -276,6 +352,39 @@ fn set_times(root: &Path, time: i64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// git sees nothing of the daemon's environment (its HOME and what
+    /// lives there, an SSH agent, cargo's variables here) but what git_env
+    /// sets.
+    #[tokio::test]
+    async fn git_runs_without_the_daemons_environment() {
+        let mut cmd = tokio::process::Command::new("env");
+        git_env(&mut cmd);
+        let out = cmd.output().await.unwrap();
+        let env = String::from_utf8(out.stdout).unwrap();
+        let names: Vec<&str> = env.lines().filter_map(|l| l.split('=').next()).collect();
+        let allowed = [
+            "PATH",
+            "LC_ALL",
+            "HOME",
+            "GIT_TERMINAL_PROMPT",
+            "GIT_CONFIG_NOSYSTEM",
+            "GIT_CONFIG_GLOBAL",
+            "GIT_ALLOW_PROTOCOL",
+            "GIT_SSH_COMMAND",
+            "HTTP_PROXY",
+            "HTTPS_PROXY",
+            "NO_PROXY",
+            "http_proxy",
+            "https_proxy",
+            "no_proxy",
+        ];
+        for n in &names {
+            assert!(allowed.contains(n), "{n} reached git:\n{env}");
+        }
+        assert!(env.contains("HOME=/dev/null\n"), "{env}");
+        assert!(env.contains("-o IdentityFile=/dev/null"), "{env}");
+    }
 
     #[test]
     fn picks_tags_then_branches() {
