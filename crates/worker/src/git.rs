@@ -38,6 +38,16 @@ const MAX_GIT_STDERR: u64 = 256 << 10;
 /// submodules that nest without end, stop here).
 const GIT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30 * 60);
 
+/// The daemon's variables git keeps.
+const PROXY_VARS: [&str; 6] = [
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "NO_PROXY",
+    "http_proxy",
+    "https_proxy",
+    "no_proxy",
+];
+
 /// The environment git runs in, as BuildKit's git source sets it: nothing
 /// of the daemon's (its HOME, ~/.netrc, ~/.ssh keys and config, SSH agent,
 /// git config), no prompts; ssh with no config file, no identity of the
@@ -59,14 +69,7 @@ fn git_env(cmd: &mut tokio::process::Command) {
             "ssh -F /dev/null -o BatchMode=yes -o IdentityFile=/dev/null -o UserKnownHostsFile=/dev/null -o StrictHostKeyChecking=no",
         );
     // A proxy the operator set for the daemon is used, as BuildKit does.
-    for var in [
-        "HTTP_PROXY",
-        "HTTPS_PROXY",
-        "NO_PROXY",
-        "http_proxy",
-        "https_proxy",
-        "no_proxy",
-    ] {
+    for var in PROXY_VARS {
         if let Some(v) = std::env::var_os(var) {
             cmd.env(var, v);
         }
@@ -372,15 +375,12 @@ mod tests {
             "GIT_CONFIG_GLOBAL",
             "GIT_ALLOW_PROTOCOL",
             "GIT_SSH_COMMAND",
-            "HTTP_PROXY",
-            "HTTPS_PROXY",
-            "NO_PROXY",
-            "http_proxy",
-            "https_proxy",
-            "no_proxy",
         ];
         for n in &names {
-            assert!(allowed.contains(n), "{n} reached git:\n{env}");
+            assert!(
+                allowed.contains(n) || PROXY_VARS.contains(n),
+                "{n} reached git:\n{env}"
+            );
         }
         assert!(env.contains("HOME=/dev/null\n"), "{env}");
         assert!(env.contains("-o IdentityFile=/dev/null"), "{env}");
