@@ -357,8 +357,19 @@ pub fn unpack<R: Read>(
     // Each is opened without following a symlink and changed through the
     // handle: whatever now has its name, nothing outside is touched.
     for (d, (mode, mtime)) in dirs.into_iter().rev() {
-        let Ok(dir) = open_dir_nofollow(&d) else {
-            continue; // no longer a directory
+        let dir = match open_dir_nofollow(&d) {
+            Ok(dir) => dir,
+            // No longer a directory (a symlink or a file took its name).
+            Err(e)
+                if e.kind() == io::ErrorKind::NotFound
+                    || matches!(
+                        e.raw_os_error(),
+                        Some(nix::libc::ELOOP | nix::libc::ENOTDIR)
+                    ) =>
+            {
+                continue;
+            }
+            Err(e) => return Err(io_at(&d)(e)),
         };
         dir.set_permissions(fs::Permissions::from_mode(mode))
             .map_err(io_at(&d))?;
