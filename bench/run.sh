@@ -41,7 +41,12 @@ AVAIL_MB=$(( $(df --output=avail -k "$W" | tail -1) / 1024 )); NEED_MB=$(( BIG_M
 PIDS=()
 cleanup() {
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
-  sleep 1
+  # Time to stop cleanly (kilnd unmounts its secrets tmpfs on the way out;
+  # a SIGKILL leaves it mounted), then whatever is left is killed.
+  for _ in $(seq 150); do
+    alive=0; for p in "${PIDS[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
+    [ $alive = 0 ] && break; sleep 0.1
+  done
   for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null; done
   umount -R "$W"/docker/root/overlay2/*/merged 2>/dev/null
   buildah --root "$W/buildah/root" --runroot "$W/buildah/run" rm --all >/dev/null 2>&1
