@@ -182,6 +182,23 @@ impl MetadataStore {
         tx.commit().map_err(dberr)
     }
 
+    /// Records the keys not recorded yet, in one durable commit (an image
+    /// of many layers is one fsync, not one per layer).
+    pub fn put_new_records(&self, records: &[(String, CacheRecord)]) -> Result<(), CacheError> {
+        let tx = self.db.begin_write().map_err(dberr)?;
+        {
+            let mut r = tx.open_table(RECORDS).map_err(dberr)?;
+            for (key, rec) in records {
+                if r.get(key.as_str()).map_err(dberr)?.is_some() {
+                    continue;
+                }
+                let bytes = serde_json::to_vec(rec).map_err(dberr)?;
+                r.insert(key.as_str(), bytes.as_slice()).map_err(dberr)?;
+            }
+        }
+        tx.commit().map_err(dberr)
+    }
+
     pub fn put_snapshot(&self, id: &str, snap: &SnapshotRecord) -> Result<(), CacheError> {
         self.add_snapshot(id, snap, None)
     }
@@ -334,5 +351,23 @@ mod tests {
         assert_eq!((r.last_used, r.usage_count), (5, 2));
         m.remove_records(&["k1".into()]).unwrap();
         assert!(m.records().unwrap().is_empty());
+    }
+
+    #[test]
+    fn new_records_go_in_one_commit_and_keep_what_is_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = MetadataStore::open(&dir.path().join("meta.db")).unwrap();
+        let rec = |s: &str| CacheRecord {
+            snapshot: s.into(),
+            description: String::new(),
+            created: 1,
+            last_used: 1,
+            usage_count: 1,
+        };
+        m.put_record("a", &rec("old")).unwrap();
+        m.put_new_records(&[("a".into(), rec("new")), ("b".into(), rec("b"))])
+            .unwrap();
+        assert_eq!(m.record("a").unwrap().unwrap().snapshot, "old");
+        assert_eq!(m.record("b").unwrap().unwrap().snapshot, "b");
     }
 }

@@ -81,6 +81,17 @@ fn layer_desc(l: &RemoteLayer) -> LayerDesc {
     }
 }
 
+/// A cache record for a snapshot found rather than built here.
+fn found_record(id: &str, description: &str, t: i64) -> kiln_cache::CacheRecord {
+    kiln_cache::CacheRecord {
+        snapshot: id.to_string(),
+        description: description.to_string(),
+        created: t,
+        last_used: t,
+        usage_count: 1,
+    }
+}
+
 /// The key under which the snapshot of a layer chain is recorded: the same
 /// blobs in the same order unpack to the same files, whichever image or
 /// cache they came from.
@@ -167,9 +178,20 @@ impl Worker {
     /// left out): an image made of these blobs then finds them unpacked.
     pub fn record_layer_chain(&self, exported: &[(String, kiln_digest::Digest)]) {
         let mut key = "layer-chain".to_string();
+        let t = crate::now();
+        let mut records = Vec::new();
         for (id, digest) in exported {
             key = image::chain_key(&key, digest);
-            self.record_key(&key, id, &format!("layer {digest}"));
+            if self.meta.record(&key).ok().flatten().is_none() {
+                records.push((key.clone(), found_record(id, &format!("layer {digest}"), t)));
+            }
+        }
+        if records.is_empty() {
+            return;
+        }
+        // One commit for the whole chain; failure only costs a later lookup.
+        if let Err(e) = self.meta.put_new_records(&records) {
+            tracing::warn!("recording an exported image's layer chain: {e}");
         }
     }
 
@@ -196,18 +218,12 @@ impl Worker {
     /// Records `key` → snapshot `id` (a result found elsewhere), so later
     /// builds find it locally; failure only costs a later lookup.
     fn record_key(&self, key: &str, id: &str, description: &str) {
+        // Read first: most lookups find it, and a write is an fsync.
         if self.meta.record(key).ok().flatten().is_some() {
             return;
         }
-        let t = crate::now();
-        let rec = kiln_cache::CacheRecord {
-            snapshot: id.to_string(),
-            description: description.to_string(),
-            created: t,
-            last_used: t,
-            usage_count: 1,
-        };
-        if let Err(e) = self.meta.put_record(key, &rec) {
+        let rec = found_record(id, description, crate::now());
+        if let Err(e) = self.meta.put_new_records(&[(key.to_string(), rec)]) {
             tracing::warn!("recording imported cache key {key}: {e}");
         }
     }
