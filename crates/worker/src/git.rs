@@ -132,16 +132,32 @@ async fn git(dir: Option<&Path>, remote: &str, args: &[&str]) -> Result<String, 
         let status = status.map_err(|e| git_err(remote, format!("running git: {e}")))?;
         Ok::<_, WorkerError>((status, out, err))
     };
-    let (status, out, err) = tokio::time::timeout(GIT_TIMEOUT, run).await.map_err(|_| {
-        git_err(
-            remote,
-            format!(
-                "git {} took longer than {} minutes",
-                args[0],
-                GIT_TIMEOUT.as_secs() / 60
-            ),
-        )
-    })??;
+    // What git writes (a fetch, submodules) stops before it takes the
+    // daemon's last free space, as an ADD of a URL does.
+    let watch_disk = async {
+        loop {
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            if let Some(d) = dir
+                && let Err(e) = crate::sources::check_disk_reserve(d, &format!("ADD {remote}"))
+            {
+                return e;
+            }
+        }
+    };
+    let timed = tokio::time::timeout(GIT_TIMEOUT, run);
+    let (status, out, err) = tokio::select! {
+        r = timed => r.map_err(|_| {
+            git_err(
+                remote,
+                format!(
+                    "git {} took longer than {} minutes",
+                    args[0],
+                    GIT_TIMEOUT.as_secs() / 60
+                ),
+            )
+        })??,
+        e = watch_disk, if dir.is_some() => return Err(e),
+    };
     if !status.success() {
         let stderr = String::from_utf8_lossy(&err);
         let last: Vec<&str> = stderr.lines().rev().take(5).collect();

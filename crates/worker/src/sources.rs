@@ -208,7 +208,7 @@ impl Worker {
             // before it takes the disk's last free space.
             if received - checked >= DISK_CHECK_EVERY {
                 checked = received;
-                check_disk_reserve(&self.root, &url)?;
+                check_disk_reserve(&self.root, &format!("ADD {url}"))?;
             }
             std::io::Write::write_all(&mut w, &chunk)
                 .map_err(|e| WorkerError::Other(format!("ADD {url}: {e}")))?;
@@ -267,9 +267,9 @@ impl Worker {
 /// Bytes an ADD download writes between two looks at the free space.
 const DISK_CHECK_EVERY: u64 = 64 << 20;
 
-/// The free space an ADD download leaves on the daemon's disk: 5% of it,
-/// at least 1 GiB (whichever the disk can give).
-fn check_disk_reserve(root: &Path, url: &str) -> Result<(), WorkerError> {
+/// The free space a download (`what`: "ADD <source>") leaves on the
+/// daemon's disk: 5% of it, at least 1 GiB (whichever the disk can give).
+pub(crate) fn check_disk_reserve(root: &Path, what: &str) -> Result<(), WorkerError> {
     let Ok(st) = nix::sys::statvfs::statvfs(root) else {
         return Ok(());
     };
@@ -278,9 +278,41 @@ fn check_disk_reserve(root: &Path, url: &str) -> Result<(), WorkerError> {
     let reserve = (total / 20).max(1 << 30).min(total / 2);
     if free < reserve {
         return Err(WorkerError::Other(format!(
-            "ADD {url}: stopped: the download would leave less than {} MiB free on the daemon's disk",
+            "{what}: stopped: the download would leave less than {} MiB free on the daemon's disk",
             reserve >> 20
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// On a small filesystem the reserve is half of it: an empty one passes,
+    /// a nearly full one stops the download.
+    #[test]
+    fn downloads_stop_before_the_disk_is_full() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: mounting a tmpfs needs root");
+            return;
+        }
+        let d = tempfile::tempdir().unwrap();
+        nix::mount::mount(
+            Some("tmpfs"),
+            d.path(),
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            Some("size=8m"),
+        )
+        .unwrap();
+        let checked = (|| {
+            check_disk_reserve(d.path(), "ADD x")?;
+            fs::write(d.path().join("fill"), vec![0u8; 7 << 20]).unwrap();
+            Ok::<_, WorkerError>(check_disk_reserve(d.path(), "ADD x"))
+        })();
+        nix::mount::umount(d.path()).unwrap();
+        let e = checked.unwrap().unwrap_err().to_string();
+        assert!(e.contains("ADD x: stopped"), "{e}");
+    }
 }
