@@ -42,15 +42,6 @@ fn clean_entry(name: &Path, clamp: bool) -> Option<PathBuf> {
     Some(out)
 }
 
-/// A directory opened as itself: fails if `p` is a symlink or not a directory.
-fn open_dir_nofollow(p: &Path) -> io::Result<fs::File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_DIRECTORY)
-        .open(p)
-}
-
 fn remove_all(p: &Path) -> Result<(), ArchiveError> {
     match fs::symlink_metadata(p) {
         Ok(md) if md.is_dir() => crate::remove::remove_tree(p).map_err(io_at(p)),
@@ -357,7 +348,7 @@ pub fn unpack<R: Read>(
     // Each is opened without following a symlink and changed through the
     // handle: whatever now has its name, nothing outside is touched.
     for (d, (mode, mtime)) in dirs.into_iter().rev() {
-        let dir = match open_dir_nofollow(&d) {
+        let dir = match crate::safe_path::open_dir_nofollow(&d) {
             Ok(dir) => dir,
             // No longer a directory (a symlink or a file took its name).
             Err(e)

@@ -62,6 +62,17 @@ pub fn resolve_in_root(
     Ok(out)
 }
 
+/// A directory opened as itself: fails if `p` is a symlink or not a
+/// directory, so a mode or time set through the handle never lands on
+/// what a link names.
+pub fn open_dir_nofollow(p: &Path) -> std::io::Result<fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_DIRECTORY)
+        .open(p)
+}
+
 /// Removes `rel` (a path inside `root`) if it is still what a mount stub
 /// is: an empty regular file, or (with `dirs`) an empty directory. No symlink is followed
 /// anywhere on the way (`openat2` with `RESOLVE_NO_SYMLINKS` below a

@@ -512,12 +512,7 @@ fn parents_are_dirs(root: &Path, rel: &str) -> bool {
 
 /// chmod of a directory entry that is not followed if it is a symlink.
 fn set_mode_nofollow(path: &Path, mode: u32) -> Result<(), ContextError> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let f = fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_DIRECTORY)
-        .open(path)
-        .map_err(io_at(path))?;
+    let f = kiln_archive::safe_path::open_dir_nofollow(path).map_err(io_at(path))?;
     f.set_permissions(fs::Permissions::from_mode(mode))
         .map_err(io_at(path))
 }

@@ -18,15 +18,6 @@ pub const MAX_MANIFEST: u64 = 4 << 20;
 /// The largest token service answer read (a token is a few kilobytes).
 const MAX_TOKEN_ANSWER: u64 = 256 << 10;
 
-/// `text` cut to at most `max` bytes (on a character boundary).
-fn kiln_text_bounded(text: &str, max: usize) -> &str {
-    let mut end = text.len().min(max);
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    &text[..end]
-}
-
 /// The realm and service of a `WWW-Authenticate: Bearer ...` challenge.
 fn bearer_challenge(header: &str) -> Option<(String, Option<String>)> {
     let rest = header.trim_start();
@@ -170,14 +161,9 @@ impl RegistryClient {
         let status = res.status();
         let body = Self::read_capped(res, r, MAX_TOKEN_ANSWER, "token service answer").await?;
         if !status.is_success() {
-            let text = String::from_utf8_lossy(&body);
-            return Err(err(
-                r,
-                format!(
-                    "token service: HTTP {status}: {}",
-                    kiln_text_bounded(&text, 512)
-                ),
-            ));
+            // Cut as the manifest PUT's refusal is.
+            let text: String = String::from_utf8_lossy(&body).chars().take(512).collect();
+            return Err(err(r, format!("token service: HTTP {status}: {text}")));
         }
         let a: serde_json::Value = serde_json::from_slice(&body)
             .map_err(|e| err(r, format!("token service answer: {e}")))?;
